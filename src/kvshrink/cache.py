@@ -1,0 +1,331 @@
+"""CompressedCache: a transformers `Cache` made of per-layer layers that report the bytes they hold.
+
+Layers:
+- `FullLayer` / `FullSlidingLayer`: transformers' own dynamic layers, unchanged, with byte accounting (the `full`
+  method, and the reference every other method is measured against).
+- `WindowedLayer`: the most recent tokens in full precision, older ones in a compressed store for keys and one for
+  values. Attention gets the exact keys/values of the tokens passed in this step (so the prefill attends in full
+  precision) and the decoded store for the past; only then are the tokens that left the window compressed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+
+from .codecs.quant import QuantSpec, QuantStore
+
+PARTS = ("codes", "scales", "means", "window", "sinks")
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _Reporting:
+    """What every kvshrink layer tells the memory report."""
+
+    layer_idx: int = -1
+    sliding_window: int | None = None
+
+    def parts(self) -> dict[str, list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Method settings of this layer, for the report (bits, axis, window...)."""
+        return {}
+
+    def shape(self) -> tuple[int, int, int] | None:
+        """(batch, kv_heads, head_dim) once initialised."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(_nbytes(ts) for ts in self.parts().values())
+
+
+class FullLayer(DynamicLayer, _Reporting):
+    """Uncompressed layer: exactly transformers' `DynamicLayer`."""
+
+    def __init__(self, layer_idx: int = -1):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def parts(self) -> dict[str, list[torch.Tensor]]:
+        if not self.is_initialized or self.keys.numel() == 0:
+            return {"window": []}
+        return {"window": [self.keys, self.values]}
+
+    def shape(self):
+        if not self.is_initialized or self.keys.dim() != 4:
+            return None
+        return self.keys.shape[0], self.keys.shape[1], self.keys.shape[3]
+
+    def describe(self):
+        return {"bits": "full"}
+
+
+class FullSlidingLayer(DynamicSlidingWindowLayer, _Reporting):
+    """Uncompressed sliding-window layer: exactly transformers' `DynamicSlidingWindowLayer`."""
+
+    def __init__(self, sliding_window: int, layer_idx: int = -1):
+        super().__init__(sliding_window=sliding_window)
+        self.layer_idx = layer_idx
+
+    parts = FullLayer.parts
+    shape = FullLayer.shape
+    describe = FullLayer.describe
+
+
+class WindowedLayer(CacheLayerMixin, _Reporting):
+    """Exact attention-sink tokens, then compressed key and value stores, then an exact window of recent tokens.
+
+    The first `sinks` tokens stay exact (attention concentrates on them). At least `window` recent tokens stay exact; older ones move to the stores in blocks (a whole number of
+    per-channel groups), so the window holds between `window` and `window + block - 1` tokens. With
+    `sliding_window` set (Gemma 3's local layers) tokens no later query can see are dropped, oldest block first.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, key_spec: QuantSpec, value_spec: QuantSpec, window: int = 32, layer_idx: int = -1,
+                 sliding_window: int | None = None, sinks: int = 0):
+        super().__init__()
+        for arg, value in (("window", window), ("sinks", sinks)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"layer {layer_idx}: {arg} must be a non-negative integer, got {value!r}")
+        self.layer_idx = layer_idx
+        self.key_spec, self.value_spec = key_spec, value_spec
+        self.window = window
+        self.sinks = sinks
+        self.block = math.lcm(key_spec.tokens_per_unit, value_spec.tokens_per_unit)
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self._clear()
+
+    def _clear(self) -> None:
+        self.key_store = QuantStore(self.key_spec, f"layer {self.layer_idx} keys")
+        self.value_store = QuantStore(self.value_spec, f"layer {self.layer_idx} values")
+        self.keys = self.values = None  # the full-precision window, as in transformers' layers
+        self.sink_keys = self.sink_values = None
+        self.seen = 0  # tokens ever passed in (positions)
+        self.is_initialized = False
+
+    # -- transformers layer API -------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.key_spec.check_head_dim(d, f"layer {self.layer_idx} keys")
+        self.value_spec.check_head_dim(value_states.shape[-1], f"layer {self.layer_idx} values")
+        self.keys = key_states.new_empty((b, h, 0, d))
+        self.values = value_states.new_empty((b, value_states.shape[1], 0, value_states.shape[-1]))
+        self.sink_keys, self.sink_values = self.keys, self.values
+        self.is_initialized = True
+
+    def _check(self, name: str, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"layer {self.layer_idx}: {name} must be [batch, heads, tokens, head_dim], got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+            raise ValueError(
+                f"layer {self.layer_idx}: {name} contain NaN or Inf (first at [batch, head, token, channel] = {bad}); "
+                "a compressed cache cannot store non-finite values"
+            )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._check("key_states", key_states)
+        self._check("value_states", value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        past_k = self.key_store.decode(self.dtype)
+        past_v = self.value_store.decode(self.dtype)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        out_k = torch.cat([t for t in (self.sink_keys, past_k, self.keys) if t is not None], dim=-2)
+        out_v = torch.cat([t for t in (self.sink_values, past_v, self.values) if t is not None], dim=-2)
+        self.seen += key_states.shape[-2]
+        missing_sinks = self.sinks - self.sink_keys.shape[-2]
+        if missing_sinks > 0 and self.seen - key_states.shape[-2] < self.sinks:
+            self.sink_keys = torch.cat([self.sink_keys, self.keys[:, :, :missing_sinks]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, self.values[:, :, :missing_sinks]], dim=-2)
+            self.keys = self.keys[:, :, missing_sinks:].clone()
+            self.values = self.values[:, :, missing_sinks:].clone()
+        self._flush()
+        if self.sliding_window is not None:
+            self._forget_outside_window()
+        return out_k, out_v
+
+    def _flush(self) -> None:
+        excess = self.keys.shape[-2] - self.window
+        n = (excess // self.block) * self.block if excess > 0 else 0
+        if n == 0:
+            return
+        self.key_store.append(self.keys[:, :, :n])
+        self.value_store.append(self.values[:, :, :n])
+        self.keys = self.keys[:, :, n:].clone()
+        self.values = self.values[:, :, n:].clone()
+
+    def _forget_outside_window(self) -> None:
+        """Keep only what the next query can see: the last `sliding_window - 1` tokens (rounded out to a block)."""
+        excess = self.held() - (self.sliding_window - 1)
+        if excess <= 0:
+            return
+        n = min(excess, self.sink_keys.shape[-2])
+        if n:
+            self.sink_keys = self.sink_keys[:, :, n:].clone()
+            self.sink_values = self.sink_values[:, :, n:].clone()
+            excess -= n
+        if excess <= 0:
+            return
+        unit = self.block
+        from_store = min(excess, self.key_store.tokens) // unit * unit
+        self.key_store.drop_front(from_store)
+        self.value_store.drop_front(from_store)
+        excess -= from_store
+        if excess > 0 and self.key_store.tokens == 0:
+            self.keys = self.keys[:, :, excess:].clone()
+            self.values = self.values[:, :, excess:].clone()
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise a clear error now if a group cannot tile this head dimension."""
+        self.key_spec.check_head_dim(head_dim, f"layer {self.layer_idx} keys")
+        self.value_spec.check_head_dim(head_dim, f"layer {self.layer_idx} values")
+
+    def held(self) -> int:
+        """Tokens held (stored plus window)."""
+        if not self.is_initialized:
+            return 0
+        return self.sink_keys.shape[-2] + self.key_store.tokens + self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        held = self.held()
+        return held + query_length, self.seen - held
+
+    def get_max_length(self) -> int:
+        return -1 if self.sliding_window is None else self.sliding_window
+
+    def reset(self) -> None:
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens; only tokens still in the full-precision window can go."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"layer {self.layer_idx}: crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        if n > self.keys.shape[-2]:
+            raise ValueError(
+                f"layer {self.layer_idx}: cannot crop {n} tokens: only the {self.keys.shape[-2]} tokens of the "
+                "full-precision window can be removed, older ones are already compressed"
+            )
+        self.keys = self.keys[:, :, :-n].clone()
+        self.values = self.values[:, :, :-n].clone()
+        self.seen -= n
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
+        self.key_store.map_batch(fn)
+        self.value_store.map_batch(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
+
+    def offload(self):
+        raise NotImplementedError("kvshrink layers do not support offloading")
+
+    def prefetch(self):
+        raise NotImplementedError("kvshrink layers do not support offloading")
+
+    # -- reporting ----------------------------------------------------------------------------------------------
+    def parts(self) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {p: [] for p in PARTS}
+        for store in (self.key_store, self.value_store):
+            for part, ts in store.parts().items():
+                out[part].extend(ts)
+        if self.is_initialized:
+            out["window"].extend([self.keys, self.values])
+            out["sinks"].extend([self.sink_keys, self.sink_values])
+        return out
+
+    def shape(self):
+        if not self.is_initialized:
+            return None
+        return self.keys.shape[0], self.keys.shape[1], self.keys.shape[3]
+
+    def describe(self) -> dict[str, Any]:
+        k, v = self.key_spec, self.value_spec
+        return {
+            "bits": f"{k.bits}/{v.bits}",
+            "key": f"{k.axis} g{k.group} center={k.center}",
+            "value": f"{v.axis} g{v.group} center={v.center}",
+            "window": self.window,
+            "sinks": self.sinks,
+        }
+
+
+class CompressedCache(Cache):
+    """A transformers `Cache` whose layers report the bytes they really hold."""
+
+    def __init__(self, layers: list[CacheLayerMixin], method: str = "custom", options: dict | None = None):
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, _Reporting):
+                raise TypeError(f"layer {i}: {type(layer).__name__} does not report its bytes (not a kvshrink layer)")
+        super().__init__(layers=layers)
+        self.method = method
+        self.options = dict(options or {})
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def memory_report(self) -> dict[str, Any]:
+        """Real bytes held, by layer and by part, against the same tokens in a 16-bit `DynamicCache`."""
+        by_part = dict.fromkeys(PARTS, 0)
+        by_layer = []
+        for i, layer in enumerate(self.layers):
+            parts = {p: _nbytes(ts) for p, ts in layer.parts().items()}
+            for p, n in parts.items():
+                by_part[p] = by_part.get(p, 0) + n
+            nb = sum(parts.values())
+            tokens = layer.get_seq_length()
+            ref_tokens = tokens if layer.sliding_window is None else min(tokens, layer.sliding_window - 1)
+            shape = layer.shape()
+            fp16 = 0 if shape is None else 2 * 2 * shape[0] * shape[1] * shape[2] * ref_tokens
+            by_layer.append({
+                "layer": i,
+                "sliding_window": layer.sliding_window,
+                "tokens": tokens,
+                "nbytes": nb,
+                "fp16_nbytes": fp16,
+                "ratio": nb / fp16 if fp16 else None,
+                "parts": parts,
+                **layer.describe(),
+            })
+        nbytes = sum(r["nbytes"] for r in by_layer)
+        fp16 = sum(r["fp16_nbytes"] for r in by_layer)
+        shape = next((layer.shape() for layer in self.layers if layer.shape() is not None), None)
+        return {
+            "method": self.method,
+            "options": self.options,
+            "tokens": self.get_seq_length(),
+            "batch": shape[0] if shape else 0,
+            "nbytes": nbytes,
+            "fp16_nbytes": fp16,
+            "ratio": nbytes / fp16 if fp16 else None,
+            "by_part": by_part,
+            "by_layer": by_layer,
+        }

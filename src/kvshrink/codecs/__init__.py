@@ -1,0 +1,1 @@
+"""Codecs: how compressed keys and values are stored as bytes."""

@@ -1,0 +1,1 @@
+"""Evaluation: corpora, tasks and measurements of quality against the uncompressed cache."""

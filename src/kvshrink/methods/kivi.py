@@ -1,0 +1,39 @@
+"""`kivi`: KIVI (Liu et al. 2024) - keys quantized per channel, values per token, a full-precision recent window."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..cache import WindowedLayer
+from ..codecs.quant import QuantSpec
+from .base import Method, option, register
+
+
+@register
+@dataclass
+class Kivi(Method):
+    name = "kivi"
+    summary = "asymmetric group quantization, keys per channel and values per token, recent window exact"
+
+    bits: int = option(2, "code width for keys and values: 2, 3, 4, 8 (16 = fp16, no quantization)")
+    group: int = option(32, "elements sharing one fp16 scale and zero point (tokens for per-channel groups)")
+    window: int = option(32, "recent tokens kept in full precision (flushed in blocks of `group`)")
+    sinks: int = option(0, "first tokens kept in full precision (attention sinks)")
+    key_axis: str = option("channel", "key groups run along 'channel' (tokens of one channel) or 'token'")
+    value_axis: str = option("token", "value groups run along 'token' (channels of one token) or 'channel'")
+
+    def center(self) -> str:
+        return "none"
+
+    def specs(self) -> tuple[QuantSpec, QuantSpec]:
+        return (QuantSpec(self.bits, self.group, self.key_axis, self.center()),
+                QuantSpec(self.bits, self.group, self.value_axis, self.center()))
+
+    def validate(self) -> None:
+        self.specs()
+        for arg in ("window", "sinks"):
+            if getattr(self, arg) < 0:
+                raise ValueError(f"{self.name}: {arg} must be >= 0, got {getattr(self, arg)}")
+
+    def layer(self, layer_idx, sliding_window):
+        key_spec, value_spec = self.specs()
+        return WindowedLayer(key_spec, value_spec, self.window, layer_idx, sliding_window, self.sinks)
