@@ -1,0 +1,150 @@
+"""The `kvshrink` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Sequence
+
+
+def _method_spec(args: argparse.Namespace) -> tuple[str, dict]:
+    from .methods import get_method, parse_spec
+
+    name, options = parse_spec(args.method)
+    shortcuts = {k: getattr(args, k) for k in ("bits", "group", "window", "sinks") if getattr(args, k) is not None}
+    extra = {}
+    for item in args.option or []:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ValueError(f"--option {item!r} must be written key=value")
+        extra[key] = raw
+    if extra:
+        _, parsed = parse_spec(name + ":" + ",".join(f"{k}={v}" for k, v in extra.items()))
+        options.update(parsed)
+    fields = {o["name"] for o in __import__("kvshrink").method_options(get_method(name))}
+    for key, value in shortcuts.items():
+        if key not in fields:
+            raise ValueError(f"method {name!r} has no option {key!r} (given as --{key}); its options: {', '.join(sorted(fields)) or 'none'}")
+        options[key] = value
+    return name, options
+
+
+def _prompt_ids(args, tok):
+    import torch
+
+    if args.prompt is None and args.prompt_file is None:
+        from .eval.passkey import passkey_prompt
+
+        p = passkey_prompt(tok, args.context, depth=0.5, seed=args.seed)
+        return p.input_ids, f"passkey retrieval, {p.input_ids.shape[1]} tokens, pass key {p.passkey} at depth 0.5"
+    text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
+    if getattr(tok, "chat_template", None) and not args.raw:
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(text, return_tensors="pt").input_ids
+    return ids.to(torch.long), f"{ids.shape[1]} tokens"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import DynamicCache
+
+    import kvshrink as ks
+    from .report import memory_table
+
+    name, options = _method_spec(args)
+    method = ks.build_method(name, **options)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model, tok = ks.load_model(args.model)
+    ids, what = _prompt_ids(args, tok)
+    print(f"model: {args.model}   method: {name} {options}   prompt: {what}")
+
+    def generate(cache):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        return out[0, ids.shape[1]:], time.perf_counter() - start
+
+    cache = method.make_cache(model)
+    tokens, seconds = generate(cache)
+    print(f"\n[{name}] {tok.decode(tokens, skip_special_tokens=True).strip()}")
+    if args.compare:
+        ref_tokens, ref_seconds = generate(DynamicCache(config=model.config))
+        n = min(len(tokens), len(ref_tokens))
+        same = int((tokens[:n] == ref_tokens[:n]).sum()) if n else 0
+        print(f"[DynamicCache] {tok.decode(ref_tokens, skip_special_tokens=True).strip()}")
+        print(f"\ngreedy tokens identical to DynamicCache: {same}/{max(len(tokens), len(ref_tokens))}")
+        print(f"generate: {seconds:.2f} s ({name}) vs {ref_seconds:.2f} s (DynamicCache), {seconds / ref_seconds:.2f}x")
+    else:
+        print(f"\ngenerate: {seconds:.2f} s")
+    report = cache.memory_report()
+    print()
+    print(json.dumps(report, indent=2) if args.json else memory_table(report, layers=args.layers))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import METHODS, method_options
+    from .report import markdown_table
+
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        print(f"{name}: {cls.summary}")
+        opts = method_options(cls)
+        if opts:
+            print(markdown_table(["option", "type", "default", "meaning"],
+                                 [[o["name"], o["type"], o["default"], o["help"]] for o in opts]))
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvshrink", description="Compress the KV cache of transformers models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate with a compressed cache and print its memory report")
+    run.add_argument("--model", default="smollm2-135m", help="embedded name (smollm2-135m, gemma3-270m), path or hub id")
+    run.add_argument("--method", default="tada", help="method spec, e.g. 'kivi:bits=2,group=32' (see `kvshrink methods`)")
+    run.add_argument("--bits", type=int, help="shortcut for the method's bits option")
+    run.add_argument("--group", type=int, help="shortcut for the method's group option")
+    run.add_argument("--window", type=int, help="shortcut for the method's window option")
+    run.add_argument("--sinks", type=int, help="shortcut for the method's sinks option")
+    run.add_argument("-O", "--option", action="append", metavar="KEY=VALUE", help="any other method option")
+    run.add_argument("--prompt", help="prompt text (default: a generated passkey-retrieval prompt)")
+    run.add_argument("--prompt-file", help="read the prompt from this file")
+    run.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    run.add_argument("--context", type=int, default=2000, help="length of the default passkey prompt in tokens")
+    run.add_argument("--seed", type=int, default=0, help="seed of the default passkey prompt")
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--no-compare", dest="compare", action="store_false",
+                     help="skip the reference run with transformers' DynamicCache")
+    run.add_argument("--layers", action="store_true", help="print one row per layer in the memory report")
+    run.add_argument("--json", action="store_true", help="print the memory report as JSON")
+    run.set_defaults(func=cmd_run)
+
+    methods = sub.add_parser("methods", help="list the methods with their options and defaults")
+    methods.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as e:
+        print(f"kvshrink: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # ModelNotAvailable and other environment problems: say what, not a traceback
+        from .models import ModelNotAvailable
+
+        if isinstance(e, ModelNotAvailable):
+            print(f"kvshrink: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

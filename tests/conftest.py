@@ -1,0 +1,51 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A 2-layer random-weight Llama (4 query / 2 KV heads, head dim 16) with peaked logits, in fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, initializer_range=0.2,
+               pad_token_id=0, bos_token_id=1, eos_token_id=95)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_gemma3(seed: int = 0, sliding_window: int = 8):
+    """A 3-layer random-weight Gemma 3 text model: two sliding-window layers then a global one, 1 KV head."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=sliding_window,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                           max_position_embeddings=1024, initializer_range=0.2, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=95)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def greedy(model, ids, cache, n=24, **kwargs):
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0, **kwargs)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """SmolLM2-135M-Instruct from the embedded GGUF (skipped only if the package is absent, never in CI)."""
+    import kvshrink as ks
+
+    try:
+        return ks.load_model()
+    except ks.ModelNotAvailable as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
