@@ -11,10 +11,14 @@ def test_error_within_half_step(bits):
     codes, scale, zero = quantize(x, bits)
     assert scale.dtype == torch.float16 and zero.dtype == torch.float16
     y = dequantize(codes, scale, zero, bits, 32)
-    half_step = scale.float().unsqueeze(-1) / 2
+    half_step = scale.float() / 2
     assert ((y - x).abs() <= half_step * (1 + 1e-3) + 1e-6).all()
     # codes really use the width: a group spanning the range hits both ends
     assert y.amin(-1).allclose(x.amin(-1), atol=float(half_step.max()))
+    # groups along another dimension: scale and zero keep that dimension with size 1
+    codes, scale, zero = quantize(x, bits, dim=1)
+    assert scale.shape == (5, 1, 32)
+    assert ((dequantize(codes, scale, zero, bits, 32) - x).abs() <= scale.float() / 2 * (1 + 1e-3) + 1e-6).all()
 
 
 def test_constant_groups_are_exact():

@@ -16,6 +16,11 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits!r}")
 
 
+def _word_dtype(bits: int) -> torch.dtype:
+    """The narrowest signed integer that holds a word of 8 codes (3 bits: 24 bits, an int32)."""
+    return torch.int32 if 8 * bits < 32 else torch.int64
+
+
 def packed_size(n: int, bits: int) -> int:
     """Number of bytes that `n` codes of `bits` bits occupy once packed."""
     _check_bits(bits)
@@ -41,14 +46,15 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         for i in range(1, per):
             out |= c[..., i] << (i * bits)
         return out
-    c = codes.to(torch.int64)
+    wide = _word_dtype(bits)
+    c = codes.to(wide)
     pad = (-n) % 8
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
     c = c.reshape(*lead, -1, 8)
-    shifts = torch.arange(8, device=c.device, dtype=torch.int64) * bits
-    word = (c << shifts).sum(-1)  # at most 56 bits: no overflow
-    byte_shifts = torch.arange(bits, device=c.device, dtype=torch.int64) * 8
+    shifts = torch.arange(8, device=c.device, dtype=wide) * bits
+    word = (c << shifts).sum(-1, dtype=wide)  # 8 * bits <= 56 bits: no overflow
+    byte_shifts = torch.arange(bits, device=c.device, dtype=wide) * 8
     out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
     return out.to(torch.uint8).reshape(*lead, -1)
 
@@ -67,9 +73,10 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
         codes = (packed.unsqueeze(-1) >> shifts) & mask
         return codes.reshape(*lead, -1)[..., :n]
-    b = packed.to(torch.int64).reshape(*lead, -1, bits)
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    word = (b << byte_shifts).sum(-1)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    wide = _word_dtype(bits)
+    b = packed.to(wide).reshape(*lead, -1, bits)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=wide) * 8
+    word = (b << byte_shifts).sum(-1, dtype=wide)
+    shifts = torch.arange(8, device=packed.device, dtype=wide) * bits
     codes = (word.unsqueeze(-1) >> shifts) & mask
     return codes.to(torch.uint8).reshape(*lead, -1)[..., :n]

@@ -17,18 +17,19 @@ CENTERS = ("none", "head", "channel")
 _FP16_MAX = 65504.0
 
 
-def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize groups along the last dimension to `bits`-bit codes with an fp16 scale and minimum per group.
+def quantize(x: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize groups running along `dim` to `bits`-bit codes with an fp16 scale and minimum per group.
 
-    Returns (packed codes, scale, zero) where x ~= code * scale + zero. The fp16 zero is rounded down and the fp16
-    scale up, so every element lies inside the representable range and the error is at most half a step.
+    Returns (codes packed along the last dimension, scale, zero), scale and zero keeping `dim` with size 1, so that
+    x ~= code * scale + zero. The fp16 zero is rounded down and the fp16 scale up, so every element lies inside the
+    representable range and the error is at most half a step.
     """
     if bits not in QUANT_BITS or bits == 16:
         raise ValueError(f"bits must be one of {QUANT_BITS[:-1]} for quantize(), got {bits!r}")
     x = x.float()
     levels = (1 << bits) - 1
-    lo = x.amin(-1)
-    hi = x.amax(-1)
+    lo = x.amin(dim, keepdim=True)
+    hi = x.amax(dim, keepdim=True)
     zero = lo.half()
     too_high = zero.float() > lo
     if too_high.any():
@@ -40,16 +41,15 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, to
         scale = torch.where(too_low, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
     if not (torch.isfinite(scale).all() and torch.isfinite(zero).all()):
         raise ValueError(f"values outside the fp16 range (|x| > {_FP16_MAX:g}) cannot get fp16 scales")
-    s = scale.float().unsqueeze(-1)
+    s = scale.float()
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    codes = torch.round((x - zero.float().unsqueeze(-1)) * inv).clamp_(0, levels).to(torch.uint8)
+    codes = torch.round((x - zero.float()) * inv).clamp_(0, levels).to(torch.uint8)
     return pack(codes, bits), scale, zero
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of `quantize` for groups of `n` elements, in float32."""
-    codes = unpack(packed, bits, n).float()
-    return codes * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+    """Inverse of `quantize` (`n` codes along the last dimension), in float32."""
+    return torch.addcmul(zero.float(), unpack(packed, bits, n).float(), scale.float())
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,7 @@ class QuantStore:
         self.spec = spec
         self.name = name
         self.tokens = 0
+        self.head_dim = 0
         self.codes: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
         self.zero: torch.Tensor | None = None
@@ -118,6 +119,7 @@ class QuantStore:
         if t == 0:
             return
         spec.check_head_dim(d, self.name)
+        self.head_dim = d
         x = x.float()
         if spec.center == "head":
             m = self._fp16(x.mean(1, keepdim=True), "the head mean")
@@ -130,12 +132,14 @@ class QuantStore:
         if spec.bits == 16:
             codes, scale, zero = self._fp16(x, "a value"), None, None
         else:
+            # per token: [B, H, T, D/G, G], groups along the last dim; per channel: [B, H, T/G, G, D], groups along
+            # the tokens of a block. Codes are packed along the last dim either way, so decoding is a plain reshape.
             if spec.axis == "token":
-                groups = x.reshape(b, h, t, d // spec.group, spec.group)
+                groups, dim = x.reshape(b, h, t, d // spec.group, spec.group), -1
             else:
-                groups = x.reshape(b, h, t // spec.group, spec.group, d).transpose(-1, -2)
+                groups, dim = x.reshape(b, h, t // spec.group, spec.group, d), -2
             try:
-                codes, scale, zero = quantize(groups, spec.bits)
+                codes, scale, zero = quantize(groups, spec.bits, dim)
             except ValueError as e:
                 raise ValueError(f"{self.name}: {e}") from None
         self.codes = codes if self.codes is None else torch.cat([self.codes, codes], 2)
@@ -151,13 +155,10 @@ class QuantStore:
         spec = self.spec
         if spec.bits == 16:
             x = self.codes.float()
-        elif spec.axis == "token":
-            g = dequantize(self.codes, self.scale, self.zero, spec.bits, spec.group)
-            x = g.reshape(*g.shape[:3], -1)
         else:
-            g = dequantize(self.codes, self.scale, self.zero, spec.bits, spec.group)
-            b, h, nb, d, _ = g.shape
-            x = g.transpose(-1, -2).reshape(b, h, nb * spec.group, d)
+            n = spec.group if spec.axis == "token" else self.head_dim
+            g = dequantize(self.codes, self.scale, self.zero, spec.bits, n)
+            x = g.reshape(g.shape[0], g.shape[1], self.tokens, -1)
         if self.head_mean is not None:
             x = x + self.head_mean.float()
         if self.channel_mean is not None:
