@@ -86,6 +86,52 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str, what: str) -> list[int]:
+    from .eval.bench import parse_length
+
+    try:
+        return [parse_length(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"--{what}: {e}") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.results import plot_results, results_table
+    from .eval.runner import evaluate, split_specs
+
+    methods = split_specs(args.methods) + (split_specs(args.baseline) if args.baseline else [])
+    text = None
+    if args.text_file:
+        with open(args.text_file, encoding="utf-8") as f:
+            text = f.read()
+    records = evaluate(
+        args.model, methods, args.tasks, _ints(args.contexts, "contexts"), _ints(args.seeds, "seeds"),
+        text=text, corpus=args.text_file, output=args.output, resume=args.resume, continuation=args.continuation,
+        match_tokens=args.match_tokens,
+    )
+    print(results_table(records))
+    print(f"\nrecords: {args.output}")
+    if args.plot:
+        try:
+            print(f"plot: {plot_results(records, args.plot, title=f'{args.model}: quality against cache bytes')}")
+        except RuntimeError as e:
+            print(f"plot not written: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .eval.bench import bench, bench_table, write_bench
+
+    result = bench(args.model, args.methods, args.contexts.split(","), decode_tokens=args.decode_tokens,
+                   repeats=args.repeats)
+    print(bench_table(result))
+    if args.output:
+        js, md = write_bench(result, args.output)
+        print(f"\nwritten: {js} and {md}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import METHODS, method_options
     from .report import markdown_table
@@ -102,6 +148,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.runner import DEFAULT_CONTEXTS, DEFAULT_METHODS, DEFAULT_SEEDS, DEFAULT_TASKS
+
     parser = argparse.ArgumentParser(prog="kvshrink", description="Compress the KV cache of transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -124,6 +172,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--layers", action="store_true", help="print one row per layer in the memory report")
     run.add_argument("--json", action="store_true", help="print the memory report as JSON")
     run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="quality against bytes: ppl, kl, match, passkey through each method's cache")
+    ev.add_argument("--model", default="smollm2-135m", help="embedded name, path or hub id")
+    ev.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help="comma-separated method specs; options after a spec belong to it "
+                         "(default: %(default)s)")
+    ev.add_argument("--baseline", help="peers run through the same tasks, e.g. 'hf-quanto:bits=4,hf-hqq:bits=4'")
+    ev.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks (default: %(default)s)")
+    ev.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)),
+                    help="context lengths in tokens, e.g. 2k,4k (default: %(default)s)")
+    ev.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="seeds (default: %(default)s)")
+    ev.add_argument("--continuation", type=int, default=128, help="tokens scored by ppl and kl (default: %(default)s)")
+    ev.add_argument("--match-tokens", type=int, default=64, help="greedy tokens compared by match (default: %(default)s)")
+    ev.add_argument("--text-file", help="held-out text for ppl/kl/match (default: the embedded corpus's last 20%%)")
+    ev.add_argument("-o", "--output", default="results/eval.jsonl", help="JSONL records (default: %(default)s)")
+    ev.add_argument("--plot", default="results/eval.png", help="PNG plot path, '' for none (default: %(default)s)")
+    ev.add_argument("--no-resume", dest="resume", action="store_false",
+                    help="recompute records already in the output file")
+    ev.set_defaults(func=cmd_eval)
+
+    be = sub.add_parser("bench", help="prefill time, decode speed and memory against the plain cache")
+    be.add_argument("--model", default="smollm2-135m")
+    be.add_argument("--methods", default="kivi:bits=4,kivi:bits=2,tada:bits=2,tada:bits=2,mean=channel",
+                    help="comma-separated method specs (default: %(default)s)")
+    be.add_argument("--contexts", default="1k,4k", help="context lengths (default: %(default)s)")
+    be.add_argument("--decode-tokens", type=int, default=32, help="decoding steps timed (default: %(default)s)")
+    be.add_argument("--repeats", type=int, default=1)
+    be.add_argument("-o", "--output", default="benchmarks/results", help="directory for JSON + markdown, '' for none")
+    be.set_defaults(func=cmd_bench)
 
     methods = sub.add_parser("methods", help="list the methods with their options and defaults")
     methods.set_defaults(func=cmd_methods)

@@ -15,9 +15,13 @@ class Kivi(Method):
     summary = "asymmetric group quantization, keys per channel and values per token, recent window exact"
 
     bits: int = option(2, "code width for keys and values: 2, 3, 4, 8 (16 = fp16, no quantization)")
+    key_bits: int = option(0, "code width for keys alone (0 = use `bits`)")
+    value_bits: int = option(0, "code width for values alone (0 = use `bits`)")
     group: int = option(32, "elements sharing one fp16 scale and zero point (tokens for per-channel groups)")
+    key_group: int = option(0, "group size for keys alone (0 = use `group`)")
+    value_group: int = option(0, "group size for values alone (0 = use `group`)")
     window: int = option(32, "recent tokens kept in full precision (flushed in blocks of `group`)")
-    sinks: int = option(0, "first tokens kept in full precision (attention sinks)")
+    sinks: int = option(4, "first tokens kept in full precision (attention sinks)")
     key_axis: str = option("channel", "key groups run along 'channel' (tokens of one channel) or 'token'")
     value_axis: str = option("token", "value groups run along 'token' (channels of one token) or 'channel'")
 
@@ -25,8 +29,8 @@ class Kivi(Method):
         return "none"
 
     def specs(self) -> tuple[QuantSpec, QuantSpec]:
-        return (QuantSpec(self.bits, self.group, self.key_axis, self.center()),
-                QuantSpec(self.bits, self.group, self.value_axis, self.center()))
+        return (QuantSpec(self.key_bits or self.bits, self.key_group or self.group, self.key_axis, self.center()),
+                QuantSpec(self.value_bits or self.bits, self.value_group or self.group, self.value_axis, self.center()))
 
     def validate(self) -> None:
         self.specs()

@@ -1,0 +1,192 @@
+"""`kvshrink bench`: prefill time, decode speed and memory of each method, paired with the plain cache.
+
+For every context length the reference (transformers' `DynamicCache`) and each method run in the same process on
+the same token ids, one after the other; the figures that matter are the ratios method / reference. Memory is the
+cache's own bytes (from the tensors it holds) and the process's peak resident memory above what it held before the
+run (sampled every millisecond; freed memory is handed back to the system with `malloc_trim` between runs), or
+the peak of `torch.cuda` allocations on a GPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..report import markdown_table
+
+
+def parse_length(text: str | int) -> int:
+    """'4k' -> 4096, '1500' -> 1500."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().lower()
+    try:
+        return int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+    except ValueError:
+        raise ValueError(f"context length {text!r} is not a number of tokens (e.g. 1024, 1k, 4k)") from None
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class PeakMemory:
+    """Peak process RSS (CPU) or peak torch.cuda allocation (GPU) above the level at entry, in bytes."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.peak = 0
+
+    def __enter__(self):
+        _trim()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = self.peak_abs = _rss()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak_abs = max(self.peak_abs, _rss())
+                time.sleep(0.001)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak_abs, _rss()) - self.base
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def run_one(model, make_cache, ids: torch.Tensor, decode_tokens: int) -> dict[str, Any]:
+    """Prefill `ids`, then decode `decode_tokens` greedy tokens one step at a time; times, memory, cache bytes."""
+    from .runner import cache_memory
+
+    device = model.device
+    ids = ids.to(device)
+    with PeakMemory(device) as mem:
+        cache = make_cache()
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(ids, past_key_values=cache, use_cache=True)
+        _sync(device)
+        t1 = time.perf_counter()
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(decode_tokens):
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        t2 = time.perf_counter()
+    memory = cache_memory(cache, model.config)
+    del cache, out
+    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_tokens_per_s": decode_tokens / (t2 - t1),
+            "peak_memory": mem.peak, "cache_nbytes": memory["nbytes"], "ratio": memory["ratio"]}
+
+
+def bench(
+    model: Any = "smollm2-135m",
+    methods: Iterable[str] | str = ("kivi:bits=4", "kivi:bits=2", "tada:bits=2", "tada:bits=2,mean=channel"),
+    contexts: Iterable[int | str] = (1024, 4096),
+    *,
+    tokenizer: Any = None,
+    decode_tokens: int = 32,
+    repeats: int = 1,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Each method against `DynamicCache` at each context length; returns a JSON-ready dict of runs and ratios."""
+    from tqdm.auto import tqdm
+
+    from ..models import load_model
+    from .corpus import pydoc_text, split
+    from .runner import Env, check_spec, environment, split_specs
+
+    specs = [check_spec(s) for s in (split_specs(methods) if isinstance(methods, str) else methods)]
+    contexts = [parse_length(c) for c in contexts]
+    if decode_tokens < 1 or repeats < 1:
+        raise ValueError(f"decode_tokens and repeats must be >= 1, got {decode_tokens} and {repeats}")
+    if isinstance(model, str):
+        model_name = model_name or model
+        model, tokenizer = load_model(model)
+    model_name = model_name or getattr(model.config, "name_or_path", "")
+    text_ids = tokenizer(split(pydoc_text())[1], return_tensors="pt", add_special_tokens=False).input_ids
+    env = Env(model, tokenizer, "")
+    rows = []
+    cells = [(c, s, r) for c in contexts for s in specs for r in range(repeats)]
+    for context, spec, rep in tqdm(cells, desc="bench", unit="run", disable=not progress):
+        if context > text_ids.shape[1]:
+            reps = -(-context // text_ids.shape[1])
+            ids = text_ids.repeat(1, reps)[:, :context]
+        else:
+            ids = text_ids[:, :context]
+        ref = run_one(model, lambda: env.make_cache(None), ids, decode_tokens)
+        got = run_one(model, lambda: env.make_cache(spec), ids, decode_tokens)
+        rows.append({
+            "method": spec, "context": context, "repeat": rep, "reference": ref, "method_run": got,
+            "prefill_time_ratio": got["prefill_s"] / ref["prefill_s"],
+            "decode_speed_ratio": got["decode_tokens_per_s"] / ref["decode_tokens_per_s"],
+            "peak_memory_ratio": got["peak_memory"] / ref["peak_memory"] if ref["peak_memory"] > 0 else None,
+            "cache_bytes_ratio": got["cache_nbytes"] / ref["cache_nbytes"],
+        })
+    return {"model": model_name, "device": str(model.device), "dtype": str(model.dtype),
+            "decode_tokens": decode_tokens, "environment": environment(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "runs": rows}
+
+
+def bench_table(result: dict[str, Any]) -> str:
+    def mib(n):
+        return f"{n / 2**20:.1f}"
+
+    body = []
+    for r in result["runs"]:
+        ref, got = r["reference"], r["method_run"]
+        body.append([f"`{r['method']}`", r["context"], f"{got['prefill_s']:.2f} / {ref['prefill_s']:.2f}",
+                     f"{got['decode_tokens_per_s']:.1f} / {ref['decode_tokens_per_s']:.1f}",
+                     f"{r['decode_speed_ratio']:.2f}", f"{mib(got['cache_nbytes'])} / {mib(ref['cache_nbytes'])}",
+                     f"{r['cache_bytes_ratio']:.3f}", f"{mib(got['peak_memory'])} / {mib(ref['peak_memory'])}"])
+    return markdown_table(["method", "context", "prefill s (method / plain)", "decode tok/s (method / plain)",
+                           "decode speed ratio", "cache MiB (method / plain)", "cache ratio",
+                           "peak extra MiB (method / plain)"], body)
+
+
+def write_bench(result: dict[str, Any], directory: str | Path = "benchmarks/results") -> tuple[Path, Path]:
+    """Write `bench-<model>-<time>.json` and the markdown summary beside it, atomically; return both paths."""
+    from ..io import atomic_write_text
+
+    directory = Path(directory)
+    stem = f"bench-{Path(str(result['model'])).name}-{result['time'].replace(':', '')}"
+    js = atomic_write_text(directory / f"{stem}.json", json.dumps(result, indent=2, sort_keys=True))
+    md_text = (f"# kvshrink bench: {result['model']} on {result['device']} ({result['dtype']}), "
+               f"{result['decode_tokens']} decoded tokens, {result['time']}\n\n" + bench_table(result) + "\n")
+    md = atomic_write_text(directory / f"{stem}.md", md_text)
+    return js, md

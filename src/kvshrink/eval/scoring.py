@@ -1,0 +1,44 @@
+"""Running a model through a cache the way generation does: prefill the context, then one token per step.
+
+Every quality metric is computed here, so no metric can see keys or values the cache would not have given to
+`generate()`: the context is prefilled (attending in full precision, then stored as the method stores it) and each
+continuation token is a decoding step over the stored past.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+@torch.no_grad()
+def score_continuation(model, cache: Cache, context: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [T, vocab] (float32) predicting each of the T continuation tokens, through `cache`.
+
+    context: [1, N] token ids prefilled in one forward pass. continuation: [1, T] ids fed one step at a time (the
+    first is predicted from the prefill's last position, the last one is fed to no step).
+    """
+    _check_ids(context, "context")
+    _check_ids(continuation, "continuation")
+    device = model.device
+    out = model(context.to(device), past_key_values=cache, use_cache=True)
+    rows = [out.logits[:, -1].float().log_softmax(-1)]
+    for i in range(continuation.shape[1] - 1):
+        out = model(continuation[:, i:i + 1].to(device), past_key_values=cache, use_cache=True)
+        rows.append(out.logits[:, -1].float().log_softmax(-1))
+    return torch.cat(rows, 0).cpu()
+
+
+@torch.no_grad()
+def greedy(model, cache: Cache, context: torch.Tensor, n: int, pad_token_id: int | None = None) -> torch.Tensor:
+    """The n greedy tokens `generate()` produces after `context` [1, N] with `cache` (exactly n: no early stop)."""
+    _check_ids(context, "context")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    out = model.generate(context.to(model.device), past_key_values=cache, max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=pad_token_id)
+    return out[0, context.shape[1]:].cpu()
+
+
+def _check_ids(ids: torch.Tensor, name: str) -> None:
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+        raise ValueError(f"{name} must be token ids shaped [1, length >= 1], got {tuple(ids.shape)}")

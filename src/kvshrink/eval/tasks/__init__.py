@@ -1,0 +1,50 @@
+"""Evaluation tasks: each is one module with one `Task` subclass, registered by name.
+
+A task measures one (method, context length, seed) cell and returns its metrics plus the memory report of a cache
+it used. Everything goes through `Env`, which owns the model, the text, the caches and the memoised reference
+(transformers' `DynamicCache` on the same inputs), so that tasks sharing a computation (ppl and kl score the same
+positions) run it once.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, ClassVar
+
+TASKS: dict[str, type["Task"]] = {}
+
+
+def register_task(cls: type["Task"]) -> type["Task"]:
+    if not cls.name or cls.name in TASKS:
+        raise ValueError(f"task name {cls.name!r} is empty or already registered")
+    TASKS[cls.name] = cls
+    return cls
+
+
+class Task:
+    """One metric family. `run` returns (metrics, memory report of a cache built by `spec`)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: metrics shown in tables: (key, column title, format, higher is better, drawn in the plot)
+    columns: ClassVar[tuple[tuple[str, str, str, bool, bool], ...]] = ()
+
+    def run(self, env: Any, spec: str, context: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        raise NotImplementedError
+
+
+def get_task(name: str) -> Task:
+    _load_builtin()
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+    return TASKS[name]()
+
+
+def columns() -> list[tuple[str, str, str, bool, bool]]:
+    """The table columns of every registered task, in registration order."""
+    _load_builtin()
+    return [c for cls in TASKS.values() for c in cls.columns]
+
+
+def _load_builtin() -> None:
+    for module in ("ppl", "kl", "match", "passkey"):
+        importlib.import_module(f"{__name__}.{module}")

@@ -1,0 +1,172 @@
+"""The evaluation harness and the benchmark: every metric can fail, records resume, tables and plots are written."""
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import kvshrink as ks
+from kvshrink.cache import FullLayer
+from kvshrink.eval import runner
+from kvshrink.eval.bench import bench, parse_length, write_bench
+from kvshrink.eval.corpus import pydoc_text, split
+from kvshrink.eval.results import plot_results, results_table, summarize
+from kvshrink.eval.runner import evaluate, load_records, split_specs
+from kvshrink.methods.base import METHODS, Method, register
+
+from conftest import tiny_llama
+
+
+class NoisyPastLayer(FullLayer):
+    """Keeps the prefill exact for its own attention, then replaces every stored key and value by noise."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        gen = torch.Generator().manual_seed(self.layer_idx)
+        self.keys = torch.randn(self.keys.shape, generator=gen) * 3
+        self.values = torch.randn(self.values.shape, generator=gen) * 3
+        return keys, values
+
+
+@pytest.fixture(scope="module")
+def corrupt_method():
+    @dataclass
+    class Corrupt(Method):
+        name = "test-corrupt"
+        summary = "test only: stored keys and values replaced by noise"
+
+        def layer(self, layer_idx, sliding_window):
+            return NoisyPastLayer(layer_idx)
+
+    register(Corrupt)
+    yield "test-corrupt"
+    del METHODS["test-corrupt"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(real_model):
+    return real_model[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    return tiny_llama(vocab_size=len(tokenizer), head_dim=32, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+TEXT = split(pydoc_text())[1][:20000]
+
+
+def _eval(tiny, tokenizer, methods, tmp_path=None, **kw):
+    kw.setdefault("tasks", ["ppl", "kl", "match"])
+    return evaluate(tiny, methods, tokenizer=tokenizer, contexts=[96], seeds=[0], text=TEXT, continuation=12,
+                    match_tokens=8, model_name="tiny", progress=False,
+                    output=None if tmp_path is None else tmp_path / "r.jsonl", **kw)
+
+
+def _metrics(records, method, task):
+    (r,) = [r for r in records if r["method"] == method and r["task"] == task]
+    return r["metrics"]
+
+
+def test_split_specs_keeps_options_with_their_method():
+    assert split_specs("full,kivi:bits=2,group=32,tada:bits=4") == ["full", "kivi:bits=2,group=32", "tada:bits=4"]
+    assert split_specs(["kivi", "bits=2", "full"]) == ["kivi:bits=2", "full"]
+    with pytest.raises(ValueError, match="before any method"):
+        split_specs("bits=2,full")
+
+
+def test_bad_specs_and_tasks_fail_before_any_work(tiny, tokenizer):
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        _eval(tiny, tokenizer, ["full", "nope:bits=2"])
+    with pytest.raises(ValueError, match="has no option 'bitz'"):
+        _eval(tiny, tokenizer, ["kivi:bitz=2"])
+    with pytest.raises(ValueError, match="unknown task 'bleu'"):
+        _eval(tiny, tokenizer, ["full"], tasks=["bleu"])
+    with pytest.raises(ValueError, match="hf-quanto: bits must be one of"):
+        _eval(tiny, tokenizer, ["hf-quanto:bits=3"])
+    with pytest.raises(ValueError, match="needs 96"):
+        evaluate(tiny, ["full"], tokenizer=tokenizer, contexts=[84], text=TEXT[:300], continuation=12,
+                 tasks=["ppl"], progress=False)
+
+
+def test_full_is_exact_and_a_corrupted_cache_fails_every_metric(tiny, tokenizer, corrupt_method):
+    records = _eval(tiny, tokenizer, ["full", corrupt_method, "kivi:bits=8"])
+    full_kl, bad_kl = _metrics(records, "full", "kl"), _metrics(records, corrupt_method, "kl")
+    assert full_kl["kl"] < 1e-6 and full_kl["top1"] == 1.0
+    assert bad_kl["kl"] > 0.05 and bad_kl["top1"] < 1.0
+    assert _metrics(records, "full", "match") == {"match": 1.0, "first_divergence": 8, "tokens": 8}
+    assert _metrics(records, corrupt_method, "match")["match"] < 1.0
+    assert abs(_metrics(records, "full", "ppl")["ppl_change"]) < 1e-5
+    assert _metrics(records, corrupt_method, "ppl")["ppl_change"] > 0.01
+    assert _metrics(records, "kivi:bits=8", "kl")["kl"] < bad_kl["kl"]
+    kivi = [r for r in records if r["method"] == "kivi:bits=8"][0]["memory"]
+    assert kivi["tokens"] == 96 + 11 and kivi["nbytes"] < kivi["fp16_nbytes"] * 2
+    for r in records:
+        assert r["model"] == "tiny" and r["environment"]["torch"] == torch.__version__
+
+
+def test_records_resume_and_survive_a_cut_line(tiny, tokenizer, tmp_path, monkeypatch, corrupt_method):
+    first = _eval(tiny, tokenizer, ["full", "kivi:bits=4"], tmp_path)
+    path = tmp_path / "r.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 6 and all(json.loads(line)["version"] == runner.RECORD_VERSION for line in lines)
+
+    calls = []
+    from kvshrink.eval.tasks.match import GreedyMatch
+
+    original = GreedyMatch.run
+    monkeypatch.setattr(GreedyMatch, "run", lambda self, *a: calls.append(a) or original(self, *a))
+    again = _eval(tiny, tokenizer, ["full", "kivi:bits=4"], tmp_path)
+    assert calls == [] and [r["metrics"] for r in again] == [r["metrics"] for r in first]
+
+    # an interrupted write leaves half a line: it is dropped with a warning and that record is recomputed
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])
+    with pytest.warns(UserWarning, match="unreadable line"):
+        assert len(load_records(path)) == 5
+    with pytest.warns(UserWarning):
+        resumed = _eval(tiny, tokenizer, ["full", "kivi:bits=4"], tmp_path)
+    assert len(resumed) == 6 and len(calls) == 1
+    assert len(load_records(path)) == 6  # the cut line is gone, the recomputed record appended whole
+
+
+def test_table_and_plot(tiny, tokenizer, tmp_path, corrupt_method):
+    records = _eval(tiny, tokenizer, ["full", "kivi:bits=2", corrupt_method])
+    rows = summarize(records)
+    assert [r["method"] for r in rows] == ["full", "kivi:bits=2", corrupt_method]
+    table = results_table(records)
+    assert "`kivi:bits=2`" in table and "KL" in table and "match" in table
+    png = plot_results(records, tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quanto_baseline_runs_through_the_same_tasks(tiny, tokenizer):
+    pytest.importorskip("optimum.quanto")
+    records = _eval(tiny, tokenizer, ["hf-quanto:bits=4,residual=32"], tasks=["kl"])
+    m = records[0]["memory"]
+    assert 0 < m["nbytes"] < m["fp16_nbytes"] * 2 and m["tokens"] == 96 + 11
+    assert records[0]["metrics"]["kl"] >= 0
+
+
+def test_passkey_task_separates_full_from_a_corrupted_cache(real_model, corrupt_method):
+    model, tok = real_model
+    records = evaluate(model, ["full", corrupt_method], tokenizer=tok, tasks=["passkey"], contexts=[300], seeds=[0],
+                       progress=False)
+    assert _metrics(records, "full", "passkey")["accuracy"] == 1.0
+    assert _metrics(records, corrupt_method, "passkey")["accuracy"] == 0.0
+
+
+def test_bench_pairs_each_method_with_the_plain_cache(tiny, tokenizer, tmp_path):
+    assert parse_length("4k") == 4096 and parse_length("1500") == 1500
+    with pytest.raises(ValueError, match="not a number of tokens"):
+        parse_length("lots")
+    result = bench(tiny, ["kivi:bits=2,window=16,group=16"], [64], tokenizer=tokenizer, decode_tokens=3,
+                   progress=False)
+    (run,) = result["runs"]
+    assert run["reference"]["cache_nbytes"] > run["method_run"]["cache_nbytes"] > 0
+    assert run["cache_bytes_ratio"] == run["method_run"]["cache_nbytes"] / run["reference"]["cache_nbytes"]
+    assert run["decode_speed_ratio"] > 0 and run["prefill_time_ratio"] > 0
+    js, md = write_bench(result, tmp_path)
+    assert json.loads(js.read_text())["runs"][0]["method"] == "kivi:bits=2,window=16,group=16"
+    assert "`kivi:bits=2,window=16,group=16`" in md.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([js.name, md.name])
