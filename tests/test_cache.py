@@ -101,7 +101,7 @@ def test_memory_report_parts_follow_bits():
     model, ids = tiny_llama(), _prompt(200)
     sizes = {}
     for bits in (2, 3, 4, 8):
-        cache = ks.make_cache(model, "kivi", bits=bits, group=8, window=0)
+        cache = ks.make_cache(model, "kivi", bits=bits, group=8, window=0, sinks=0)
         with torch.no_grad():
             model(ids, past_key_values=cache)
         sizes[bits] = cache.memory_report()["by_part"]["codes"]
@@ -111,7 +111,7 @@ def test_memory_report_parts_follow_bits():
 
 def test_head_mean_cost_is_reported():
     model, ids = tiny_llama(), _prompt(128)
-    head, chan = ks.make_cache(model, "tada", bits=2, group=8, window=0), ks.make_cache(model, "tada", bits=2, group=8, window=0, mean="channel")
+    head, chan = ks.make_cache(model, "tada", bits=2, group=8, window=0, sinks=0), ks.make_cache(model, "tada", bits=2, group=8, window=0, sinks=0, mean="channel")
     with torch.no_grad():
         model(ids, past_key_values=head)
         model(ids, past_key_values=chan)
@@ -192,3 +192,14 @@ def test_crop_only_inside_window():
     assert cache.get_seq_length() == 37
     with pytest.raises(ValueError, match="only the .* tokens of the full-precision window can be removed"):
         cache.crop(-30)
+
+
+def test_separate_key_and_value_bits_are_stored_as_asked():
+    model, ids = tiny_llama(), _prompt(200)
+    cache = ks.make_cache(model, "kivi", key_bits=4, value_bits=2, group=8, window=0, sinks=0)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    # 200 tokens x 2 heads x 16 channels x 2 layers: keys at 4 bits, values at 2
+    assert cache.memory_report()["by_part"]["codes"] == 200 * 2 * 16 * 2 * (4 + 2) // 8
+    with pytest.raises(ValueError, match="bits must be one of"):
+        ks.make_cache(model, "kivi", key_bits=5)

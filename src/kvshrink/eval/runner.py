@@ -26,7 +26,7 @@ from .tasks import get_task
 DEFAULT_METHODS = ("full", "kivi:bits=4", "kivi:bits=2", "tada:bits=2", "tada:bits=2,mean=channel")
 DEFAULT_TASKS = ("ppl", "kl", "match", "passkey")
 DEFAULT_CONTEXTS = (2048,)
-DEFAULT_SEEDS = (0, 1)
+DEFAULT_SEEDS = (0,)
 RECORD_VERSION = 1
 
 

@@ -8,16 +8,11 @@ from typing import Any, ClassVar
 from transformers.cache_utils import CacheLayerMixin, get_layer_types_and_kwargs
 
 from ..cache import CompressedCache
+from ..registry import registrar
 
 METHODS: dict[str, type["Method"]] = {}
-
-
-def register(cls: type["Method"]) -> type["Method"]:
-    """Class decorator: make a method available by its `name` to `make_cache` and the CLI."""
-    if not cls.name or cls.name in METHODS:
-        raise ValueError(f"method name {cls.name!r} is empty or already registered")
-    METHODS[cls.name] = cls
-    return cls
+#: class decorator: make a method available by its `name` to `make_cache` and the CLI
+register = registrar(METHODS, "method")
 
 
 def option(default: Any, help: str) -> Any:

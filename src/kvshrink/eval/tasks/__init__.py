@@ -10,14 +10,11 @@ from __future__ import annotations
 import importlib
 from typing import Any, ClassVar
 
+from ...registry import registrar
+
 TASKS: dict[str, type["Task"]] = {}
-
-
-def register_task(cls: type["Task"]) -> type["Task"]:
-    if not cls.name or cls.name in TASKS:
-        raise ValueError(f"task name {cls.name!r} is empty or already registered")
-    TASKS[cls.name] = cls
-    return cls
+#: class decorator: make a task available by its `name` to `evaluate` and the CLI
+register_task = registrar(TASKS, "task")
 
 
 class Task:
