@@ -28,7 +28,8 @@ class Kivi(Method):
     def center(self) -> str:
         return "none"
 
-    def specs(self) -> tuple[QuantSpec, QuantSpec]:
+    def specs(self, layer_idx: int | None = None) -> tuple[QuantSpec, QuantSpec]:
+        """(key spec, value spec) of a layer (the same for every layer here; profiles vary them)."""
         return (QuantSpec(self.key_bits or self.bits, self.key_group or self.group, self.key_axis, self.center()),
                 QuantSpec(self.value_bits or self.bits, self.value_group or self.group, self.value_axis, self.center()))
 
@@ -39,5 +40,5 @@ class Kivi(Method):
                 raise ValueError(f"{self.name}: {arg} must be >= 0, got {getattr(self, arg)}")
 
     def layer(self, layer_idx, sliding_window):
-        key_spec, value_spec = self.specs()
+        key_spec, value_spec = self.specs(layer_idx)
         return WindowedLayer(key_spec, value_spec, self.window, layer_idx, sliding_window, self.sinks)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..codecs.quant import QuantSpec
+from ..profile import Profile, load_profile
 from .base import option, register
 from .kivi import Kivi
 
@@ -21,5 +23,29 @@ class Tada(Kivi):
     mean: str = option("head", "what is subtracted before quantizing: 'head' (per-token mean over KV heads), "
                                "'channel' (per-head channel mean of the prefill) or 'none'")
 
+    profile: str = option("", "per-layer bits and centering from a profile file (`kvshrink calibrate`); "
+                              "overrides bits/key_bits/value_bits/mean layer by layer")
+
     def center(self) -> str:
         return self.mean
+
+    def validate(self) -> None:
+        self._profile: Profile | None = load_profile(self.profile) if self.profile else None
+        super().validate()
+
+    def specs(self, layer_idx: int | None = None) -> tuple[QuantSpec, QuantSpec]:
+        if self._profile is None or layer_idx is None:
+            return super().specs(layer_idx)
+        c = self._profile.layers[layer_idx]
+        return (QuantSpec(c.key_bits, self.key_group or self.group, self.key_axis, c.key_mean),
+                QuantSpec(c.value_bits, self.value_group or self.group, self.value_axis, c.value_mean))
+
+    def use_profile(self, profile: Profile) -> "Tada":
+        """Take per-layer choices from an in-memory profile (as the `profile` option does from a file)."""
+        self._profile = profile
+        return self
+
+    def make_cache(self, model_or_config):
+        if self._profile is not None:
+            self._profile.check_model(model_or_config, f"profile {self.profile}")
+        return super().make_cache(model_or_config)

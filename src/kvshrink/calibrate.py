@@ -1,0 +1,314 @@
+"""`kvshrink calibrate`: choose bits (and centering) per layer for keys and values under a memory budget.
+
+Score of an allocation: the mean KL divergence of next-token distributions against the uncompressed cache over
+calibration text that evaluation never uses (the first 80% of the embedded corpus), measured through the cache
+the way generation runs (prefill, then one decoding step per token).
+
+Two searches on the same budget:
+- `random`: TaDA's random search - random per-layer choices, repaired to fit (and spend) the budget, the best
+  of `trials` kept;
+- `greedy`: each layer's sensitivity is measured once (KL when only that layer's keys, or values, are lowered to 2
+  bits), the KL at b bits is modelled as sensitivity x 4^-(b-2) (quantization noise power falls 4x per bit), and
+  the budget is spent by repeatedly taking the upgrade with the largest predicted KL reduction per byte.
+`both` (the default) runs the sensitivity allocation, then a random local search seeded with it, and keeps the
+better-scoring allocation; both scores and times are written into the profile.
+
+Bytes are real: the cost of every choice for every layer is read off cache layers that hold random keys and
+values of the budget's context length, and the predicted ratio of a profile is measured the same way.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from .profile import LayerChoice, Profile, fingerprint
+
+BITS = (2, 3, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class Option:
+    bits: int
+    mean: str = "none"
+
+
+def _options(kv_heads: int, bits: Sequence[int]) -> list[Option]:
+    means = ("none", "head") if kv_heads > 1 else ("none",)  # with one KV head the head mean is the whole cache
+    return [Option(b, m) for b in bits for m in means if not (b == 16 and m == "head")]
+
+
+def _geometry(model) -> tuple[int, int, int]:
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return text.num_hidden_layers, text.num_key_value_heads, head_dim
+
+
+def fill_random(cache, model, context: int):
+    """Push `context` tokens of random keys and values (the model's dtype) through every layer of `cache`."""
+    _, kv_heads, head_dim = _geometry(model)
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(1, kv_heads, context, head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for layer in cache.layers:
+        layer.update(x, x)
+    return cache
+
+
+def profile_ratio(model, profile: Profile, context: int) -> tuple[int, float]:
+    """(bytes, ratio to 16-bit) of a cache built from `profile` holding `context` tokens: measured, not modelled."""
+    from .methods import build_method
+
+    method = build_method("tada", **{**profile.options, "profile": ""}).use_profile(profile)
+    report = fill_random(method.make_cache(model), model, context).memory_report()
+    return report["nbytes"], report["ratio"]
+
+
+def _store_bytes(store) -> int:
+    return sum(t.numel() * t.element_size() for ts in store.parts().values() for t in ts)
+
+
+class ByteModel:
+    """Real bytes of every (layer, keys|values, option) at `context` tokens, plus each layer's fixed bytes."""
+
+    def __init__(self, model, base: dict[str, Any], options: list[Option], context: int):
+        from .methods import build_method
+
+        self.context = context
+        n_layers, kv_heads, head_dim = _geometry(model)
+        self.cost: dict[tuple[int, int, Option], int] = {}
+        self.fixed = [0] * n_layers
+        self.fp16 = 0
+        for opt in options:
+            method = build_method("tada", **{**base, "key_bits": opt.bits, "value_bits": opt.bits, "mean": opt.mean,
+                                             "profile": ""})
+            cache = fill_random(method.make_cache(model), model, context)
+            for i, layer in enumerate(cache.layers):
+                self.cost[(i, 0, opt)] = _store_bytes(layer.key_store)
+                self.cost[(i, 1, opt)] = _store_bytes(layer.value_store)
+                # the exact window's length depends on the flush block, so take the largest (never under-count)
+                fixed = layer.nbytes() - self.cost[(i, 0, opt)] - self.cost[(i, 1, opt)]
+                self.fixed[i] = max(self.fixed[i], fixed)
+            self.fp16 = cache.memory_report()["fp16_nbytes"]
+
+    def total(self, alloc: dict[tuple[int, int], Option]) -> int:
+        return sum(self.fixed) + sum(self.cost[(i, t, o)] for (i, t), o in alloc.items())
+
+
+class Scorer:
+    """Mean KL(reference || allocation) over calibration samples, through the cache."""
+
+    def __init__(self, model, tokenizer, text: str, base: dict[str, Any], samples: int, context: int, scored: int,
+                 seed: int):
+        from .eval.scoring import score_continuation
+
+        self.model, self.base = model, base
+        self._score = score_continuation
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        need = context + scored
+        if ids.shape[1] < need * samples:
+            raise ValueError(f"the calibration text has {ids.shape[1]} tokens; {samples} samples of {need} need "
+                             f"{need * samples}")
+        rng = random.Random(seed)
+        stride = ids.shape[1] // samples
+        self.samples = []
+        for s in range(samples):
+            start = s * stride + rng.randrange(0, stride - need + 1)
+            window = ids[:, start:start + need]
+            self.samples.append((window[:, :context], window[:, context:]))
+        self.refs = [self._score(model, DynamicCache(config=model.config), c, t) for c, t in self.samples]
+        self.evaluations = 0
+
+    def __call__(self, alloc: dict[tuple[int, int], Option]) -> float:
+        from .methods import build_method
+
+        n_layers = _geometry(self.model)[0]
+        profile = _profile(self.model, self.base, alloc, n_layers)
+        method = build_method("tada", **{**self.base, "profile": ""}).use_profile(profile)
+        kls = []
+        for (ctx, cont), ref in zip(self.samples, self.refs):
+            lp = self._score(self.model, method.make_cache(self.model), ctx, cont)
+            kls.append((ref.exp() * (ref - lp)).sum(-1).clamp_min(0).mean().item())
+        self.evaluations += 1
+        return sum(kls) / len(kls)
+
+
+def _profile(model, base, alloc, n_layers, predicted_ratio=None, calibration=None) -> Profile:
+    layers = [LayerChoice(alloc[(i, 0)].bits, alloc[(i, 1)].bits, alloc[(i, 0)].mean, alloc[(i, 1)].mean)
+              for i in range(n_layers)]
+    return Profile(fingerprint(model), "tada", dict(base), layers, predicted_ratio, calibration or {})
+
+
+def allocate(sensitivity: dict[tuple[int, int, str], float], costs: ByteModel, options: list[Option],
+             budget: int) -> dict[tuple[int, int], Option]:
+    """Greedy allocation: cheapest option everywhere, then the best predicted-KL-per-byte upgrade while it fits."""
+    items = sorted({(i, t) for i, t, _ in sensitivity})
+
+    def kl(item, opt):
+        if opt.bits == 16:
+            return 0.0
+        return sensitivity[(*item, opt.mean)] * 4.0 ** -(opt.bits - 2)
+
+    alloc = {item: min(options, key=lambda o: (costs.cost[(*item, o)], kl(item, o))) for item in items}
+    spent = costs.total(alloc)
+    if spent > budget:
+        raise ValueError(f"the budget of {budget} bytes is below the cheapest allocation ({spent} bytes at 2 bits "
+                         f"everywhere): raise the target")
+    while True:
+        best = None
+        for item in items:
+            cur = alloc[item]
+            c0, k0 = costs.cost[(*item, cur)], kl(item, cur)
+            for o in options:
+                dc = costs.cost[(*item, o)] - c0
+                dk = k0 - kl(item, o)
+                if dc > 0 and dk > 0 and spent + dc <= budget:
+                    gain = dk / dc
+                    if best is None or gain > best[0]:
+                        best = (gain, item, o, dc)
+        if best is None:
+            return alloc
+        _, item, o, dc = best
+        alloc[item] = o
+        spent += dc
+
+
+def _repair(alloc, costs: ByteModel, options: list[Option], budget: int, rng: random.Random):
+    """Lower random choices until the allocation fits, then raise random ones while any raise still fits."""
+    items = list(alloc)
+    by_cost = lambda item: sorted(options, key=lambda o: costs.cost[(*item, o)])  # noqa: E731
+    while costs.total(alloc) > budget:
+        item = rng.choice(items)
+        cheaper = [o for o in by_cost(item) if costs.cost[(*item, o)] < costs.cost[(*item, alloc[item])]]
+        if cheaper:
+            alloc[item] = rng.choice(cheaper)
+    while True:
+        slack = budget - costs.total(alloc)
+        ups = [(item, o) for item in items for o in options
+               if 0 < costs.cost[(*item, o)] - costs.cost[(*item, alloc[item])] <= slack and o.bits > alloc[item].bits]
+        if not ups:
+            return alloc
+        item, o = rng.choice(ups)
+        alloc[item] = o
+
+
+def calibrate(
+    model: Any = "smollm2-135m",
+    *,
+    tokenizer: Any = None,
+    target_ratio: float | None = None,
+    target_bytes: int | None = None,
+    target_bits: float | None = None,
+    budget_context: int = 2048,
+    search: str = "both",
+    trials: int = 16,
+    samples: int = 2,
+    context: int = 512,
+    scored: int = 32,
+    bits: Sequence[int] = (2, 3, 4, 8),
+    options: dict[str, Any] | None = None,
+    text: str | None = None,
+    seed: int = 0,
+    output: str | Path | None = None,
+    progress: bool = True,
+) -> Profile:
+    """Per-layer bits for keys and values of `tada` under a budget; returns (and writes) the profile.
+
+    Exactly one target: `target_ratio` (bytes / 16-bit bytes at `budget_context` tokens), `target_bytes` (at
+    `budget_context` tokens) or `target_bits` (the bytes of uniform `target_bits`-bit `tada` without a mean, which
+    must be one of `bits`).
+    """
+    from tqdm.auto import tqdm
+
+    from .eval.corpus import pydoc_text, split
+    from .methods import build_method
+    from .models import load_model
+
+    given = [t for t in (target_ratio, target_bytes, target_bits) if t is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one target: target_ratio, target_bytes or target_bits")
+    if search not in ("greedy", "random", "both"):
+        raise ValueError(f"search must be one of greedy, random, both; got {search!r}")
+    for b in bits:
+        if b not in BITS:
+            raise ValueError(f"bits must be chosen from {BITS}, got {b!r}")
+    if trials < 1 or samples < 1 or scored < 2 or context < 64:
+        raise ValueError("trials and samples must be >= 1, scored >= 2 and context >= 64")
+    base = {k: v for k, v in (options or {}).items() if k not in ("bits", "key_bits", "value_bits", "mean", "profile")}
+    build_method("tada", **base)  # unknown options fail here
+    if isinstance(model, str):
+        model, tokenizer = load_model(model)
+    elif tokenizer is None:
+        raise ValueError("a loaded model needs its tokenizer: calibrate(model, tokenizer=tok, ...)")
+    n_layers, kv_heads, _ = _geometry(model)
+    opts = _options(kv_heads, sorted(set(bits)))
+    start = time.perf_counter()
+    costs = ByteModel(model, base, opts, budget_context)
+    if target_ratio is not None:
+        if not 0 < target_ratio:
+            raise ValueError(f"target_ratio must be > 0, got {target_ratio}")
+        budget = int(target_ratio * costs.fp16)
+    elif target_bytes is not None:
+        budget = int(target_bytes)
+    else:
+        if target_bits not in bits:
+            raise ValueError(f"target_bits must be one of the allowed bits {tuple(bits)}, got {target_bits}")
+        budget = costs.total({(i, t): Option(int(target_bits)) for i in range(n_layers) for t in (0, 1)})
+    text = text if text is not None else split(pydoc_text())[0]
+    scorer = Scorer(model, tokenizer, text, base, samples, context, scored, seed)
+    items = [(i, t) for i in range(n_layers) for t in (0, 1)]
+    rng = random.Random(seed)
+    report: dict[str, Any] = {"budget_bytes": budget, "budget_context": budget_context, "fp16_bytes": costs.fp16,
+                              "samples": samples, "context": context, "scored": scored, "seed": seed}
+    results = []
+
+    if search in ("greedy", "both"):
+        t0 = time.perf_counter()
+        sens = {}
+        full = {item: Option(16) for item in items}
+        means = sorted({o.mean for o in opts})
+        bar = tqdm(total=len(items) * len(means), desc="sensitivity", unit="eval", disable=not progress)
+        for item in items:
+            for mean in means:
+                trial = dict(full)
+                trial[item] = Option(2, mean)
+                sens[(*item, mean)] = max(scorer(trial), 1e-9)
+                bar.update()
+        bar.close()
+        alloc = allocate(sens, costs, opts, budget)
+        score = scorer(alloc)
+        results.append(("greedy", alloc, score))
+        report["greedy"] = {"kl": score, "seconds": round(time.perf_counter() - t0, 1),
+                            "sensitivity": {f"{i}/{'kv'[t]}/{m}": s for (i, t, m), s in sens.items()}}
+    if search in ("random", "both"):
+        t0 = time.perf_counter()
+        seeded = results[0][1] if results else None
+        best = None
+        for trial_no in tqdm(range(trials), desc="random search", unit="trial", disable=not progress):
+            if seeded is not None:  # local search around the sensitivity allocation: move a few choices
+                alloc = dict(seeded if best is None else best[0])
+                for item in rng.sample(items, k=min(4, len(items))):
+                    alloc[item] = rng.choice(opts)
+            else:
+                alloc = {item: rng.choice(opts) for item in items}
+            alloc = _repair(alloc, costs, opts, budget, rng)
+            score = scorer(alloc)
+            if best is None or score < best[1]:
+                best = (alloc, score)
+        results.append(("random" if seeded is None else "greedy+random", best[0], best[1]))
+        report["random"] = {"kl": best[1], "seconds": round(time.perf_counter() - t0, 1), "trials": trials,
+                            "seeded_with_greedy": seeded is not None}
+    name, alloc, score = min(results, key=lambda r: r[2])
+    profile = _profile(model, base, alloc, n_layers)
+    spent, ratio = profile_ratio(model, profile, budget_context)
+    report.update({"chosen": name, "kl": score, "bytes": spent, "evaluations": scorer.evaluations,
+                   "seconds": round(time.perf_counter() - start, 1)})
+    profile.predicted_ratio, profile.calibration = ratio, report
+    if output is not None:
+        profile.save(output)
+    return profile

@@ -1,0 +1,120 @@
+"""Profiles: per-layer choices (bits and centering for keys and values) in a versioned JSON file.
+
+A profile names the model it was calibrated for by a fingerprint (architecture, layer count, head shapes and a hash
+of the config); loading it for another model is an error. Files are written atomically and read with `json` only;
+a truncated or malformed file is refused before anything is built from it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .codecs.quant import CENTERS, QUANT_BITS
+from .io import atomic_write_text
+
+FORMAT = "kvshrink-profile"
+VERSION = 1
+_CONFIG_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "hidden_size", "intermediate_size", "vocab_size", "rope_theta", "sliding_window", "layer_types",
+                "rms_norm_eps", "max_position_embeddings")
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used: unreadable, malformed, or for another model."""
+
+
+def fingerprint(model_or_config: Any) -> dict[str, Any]:
+    """What identifies a model's attention geometry: architecture, layers, heads, head dim, and a config hash."""
+    config = getattr(model_or_config, "config", model_or_config)
+    text = config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    shown = {k: getattr(text, k, None) for k in _CONFIG_KEYS}
+    shown["head_dim"] = head_dim
+    digest = hashlib.sha256(json.dumps(shown, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"architecture": text.model_type, "layers": text.num_hidden_layers,
+            "attention_heads": text.num_attention_heads, "kv_heads": text.num_key_value_heads,
+            "head_dim": head_dim, "config_hash": digest}
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """Bits and centering of one layer's keys and values."""
+
+    key_bits: int
+    value_bits: int
+    key_mean: str = "none"
+    value_mean: str = "none"
+
+    def validate(self, where: str) -> None:
+        for name in ("key_bits", "value_bits"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v not in QUANT_BITS:
+                raise ProfileError(f"{where}: {name} must be one of {QUANT_BITS}, got {v!r}")
+        for name in ("key_mean", "value_mean"):
+            v = getattr(self, name)
+            if v not in CENTERS:
+                raise ProfileError(f"{where}: {name} must be one of {CENTERS}, got {v!r}")
+
+
+@dataclass
+class Profile:
+    model: dict[str, Any]
+    method: str
+    options: dict[str, Any]
+    layers: list[LayerChoice]
+    predicted_ratio: float | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "model": self.model, "method": self.method,
+                "options": self.options, "layers": [vars(c) for c in self.layers],
+                "predicted_ratio": self.predicted_ratio, "calibration": self.calibration}
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_text(path, json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+
+    def check_model(self, model_or_config: Any, where: str = "profile") -> None:
+        """Refuse a profile calibrated for another model, naming what differs."""
+        mine = fingerprint(model_or_config)
+        diff = [f"{k}: profile {self.model.get(k)!r} vs model {v!r}" for k, v in mine.items() if self.model.get(k) != v]
+        if diff:
+            raise ProfileError(f"{where} was calibrated for another model ({'; '.join(diff)})")
+
+    def mean_bits(self) -> float:
+        return sum(c.key_bits + c.value_bits for c in self.layers) / (2 * len(self.layers))
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile file; any defect raises `ProfileError` naming the file and the field."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProfileError(f"profile {path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProfileError(f"profile {path}: not a readable JSON file (truncated or corrupted?): {e}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ProfileError(f"profile {path}: not a kvshrink profile (missing \"format\": \"{FORMAT}\")")
+    if raw.get("version") != VERSION:
+        raise ProfileError(f"profile {path}: version {raw.get('version')!r} is not supported (this kvshrink reads {VERSION})")
+    for key, kind in (("model", dict), ("method", str), ("options", dict), ("layers", list)):
+        if not isinstance(raw.get(key), kind):
+            raise ProfileError(f"profile {path}: field {key!r} is missing or not a {kind.__name__}")
+    layers = []
+    for i, entry in enumerate(raw["layers"]):
+        where = f"profile {path}: layer {i}"
+        if not isinstance(entry, dict) or set(entry) - {"key_bits", "value_bits", "key_mean", "value_mean"} \
+                or not {"key_bits", "value_bits"} <= set(entry):
+            raise ProfileError(f"{where}: expected key_bits, value_bits, key_mean, value_mean, got {entry!r}")
+        choice = LayerChoice(**entry)
+        choice.validate(where)
+        layers.append(choice)
+    if len(layers) != raw["model"].get("layers"):
+        raise ProfileError(f"profile {path}: {len(layers)} layer entries for a model of {raw['model'].get('layers')} layers")
+    ratio = raw.get("predicted_ratio")
+    if ratio is not None and not isinstance(ratio, (int, float)):
+        raise ProfileError(f"profile {path}: predicted_ratio must be a number, got {ratio!r}")
+    return Profile(raw["model"], raw["method"], raw["options"], layers, ratio, raw.get("calibration") or {})

@@ -1,0 +1,116 @@
+"""Per-layer allocation: the budget is never exceeded and is spent; profiles round-trip and refuse bad files."""
+import json
+
+import pytest
+import torch
+
+import kvshrink as ks
+from kvshrink.calibrate import ByteModel, Option, _options, allocate, calibrate, profile_ratio
+from kvshrink.profile import LayerChoice, Profile, ProfileError, fingerprint, load_profile
+
+from conftest import tiny_gemma3, tiny_llama
+
+
+def _tiny():
+    return tiny_llama(head_dim=32, num_hidden_layers=3)
+
+
+def _profile(model, bits=((4, 2), (8, 3), (2, 16))):
+    layers = [LayerChoice(k, v, "head" if i == 0 else "none", "none") for i, (k, v) in enumerate(bits)]
+    return Profile(fingerprint(model), "tada", {"group": 8, "window": 8, "sinks": 0}, layers, 0.3, {"kl": 0.1})
+
+
+@pytest.mark.parametrize("ratio", [0.45, 0.55, 0.7, 0.9, 1.2])
+def test_allocator_spends_the_budget_without_exceeding_it(ratio):
+    model = _tiny()
+    opts = _options(2, (2, 3, 4, 8, 16))
+    costs = ByteModel(model, {"group": 8, "window": 8, "sinks": 0}, opts, 256)
+    gen = torch.Generator().manual_seed(int(ratio * 100))
+    sens = {(i, t, m): float(torch.rand(1, generator=gen)) + 0.01 for i in range(3) for t in (0, 1)
+            for m in ("none", "head")}
+    budget = int(ratio * costs.fp16)
+    alloc = allocate(sens, costs, opts, budget)
+    spent = costs.total(alloc)
+    assert spent <= budget
+    # spent within one step: no single upgrade of any layer's keys or values still fits
+    for item, o in alloc.items():
+        for up in opts:
+            extra = costs.cost[(*item, up)] - costs.cost[(*item, o)]
+            if extra > 0 and up.bits > o.bits:
+                assert spent + extra > budget, f"{item} could still go from {o} to {up}"
+    # and the modelled bytes never under-count the bytes a cache built from the choice really holds
+    from kvshrink.calibrate import _profile as make_profile
+
+    real, _ = profile_ratio(model, make_profile(model, {"group": 8, "window": 8, "sinks": 0}, alloc, 3), 256)
+    assert real <= spent
+
+
+def test_a_budget_below_two_bits_everywhere_is_refused():
+    model = _tiny()
+    opts = _options(2, (2, 4))
+    costs = ByteModel(model, {"group": 8, "window": 8, "sinks": 0}, opts, 256)
+    sens = {(i, t, m): 1.0 for i in range(3) for t in (0, 1) for m in ("none", "head")}
+    with pytest.raises(ValueError, match="below the cheapest allocation"):
+        allocate(sens, costs, opts, 100)
+
+
+def test_profile_round_trips_and_drives_the_cache(tmp_path):
+    model = _tiny()
+    path = _profile(model).save(tmp_path / "p.json")
+    loaded = load_profile(path)
+    assert loaded.layers == _profile(model).layers and loaded.model == fingerprint(model)
+    cache = ks.make_cache(model, "tada", profile=str(path), group=8, window=8, sinks=0)
+    with torch.no_grad():
+        model(torch.randint(2, 90, (1, 64)), past_key_values=cache)
+    report = cache.memory_report()
+    assert [r["bits"] for r in report["by_layer"]] == ["4/2", "8/3", "2/16"]
+    assert "center=head" in report["by_layer"][0]["key"] and "center=none" in report["by_layer"][1]["key"]
+
+
+def test_profile_for_another_model_is_refused(tmp_path):
+    path = _profile(_tiny()).save(tmp_path / "p.json")
+    with pytest.raises(ProfileError, match="calibrated for another model.*layers: profile 3 vs model 2"):
+        ks.make_cache(tiny_llama(head_dim=32), "tada", profile=str(path))
+    with pytest.raises(ProfileError, match="another model"):
+        ks.make_cache(tiny_gemma3(), "tada", profile=str(path))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda text: text[: len(text) // 2], "not a readable JSON"),
+    (lambda text: "", "not a readable JSON"),
+    (lambda text: text.replace('"kvshrink-profile"', '"other"'), "not a kvshrink profile"),
+    (lambda text: text.replace('"version": 1', '"version": 9'), "version 9 is not supported"),
+    (lambda text: text.replace('"key_bits": 8', '"key_bits": 5'), "layer 1: key_bits must be one of"),
+    (lambda text: text.replace('"value_mean": "none"', '"value_mean": "median"', 1), "value_mean must be one of"),
+])
+def test_corrupted_profiles_are_refused_before_anything_is_built(tmp_path, damage, message):
+    path = _profile(_tiny()).save(tmp_path / "p.json")
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(ProfileError, match=message):
+        ks.make_cache(_tiny(), "tada", profile=str(path))
+
+
+def test_profile_with_missing_layers_is_refused(tmp_path):
+    path = _profile(_tiny()).save(tmp_path / "p.json")
+    raw = json.loads(path.read_text())
+    raw["layers"] = raw["layers"][:2]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ProfileError, match="2 layer entries for a model of 3 layers"):
+        load_profile(path)
+
+
+def test_calibrate_on_a_tiny_model_writes_a_profile_within_budget(tmp_path, real_model):
+    tok = real_model[1]
+    model = tiny_llama(vocab_size=len(tok), head_dim=32, num_hidden_layers=3)
+    text = ks.eval.corpus.pydoc_text()[:20000]
+    for search in ("greedy", "random", "both"):
+        out = tmp_path / f"{search}.json"
+        profile = calibrate(model, tokenizer=tok, target_ratio=0.6, budget_context=256, search=search, trials=3,
+                            samples=1, context=96, scored=8, text=text, output=out,
+                            options={"group": 8, "window": 8, "sinks": 0}, progress=False)
+        assert profile.predicted_ratio <= 0.6 and load_profile(out).layers == profile.layers
+        assert profile.calibration["kl"] >= 0 and profile.calibration["chosen"] in ("greedy", "random", "greedy+random")
+        _, ratio = profile_ratio(model, profile, 256)
+        assert ratio == pytest.approx(profile.predicted_ratio)
+    with pytest.raises(ValueError, match="exactly one target"):
+        calibrate(model, tokenizer=tok, target_ratio=0.3, target_bits=2)
