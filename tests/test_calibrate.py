@@ -114,3 +114,16 @@ def test_calibrate_on_a_tiny_model_writes_a_profile_within_budget(tmp_path, real
         assert ratio == pytest.approx(profile.predicted_ratio)
     with pytest.raises(ValueError, match="exactly one target"):
         calibrate(model, tokenizer=tok, target_ratio=0.3, target_bits=2)
+
+
+def test_sensitivities_are_reused_only_under_the_same_settings(tmp_path, real_model):
+    tok = real_model[1]
+    model = tiny_llama(vocab_size=len(tok), head_dim=32, num_hidden_layers=3)
+    kw = dict(tokenizer=tok, budget_context=256, search="greedy", samples=1, context=96, scored=8,
+              text=ks.eval.corpus.pydoc_text()[:20000], options={"group": 8, "window": 8, "sinks": 0}, progress=False)
+    first = calibrate(model, target_ratio=0.6, output=tmp_path / "a.json", **kw)
+    again = calibrate(model, target_ratio=0.8, sensitivity_from=tmp_path / "a.json", **kw)
+    assert again.calibration["greedy"]["sensitivity"] == first.calibration["greedy"]["sensitivity"]
+    assert again.predicted_ratio <= 0.8 and again.mean_bits() >= first.mean_bits()
+    with pytest.raises(ProfileError, match="scored=8, this run uses 16"):
+        calibrate(model, target_ratio=0.8, sensitivity_from=tmp_path / "a.json", **{**kw, "scored": 16})

@@ -170,3 +170,16 @@ def test_bench_pairs_each_method_with_the_plain_cache(tiny, tokenizer, tmp_path)
     assert json.loads(js.read_text())["runs"][0]["method"] == "kivi:bits=2,window=16,group=16"
     assert "`kivi:bits=2,window=16,group=16`" in md.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([js.name, md.name])
+
+
+def test_chunked_scoring_equals_stepwise_for_the_plain_cache(tiny, tokenizer):
+    from transformers import DynamicCache
+
+    from kvshrink.eval.scoring import score_continuation, score_continuation_chunked
+
+    ids = tokenizer(TEXT[:2000], return_tensors="pt").input_ids[:, :80]
+    ctx, cont = ids[:, :64], ids[:, 64:]
+    step = score_continuation(tiny, DynamicCache(config=tiny.config), ctx, cont)
+    chunk = score_continuation_chunked(tiny, DynamicCache(config=tiny.config), ctx, cont)
+    assert step.shape == chunk.shape == (16, len(tokenizer))
+    torch.testing.assert_close(step, chunk, atol=1e-4, rtol=1e-4)

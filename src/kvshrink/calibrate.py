@@ -1,8 +1,9 @@
 """`kvshrink calibrate`: choose bits (and centering) per layer for keys and values under a memory budget.
 
 Score of an allocation: the mean KL divergence of next-token distributions against the uncompressed cache over
-calibration text that evaluation never uses (the first 80% of the embedded corpus), measured through the cache
-the way generation runs (prefill, then one decoding step per token).
+calibration text that evaluation never uses (the first 80% of the embedded corpus), measured through the cache:
+the context is prefilled and stored compressed, then the scored tokens run as one forward pass over the stored
+past (`score_continuation_chunked`; step-by-step decoding would make calibration ~10x slower for the same ranking).
 
 Two searches on the same budget:
 - `random`: TaDA's random search - random per-layer choices, repaired to fit (and spend) the budget, the best
@@ -105,10 +106,10 @@ class Scorer:
 
     def __init__(self, model, tokenizer, text: str, base: dict[str, Any], samples: int, context: int, scored: int,
                  seed: int):
-        from .eval.scoring import score_continuation
+        from .eval.scoring import score_continuation_chunked
 
         self.model, self.base = model, base
-        self._score = score_continuation
+        self._score = score_continuation_chunked
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
         need = context + scored
         if ids.shape[1] < need * samples:
@@ -197,6 +198,33 @@ def _repair(alloc, costs: ByteModel, options: list[Option], budget: int, rng: ra
         alloc[item] = o
 
 
+def _reuse_sensitivity(path, model, report, base, means) -> dict[tuple[int, int, str], float]:
+    """Sensitivities measured by an earlier calibration with the same model and settings."""
+    from .profile import ProfileError, load_profile
+
+    old = load_profile(path)
+    old.check_model(model, f"profile {path}")
+    cal = old.calibration
+    for key in ("samples", "context", "scored", "seed"):
+        if cal.get(key) != report[key]:
+            raise ProfileError(f"profile {path} was calibrated with {key}={cal.get(key)!r}, this run uses "
+                               f"{report[key]!r}: its sensitivities do not apply")
+    if old.options != base:
+        raise ProfileError(f"profile {path} was calibrated with options {old.options}, this run uses {base}")
+    raw = (cal.get("greedy") or {}).get("sensitivity")
+    if not isinstance(raw, dict):
+        raise ProfileError(f"profile {path} holds no measured sensitivities (it was not calibrated with greedy)")
+    sens = {}
+    for key, value in raw.items():
+        i, t, m = key.split("/")
+        sens[(int(i), "kv".index(t), m)] = float(value)
+    n_layers = _geometry(model)[0]
+    missing = [f"{i}/{t}/{m}" for i in range(n_layers) for t in "kv" for m in means if (i, "kv".index(t), m) not in sens]
+    if missing:
+        raise ProfileError(f"profile {path} lacks sensitivities for {', '.join(missing[:4])}...")
+    return sens
+
+
 def calibrate(
     model: Any = "smollm2-135m",
     *,
@@ -214,6 +242,7 @@ def calibrate(
     options: dict[str, Any] | None = None,
     text: str | None = None,
     seed: int = 0,
+    sensitivity_from: str | Path | None = None,
     output: str | Path | None = None,
     progress: bool = True,
 ) -> Profile:
@@ -221,7 +250,8 @@ def calibrate(
 
     Exactly one target: `target_ratio` (bytes / 16-bit bytes at `budget_context` tokens), `target_bytes` (at
     `budget_context` tokens) or `target_bits` (the bytes of uniform `target_bits`-bit `tada` without a mean, which
-    must be one of `bits`).
+    must be one of `bits`). `sensitivity_from`: a profile calibrated with the same settings on the same model
+    whose measured sensitivities are reused (a new budget then costs seconds, not minutes).
     """
     from tqdm.auto import tqdm
 
@@ -269,22 +299,26 @@ def calibrate(
 
     if search in ("greedy", "both"):
         t0 = time.perf_counter()
-        sens = {}
-        full = {item: Option(16) for item in items}
         means = sorted({o.mean for o in opts})
-        bar = tqdm(total=len(items) * len(means), desc="sensitivity", unit="eval", disable=not progress)
-        for item in items:
-            for mean in means:
-                trial = dict(full)
-                trial[item] = Option(2, mean)
-                sens[(*item, mean)] = max(scorer(trial), 1e-9)
-                bar.update()
-        bar.close()
+        if sensitivity_from is not None:
+            sens = _reuse_sensitivity(sensitivity_from, model, report, base, means)
+        else:
+            sens = {}
+            full = {item: Option(16) for item in items}
+            bar = tqdm(total=len(items) * len(means), desc="sensitivity", unit="eval", disable=not progress)
+            for item in items:
+                for mean in means:
+                    trial = dict(full)
+                    trial[item] = Option(2, mean)
+                    sens[(*item, mean)] = max(scorer(trial), 1e-9)
+                    bar.update()
+            bar.close()
         alloc = allocate(sens, costs, opts, budget)
         score = scorer(alloc)
         results.append(("greedy", alloc, score))
         report["greedy"] = {"kl": score, "seconds": round(time.perf_counter() - t0, 1),
-                            "sensitivity": {f"{i}/{'kv'[t]}/{m}": s for (i, t, m), s in sens.items()}}
+                            "sensitivity": {f"{i}/{'kv'[t]}/{m}": s for (i, t, m), s in sens.items()},
+                            "sensitivity_from": str(sensitivity_from) if sensitivity_from else None}
     if search in ("random", "both"):
         t0 = time.perf_counter()
         seeded = results[0][1] if results else None

@@ -12,6 +12,10 @@ def _method_spec(args: argparse.Namespace) -> tuple[str, dict]:
     from .methods import get_method, parse_spec
 
     name, options = parse_spec(args.method)
+    if getattr(args, "profile", None):
+        if name != "tada":
+            raise ValueError(f"--profile is for method tada, not {name!r}")
+        options["profile"] = args.profile
     shortcuts = {k: getattr(args, k) for k in ("bits", "group", "window", "sinks") if getattr(args, k) is not None}
     extra = {}
     for item in args.option or []:
@@ -99,7 +103,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.results import plot_results, results_table
     from .eval.runner import evaluate, split_specs
 
-    methods = split_specs(args.methods) + (split_specs(args.baseline) if args.baseline else [])
+    methods = split_specs(args.methods) + [f"tada:profile={p}" for p in args.profile] \
+        + (split_specs(args.baseline) if args.baseline else [])
     text = None
     if args.text_file:
         with open(args.text_file, encoding="utf-8") as f:
@@ -132,6 +137,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+
+    options = {}
+    if args.option:
+        from .methods import parse_spec
+
+        _, options = parse_spec("tada:" + ",".join(args.option))
+    profile = calibrate(
+        args.model, target_ratio=args.target_ratio, target_bytes=args.target_bytes, target_bits=args.target_bits,
+        budget_context=args.budget_context, search=args.search, trials=args.trials, samples=args.samples,
+        context=args.context, scored=args.scored, options=options, seed=args.seed, output=args.output,
+        sensitivity_from=args.sensitivity_from,
+    )
+    cal = profile.calibration
+    print("layer | keys bits/mean | values bits/mean")
+    for i, c in enumerate(profile.layers):
+        print(f"{i:5d} | {c.key_bits:2d} {c.key_mean:4s} | {c.value_bits:2d} {c.value_mean}")
+    for name in ("greedy", "random"):
+        if name in cal:
+            print(f"{name}: KL {cal[name]['kl']:.4f} in {cal[name]['seconds']:.0f} s")
+    print(f"chosen: {cal['chosen']}, KL {cal['kl']:.4f}, ratio {profile.predicted_ratio:.3f} at "
+          f"{cal['budget_context']} tokens (budget {cal['budget_bytes'] / cal['fp16_bytes']:.3f}), "
+          f"{cal['seconds']:.0f} s")
+    print(f"profile: {args.output}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import METHODS, method_options
     from .report import markdown_table
@@ -161,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--window", type=int, help="shortcut for the method's window option")
     run.add_argument("--sinks", type=int, help="shortcut for the method's sinks option")
     run.add_argument("-O", "--option", action="append", metavar="KEY=VALUE", help="any other method option")
+    run.add_argument("--profile", help="per-layer profile from `kvshrink calibrate` (method tada)")
     run.add_argument("--prompt", help="prompt text (default: a generated passkey-retrieval prompt)")
     run.add_argument("--prompt-file", help="read the prompt from this file")
     run.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
@@ -178,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help="comma-separated method specs; options after a spec belong to it "
                          "(default: %(default)s)")
+    ev.add_argument("--profile", action="append", default=[],
+                    help="also evaluate tada with this profile (repeatable)")
     ev.add_argument("--baseline", help="peers run through the same tasks, e.g. 'hf-quanto:bits=4,hf-hqq:bits=4'")
     ev.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks (default: %(default)s)")
     ev.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)),
@@ -201,6 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, default=1)
     be.add_argument("-o", "--output", default="benchmarks/results", help="directory for JSON + markdown, '' for none")
     be.set_defaults(func=cmd_bench)
+
+    ca = sub.add_parser("calibrate", help="choose tada's bits per layer for keys and values under a memory budget")
+    ca.add_argument("--model", default="smollm2-135m")
+    target = ca.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-ratio", type=float, help="bytes / 16-bit bytes at --budget-context tokens, e.g. 0.27")
+    target.add_argument("--target-bytes", type=int, help="cache bytes at --budget-context tokens")
+    target.add_argument("--target-bits", type=int, help="the bytes of uniform tada at this many bits, no mean")
+    ca.add_argument("--budget-context", type=int, default=2048, help="context length the budget is for (default: %(default)s)")
+    ca.add_argument("--search", choices=("greedy", "random", "both"), default="both",
+                    help="sensitivity allocation, TaDA's random search, or both (default)")
+    ca.add_argument("--trials", type=int, default=16, help="random-search trials (default: %(default)s)")
+    ca.add_argument("--samples", type=int, default=2, help="calibration text windows (default: %(default)s)")
+    ca.add_argument("--context", type=int, default=512, help="tokens of context per window (default: %(default)s)")
+    ca.add_argument("--scored", type=int, default=32, help="tokens scored per window (default: %(default)s)")
+    ca.add_argument("--seed", type=int, default=0)
+    ca.add_argument("--sensitivity-from", metavar="PROFILE",
+                    help="reuse the layer sensitivities measured by this earlier profile (same model and settings)")
+    ca.add_argument("-O", "--option", action="append", metavar="KEY=VALUE",
+                    help="tada options kept fixed (group, window, sinks, ...)")
+    ca.add_argument("-o", "--output", default="profile.json", help="profile file (default: %(default)s)")
+    ca.set_defaults(func=cmd_calibrate)
 
     methods = sub.add_parser("methods", help="list the methods with their options and defaults")
     methods.set_defaults(func=cmd_methods)

@@ -29,6 +29,25 @@ def score_continuation(model, cache: Cache, context: torch.Tensor, continuation:
 
 
 @torch.no_grad()
+def score_continuation_chunked(model, cache: Cache, context: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+    """As `score_continuation`, but the continuation is one forward pass after the prefill (a faster proxy).
+
+    The continuation attends to the stored past exactly as decoding steps would, and to itself in full precision;
+    it differs from step-by-step decoding only in when the exact window is flushed. Used by calibration, where
+    hundreds of allocations are compared; evaluation always decodes step by step.
+    """
+    _check_ids(context, "context")
+    _check_ids(continuation, "continuation")
+    device = model.device
+    out = model(context.to(device), past_key_values=cache, use_cache=True)
+    first = out.logits[:, -1:].float()
+    if continuation.shape[1] == 1:
+        return first[0].log_softmax(-1).cpu()
+    out = model(continuation[:, :-1].to(device), past_key_values=cache, use_cache=True)
+    return torch.cat([first, out.logits.float()], 1)[0].log_softmax(-1).cpu()
+
+
+@torch.no_grad()
 def greedy(model, cache: Cache, context: torch.Tensor, n: int, pad_token_id: int | None = None) -> torch.Tensor:
     """The n greedy tokens `generate()` produces after `context` [1, N] with `cache` (exactly n: no early stop)."""
     _check_ids(context, "context")
