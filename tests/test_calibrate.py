@@ -127,3 +127,13 @@ def test_sensitivities_are_reused_only_under_the_same_settings(tmp_path, real_mo
     assert again.predicted_ratio <= 0.8 and again.mean_bits() >= first.mean_bits()
     with pytest.raises(ProfileError, match="scored=8, this run uses 16"):
         calibrate(model, target_ratio=0.8, sensitivity_from=tmp_path / "a.json", **{**kw, "scored": 16})
+
+
+def test_a_profile_brings_the_options_it_was_calibrated_with(tmp_path):
+    model = _tiny()
+    path = _profile(model).save(tmp_path / "p.json")  # calibrated with group 8, window 8, sinks 0
+    method = ks.build_method("tada", profile=str(path))
+    assert (method.group, method.window, method.sinks) == (8, 8, 0)
+    assert ks.build_method("tada", profile=str(path), window=8).window == 8
+    with pytest.raises(ValueError, match="calibrated with window=8; window=16 was asked for"):
+        ks.build_method("tada", profile=str(path), window=16)

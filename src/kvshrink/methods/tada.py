@@ -6,6 +6,7 @@ each head's per-channel mean over the prefill instead, for almost no bytes.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..codecs.quant import QuantSpec
@@ -31,7 +32,21 @@ class Tada(Kivi):
 
     def validate(self) -> None:
         self._profile: Profile | None = load_profile(self.profile) if self.profile else None
+        if self._profile is not None:
+            self._apply_profile_options(self._profile)
         super().validate()
+
+    def _apply_profile_options(self, profile: Profile) -> None:
+        """Take the options the profile was calibrated with; an explicit different value is an error."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, value in profile.options.items():
+            if key not in defaults or key in ("profile", "bits", "key_bits", "value_bits", "mean"):
+                raise ValueError(f"profile {self.profile}: option {key!r} cannot be set by a profile")
+            mine = getattr(self, key)
+            if mine != value and mine != defaults[key]:
+                raise ValueError(f"profile {self.profile} was calibrated with {key}={value!r}; "
+                                 f"{key}={mine!r} was asked for: recalibrate, or leave {key} out")
+            setattr(self, key, value)
 
     def specs(self, layer_idx: int | None = None) -> tuple[QuantSpec, QuantSpec]:
         if self._profile is None or layer_idx is None:
@@ -42,6 +57,7 @@ class Tada(Kivi):
 
     def use_profile(self, profile: Profile) -> "Tada":
         """Take per-layer choices from an in-memory profile (as the `profile` option does from a file)."""
+        self._apply_profile_options(profile)
         self._profile = profile
         return self
 
