@@ -203,3 +203,20 @@ def test_separate_key_and_value_bits_are_stored_as_asked():
     assert cache.memory_report()["by_part"]["codes"] == 200 * 2 * 16 * 2 * (4 + 2) // 8
     with pytest.raises(ValueError, match="bits must be one of"):
         ks.make_cache(model, "kivi", key_bits=5)
+
+
+def test_exact_window_in_16_bits_halves_its_bytes_and_keeps_the_prefill_exact():
+    model, ids = tiny_llama(), _prompt(100)
+    # 16-bit store: the only difference between the two is the window's rounding to fp16
+    caches = {d: ks.make_cache(model, "kivi", bits=16, group=8, window=16, sinks=4, exact_dtype=d)
+              for d in ("model", "float16")}
+    with torch.no_grad():
+        logits = {d: model(ids, past_key_values=c).logits for d, c in caches.items()}
+        step = {d: model(ids[:, -1:], past_key_values=c).logits for d, c in caches.items()}
+    torch.testing.assert_close(logits["model"], logits["float16"], rtol=0, atol=0)  # the prefill saw fp32 states
+    torch.testing.assert_close(step["model"], step["float16"], rtol=1e-2, atol=1e-2)
+    full, half = (caches[d].memory_report()["by_part"] for d in ("model", "float16"))
+    assert half["window"] * 2 == full["window"] and half["sinks"] * 2 == full["sinks"]
+    assert caches["float16"].layers[0].keys.dtype == torch.float16
+    with pytest.raises(ValueError, match="exact_dtype must be one of model, float16, bfloat16"):
+        ks.make_cache(model, "kivi", exact_dtype="int8")

@@ -90,8 +90,11 @@ class WindowedLayer(CacheLayerMixin, _Reporting):
     is_croppable = False
 
     def __init__(self, key_spec: QuantSpec, value_spec: QuantSpec, window: int = 32, layer_idx: int = -1,
-                 sliding_window: int | None = None, sinks: int = 0):
+                 sliding_window: int | None = None, sinks: int = 0, exact_dtype: torch.dtype | None = None):
         super().__init__()
+        if exact_dtype is not None and exact_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"layer {layer_idx}: exact_dtype must be float16, bfloat16, float32 or None, got {exact_dtype}")
+        self.exact_dtype = exact_dtype  # None: the model's dtype
         for arg, value in (("window", window), ("sinks", sinks)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"layer {layer_idx}: {arg} must be a non-negative integer, got {value!r}")
@@ -115,11 +118,12 @@ class WindowedLayer(CacheLayerMixin, _Reporting):
     # -- transformers layer API -------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        held = self.exact_dtype or self.dtype
         b, h, _, d = key_states.shape
         self.key_spec.check_head_dim(d, f"layer {self.layer_idx} keys")
         self.value_spec.check_head_dim(value_states.shape[-1], f"layer {self.layer_idx} values")
-        self.keys = key_states.new_empty((b, h, 0, d))
-        self.values = value_states.new_empty((b, value_states.shape[1], 0, value_states.shape[-1]))
+        self.keys = key_states.new_empty((b, h, 0, d), dtype=held)
+        self.values = value_states.new_empty((b, value_states.shape[1], 0, value_states.shape[-1]), dtype=held)
         self.sink_keys, self.sink_values = self.keys, self.values
         self.is_initialized = True
 
@@ -140,10 +144,13 @@ class WindowedLayer(CacheLayerMixin, _Reporting):
             self.lazy_initialization(key_states, value_states)
         past_k = self.key_store.decode(self.dtype)
         past_v = self.value_store.decode(self.dtype)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        out_k = torch.cat([t for t in (self.sink_keys, past_k, self.keys) if t is not None], dim=-2)
-        out_v = torch.cat([t for t in (self.sink_values, past_v, self.values) if t is not None], dim=-2)
+        # attention gets this step's states exactly as computed; the window keeps them in `exact_dtype`
+        cast = lambda t: t if t.dtype == self.dtype else t.to(self.dtype)  # noqa: E731
+        out_k = torch.cat([t for t in (cast(self.sink_keys), past_k, cast(self.keys), key_states) if t is not None], -2)
+        out_v = torch.cat([t for t in (cast(self.sink_values), past_v, cast(self.values), value_states)
+                           if t is not None], -2)
+        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
+        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
         self.seen += key_states.shape[-2]
         missing_sinks = self.sinks - self.sink_keys.shape[-2]
         if missing_sinks > 0 and self.seen - key_states.shape[-2] < self.sinks:

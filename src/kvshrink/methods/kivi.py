@@ -3,9 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..cache import WindowedLayer
 from ..codecs.quant import QuantSpec
 from .base import Method, option, register
+
+
+_EXACT_DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @register
@@ -22,6 +27,8 @@ class Kivi(Method):
     value_group: int = option(0, "group size for values alone (0 = use `group`)")
     window: int = option(32, "recent tokens kept in full precision (flushed in blocks of `group`)")
     sinks: int = option(4, "first tokens kept in full precision (attention sinks)")
+    exact_dtype: str = option("model", "dtype of the exact window and sinks: 'model' (the model's own), "
+                                       "'float16' or 'bfloat16' (what a 16-bit cache holds; halves them on fp32 models)")
     key_axis: str = option("channel", "key groups run along 'channel' (tokens of one channel) or 'token'")
     value_axis: str = option("token", "value groups run along 'token' (channels of one token) or 'channel'")
 
@@ -35,10 +42,13 @@ class Kivi(Method):
 
     def validate(self) -> None:
         self.specs()
+        if self.exact_dtype not in _EXACT_DTYPES:
+            raise ValueError(f"{self.name}: exact_dtype must be one of {', '.join(_EXACT_DTYPES)}, got {self.exact_dtype!r}")
         for arg in ("window", "sinks"):
             if getattr(self, arg) < 0:
                 raise ValueError(f"{self.name}: {arg} must be >= 0, got {getattr(self, arg)}")
 
     def layer(self, layer_idx, sliding_window):
         key_spec, value_spec = self.specs(layer_idx)
-        return WindowedLayer(key_spec, value_spec, self.window, layer_idx, sliding_window, self.sinks)
+        return WindowedLayer(key_spec, value_spec, self.window, layer_idx, sliding_window, self.sinks,
+                             _EXACT_DTYPES[self.exact_dtype])
