@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--sensitivity-from", metavar="PROFILE",
                     help="reuse the layer sensitivities measured by this earlier profile (same model and settings)")
     ca.add_argument("-O", "--option", action="append", metavar="KEY=VALUE",
-                    help="tada options kept fixed (group, window, sinks, ...)")
+                    help="tada options kept fixed (group, window, sinks, ...; exact_dtype defaults to float16)")
     ca.add_argument("-o", "--output", default="profile.json", help="profile file (default: %(default)s)")
     ca.set_defaults(func=cmd_calibrate)
 
