@@ -228,6 +228,7 @@ def _reuse_sensitivity(path, model, report, base, means) -> dict[tuple[int, int,
 def calibrate(
     model: Any = "smollm2-135m",
     *,
+    method: str = "tada",
     tokenizer: Any = None,
     target_ratio: float | None = None,
     target_bytes: int | None = None,
@@ -235,8 +236,8 @@ def calibrate(
     budget_context: int = 2048,
     search: str = "both",
     trials: int = 16,
-    samples: int = 2,
-    context: int = 512,
+    samples: int | None = None,
+    context: int | None = None,
     scored: int = 32,
     bits: Sequence[int] = (2, 3, 4, 8),
     options: dict[str, Any] | None = None,
@@ -247,6 +248,11 @@ def calibrate(
     progress: bool = True,
 ) -> Profile:
     """Per-layer bits for keys and values of `tada` under a budget; returns (and writes) the profile.
+
+    `method="tale"` / `"lowrank"` (per-head) or `"dynakv"` (joint) fits the low-rank bases those methods read
+    instead, on `samples` windows (default 3) of `context` tokens (default 4096: post-RoPE keys are only
+    well described at the positions the basis saw); their budget is the method's own
+    `target_ratio` option, so no target is given here.
 
     Exactly one target: `target_ratio` (bytes / 16-bit bytes at `budget_context` tokens), `target_bytes` (at
     `budget_context` tokens) or `target_bits` (the bytes of uniform `target_bits`-bit `tada` without a mean, which
@@ -260,7 +266,15 @@ def calibrate(
     from .methods import build_method
     from .models import load_model
 
+    from .bases import KINDS
+
     given = [t for t in (target_ratio, target_bytes, target_bits) if t is not None]
+    if method in KINDS:
+        return _calibrate_bases(model, tokenizer, method, given, samples or 3, context or 4096, text, output,
+                                progress)
+    if method != "tada":
+        raise ValueError(f"calibrate: method must be tada or one of {', '.join(KINDS)}, got {method!r}")
+    samples, context = samples or 2, context or 512
     if len(given) != 1:
         raise ValueError("give exactly one target: target_ratio, target_bytes or target_bits")
     if search not in ("greedy", "random", "both"):
@@ -347,6 +361,26 @@ def calibrate(
     report.update({"chosen": name, "kl": score, "bytes": spent, "evaluations": scorer.evaluations,
                    "seconds": round(time.perf_counter() - start, 1)})
     profile.predicted_ratio, profile.calibration = ratio, report
+    if output is not None:
+        profile.save(output)
+    return profile
+
+
+def _calibrate_bases(model, tokenizer, method, given, samples, context, text, output, progress) -> Profile:
+    from .bases import bases_profile
+    from .eval.corpus import pydoc_text, split
+    from .models import load_model
+
+    if given:
+        raise ValueError(f"calibrate --method {method} fits bases only: its budget is the method's target_ratio "
+                         f"option (make_cache(model, '{method}', target_ratio=...)), not a calibration target")
+    if isinstance(model, str):
+        model, tokenizer = load_model(model)
+    elif tokenizer is None:
+        raise ValueError("a loaded model needs its tokenizer: calibrate(model, tokenizer=tok, ...)")
+    text = text if text is not None else split(pydoc_text())[0]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    profile = bases_profile(model, ids, method=method, samples=samples, context=context, progress=progress)
     if output is not None:
         profile.save(output)
     return profile

@@ -13,8 +13,8 @@ def _method_spec(args: argparse.Namespace) -> tuple[str, dict]:
 
     name, options = parse_spec(args.method)
     if getattr(args, "profile", None):
-        if name != "tada":
-            raise ValueError(f"--profile is for method tada, not {name!r}")
+        if name not in ("tada", "tale", "dynakv", "lowrank"):
+            raise ValueError(f"--profile is for methods tada, tale, dynakv and lowrank, not {name!r}")
         options["profile"] = args.profile
     shortcuts = {k: getattr(args, k) for k in ("bits", "group", "window", "sinks") if getattr(args, k) is not None}
     extra = {}
@@ -145,6 +145,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         from .methods import parse_spec
 
         _, options = parse_spec("tada:" + ",".join(args.option))
+    if args.method != "tada":
+        profile = calibrate(args.model, method=args.method, target_ratio=args.target_ratio,
+                            target_bytes=args.target_bytes, target_bits=args.target_bits, samples=args.samples,
+                            context=args.context, output=args.output)
+        print("layer | key energy at D/8, D/4, D/2 | value energy")
+        energy = profile.calibration["energy"]
+        for i in range(profile.model["layers"]):
+            if f"{i}/k" in energy:
+                k, v = energy[f"{i}/k"], energy[f"{i}/v"]
+                print(f"{i:5d} | {' '.join(f'{x:.3f}' for x in k.values())} | {' '.join(f'{x:.3f}' for x in v.values())}")
+        print(f"bases for {args.method} ({'joint' if profile.options['joint'] else 'per head'}), "
+              f"{profile.calibration['seconds']:.0f} s; profile: {args.output}")
+        return 0
+    if args.target_ratio is None and args.target_bytes is None and args.target_bits is None:
+        raise ValueError("calibrate --method tada needs one of --target-ratio, --target-bytes, --target-bits")
     profile = calibrate(
         args.model, target_ratio=args.target_ratio, target_bytes=args.target_bytes, target_bits=args.target_bits,
         budget_context=args.budget_context, search=args.search, trials=args.trials, samples=args.samples,
@@ -194,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--window", type=int, help="shortcut for the method's window option")
     run.add_argument("--sinks", type=int, help="shortcut for the method's sinks option")
     run.add_argument("-O", "--option", action="append", metavar="KEY=VALUE", help="any other method option")
-    run.add_argument("--profile", help="per-layer profile from `kvshrink calibrate` (method tada)")
+    run.add_argument("--profile", help="profile from `kvshrink calibrate` (tada: per-layer bits; tale, dynakv, lowrank: bases)")
     run.add_argument("--prompt", help="prompt text (default: a generated passkey-retrieval prompt)")
     run.add_argument("--prompt-file", help="read the prompt from this file")
     run.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
@@ -238,9 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("-o", "--output", default="benchmarks/results", help="directory for JSON + markdown, '' for none")
     be.set_defaults(func=cmd_bench)
 
-    ca = sub.add_parser("calibrate", help="choose tada's bits per layer for keys and values under a memory budget")
+    ca = sub.add_parser("calibrate", help="choose tada's bits per layer under a memory budget, or fit the bases of "
+                                          "the low-rank methods (--method tale|dynakv|lowrank)")
     ca.add_argument("--model", default="smollm2-135m")
-    target = ca.add_mutually_exclusive_group(required=True)
+    ca.add_argument("--method", choices=("tada", "tale", "dynakv", "lowrank"), default="tada",
+                    help="tada: per-layer bits (default); tale/lowrank: per-head bases; dynakv: joint bases")
+    target = ca.add_mutually_exclusive_group()
     target.add_argument("--target-ratio", type=float, help="bytes / 16-bit bytes at --budget-context tokens, e.g. 0.27")
     target.add_argument("--target-bytes", type=int, help="cache bytes at --budget-context tokens")
     target.add_argument("--target-bits", type=int, help="the bytes of uniform tada at this many bits, no mean")
@@ -248,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--search", choices=("greedy", "random", "both"), default="both",
                     help="sensitivity allocation, TaDA's random search, or both (default)")
     ca.add_argument("--trials", type=int, default=16, help="random-search trials (default: %(default)s)")
-    ca.add_argument("--samples", type=int, default=2, help="calibration text windows (default: %(default)s)")
-    ca.add_argument("--context", type=int, default=512, help="tokens of context per window (default: %(default)s)")
+    ca.add_argument("--samples", type=int, help="calibration text windows (default: 2 for tada, 3 for bases)")
+    ca.add_argument("--context", type=int, help="tokens per window (default: 512 for tada, 4096 for bases)")
     ca.add_argument("--scored", type=int, default=32, help="tokens scored per window (default: %(default)s)")
     ca.add_argument("--seed", type=int, default=0)
     ca.add_argument("--sensitivity-from", metavar="PROFILE",

@@ -6,11 +6,15 @@ a truncated or malformed file is refused before anything is built from it.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from .codecs.quant import CENTERS, QUANT_BITS
 from .io import atomic_write_text
@@ -67,11 +71,15 @@ class Profile:
     layers: list[LayerChoice]
     predicted_ratio: float | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # bases of low-rank methods, float32
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "model": self.model, "method": self.method,
-                "options": self.options, "layers": [vars(c) for c in self.layers],
-                "predicted_ratio": self.predicted_ratio, "calibration": self.calibration}
+        out = {"format": FORMAT, "version": VERSION, "model": self.model, "method": self.method,
+               "options": self.options, "layers": [vars(c) for c in self.layers],
+               "predicted_ratio": self.predicted_ratio, "calibration": self.calibration}
+        if self.tensors:
+            out["tensors"] = {name: _encode_tensor(t) for name, t in self.tensors.items()}
+        return out
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_text(path, json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
@@ -85,6 +93,28 @@ class Profile:
 
     def mean_bits(self) -> float:
         return sum(c.key_bits + c.value_bits for c in self.layers) / (2 * len(self.layers))
+
+
+def _encode_tensor(t: torch.Tensor) -> dict[str, Any]:
+    data = t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+    return {"dtype": "float32", "shape": list(t.shape), "sha256": hashlib.sha256(data).hexdigest(),
+            "data": base64.b64encode(data).decode("ascii")}
+
+
+def _decode_tensor(entry: Any, where: str) -> torch.Tensor:
+    if not isinstance(entry, dict) or entry.get("dtype") != "float32" or not isinstance(entry.get("shape"), list) \
+            or not isinstance(entry.get("data"), str) or not isinstance(entry.get("sha256"), str):
+        raise ProfileError(f"{where}: expected a float32 tensor entry with shape, sha256 and data")
+    try:
+        data = base64.b64decode(entry["data"], validate=True)
+    except ValueError:
+        raise ProfileError(f"{where}: data is not valid base64") from None
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ProfileError(f"{where}: data does not match its sha256 (corrupted?)")
+    shape = entry["shape"]
+    if not all(isinstance(n, int) and n >= 0 for n in shape) or 4 * int(np.prod(shape)) != len(data):
+        raise ProfileError(f"{where}: shape {shape} does not match {len(data)} bytes of float32 data")
+    return torch.from_numpy(np.frombuffer(data, dtype="<f4").copy()).reshape(shape)
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -112,9 +142,13 @@ def load_profile(path: str | Path) -> Profile:
         choice = LayerChoice(**entry)
         choice.validate(where)
         layers.append(choice)
-    if len(layers) != raw["model"].get("layers"):
+    if layers and len(layers) != raw["model"].get("layers") or (not layers and raw["method"] == "tada"):
         raise ProfileError(f"profile {path}: {len(layers)} layer entries for a model of {raw['model'].get('layers')} layers")
     ratio = raw.get("predicted_ratio")
     if ratio is not None and not isinstance(ratio, (int, float)):
         raise ProfileError(f"profile {path}: predicted_ratio must be a number, got {ratio!r}")
-    return Profile(raw["model"], raw["method"], raw["options"], layers, ratio, raw.get("calibration") or {})
+    raw_tensors = raw.get("tensors") or {}
+    if not isinstance(raw_tensors, dict):
+        raise ProfileError(f"profile {path}: field 'tensors' must be an object")
+    tensors = {name: _decode_tensor(entry, f"profile {path}: tensor {name!r}") for name, entry in raw_tensors.items()}
+    return Profile(raw["model"], raw["method"], raw["options"], layers, ratio, raw.get("calibration") or {}, tensors)

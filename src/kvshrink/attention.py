@@ -1,0 +1,65 @@
+"""kvshrink's attention function, registered with transformers' attention interface under the name "kvshrink".
+
+Cache layers that attend over their own compressed storage (`LatentLayer`: scores in the low-rank latent space)
+announce themselves in `update()`; the attention call of the same layer that follows is then answered by the
+layer. Every other layer (the `full` cache, quantized layers, sliding-window layers) gets transformers' own SDPA
+attention unchanged, so a model switched to "kvshrink" computes exactly what it computed with "sdpa".
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "kvshrink"
+_state = threading.local()
+
+
+def announce(layer: Any, returned_keys: torch.Tensor) -> None:
+    """Called by a layer's `update()`: the attention call that receives `returned_keys` is the layer's to answer."""
+    pending = getattr(_state, "pending", None)
+    if pending is None:
+        pending = _state.pending = {}
+    pending[layer.layer_idx] = (layer, returned_keys)
+
+
+def claim(layer_idx: int, keys: torch.Tensor) -> Any | None:
+    """The layer whose `update()` returned exactly `keys` (an announcement left by an abandoned step never matches)."""
+    pending = getattr(_state, "pending", None)
+    entry = None if pending is None else pending.pop(layer_idx, None)
+    return entry[0] if entry is not None and entry[1] is keys else None
+
+
+def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       **kwargs: Any) -> tuple[torch.Tensor, None]:
+    layer = claim(getattr(module, "layer_idx", -1), key)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"layer {layer.layer_idx}: attention logit soft-capping is not supported by latent attention")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    out = layer.attend(query, attention_mask, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make "kvshrink" a valid `attn_implementation` (idempotent)."""
+    AttentionInterface.register(NAME, kvshrink_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def enable(model: Any) -> None:
+    """Switch `model` to kvshrink attention (SDPA for every layer that does not attend by itself)."""
+    register()
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise TypeError("latent attention needs the model itself (not only its config): make_cache(model, ...)")
+    if getattr(config, "_attn_implementation", None) != NAME:
+        model.set_attn_implementation(NAME)

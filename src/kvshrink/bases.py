@@ -1,0 +1,96 @@
+"""Low-rank bases fitted on calibration text, stored in a profile (`kvshrink calibrate --method tale|dynakv|lowrank`).
+
+Keys are taken as the cache receives them, after the rotary embedding: in that space a query scores a token from its
+coefficients alone (q . U c = (U^T q) . c), which is what lets attention skip reconstruction; a basis fitted
+before the rotation would need each token's rotation applied to U, a reconstruction in disguise. Values have no
+rotation. Per layer, one basis per KV head (TALE) or one over all heads of the layer jointly (DynaKV, Palu's
+joint-head decomposition), fitted by uncentred PCA of every position of the calibration windows.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from .codecs.lowrank import energy, fit_basis
+from .profile import Profile, ProfileError, fingerprint
+
+KINDS = {"lowrank": False, "tale": False, "dynakv": True}  # method -> joint basis
+
+
+def _rows(x: torch.Tensor, joint: bool) -> torch.Tensor:
+    """[1, H, T, d] -> [G, T, D]: one row per head (G = H) or the heads side by side (G = 1)."""
+    x = x[0].float()
+    return x.permute(1, 0, 2).reshape(1, x.shape[1], -1) if joint else x
+
+
+def fit_bases(model, ids: torch.Tensor, *, joint: bool, samples: int = 4, context: int = 1024,
+              progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Bases and coefficient RMS of every layer from `samples` windows of `context` tokens of `ids` [1, N];
+    returns (tensors, record)."""
+    from tqdm.auto import tqdm
+
+    if ids.shape[1] < samples * context:
+        raise ValueError(f"the calibration text has {ids.shape[1]} tokens; {samples} windows of {context} need "
+                         f"{samples * context}")
+    stride = ids.shape[1] // samples
+    grams: dict[tuple[int, str], torch.Tensor] = {}
+    count = 0
+    start = time.perf_counter()
+    for s in tqdm(range(samples), desc="fitting bases", unit="window", disable=not progress):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids[:, s * stride:s * stride + context], past_key_values=cache, use_cache=True)
+        for i, layer in enumerate(cache.layers):
+            for kind, x in (("key", layer.keys), ("value", layer.values)):
+                r = _rows(x, joint).double()
+                g = r.transpose(-1, -2) @ r
+                grams[(i, kind)] = g if (i, kind) not in grams else grams[(i, kind)] + g
+        count += context
+    tensors: dict[str, torch.Tensor] = {}
+    record: dict[str, Any] = {"samples": samples, "context": context, "joint": joint, "energy": {}}
+    for (i, kind), g in sorted(grams.items()):
+        basis, sigma = fit_basis(g, count)
+        tensors[f"layer{i}.{kind}_basis"], tensors[f"layer{i}.{kind}_sigma"] = basis, sigma
+        e = energy(sigma).mean(0)
+        d = e.shape[0]
+        record["energy"][f"{i}/{kind[0]}"] = {f"r{r}": round(float(e[r - 1]), 4) for r in (d // 8, d // 4, d // 2)
+                                              if r >= 1}
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    return tensors, record
+
+
+def bases_profile(model, ids: torch.Tensor, *, method: str = "tale", samples: int = 4, context: int = 1024,
+                  progress: bool = True) -> Profile:
+    """A profile holding the bases `method` needs (per-head for tale/lowrank, joint for dynakv), fitted on token
+    ids [1, N] of calibration text."""
+    if method not in KINDS:
+        raise ValueError(f"low-rank bases are for methods {', '.join(KINDS)}, got {method!r}")
+    tensors, record = fit_bases(model, ids, joint=KINDS[method], samples=samples, context=context,
+                                progress=progress)
+    return Profile(fingerprint(model), "lowrank", {"joint": KINDS[method]}, [], None, record, tensors)
+
+
+def layer_bases(profile: Profile, layer_idx: int, joint: bool, where: str) -> tuple[torch.Tensor, ...]:
+    """(key basis, key sigma, value basis, value sigma) of one layer from a bases profile, checked."""
+    if profile.method != "lowrank" or "joint" not in profile.options:
+        raise ProfileError(f"{where} holds no low-rank bases (method {profile.method!r}); make one with "
+                           "`kvshrink calibrate --method tale` (or dynakv)")
+    if bool(profile.options["joint"]) != joint:
+        need = "joint (dynakv)" if joint else "per-head (tale, lowrank)"
+        raise ProfileError(f"{where} holds {'joint' if profile.options['joint'] else 'per-head'} bases; this method "
+                           f"needs {need} bases: calibrate with the matching --method")
+    out = []
+    for name in ("key_basis", "key_sigma", "value_basis", "value_sigma"):
+        t = profile.tensors.get(f"layer{layer_idx}.{name}")
+        if t is None:
+            raise ProfileError(f"{where} lacks layer{layer_idx}.{name}")
+        out.append(t)
+    kb, ks, vb, vs = out
+    if kb.dim() != 3 or kb.shape[1] != kb.shape[2] or vb.shape != kb.shape or ks.shape != kb.shape[:2] \
+            or vs.shape != ks.shape:
+        raise ProfileError(f"{where}: layer {layer_idx} bases have inconsistent shapes {tuple(kb.shape)}, "
+                           f"{tuple(ks.shape)}, {tuple(vb.shape)}, {tuple(vs.shape)}")
+    return kb, ks, vb, vs

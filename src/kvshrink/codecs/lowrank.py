@@ -1,0 +1,170 @@
+"""Low-rank storage of keys and values: an orthonormal basis per group of heads, tokens kept as their leading
+coefficients, at a rank and bit width chosen per token ("levels").
+
+- A basis is fitted once (uncentred PCA of calibration keys or values: eigenvectors of the Gram matrix, by
+  decreasing energy), so every rank r is a prefix of the same basis and lowering a token's rank is dropping its
+  trailing coefficients.
+- Coefficients are divided by their calibration RMS (`sigma`) before they are quantized, so every coefficient of a
+  token has about the same spread and one group of codes per token and level suffices; attention folds `sigma`
+  into the projected query (no per-token cost).
+- A "group" is the set of KV heads sharing one basis: one head (TALE, per-head bases) or all heads of a layer
+  (DynaKV, a joint basis over the concatenated heads). A group row is stored as a vector of `heads x head_dim`.
+
+`LevelStore` keeps the tokens of a layer's keys (or values) in one quantized store per level; the layer holds the
+uint8 level map (token order) shared by its keys and values. Every token of a level is held in that level's own
+packed tensor, so a lower rank costs fewer bytes, never zero padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .quant import QUANT_BITS, QuantSpec, QuantStore
+
+
+def fit_basis(gram: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Basis and coefficient RMS from a Gram matrix sum_t x_t x_t^T over `count` vectors.
+
+    gram: [G, D, D]. Returns (U [G, D, D] with orthonormal columns by decreasing energy, sigma [G, D] the RMS of
+    each coefficient over the fitted vectors, floored so that no coefficient divides by zero).
+    """
+    if gram.dim() != 3 or gram.shape[-1] != gram.shape[-2]:
+        raise ValueError(f"gram must be [groups, D, D], got {tuple(gram.shape)}")
+    if count < 1:
+        raise ValueError(f"a basis needs at least one fitted vector, got count={count}")
+    evals, evecs = torch.linalg.eigh(gram.double())
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    sigma = (evals.clamp_min(0) / count).sqrt()
+    sigma = torch.maximum(sigma, sigma[..., :1] * 1e-4 + 1e-8)
+    return evecs.float(), sigma.float()
+
+
+def energy(sigma: torch.Tensor) -> torch.Tensor:
+    """Fraction of the fitted vectors' energy captured by ranks 1..D ([G, D], cumulative)."""
+    e = sigma.double() ** 2
+    return (e.cumsum(-1) / e.sum(-1, keepdim=True)).float()
+
+
+@dataclass(frozen=True)
+class Level:
+    """One storage level: `rank` leading coefficients at `bits` bits (16: fp16 coefficients)."""
+
+    rank: int
+    bits: int
+
+    def spec(self, group: int) -> QuantSpec:
+        return QuantSpec(self.bits, min(group, self.rank), "token", "none")
+
+
+def parse_levels(text: str, dim: int | None = None) -> tuple[Level, ...]:
+    """'r64b4/r32b4/r16b3' -> levels by decreasing rank; `dim` (the basis size) bounds the ranks."""
+    import re
+
+    levels = []
+    for item in filter(None, (s.strip() for s in text.split("/"))):
+        m = re.fullmatch(r"r(\d+)b(\d+)", item)
+        if m is None:
+            raise ValueError(f"levels: {item!r} is not r<rank>b<bits> (levels are written like r32b4/r16b4)")
+        level = Level(int(m.group(1)), int(m.group(2)))
+        if level.rank < 1 or (dim is not None and level.rank > dim):
+            raise ValueError(f"levels: rank {level.rank} must be between 1 and {dim or 'the head dim'}")
+        if level.bits not in QUANT_BITS:
+            raise ValueError(f"levels: bits {level.bits} must be one of {QUANT_BITS}")
+        levels.append(level)
+    if not levels:
+        raise ValueError("levels: give at least one level, for example r64b4/r32b4/r16b4")
+    ranked = sorted(levels, key=lambda lv: (-lv.rank, -lv.bits))
+    if len(set(ranked)) != len(ranked):
+        raise ValueError(f"levels: {text!r} repeats a level")
+    return tuple(ranked)
+
+
+def level_token_bytes(level: Level, group: int) -> int:
+    """Bytes one token of one group row costs at `level` (codes plus fp16 scale and zero per code group)."""
+    from .packing import packed_size
+
+    if level.bits == 16:
+        return 2 * level.rank
+    g = min(group, level.rank)
+    return (level.rank // g) * (packed_size(g, level.bits) + 4)
+
+
+class LevelStore:
+    """The compressed tokens of one tensor (keys or values) of one layer, shaped [batch, groups, tokens, rank_l]
+    per level, in the coordinates of a fixed basis. Which level holds each token is the `level_map` [batch, groups,
+    tokens] (uint8, token order) that the owner keeps and passes in."""
+
+    def __init__(self, levels: tuple[Level, ...], group: int, name: str = "tensor"):
+        for lv in levels:
+            if lv.bits != 16 and lv.rank % min(group, lv.rank):
+                raise ValueError(f"{name}: code group {group} does not divide rank {lv.rank}")
+        self.levels, self.group, self.name = levels, group, name
+        self.stores = [QuantStore(lv.spec(group), f"{name} level {i} (rank {lv.rank})") for i, lv in enumerate(levels)]
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.stores)
+
+    def append(self, coeffs: torch.Tensor, levels: torch.Tensor) -> None:
+        """Store tokens given by their normalised coefficients [B, G, T, R] and their levels [B, G, T].
+
+        Every (batch, group) row must put the same number of tokens in each level (levels are assigned by rank
+        within a row), so each level's tensor stays rectangular.
+        """
+        b, g, t, _ = coeffs.shape
+        if t == 0:
+            return
+        for i, (lv, store) in enumerate(zip(self.levels, self.stores)):
+            hit = levels == i
+            n = hit.sum(-1)
+            if n.numel() and (n != n.flatten()[0]).any():
+                raise ValueError(f"{self.name}: rows put different numbers of tokens in level {i}")
+            count = int(n.flatten()[0]) if n.numel() else 0
+            if count:
+                picked = coeffs[..., : lv.rank][hit].reshape(b, g, count, lv.rank)
+                store.append(picked)
+
+    def positions(self, level_map: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per level, the token index of each of its tokens: [B, G, n_l] int64, ascending."""
+        out = []
+        for i, store in enumerate(self.stores):
+            if store.tokens == 0:
+                out.append(None)
+                continue
+            idx = (level_map == i).nonzero()[:, -1]
+            out.append(idx.reshape(*level_map.shape[:2], store.tokens))
+        return out
+
+    def coefficients(self) -> list[torch.Tensor | None]:
+        """Per level, the dequantized normalised coefficients [B, G, n_l, rank_l] (float32), None when empty."""
+        return [s.decode(torch.float32) for s in self.stores]
+
+    def reconstruct(self, level_map: torch.Tensor, basis: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
+        """All tokens back in the original coordinates, [B, G, T, D] float32, in token order."""
+        if self.tokens == 0:
+            return None
+        b, g, t = level_map.shape
+        out = torch.zeros(b, g, t, basis.shape[1], dtype=torch.float32, device=level_map.device)
+        for lv, c, pos in zip(self.levels, self.coefficients(), self.positions(level_map)):
+            if c is None:
+                continue
+            x = (c * sigma[:, None, : lv.rank]) @ basis[:, :, : lv.rank].transpose(-1, -2)
+            out.scatter_(2, pos[..., None].expand(-1, -1, -1, out.shape[-1]), x)
+        return out
+
+    def parts(self) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {"codes": [], "scales": [], "means": []}
+        for store in self.stores:
+            for part, ts in store.parts().items():
+                out[part].extend(ts)
+        return out
+
+    def map_batch(self, fn) -> None:
+        for store in self.stores:
+            store.map_batch(fn)
+
+    def drop_front(self, counts: list[int]) -> None:
+        """Forget the oldest `counts[l]` tokens of each level."""
+        for store, n in zip(self.stores, counts):
+            store.drop_front(n)

@@ -1,0 +1,116 @@
+"""`lowrank`: every token that leaves the recent window kept as its first `rank` coefficients in a fitted basis, at
+`bits` bits: the fixed-rank baseline that `tale` and `dynakv` adapt per token.
+
+The bases come from a profile (`kvshrink calibrate --method tale`); attention runs in the latent space through
+kvshrink's attention function, which `make_cache(model, ...)` switches the model to (SDPA for every other layer).
+Sliding-window layers (Gemma 3's local layers) stay exact: they never hold more than their window.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..cache import FullSlidingLayer
+from ..codecs.lowrank import Level, level_token_bytes
+from ..latent import MODES, LatentLayer
+from ..profile import Profile, load_profile
+from .base import Method, option, register
+
+_DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class LatentMethod(Method):
+    """Options and cache building shared by the low-rank methods (not a method by itself)."""
+
+    joint = False  # one basis over all KV heads of a layer (dynakv) instead of one per head
+
+    profile: str = option("", "profile holding the fitted bases (`kvshrink calibrate --method tale`); required")
+    window: int = option(32, "recent tokens kept exact (approximated in blocks when they leave)")
+    sinks: int = option(4, "first tokens kept exact (attention sinks)")
+    code_group: int = option(0, "coefficients sharing one fp16 scale and zero point (0 = all of a token's)")
+    exact_dtype: str = option("float16", "dtype of the exact window and sinks: model, float16, bfloat16")
+    basis_dtype: str = option("float16", "dtype the bases are held in: float16 or float32")
+    attention: str = option("latent", "'latent': scores and values in the basis coordinates; 'reconstruct': "
+                                      "rebuild keys and values, then attend (the reference)")
+
+    def validate(self) -> None:
+        if self.exact_dtype not in ("model", "float16", "bfloat16"):
+            raise ValueError(f"{self.name}: exact_dtype must be model, float16 or bfloat16, got {self.exact_dtype!r}")
+        if self.basis_dtype not in ("float16", "float32"):
+            raise ValueError(f"{self.name}: basis_dtype must be float16 or float32, got {self.basis_dtype!r}")
+        if self.attention not in MODES:
+            raise ValueError(f"{self.name}: attention must be one of {', '.join(MODES)}, got {self.attention!r}")
+        for arg in ("window", "sinks", "code_group"):
+            if getattr(self, arg) < 0:
+                raise ValueError(f"{self.name}: {arg} must be >= 0, got {getattr(self, arg)}")
+        self._profile: Profile | None = load_profile(self.profile) if self.profile else None
+
+    def use_profile(self, profile: Profile) -> "LatentMethod":
+        """Take the bases from an in-memory profile (as the `profile` option does from a file)."""
+        self._profile = profile
+        return self
+
+    # what a subclass decides: the levels of a layer and the share of tokens at each
+    def level_plan(self, row: int) -> tuple[tuple[Level, ...], tuple[float, ...]]:
+        raise NotImplementedError
+
+    def level_costs(self, levels: tuple[Level, ...], row: int) -> list[float]:
+        """Bytes per token and basis row at each level, keys and values and the level byte, over fp16's."""
+        group = self.code_group or row
+        fp16 = 2 * 2 * row
+        return [(2 * level_token_bytes(lv, group) + 1) / fp16 for lv in levels]
+
+    def make_cache(self, model_or_config: Any):
+        from .. import attention
+        from ..bases import layer_bases
+
+        if self._profile is None:
+            raise ValueError(f"{self.name}: needs bases: give profile=... (made by `kvshrink calibrate --method "
+                             f"{'dynakv' if self.joint else 'tale'}`)")
+        where = f"profile {self.profile or '(in memory)'}"
+        self._profile.check_model(model_or_config, where)
+        if hasattr(model_or_config, "set_attn_implementation"):
+            attention.enable(model_or_config)
+        text = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
+        self._kv_heads = text.num_key_value_heads
+        self._bases = lambda i: layer_bases(self._profile, i, self.joint, where)  # noqa: E731
+        return super().make_cache(model_or_config)
+
+    def layer(self, layer_idx: int, sliding_window: int | None):
+        if sliding_window is not None:
+            return FullSlidingLayer(sliding_window, layer_idx)
+        kb, ks, vb, vs = self._bases(layer_idx)
+        levels, fractions = self.level_plan(kb.shape[1])
+        rank = max(lv.rank for lv in levels)
+        return LatentLayer(kb[..., :rank], ks[..., :rank], vb[..., :rank], vs[..., :rank], levels, fractions,
+                           kv_heads=self._kv_heads, window=self.window, sinks=self.sinks, block=max(self.window, 1),
+                           code_group=self.code_group or kb.shape[1], layer_idx=layer_idx,
+                           exact_dtype=_DTYPES[self.exact_dtype], basis_dtype=_DTYPES[self.basis_dtype],
+                           mode=self.attention, **self.layer_options())
+
+    def layer_options(self) -> dict[str, Any]:
+        return {}
+
+
+@register
+@dataclass
+class LowRank(LatentMethod):
+    name = "lowrank"
+    summary = "fixed-rank projection onto fitted per-head bases, quantized coefficients (non-adaptive baseline)"
+
+    rank: int = option(16, "coefficients kept per token and head (<= head dim)")
+    bits: int = option(4, "code width of the coefficients: 2, 3, 4, 8 or 16 (fp16)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.rank < 1:
+            raise ValueError(f"lowrank: rank must be >= 1, got {self.rank}")
+        Level(self.rank, self.bits).spec(self.rank)  # checks bits
+
+    def level_plan(self, row):
+        if self.rank > row:
+            raise ValueError(f"lowrank: rank {self.rank} exceeds the basis size {row}")
+        return (Level(self.rank, self.bits),), (1.0,)

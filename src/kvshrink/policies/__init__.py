@@ -1,0 +1,1 @@
+"""Policies: how much to keep (bits per layer, level per token)."""

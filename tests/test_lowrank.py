@@ -1,0 +1,239 @@
+"""Low-rank codec, token levels, latent attention and the lowrank / tale / dynakv methods."""
+import json
+
+import pytest
+import torch
+from conftest import greedy, tiny_gemma3, tiny_llama
+from transformers import DynamicCache
+
+import kvshrink as ks
+from kvshrink import attention
+from kvshrink.bases import bases_profile
+from kvshrink.codecs.lowrank import Level, LevelStore, energy, fit_basis, level_token_bytes, parse_levels
+from kvshrink.codecs.packing import packed_size
+from kvshrink.latent import LatentLayer
+from kvshrink.policies.significance import assign_levels, level_counts, level_fractions
+from kvshrink.profile import ProfileError, load_profile
+
+
+def _orthonormal(groups, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(groups, dim, dim, generator=g)).Q
+
+
+def test_fit_basis_finds_the_subspace_and_sorts_by_energy():
+    g = torch.Generator().manual_seed(0)
+    true = _orthonormal(1, 16, 1)[0][:, :4]  # data of rank 4 in 16 dims
+    x = (torch.randn(500, 4, generator=g) * torch.tensor([8.0, 4.0, 2.0, 1.0])) @ true.T
+    basis, sigma = fit_basis((x.T @ x)[None], 500)
+    assert torch.allclose(basis[0].T @ basis[0], torch.eye(16), atol=1e-5)
+    assert (sigma[0][:-1] >= sigma[0][1:]).all()
+    rebuilt = (x @ basis[0][:, :4]) @ basis[0][:, :4].T
+    assert torch.allclose(rebuilt, x, atol=1e-3)
+    assert energy(sigma)[0, 3] > 0.9999 and energy(sigma)[0, 2] < 0.999
+
+
+def test_parse_levels():
+    assert parse_levels("r16b4/r64b2/r32b3") == (Level(64, 2), Level(32, 3), Level(16, 4))
+    for bad, msg in (("16:4", "not r<rank>b<bits>"), ("r0b4", "between 1"), ("r8b5", "bits 5"),
+                     ("r8b4/r8b4", "repeats"), ("", "at least one")):
+        with pytest.raises(ValueError, match=msg):
+            parse_levels(bad, 64)
+    with pytest.raises(ValueError, match="between 1 and 64"):
+        parse_levels("r128b4", 64)
+
+
+@pytest.mark.parametrize("target", [0.07, 0.1, 0.15, 0.2, 0.3])
+@pytest.mark.parametrize("top", [0.0, 0.1, 0.5])
+def test_level_fractions_spend_the_target_and_never_more(target, top):
+    costs = [0.29, 0.16, 0.1, 0.066]
+    f = level_fractions(costs, target, top)
+    assert abs(sum(f) - 1) < 1e-9 and min(f) >= 0
+    spent = sum(a * c for a, c in zip(f, costs))
+    assert spent <= min(target, costs[0]) + 1e-9
+    assert spent >= min(target, costs[0]) - 1e-9  # the budget is spent, not only respected
+    counts = level_counts(1000, f)
+    assert sum(counts) == 1000
+    assert sum(n * c for n, c in zip(counts, costs)) / 1000 <= min(target, costs[0]) + 1e-9
+
+
+def test_level_fractions_refuse_a_target_below_the_cheapest_level():
+    with pytest.raises(ValueError, match="below the cheapest"):
+        level_fractions([0.3, 0.1], 0.05, 0.1)
+
+
+def test_assign_levels_gives_the_best_scores_the_finest_level():
+    scores = torch.tensor([[[0.1, 0.9, 0.3, 0.7, 0.2, 0.5]]])
+    levels = assign_levels(scores, [2, 1, 3])
+    assert levels.tolist() == [[[2, 0, 2, 0, 2, 1]]]
+    with pytest.raises(ValueError, match="do not add up"):
+        assign_levels(scores, [2, 2, 3])
+
+
+def test_level_store_rebuilds_each_token_at_its_rank():
+    torch.manual_seed(0)
+    levels = (Level(8, 16), Level(4, 16), Level(2, 16))
+    store = LevelStore(levels, 8, "t")
+    basis, sigma = _orthonormal(2, 8, 3), torch.rand(2, 8) + 0.5
+    coeffs = torch.randn(1, 2, 12, 8)
+    lmap = assign_levels(torch.rand(1, 2, 12), [3, 4, 5])
+    store.append(coeffs, lmap)
+    out = store.reconstruct(lmap, basis, sigma)
+    for g in range(2):
+        for t in range(12):
+            r = levels[int(lmap[0, g, t])].rank
+            want = basis[g][:, :r] @ (coeffs[0, g, t, :r].half().float() * sigma[g, :r])
+            assert torch.allclose(out[0, g, t], want, atol=1e-5)
+
+
+def _layer(mode, kv_heads, head_dim, groups, levels, fractions, seed=0, significance="attention"):
+    row = kv_heads // groups * head_dim
+    kb, vb = _orthonormal(groups, row, seed), _orthonormal(groups, row, seed + 1)
+    ks_, vs_ = torch.rand(groups, row) + 0.5, torch.rand(groups, row) + 0.5
+    rank = max(lv.rank for lv in levels)
+    return LatentLayer(kb[..., :rank], ks_[..., :rank], vb[..., :rank], vs_[..., :rank], levels, fractions,
+                       kv_heads=kv_heads, window=4, sinks=2, block=4, code_group=row, layer_idx=0, mode=mode,
+                       observe=3, significance=significance, basis_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim,joint", [(4, 2, 64, False), (9, 3, 64, False), (4, 4, 64, False),
+                                                             (2, 1, 256, False), (6, 3, 64, True), (4, 1, 256, True)])
+@pytest.mark.parametrize("spec", ["r64b16", "r64b4/r32b4/r16b2/r8b3", "r16b8/r8b2"])
+def test_latent_attention_equals_reconstruct_then_attend(q_heads, kv_heads, head_dim, joint, spec):
+    torch.manual_seed(0)
+    row = kv_heads * head_dim if joint else head_dim
+    levels = parse_levels(spec.replace("r64", f"r{min(64, row)}"), row)
+    fractions = [1.0 / len(levels)] * len(levels)
+    fractions[-1] = 1 - sum(fractions[:-1])
+    layer = _layer("latent", kv_heads, head_dim, 1 if joint else kv_heads, levels, fractions)
+    scaling = head_dim ** -0.5
+    for step, n in enumerate([23, 1, 1, 5, 1, 1, 1, 1, 1]):  # prefill, decode steps, a 5-token chunk, ...
+        k, v = torch.randn(2, kv_heads, n, head_dim), torch.randn(2, kv_heads, n, head_dim)
+        layer.update(k, v)
+        q = torch.randn(2, q_heads, n, head_dim) * 3
+        held = layer.held()
+        mask = torch.ones(2, 1, n, held, dtype=torch.bool).tril(held - n)
+        mask[1, :, :, :3] = False  # left padding in the second sequence
+        latent, p1 = layer.attention(q, mask, scaling, "latent")
+        recon, p2 = layer.attention(q, mask, scaling, "reconstruct")
+        assert torch.allclose(latent, recon, atol=2e-5, rtol=1e-4), (step, (latent - recon).abs().max())
+        assert torch.allclose(p1, p2, atol=1e-6)
+        layer.attend(q, mask, scaling)
+    assert layer.level_map.shape[-1] > 0 and len(set(layer.level_map.flatten().tolist())) == len(levels)
+
+
+def test_bytes_follow_the_levels_assigned():
+    levels = (Level(32, 4), Level(16, 3), Level(8, 2))
+    layer = _layer("latent", 2, 32, 2, levels, (0.25, 0.25, 0.5), significance="norm")
+    layer.update(torch.randn(1, 2, 70, 32), torch.randn(1, 2, 70, 32))
+    layer.attend(torch.randn(1, 4, 70, 32), None, 0.2)
+    layer.update(torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))  # the lazy flush happens here
+    counts = [s.tokens for s in layer.key_store.stores]
+    assert sum(counts) == 64 and counts == [16, 16, 32]
+    parts = {p: sum(t.numel() * t.element_size() for t in ts) for p, ts in layer.parts().items()}
+    per_token = [level_token_bytes(lv, 32) for lv in levels]
+    assert per_token == [packed_size(32, 4) + 4, packed_size(16, 3) + 4, packed_size(8, 2) + 4]
+    want = 2 * 2 * sum(n * c for n, c in zip(counts, per_token))  # keys and values, 2 heads (batch 1)
+    assert parts["codes"] + parts["scales"] == want
+    assert parts["levels"] == 2 * 64  # one uint8 per token and head
+
+
+def _bases(model, method="tale", seed=0):
+    ids = torch.randint(2, 95, (1, 512), generator=torch.Generator().manual_seed(seed))
+    return bases_profile(model, ids, method=method, samples=2, context=256, progress=False)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+@pytest.mark.parametrize("method", ["lowrank", "tale", "dynakv"])
+def test_full_rank_16_bit_coefficients_reproduce_full(make, method):
+    model = make()
+    head_dim = model.config.head_dim
+    row = head_dim * (model.config.num_key_value_heads if method == "dynakv" else 1)
+    opts = dict(exact_dtype="model", basis_dtype="float32")
+    if method == "lowrank":
+        opts.update(rank=row, bits=16)
+    else:
+        opts.update(levels=f"r{row}b16", target_ratio=2.0)
+    prompt = torch.randint(2, 95, (2, 90), generator=torch.Generator().manual_seed(3))
+    ref = greedy(model, prompt, DynamicCache(config=model.config), n=20)
+    cache = ks.build_method(method, **opts).use_profile(_bases(model, method)).make_cache(model)
+    out = greedy(model, prompt, cache, n=20)
+    assert torch.equal(out, ref)
+    assert cache.memory_report()["by_part"]["codes"] > 0  # tokens really went through the coefficient store
+
+
+def test_tale_compresses_and_differs_at_a_low_target():
+    model = tiny_llama()
+    prompt = torch.randint(2, 95, (1, 300), generator=torch.Generator().manual_seed(4))
+    ref = greedy(model, prompt, DynamicCache(config=model.config), n=16)
+    method = ks.build_method("tale", target_ratio=0.25, window=8, sinks=2).use_profile(_bases(model))
+    cache = ks.make_cache(model, method)
+    out = greedy(model, prompt, cache, n=16)
+    report = cache.memory_report()
+    levels = report["by_layer"][0]["levels"]
+    assert sum(levels.values()) > 0 and len([n for n in levels.values() if n]) >= 2
+    per_token = report["nbytes"] - report["by_part"]["bases"] - report["by_part"]["window"] - report["by_part"]["sinks"]
+    assert per_token <= 0.25 * report["fp16_nbytes"]  # the approximated tokens keep to the target
+    assert report["nbytes"] < 0.5 * report["fp16_nbytes"]
+    assert not torch.equal(out, ref)  # a quarter of the bytes is not lossless on random weights
+
+
+def test_low_rank_profiles_round_trip_and_are_checked(tmp_path):
+    model = tiny_llama()
+    prof = _bases(model)
+    path = prof.save(tmp_path / "b.json")
+    back = load_profile(path)
+    assert set(back.tensors) == set(prof.tensors)
+    assert all(torch.equal(back.tensors[k], prof.tensors[k]) for k in prof.tensors)
+    ks.make_cache(model, "tale", profile=str(path), target_ratio=0.3)
+    with pytest.raises(ProfileError, match="per-head bases; this method needs joint"):
+        ks.make_cache(model, "dynakv", profile=str(path))
+    with pytest.raises(ProfileError, match="calibrated for another model"):
+        ks.make_cache(tiny_llama(num_hidden_layers=3), "tale", profile=str(path))
+    raw = json.loads(path.read_text())
+    name = next(iter(raw["tensors"]))
+    data = raw["tensors"][name]["data"]
+    raw["tensors"][name]["data"] = ("A" if data[0] != "A" else "B") + data[1:]
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(ProfileError, match="sha256"):
+        load_profile(tmp_path / "bad.json")
+    (tmp_path / "cut.json").write_text(path.read_text()[: len(path.read_text()) // 2])
+    with pytest.raises(ProfileError, match="truncated or corrupted"):
+        load_profile(tmp_path / "cut.json")
+    with pytest.raises(ValueError, match="needs bases"):
+        ks.make_cache(model, "tale")
+    with pytest.raises(ValueError, match="below the cheapest level"):
+        ks.make_cache(model, "tale", profile=str(path), target_ratio=0.01)
+
+
+def test_a_low_rank_cache_refuses_to_run_without_kvshrink_attention():
+    model = tiny_llama()
+    cache = ks.build_method("tale", target_ratio=0.3).use_profile(_bases(model)).make_cache(model)
+    assert model.config._attn_implementation == "kvshrink"
+    model.set_attn_implementation("sdpa")
+    prompt = torch.randint(2, 95, (1, 40), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(RuntimeError, match="attn_implementation='kvshrink'"):
+        greedy(model, prompt, cache, n=4)
+
+
+def test_kvshrink_attention_leaves_other_caches_unchanged():
+    model = tiny_llama()
+    prompt = torch.randint(2, 95, (1, 50), generator=torch.Generator().manual_seed(6))
+    ref = greedy(model, prompt, ks.make_cache(model, "kivi", bits=4, group=8), n=12)
+    attention.enable(model)
+    assert torch.equal(greedy(model, prompt, ks.make_cache(model, "kivi", bits=4, group=8), n=12), ref)
+
+
+def test_full_rank_reproduces_full_on_the_real_model(real_model):
+    model, tok = real_model
+    text = ks.eval.corpus.pydoc_text()
+    cal = tok(text[:20000], return_tensors="pt", add_special_tokens=False).input_ids
+    prof = bases_profile(model, cal, method="tale", samples=1, context=512, progress=False)
+    prompt = tok(text[-6000:-3000], return_tensors="pt", add_special_tokens=False).input_ids[:, :400]
+    ref = greedy(model, prompt, DynamicCache(config=model.config), n=24)
+    cache = ks.build_method("lowrank", rank=64, bits=16, exact_dtype="model", basis_dtype="float32").use_profile(
+        prof).make_cache(model)
+    try:
+        assert torch.equal(greedy(model, prompt, cache, n=24), ref)
+    finally:
+        model.set_attn_implementation("sdpa")
