@@ -1,0 +1,261 @@
+"""EvictingLayer: a cache layer that keeps a budget of tokens chosen by an eviction policy, and optionally keeps
+the tokens it evicts at low bits instead of dropping them ("no token left behind", MiKV).
+
+Tokens are held with their positions (int32, counted), so each KV head can keep its own set and masks (padding,
+causality) still apply by position. The layer attends by itself through kvshrink's attention function: the scores
+a policy needs come from the same query-key products as the attention output, so no layer falls back to eager
+attention and no attention matrix is materialised beyond a block of queries at a time. After each attention call
+the policy rescores the held tokens and the layer evicts down to its budget; the first `sinks` positions and the
+last `window` positions are never evicted.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from . import attention
+from .cache import _Reporting
+from .codecs.quant import QuantSpec, QuantStore
+from .policies.scoring import Policy
+
+_QUERY_BLOCK = 512  # queries per block when a prompt attends (bounds the score matrix at block x tokens)
+
+
+class EvictingLayer(CacheLayerMixin, _Reporting):
+    """Exact kept tokens (and, with `low_spec`, a low-bit tier of evicted ones) for one decoder layer.
+
+    budget: a fraction of the tokens seen (0 < budget <= 1) kept exact, or `tokens` > 0 a fixed count (the larger
+    of the two rules' results with sinks and window included is never below sinks + window).
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, policy: Policy, *, budget: float = 1.0, tokens: int = 0, sinks: int = 4, window: int = 32,
+                 observe: int = 32, low_spec: QuantSpec | None = None, exact_dtype: torch.dtype | None = None,
+                 layer_idx: int = -1):
+        super().__init__()
+        where = f"layer {layer_idx}"
+        if not (0 < budget <= 1):
+            raise ValueError(f"{where}: budget must be a fraction in (0, 1], got {budget}")
+        for arg, value in (("tokens", tokens), ("sinks", sinks), ("window", window), ("observe", observe)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}: {arg} must be a non-negative integer, got {value!r}")
+        self.policy, self.budget, self.tokens = policy, budget, tokens
+        self.sinks, self.window, self.observe = sinks, window, max(observe, 1)
+        self.low_spec, self.exact_dtype, self.layer_idx = low_spec, exact_dtype, layer_idx
+        self.sliding_window = None
+        self.is_sliding = False
+        self._clear()
+
+    def _clear(self) -> None:
+        self.keys = self.values = self.positions = self.scores = None
+        self.low_keys = QuantStore(self.low_spec, f"layer {self.layer_idx} low keys") if self.low_spec else None
+        self.low_values = QuantStore(self.low_spec, f"layer {self.layer_idx} low values") if self.low_spec else None
+        self.low_positions = None
+        self.seen = 0
+        self.calls = 0
+        self._awaiting = False
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        held = self.exact_dtype or self.dtype
+        self.keys = key_states.new_empty((b, h, 0, d), dtype=held)
+        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]), dtype=held)
+        self.positions = torch.zeros((b, h, 0), dtype=torch.int32, device=key_states.device)
+        self.scores = torch.zeros((b, h, 0), dtype=torch.float32, device=key_states.device)
+        self.low_positions = self.positions.clone()
+        if self.low_spec is not None:
+            self.low_spec.check_head_dim(d, f"layer {self.layer_idx} low tier")
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self._awaiting:
+            self._awaiting = False
+            raise RuntimeError(
+                f"layer {self.layer_idx}: the last update was not followed by kvshrink's attention; an evicting "
+                "cache needs the model to run with attn_implementation='kvshrink' (make_cache(model, ...) switches it)")
+        if key_states.dim() != 4:
+            raise ValueError(f"layer {self.layer_idx}: key_states must be [batch, heads, tokens, head_dim], "
+                             f"got {tuple(key_states.shape)}")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, t, _ = key_states.shape
+        pos = torch.arange(self.seen, self.seen + t, dtype=torch.int32, device=key_states.device)
+        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], -2)
+        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], -2)
+        self.positions = torch.cat([self.positions, pos.expand(b, h, t)], -1)
+        self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, t)], -1)
+        self.seen += t
+        self._awaiting = True
+        keys = self.keys if self.keys.dtype == self.dtype else self.keys.to(self.dtype)
+        attention.announce(self, keys)
+        return keys, (self.values if self.values.dtype == self.dtype else self.values.to(self.dtype))
+
+    # -- attention, scoring, eviction -----------------------------------------------------------------------------
+    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        if not self._awaiting:
+            raise RuntimeError(f"layer {self.layer_idx}: attend() without a preceding update()")
+        self._awaiting = False
+        out, received = self.attention(query, mask, scaling)
+        prefill = self.calls == 0
+        self.calls += 1
+        self.scores = self.policy.score(self.scores, received, self.positions, prefill)
+        if prefill or self.policy.evicts_while_decoding:
+            self._evict()
+        return out
+
+    def _all_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(keys, values, positions) of the low tier then the kept tokens, and the low tier's length."""
+        k, v, p = self.keys.float(), self.values.float(), self.positions
+        if self.low_keys is not None and self.low_keys.tokens:
+            k = torch.cat([self.low_keys.decode(torch.float32), k], -2)
+            v = torch.cat([self.low_values.decode(torch.float32), v], -2)
+            p = torch.cat([self.low_positions, p], -1)
+        return k, v, p, p.shape[-1] - self.positions.shape[-1]
+
+    def attention(self, query: torch.Tensor, mask: torch.Tensor | None,
+                  scaling: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Attention output [B, Hq, q, d] and the attention each kept token received, per KV head."""
+        k, v, pos, n_low = self._all_tokens()
+        b, hq, ql, _ = query.shape
+        h = k.shape[1]
+        if hq % h:
+            raise ValueError(f"layer {self.layer_idx}: {hq} query heads for {h} KV heads")
+        rep = hq // h
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        pos_q = pos.repeat_interleave(rep, 1).long()  # [B, Hq, T]
+        q = query.float()
+        out = torch.empty(b, hq, ql, v.shape[-1], dtype=torch.float32, device=q.device)
+        got_all = q.new_zeros(b, hq, pos.shape[-1])
+        got_obs = q.new_zeros(b, hq, pos.shape[-1])
+        got_last = None
+        for start in range(0, ql, _QUERY_BLOCK):
+            stop = min(start + _QUERY_BLOCK, ql)
+            s = (q[:, :, start:stop] @ k.transpose(-1, -2)) * scaling
+            if mask is not None:
+                m = mask[:, :, start:stop]
+                allowed = m.expand(b, hq, -1, -1).gather(-1, pos_q[:, :, None, :].expand(-1, -1, stop - start, -1))
+                s = s.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else s + allowed.float()
+            else:
+                qpos = torch.arange(self.seen - ql + start, self.seen - ql + stop, device=q.device)
+                s = s.masked_fill(pos_q[:, :, None, :] > qpos[None, None, :, None], float("-inf"))
+            p = torch.softmax(s, -1).nan_to_num(0.0)
+            out[:, :, start:stop] = p @ v
+            got_all += p.sum(2)
+            first_obs = max(ql - self.observe, start)
+            if first_obs < stop:
+                got_obs += p[:, :, first_obs - start:].sum(2)
+            if stop == ql:
+                got_last = p[:, :, -1]
+        received = {}
+        for name, got in (("all", got_all), ("observed", got_obs), ("last", got_last)):
+            per_kv = got[..., n_low:].reshape(b, h, rep, -1).mean(2)
+            if self.policy.per_layer:
+                per_kv = per_kv.mean(1, keepdim=True).expand(b, h, -1)
+            received[name] = per_kv
+        return out.to(query.dtype), received
+
+    def budget_tokens(self) -> int:
+        """How many tokens stay exact now."""
+        if self.tokens:
+            keep = self.tokens
+        else:
+            keep = math.ceil(self.budget * self.seen)
+        return max(keep, min(self.seen, self.sinks + self.window))
+
+    def _evict(self) -> None:
+        keep = self.budget_tokens()
+        held = self.positions.shape[-1]
+        if held <= keep:
+            return
+        protected = (self.positions < self.sinks) | (self.positions >= self.seen - self.window)
+        rank = self.scores.masked_fill(protected, float("inf"))
+        if self.policy.per_layer:  # the same tokens in every head: rank by the head-mean score
+            rank = rank.mean(1, keepdim=True).expand_as(rank)
+        order = torch.sort(rank, dim=-1, descending=True, stable=True).indices
+        kept = order[..., :keep].sort(-1).values
+        gone = order[..., keep:].sort(-1).values
+        if self.low_keys is not None:
+            idx = gone[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+            self.low_keys.append(self.keys.gather(2, idx))
+            self.low_values.append(self.values.gather(2, idx))
+            self.low_positions = torch.cat([self.low_positions, self.positions.gather(2, gone)], -1)
+        idx = kept[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys, self.values = self.keys.gather(2, idx), self.values.gather(2, idx)
+        self.positions, self.scores = self.positions.gather(2, kept), self.scores.gather(2, kept)
+
+    # -- transformers layer API -----------------------------------------------------------------------------------
+    def held(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.positions.shape[-1] + self.low_positions.shape[-1]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0  # masks are indexed by position; the layer gathers what it holds
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(f"layer {self.layer_idx}: an evicting cache cannot be cropped")
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("keys", "values", "positions", "scores", "low_positions"):
+            setattr(self, name, fn(getattr(self, name)))
+        if self.low_keys is not None:
+            self.low_keys.map_batch(fn)
+            self.low_values.map_batch(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
+
+    def offload(self):
+        raise NotImplementedError("kvshrink layers do not support offloading")
+
+    def prefetch(self):
+        raise NotImplementedError("kvshrink layers do not support offloading")
+
+    # -- reporting ------------------------------------------------------------------------------------------------
+    def parts(self) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {"codes": [], "scales": [], "means": [], "window": [], "sinks": [],
+                                              "positions": []}
+        if self.low_keys is not None:
+            for store in (self.low_keys, self.low_values):
+                for part, ts in store.parts().items():
+                    out[part].extend(ts)
+        if self.is_initialized:
+            out["window"].extend([self.keys, self.values])  # kept exact tokens
+            out["positions"].extend([self.positions, self.low_positions, self.scores])
+        return out
+
+    def shape(self):
+        if not self.is_initialized:
+            return None
+        return self.keys.shape[0], self.keys.shape[1], self.keys.shape[3]
+
+    def describe(self) -> dict[str, Any]:
+        low = f", evicted at {self.low_spec.bits} bits" if self.low_spec else ""
+        budget = f"{self.tokens} tokens" if self.tokens else f"{self.budget:.0%} of tokens"
+        return {"bits": f"{self.policy.name}: {budget}{low}", "sinks": self.sinks, "window": self.window,
+                "kept": 0 if self.positions is None else self.positions.shape[-1],
+                "low": 0 if self.low_positions is None else self.low_positions.shape[-1]}

@@ -1,0 +1,45 @@
+"""`mixed`: evict to low bits instead of dropping (MiKV, "No token left behind"): any eviction policy decides which
+tokens stay exact; the rest are kept quantized per token at `bits` bits, never dropped. `budget` is the share of
+fp16 bytes the keys and values may take; the share kept exact follows from what a low-bit token costs. Each
+token's position (int32) and score (float32) come on top, 3% of fp16 at head dim 64, and are in the reported bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..codecs.packing import packed_size
+from ..codecs.quant import QuantSpec
+from .base import option, register
+from .eviction import EvictionMethod
+
+
+@register
+@dataclass
+class Mixed(EvictionMethod):
+    name = "mixed"
+    summary = "an eviction policy picks the exact tokens, the others stay at low bits (MiKV); budget = share of fp16 bytes"
+
+    policy: str = option("h2o", "eviction policy scoring the tokens: streamingllm, h2o, snapkv, tova")
+    bits: int = option(2, "code width of the low tier: 2, 3, 4 or 8")
+    group: int = option(32, "channels sharing one fp16 scale and zero point in the low tier (MiKV: head_dim / 2)")
+
+    def scoring_policy(self) -> str:
+        return self.policy
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"mixed: bits must be one of 2, 3, 4, 8, got {self.bits}")
+        if self.group < 1:
+            raise ValueError(f"mixed: group must be >= 1, got {self.group}")
+
+    def low_tier(self, head_dim):
+        spec = QuantSpec(self.bits, self.group, "token", "none")
+        spec.check_head_dim(head_dim, "mixed low tier")
+        fp16 = 4 * head_dim  # keys and values of one token and head (exact tokens are held in 16 bits)
+        low = 2 * (head_dim // self.group) * (packed_size(self.group, self.bits) + 4)
+        share = (self.budget * fp16 - low) / (fp16 - low)
+        if share <= 0:
+            raise ValueError(f"mixed: budget {self.budget} is below the cost of keeping every token at {self.bits} "
+                             f"bits ({low / fp16:.3f} of fp16): raise it or lower bits")
+        return spec, min(share, 1.0)

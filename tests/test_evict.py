@@ -1,0 +1,116 @@
+"""Eviction methods (streamingllm, h2o, snapkv, tova) and evict-to-low-bits (mixed)."""
+import math
+
+import pytest
+import torch
+from conftest import greedy, tiny_gemma3, tiny_llama
+from transformers import DynamicCache
+
+import kvshrink as ks
+from kvshrink.policies.scoring import get_policy
+
+EVICTING = ["streamingllm", "h2o", "snapkv", "tova"]
+
+
+def _prompt(batch=2, n=100, seed=2):
+    return torch.randint(2, 95, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+@pytest.mark.parametrize("method", EVICTING + ["mixed"])
+def test_a_full_budget_reproduces_full(make, method):
+    model = make()
+    ids = _prompt()
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0  # left padding in the second sequence
+    ref = greedy(model, ids, DynamicCache(config=model.config), n=20, attention_mask=mask)
+    spec = f"{method}:budget=1.0" + (",group=8" if method == "mixed" else "")
+    cache = ks.make_cache(model, spec)
+    out = greedy(model, ids, cache, n=20, attention_mask=mask)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("method", EVICTING)
+def test_a_small_budget_keeps_exactly_what_it_promises(method):
+    model = tiny_llama()
+    ids = _prompt(batch=1, n=120)
+    cache = ks.make_cache(model, f"{method}:budget=0.25,sinks=3,window=8")
+    greedy(model, ids, cache, n=10)
+    seen = 120 + 9  # the last generated token is never fed back
+    for layer in cache.layers:
+        kept = layer.positions
+        if method == "snapkv":  # the prompt is compressed once; decoding keeps every new token
+            assert kept.shape[-1] == math.ceil(0.25 * 120) + 9
+        else:
+            assert kept.shape[-1] == math.ceil(0.25 * seen)
+        for row in kept.reshape(-1, kept.shape[-1]).tolist():
+            assert {0, 1, 2} <= set(row)  # sinks
+            assert len(row) == len(set(row)) and row == sorted(row)
+        if method != "snapkv":
+            assert set(range(seen - 8, seen)) <= set(kept[0, 0].tolist())  # the recent window
+    report = cache.memory_report()
+    assert report["ratio"] < 0.4
+    if method == "streamingllm":
+        want = [0, 1, 2] + list(range(seen - (math.ceil(0.25 * seen) - 3), seen))
+        assert cache.layers[0].positions[0, 0].tolist() == want
+
+
+def test_a_token_count_budget():
+    model = tiny_llama()
+    cache = ks.make_cache(model, "h2o:tokens=40,sinks=2,window=8")
+    greedy(model, _prompt(batch=1, n=90), cache, n=8)
+    assert all(layer.positions.shape[-1] == 40 for layer in cache.layers)
+
+
+def test_tova_keeps_the_same_tokens_in_every_head_and_h2o_need_not():
+    model = tiny_llama()
+    ids = _prompt(batch=1, n=120)
+    tova = ks.make_cache(model, "tova:budget=0.3,window=4")
+    greedy(model, ids, tova, n=6)
+    pos = tova.layers[0].positions
+    assert torch.equal(pos[:, 0], pos[:, 1])
+    h2o = ks.make_cache(model, "h2o:budget=0.3,window=4")
+    greedy(model, ids, h2o, n=6)
+    assert not torch.equal(h2o.layers[0].positions[:, 0], h2o.layers[0].positions[:, 1])
+
+
+def test_policies_score_as_their_papers_say():
+    received = {"all": torch.tensor([[[1.0, 2.0, 3.0]]]), "observed": torch.tensor([[[0.0, 5.0, 0.0]]]),
+                "last": torch.tensor([[[3.0, 1.0, 2.0]]])}
+    old = torch.tensor([[[10.0, 0.0, 0.0]]])
+    pos = torch.tensor([[[0, 1, 2]]])
+    assert get_policy("h2o").score(old, received, pos, False).tolist() == [[[11.0, 2.0, 3.0]]]
+    assert get_policy("tova").score(old, received, pos, False).tolist() == [[[3.0, 1.0, 2.0]]]
+    assert get_policy("streamingllm").score(old, received, pos, False).tolist() == [[[0.0, 1.0, 2.0]]]
+    assert get_policy("snapkv").score(old, received, pos, True).tolist() == [[[5.0, 5.0, 5.0]]]  # pooled
+    assert get_policy("snapkv").score(old, received, pos, False) is old  # decoding leaves the scores
+    with pytest.raises(ValueError, match="unknown eviction policy 'lru'"):
+        get_policy("lru")
+
+
+def test_mixed_keeps_every_token_and_spends_its_budget():
+    model = tiny_llama()
+    ids = _prompt(batch=1, n=200)
+    plain = ks.make_cache(model, "h2o:budget=0.5")
+    mixed = ks.make_cache(model, "mixed:policy=h2o,budget=0.5,bits=2,group=8")
+    ref = greedy(model, ids, DynamicCache(config=model.config), n=10)
+    greedy(model, ids, plain, n=10)
+    greedy(model, ids, mixed, n=10)
+    for layer in mixed.layers:
+        assert layer.positions.shape[-1] + layer.low_positions.shape[-1] == 209  # none dropped
+        assert layer.low_keys.tokens == layer.low_positions.shape[-1] > 0
+        both = torch.cat([layer.positions, layer.low_positions], -1)[0, 0].sort().values
+        assert both.tolist() == list(range(209))
+    r = mixed.memory_report()
+    assert r["by_part"]["codes"] > 0 and abs(r["ratio"] - 0.5) < 0.08
+    assert ref.shape == (1, 10)
+
+
+def test_eviction_options_are_checked():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"budget must be in \(0, 1\]"):
+        ks.make_cache(model, "h2o:budget=1.5")
+    with pytest.raises(ValueError, match="unknown eviction policy 'lru'"):
+        ks.make_cache(model, "mixed:policy=lru")
+    with pytest.raises(ValueError, match="below the cost of keeping every token at 2 bits"):
+        ks.make_cache(model, "mixed:budget=0.1,group=8")
