@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Dynam
 
 from .codecs.quant import QuantSpec, QuantStore
 
-PARTS = ("codes", "scales", "means", "window", "sinks", "bases", "levels", "positions")
+PARTS = ("codes", "scales", "means", "window", "sinks", "bases", "levels", "positions", "residuals")
 
 
 def _nbytes(tensors) -> int:

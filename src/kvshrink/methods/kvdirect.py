@@ -1,0 +1,52 @@
+"""`kvdirect`: KV-Direct (arXiv 2603.19664) residual checkpointing, per-layer scheme: each layer keeps every token's
+residual-stream input and recomputes old keys and values from it with its own norm, projections and rotary
+embedding; only the last `window` tokens keep materialised keys and values.
+
+This trades compute for memory, and on most GQA models it does not save memory: a residual (hidden size) is larger
+than the layer's keys plus values (SmolLM2: 576 vs 2 x 3 x 64 = 384 values, 1.5x; Gemma 3-4B: 1.25x). The paper's
+5 KB/token figure counts one vector per token for all layers, which exact recomputation can only use as the layer-0
+input (re-running the evicted prefix through every layer at every step); that scheme is not implemented here.
+Gemma 3's sliding-window layers keep their exact window (they never need older tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..cache import FullSlidingLayer
+from ..residual import RESIDUAL_DTYPES, ResidualLayer, _decoder_layers, install_hooks, rotary_of
+from .base import Method, option, register
+
+
+@register
+@dataclass
+class KVDirect(Method):
+    name = "kvdirect"
+    summary = "keep each layer's residual input per token, recompute keys/values exactly (KV-Direct, per-layer)"
+
+    window: int = option(0, "most recent tokens whose keys and values stay materialised (the budget B)")
+    residual_dtype: str = option("model", "how residuals are held: model (exact), float16, bfloat16, int8 "
+                                          "(the last three give up exactness)")
+
+    def validate(self) -> None:
+        if self.window < 0:
+            raise ValueError(f"kvdirect: window must be >= 0, got {self.window}")
+        if self.residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(f"kvdirect: residual_dtype must be one of {', '.join(RESIDUAL_DTYPES)}, "
+                             f"got {self.residual_dtype!r}")
+
+    def make_cache(self, model_or_config: Any):
+        if not hasattr(model_or_config, "config") or not hasattr(model_or_config, "parameters"):
+            raise TypeError("kvdirect recomputes keys and values with the model's own modules: "
+                            "make_cache(model, 'kvdirect'), not a config")
+        install_hooks(model_or_config)
+        self._model = model_or_config
+        return super().make_cache(model_or_config)
+
+    def layer(self, layer_idx: int, sliding_window: int | None):
+        if sliding_window is not None:
+            return FullSlidingLayer(sliding_window, layer_idx)
+        text = self._model.config.get_text_config(decoder=True)
+        kind = text.layer_types[layer_idx] if getattr(text, "layer_types", None) else "full_attention"
+        return ResidualLayer(_decoder_layers(self._model)[layer_idx], rotary_of(self._model), kind,
+                             window=self.window, residual_dtype=self.residual_dtype, layer_idx=layer_idx)

@@ -1,0 +1,225 @@
+"""ResidualLayer: KV-Direct's residual checkpointing, per layer. Every token keeps the residual-stream vector that
+entered this decoder layer (and its position id); only the most recent `window` tokens keep materialised keys and
+values. Older keys and values are recomputed on every step with the layer's own modules - input norm, k/v
+projections, k_norm where the model has one, the model's rotary embedding at the token's position - so they are
+the values the model computed, not an approximation (up to matmul row-count effects in the last bits).
+
+The residual arrives through a forward pre-hook on each decoder layer (installed by `make_cache(model, "kvdirect")`)
+that hands the layer's input to the cache layer about to be updated.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .cache import _Reporting
+
+RESIDUAL_DTYPES = ("model", "float16", "bfloat16", "int8")
+
+
+class ResidualLayer(CacheLayerMixin, _Reporting):
+    """Residuals of every token plus the last `window` tokens' keys and values, for one decoder layer."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, decoder_layer: torch.nn.Module, rotary: Any, layer_type: str, *, window: int = 0,
+                 residual_dtype: str = "model", layer_idx: int = -1):
+        super().__init__()
+        if residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(f"layer {layer_idx}: residual_dtype must be one of {RESIDUAL_DTYPES}, got {residual_dtype!r}")
+        if not isinstance(window, int) or window < 0:
+            raise ValueError(f"layer {layer_idx}: window must be a non-negative integer, got {window!r}")
+        attn = decoder_layer.self_attn
+        for name in ("k_proj", "v_proj"):
+            if not hasattr(attn, name):
+                raise ValueError(f"layer {layer_idx}: {type(attn).__name__} has no {name}; kvdirect supports "
+                                 "attention with separate k_proj and v_proj")
+        if not hasattr(decoder_layer, "input_layernorm"):
+            raise ValueError(f"layer {layer_idx}: {type(decoder_layer).__name__} has no input_layernorm")
+        self.norm, self.attn, self.rotary, self.layer_type = decoder_layer.input_layernorm, attn, rotary, layer_type
+        self._rotary_takes_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        self._apply_rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
+        self.window, self.residual_dtype, self.layer_idx = window, residual_dtype, layer_idx
+        self.sliding_window = None
+        self.is_sliding = False
+        self.pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self.residuals = self.residual_scale = self.position_ids = None
+        self.keys = self.values = None
+        self.seen = 0
+        self.is_initialized = False
+
+    # -- residual storage -----------------------------------------------------------------------------------------
+    def _store(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.residual_dtype == "model":
+            return h.detach().clone(), None
+        if self.residual_dtype in ("float16", "bfloat16"):
+            return h.to(getattr(torch, self.residual_dtype)), None
+        scale = (h.abs().amax(-1, keepdim=True).float() / 127).clamp_min(1e-12)
+        codes = torch.round(h.float() / scale).clamp(-127, 127).to(torch.int8)
+        return codes, scale.half()
+
+    def _load(self) -> torch.Tensor:
+        if self.residual_scale is not None:
+            return (self.residuals.float() * self.residual_scale.float()).to(self.dtype)
+        return self.residuals.to(self.dtype)
+
+    def recompute(self, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (after the rotary embedding) and values [B, H, T, d] of residuals h [B, T, hidden]."""
+        attn = self.attn
+        x = self.norm(h)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
+        args = (x, position_ids, self.layer_type) if self._rotary_takes_type else (x, position_ids)
+        cos, sin = self.rotary(*args)
+        _, k = self._apply_rope(k, k, cos, sin)
+        return k, v
+
+    # -- transformers layer API -----------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.pending is None:
+            raise RuntimeError(f"layer {self.layer_idx}: no residual arrived for these keys; kvdirect needs the hooks "
+                               "that make_cache(model, 'kvdirect') installs on the model it was made for")
+        h, pos = self.pending
+        self.pending = None
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, t = h.shape[0], h.shape[1]
+        if h.shape[1] != key_states.shape[-2]:
+            raise RuntimeError(f"layer {self.layer_idx}: {h.shape[1]} residuals for {key_states.shape[-2]} new keys")
+        if pos is None:
+            pos = torch.arange(self.seen, self.seen + t, device=h.device)
+        pos = pos.expand(b, t)
+        old = self.residuals.shape[1] if self.residuals is not None else 0
+        evicted = old - self.keys.shape[-2]
+        if evicted > 0:
+            k_old, v_old = self.recompute(self._load()[:, :evicted], self.position_ids[:, :evicted].long())
+            out_k = torch.cat([k_old, self.keys, key_states], -2)
+            out_v = torch.cat([v_old, self.values, value_states], -2)
+        else:
+            out_k = torch.cat([self.keys, key_states], -2)
+            out_v = torch.cat([self.values, value_states], -2)
+        codes, scale = self._store(h)
+        self.residuals = codes if self.residuals is None else torch.cat([self.residuals, codes], 1)
+        if scale is not None:
+            self.residual_scale = scale if self.residual_scale is None else torch.cat([self.residual_scale, scale], 1)
+        pos = pos.to(torch.int32)
+        self.position_ids = pos if self.position_ids is None else torch.cat([self.position_ids, pos], 1)
+        keep = min(self.window, out_k.shape[-2])
+        self.keys = out_k[:, :, out_k.shape[-2] - keep:].clone()
+        self.values = out_v[:, :, out_v.shape[-2] - keep:].clone()
+        self.seen += t
+        return out_k, out_v
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(f"layer {self.layer_idx}: a kvdirect cache cannot be cropped")
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("residuals", "residual_scale", "position_ids", "keys", "values"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
+
+    def offload(self):
+        raise NotImplementedError("kvshrink layers do not support offloading")
+
+    def prefetch(self):
+        raise NotImplementedError("kvshrink layers do not support offloading")
+
+    # -- reporting ------------------------------------------------------------------------------------------------
+    def parts(self) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {"residuals": [], "positions": [], "window": []}
+        if self.is_initialized:
+            out["residuals"].extend(t for t in (self.residuals, self.residual_scale) if t is not None)
+            out["positions"].append(self.position_ids)
+            out["window"].extend([self.keys, self.values])
+        return out
+
+    def shape(self):
+        if not self.is_initialized:
+            return None
+        return self.keys.shape[0], self.keys.shape[1], self.keys.shape[3]
+
+    def describe(self) -> dict[str, Any]:
+        return {"bits": f"residual {self.residual_dtype}", "window": self.window}
+
+
+def install_hooks(model: Any) -> None:
+    """Give each decoder layer a pre-hook that hands its input (the residual stream) and position ids to the
+    `ResidualLayer` of the cache it is called with (once per model)."""
+    from .cache import CompressedCache
+
+    if getattr(model, "_kvshrink_residual_hooks", False):
+        return
+    layers = _decoder_layers(model)
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, CompressedCache):
+            return None
+        layer = cache.layers[module._kvshrink_index]
+        if isinstance(layer, ResidualLayer):
+            h = args[0] if args else kwargs["hidden_states"]
+            layer.pending = (h, kwargs.get("position_ids"))
+        return None
+
+    for i, layer in enumerate(layers):
+        layer._kvshrink_index = i
+        layer.register_forward_pre_hook(hook, with_kwargs=True)
+    model._kvshrink_residual_hooks = True
+
+
+def _decoder_layers(model: Any) -> torch.nn.ModuleList:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None and hasattr(inner, "language_model"):
+        layers = getattr(inner.language_model, "layers", None)
+    if layers is None:
+        raise ValueError(f"kvdirect: cannot find the decoder layers of {type(model).__name__} (model.model.layers)")
+    return layers
+
+
+def rotary_of(model: Any) -> Any:
+    inner = getattr(model, "model", model)
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is None:
+        raise ValueError(f"kvdirect: cannot find the rotary embedding of {type(model).__name__} (model.model.rotary_emb)")
+    return rotary

@@ -1,0 +1,59 @@
+"""kvdirect: residual checkpointing recomputes keys and values exactly."""
+import pytest
+import torch
+from conftest import greedy, tiny_gemma3, tiny_llama
+from transformers import DynamicCache
+
+import kvshrink as ks
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+@pytest.mark.parametrize("window", [0, 8])
+def test_kvdirect_reproduces_full_greedy_tokens(make, window):
+    model = make()
+    ids = torch.randint(2, 95, (2, 60), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    ids[1, :5], mask[1, :5] = 0, 0
+    ref = greedy(model, ids, DynamicCache(config=model.config), n=20, attention_mask=mask)
+    cache = ks.make_cache(model, f"kvdirect:window={window}")
+    assert torch.equal(greedy(model, ids, cache, n=20, attention_mask=mask), ref)
+    report = cache.memory_report()
+    assert report["by_part"]["residuals"] > 0
+    held = [layer for layer in cache.layers if hasattr(layer, "residuals")]
+    assert held and all(layer.keys.shape[-2] == min(window, 79) for layer in held)
+
+
+def test_lossy_residuals_are_smaller_and_int8_is_not_exact():
+    model = tiny_llama()
+    ids = torch.randint(2, 95, (1, 80), generator=torch.Generator().manual_seed(3))
+    sizes = {}
+    for dtype in ("model", "float16", "int8"):
+        cache = ks.make_cache(model, f"kvdirect:residual_dtype={dtype}")
+        greedy(model, ids, cache, n=4)
+        sizes[dtype] = cache.memory_report()["by_part"]["residuals"]
+    assert sizes["model"] == 2 * sizes["float16"] and sizes["int8"] < 0.6 * sizes["float16"]
+
+
+def test_kvdirect_needs_the_model_and_its_hooks():
+    model = tiny_llama()
+    with pytest.raises(TypeError, match="not a config"):
+        ks.make_cache(model.config, "kvdirect")
+    cache = ks.make_cache(model, "kvdirect")
+    k = torch.zeros(1, 2, 3, 16)
+    with pytest.raises(RuntimeError, match="no residual arrived"):
+        cache.update(k, k, 0)
+    with pytest.raises(ValueError, match="residual_dtype must be one of"):
+        ks.make_cache(model, "kvdirect:residual_dtype=int4")
+
+
+def test_kvdirect_on_the_real_model(real_model):
+    model, tok = real_model
+    text = ks.eval.corpus.pydoc_text()
+    ids = tok(text[-8000:-4000], return_tensors="pt", add_special_tokens=False).input_ids[:, :300]
+    ref = greedy(model, ids, DynamicCache(config=model.config), n=24)
+    cache = ks.make_cache(model, "kvdirect")
+    assert torch.equal(greedy(model, ids, cache, n=24), ref)
+    per_token = cache.memory_report()["by_part"]["residuals"] / cache.get_seq_length()
+    kv_fp16 = 30 * 2 * 3 * 64 * 2
+    assert per_token == 30 * 576 * 4  # fp32 residuals of hidden size 576 in every layer
+    assert per_token / 2 / kv_fp16 == pytest.approx(1.5)  # in 16 bits: 1.5x the fp16 keys and values
