@@ -237,3 +237,20 @@ def test_full_rank_reproduces_full_on_the_real_model(real_model):
         assert torch.equal(greedy(model, prompt, cache, n=24), ref)
     finally:
         model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+def test_pre_rope_keys_full_rank_reproduce_full(make):
+    model = make()
+    ids = torch.randint(2, 95, (1, 512), generator=torch.Generator().manual_seed(0))
+    prof = bases_profile(model, ids, method="tale", samples=2, context=256, key_space="pre_rope", progress=False)
+    d = model.config.head_dim
+    prompt = torch.randint(2, 95, (1, 90), generator=torch.Generator().manual_seed(3))
+    ref = greedy(model, prompt, DynamicCache(config=model.config), n=20)
+    method = ks.build_method("lowrank", rank=d, bits=16, exact_dtype="model", basis_dtype="float32",
+                             key_space="pre_rope", attention="reconstruct").use_profile(prof)
+    assert torch.equal(greedy(model, prompt, method.make_cache(model), n=20), ref)
+    with pytest.raises(ValueError, match="attends by reconstruction only"):
+        ks.build_method("lowrank", key_space="pre_rope")
+    with pytest.raises(ProfileError, match="holds keys fitted pre-rope"):
+        ks.build_method("lowrank", rank=d).use_profile(prof).make_cache(model)

@@ -2,8 +2,8 @@
 
 Keys are taken as the cache receives them, after the rotary embedding: in that space a query scores a token from its
 coefficients alone (q . U c = (U^T q) . c), which is what lets attention skip reconstruction; a basis fitted
-before the rotation would need each token's rotation applied to U, a reconstruction in disguise. Values have no
-rotation. Per layer, one basis per KV head (TALE) or one over all heads of the layer jointly (DynaKV, Palu's
+before the rotation (`key_space="pre_rope"`, offered for comparison) needs each token's rotation applied after
+reconstructing it, so it attends by reconstruction only. Values have no rotation. Per layer, one basis per KV head (TALE) or one over all heads of the layer jointly (DynaKV, Palu's
 joint-head decomposition), fitted by uncentred PCA of every position of the calibration windows.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .codecs.lowrank import energy, fit_basis
 from .profile import Profile, ProfileError, fingerprint
 
 KINDS = {"lowrank": False, "tale": False, "dynakv": True}  # method -> joint basis
+KEY_SPACES = ("post_rope", "pre_rope")
 
 
 def _rows(x: torch.Tensor, joint: bool) -> torch.Tensor:
@@ -27,10 +28,15 @@ def _rows(x: torch.Tensor, joint: bool) -> torch.Tensor:
 
 
 def fit_bases(model, ids: torch.Tensor, *, joint: bool, samples: int = 4, context: int = 1024,
-              progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+              key_space: str = "post_rope", progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Bases and coefficient RMS of every layer from `samples` windows of `context` tokens of `ids` [1, N];
-    returns (tensors, record)."""
+    `key_space="pre_rope"` fits the keys with the rotary embedding undone. Returns (tensors, record)."""
     from tqdm.auto import tqdm
+
+    from .rope import Rope
+
+    if key_space not in KEY_SPACES:
+        raise ValueError(f"key_space must be one of {KEY_SPACES}, got {key_space!r}")
 
     if ids.shape[1] < samples * context:
         raise ValueError(f"the calibration text has {ids.shape[1]} tokens; {samples} windows of {context} need "
@@ -44,13 +50,17 @@ def fit_bases(model, ids: torch.Tensor, *, joint: bool, samples: int = 4, contex
         with torch.no_grad():
             model(ids[:, s * stride:s * stride + context], past_key_values=cache, use_cache=True)
         for i, layer in enumerate(cache.layers):
-            for kind, x in (("key", layer.keys), ("value", layer.values)):
+            keys = layer.keys
+            if key_space == "pre_rope":
+                keys = Rope(model, i)(keys, torch.arange(keys.shape[-2]), inverse=True)
+            for kind, x in (("key", keys), ("value", layer.values)):
                 r = _rows(x, joint).double()
                 g = r.transpose(-1, -2) @ r
                 grams[(i, kind)] = g if (i, kind) not in grams else grams[(i, kind)] + g
         count += context
     tensors: dict[str, torch.Tensor] = {}
-    record: dict[str, Any] = {"samples": samples, "context": context, "joint": joint, "energy": {}}
+    record: dict[str, Any] = {"samples": samples, "context": context, "joint": joint, "key_space": key_space,
+                              "energy": {}}
     for (i, kind), g in sorted(grams.items()):
         basis, sigma = fit_basis(g, count)
         tensors[f"layer{i}.{kind}_basis"], tensors[f"layer{i}.{kind}_sigma"] = basis, sigma
@@ -63,17 +73,19 @@ def fit_bases(model, ids: torch.Tensor, *, joint: bool, samples: int = 4, contex
 
 
 def bases_profile(model, ids: torch.Tensor, *, method: str = "tale", samples: int = 4, context: int = 1024,
-                  progress: bool = True) -> Profile:
+                  key_space: str = "post_rope", progress: bool = True) -> Profile:
     """A profile holding the bases `method` needs (per-head for tale/lowrank, joint for dynakv), fitted on token
     ids [1, N] of calibration text."""
     if method not in KINDS:
         raise ValueError(f"low-rank bases are for methods {', '.join(KINDS)}, got {method!r}")
     tensors, record = fit_bases(model, ids, joint=KINDS[method], samples=samples, context=context,
-                                progress=progress)
-    return Profile(fingerprint(model), "lowrank", {"joint": KINDS[method]}, [], None, record, tensors)
+                                key_space=key_space, progress=progress)
+    return Profile(fingerprint(model), "lowrank", {"joint": KINDS[method], "key_space": key_space}, [], None, record,
+                   tensors)
 
 
-def layer_bases(profile: Profile, layer_idx: int, joint: bool, where: str) -> tuple[torch.Tensor, ...]:
+def layer_bases(profile: Profile, layer_idx: int, joint: bool, where: str,
+                key_space: str = "post_rope") -> tuple[torch.Tensor, ...]:
     """(key basis, key sigma, value basis, value sigma) of one layer from a bases profile, checked."""
     if profile.method != "lowrank" or "joint" not in profile.options:
         raise ProfileError(f"{where} holds no low-rank bases (method {profile.method!r}); make one with "
@@ -82,6 +94,10 @@ def layer_bases(profile: Profile, layer_idx: int, joint: bool, where: str) -> tu
         need = "joint (dynakv)" if joint else "per-head (tale, lowrank)"
         raise ProfileError(f"{where} holds {'joint' if profile.options['joint'] else 'per-head'} bases; this method "
                            f"needs {need} bases: calibrate with the matching --method")
+    fitted = profile.options.get("key_space", "post_rope")
+    if fitted != key_space:
+        raise ProfileError(f"{where} holds keys fitted {fitted.replace('_', '-')}; key_space={key_space!r} was asked "
+                           f"for: calibrate with --key-space {key_space}")
     out = []
     for name in ("key_basis", "key_sigma", "value_basis", "value_sigma"):
         t = profile.tensors.get(f"layer{layer_idx}.{name}")

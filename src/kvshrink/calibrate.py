@@ -246,6 +246,7 @@ def calibrate(
     sensitivity_from: str | Path | None = None,
     output: str | Path | None = None,
     progress: bool = True,
+    key_space: str = "post_rope",
 ) -> Profile:
     """Per-layer bits for keys and values of `tada` under a budget; returns (and writes) the profile.
 
@@ -271,7 +272,7 @@ def calibrate(
     given = [t for t in (target_ratio, target_bytes, target_bits) if t is not None]
     if method in KINDS:
         return _calibrate_bases(model, tokenizer, method, given, samples or 3, context or 4096, text, output,
-                                progress)
+                                progress, key_space)
     if method != "tada":
         raise ValueError(f"calibrate: method must be tada or one of {', '.join(KINDS)}, got {method!r}")
     samples, context = samples or 2, context or 512
@@ -366,7 +367,8 @@ def calibrate(
     return profile
 
 
-def _calibrate_bases(model, tokenizer, method, given, samples, context, text, output, progress) -> Profile:
+def _calibrate_bases(model, tokenizer, method, given, samples, context, text, output, progress,
+                     key_space) -> Profile:
     from .bases import bases_profile
     from .eval.corpus import pydoc_text, split
     from .models import load_model
@@ -380,7 +382,8 @@ def _calibrate_bases(model, tokenizer, method, given, samples, context, text, ou
         raise ValueError("a loaded model needs its tokenizer: calibrate(model, tokenizer=tok, ...)")
     text = text if text is not None else split(pydoc_text())[0]
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    profile = bases_profile(model, ids, method=method, samples=samples, context=context, progress=progress)
+    profile = bases_profile(model, ids, method=method, samples=samples, context=context, key_space=key_space,
+                            progress=progress)
     if output is not None:
         profile.save(output)
     return profile

@@ -148,7 +148,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.method != "tada":
         profile = calibrate(args.model, method=args.method, target_ratio=args.target_ratio,
                             target_bytes=args.target_bytes, target_bits=args.target_bits, samples=args.samples,
-                            context=args.context, output=args.output)
+                            context=args.context, output=args.output, key_space=args.key_space)
         print("layer | key energy at D/8, D/4, D/2 | value energy")
         energy = profile.calibration["energy"]
         for i in range(profile.model["layers"]):
@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--model", default="smollm2-135m")
     ca.add_argument("--method", choices=("tada", "tale", "dynakv", "lowrank"), default="tada",
                     help="tada: per-layer bits (default); tale/lowrank: per-head bases; dynakv: joint bases")
+    ca.add_argument("--key-space", choices=("post_rope", "pre_rope"), default="post_rope",
+                    help="low-rank bases: fit keys after the rotary embedding (default) or with it undone")
     target = ca.add_mutually_exclusive_group()
     target.add_argument("--target-ratio", type=float, help="bytes / 16-bit bytes at --budget-context tokens, e.g. 0.27")
     target.add_argument("--target-bytes", type=int, help="cache bytes at --budget-context tokens")

@@ -42,11 +42,14 @@ class LatentLayer(CacheLayerMixin, _Reporting):
                  value_sigma: torch.Tensor, levels: Sequence[Level], fractions: Sequence[float], *, kv_heads: int,
                  window: int = 32, sinks: int = 4, block: int = 32, code_group: int = 64, layer_idx: int = -1,
                  exact_dtype: torch.dtype | None = None, basis_dtype: torch.dtype = torch.float16,
-                 mode: str = "latent", observe: int = 32, significance: str = "attention"):
+                 mode: str = "latent", observe: int = 32, significance: str = "attention", rope: Any = None):
         super().__init__()
         where = f"layer {layer_idx}"
         if mode not in MODES:
             raise ValueError(f"{where}: mode must be one of {MODES}, got {mode!r}")
+        if rope is not None and mode != "reconstruct":
+            raise ValueError(f"{where}: pre-RoPE keys (a rope given) can only attend by reconstruction: each token's "
+                             "rotation is applied after rebuilding it; use mode='reconstruct'")
         if significance not in SIGNIFICANCE:
             raise ValueError(f"{where}: significance must be one of {SIGNIFICANCE}, got {significance!r}")
         for arg, value, low in (("window", window, 0), ("sinks", sinks, 0), ("block", block, 1), ("observe", observe, 1)):
@@ -69,6 +72,7 @@ class LatentLayer(CacheLayerMixin, _Reporting):
         self.levels, self.fractions = tuple(levels), tuple(fractions)
         self.window, self.sinks, self.block, self.code_group = window, sinks, block, code_group
         self.exact_dtype, self.mode, self.observe, self.significance = exact_dtype, mode, observe, significance
+        self.rope = rope  # set: keys are stored with the rotary embedding undone (pre-RoPE basis)
         self.sliding_window = None
         self.is_sliding = False
         self._clear()
@@ -157,6 +161,9 @@ class LatentLayer(CacheLayerMixin, _Reporting):
             score = k.norm(dim=-1)
         b = score.shape[0]
         score = score.reshape(b, self.groups, self.heads_per_group, n).mean(2)
+        if self.rope is not None:  # these tokens' positions follow the sinks and the tokens already stored
+            start = self.sink_keys.shape[-2] + self.level_map.shape[-1]
+            k = self.rope(k, torch.arange(start, start + n), inverse=True)
         levels = assign_levels(score, level_counts(n, self.fractions))
         rank = self.key_basis.shape[-1]
         kc = (self._rows(k) @ self.key_basis.float()) / self.key_sigma.float()[:, None, :]
@@ -217,6 +224,8 @@ class LatentLayer(CacheLayerMixin, _Reporting):
             else:
                 recon_k = self._heads(self.key_store.reconstruct(self.level_map, self.key_basis.float(),
                                                                   self.key_sigma.float()))
+                if self.rope is not None:
+                    recon_k = self.rope(recon_k, torch.arange(n_sink, n_sink + n_mid))
                 recon_v = self._heads(self.value_store.reconstruct(self.level_map, self.value_basis.float(),
                                                                     self.value_sigma.float()))
                 mid_scores = q @ recon_k.repeat_interleave(rep, 1).transpose(-1, -2)

@@ -17,6 +17,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .cache import _Reporting
+from .rope import decoder_layers as _decoder_layers
 
 RESIDUAL_DTYPES = ("model", "float16", "bfloat16", "int8")
 
@@ -205,21 +206,3 @@ def install_hooks(model: Any) -> None:
         layer._kvshrink_index = i
         layer.register_forward_pre_hook(hook, with_kwargs=True)
     model._kvshrink_residual_hooks = True
-
-
-def _decoder_layers(model: Any) -> torch.nn.ModuleList:
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None and hasattr(inner, "language_model"):
-        layers = getattr(inner.language_model, "layers", None)
-    if layers is None:
-        raise ValueError(f"kvdirect: cannot find the decoder layers of {type(model).__name__} (model.model.layers)")
-    return layers
-
-
-def rotary_of(model: Any) -> Any:
-    inner = getattr(model, "model", model)
-    rotary = getattr(inner, "rotary_emb", None)
-    if rotary is None:
-        raise ValueError(f"kvdirect: cannot find the rotary embedding of {type(model).__name__} (model.model.rotary_emb)")
-    return rotary

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..cache import FullSlidingLayer
-from ..residual import RESIDUAL_DTYPES, ResidualLayer, _decoder_layers, install_hooks, rotary_of
+from ..residual import RESIDUAL_DTYPES, ResidualLayer, install_hooks
+from ..rope import decoder_layers, rotary_of
 from .base import Method, option, register
 
 
@@ -48,5 +49,5 @@ class KVDirect(Method):
             return FullSlidingLayer(sliding_window, layer_idx)
         text = self._model.config.get_text_config(decoder=True)
         kind = text.layer_types[layer_idx] if getattr(text, "layer_types", None) else "full_attention"
-        return ResidualLayer(_decoder_layers(self._model)[layer_idx], rotary_of(self._model), kind,
+        return ResidualLayer(decoder_layers(self._model)[layer_idx], rotary_of(self._model), kind,
                              window=self.window, residual_dtype=self.residual_dtype, layer_idx=layer_idx)

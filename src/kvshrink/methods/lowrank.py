@@ -35,6 +35,8 @@ class LatentMethod(Method):
     basis_dtype: str = option("float16", "dtype the bases are held in: float16 or float32")
     attention: str = option("latent", "'latent': scores and values in the basis coordinates; 'reconstruct': "
                                       "rebuild keys and values, then attend (the reference)")
+    key_space: str = option("post_rope", "keys projected after the rotary embedding ('post_rope') or with it undone "
+                                         "('pre_rope': needs attention=reconstruct and a pre-RoPE profile)")
 
     def validate(self) -> None:
         if self.exact_dtype not in ("model", "float16", "bfloat16"):
@@ -43,6 +45,11 @@ class LatentMethod(Method):
             raise ValueError(f"{self.name}: basis_dtype must be float16 or float32, got {self.basis_dtype!r}")
         if self.attention not in MODES:
             raise ValueError(f"{self.name}: attention must be one of {', '.join(MODES)}, got {self.attention!r}")
+        if self.key_space not in ("post_rope", "pre_rope"):
+            raise ValueError(f"{self.name}: key_space must be post_rope or pre_rope, got {self.key_space!r}")
+        if self.key_space == "pre_rope" and self.attention != "reconstruct":
+            raise ValueError(f"{self.name}: key_space=pre_rope attends by reconstruction only (each token's rotation "
+                             "is applied after rebuilding it): set attention=reconstruct")
         for arg in ("window", "sinks", "code_group"):
             if getattr(self, arg) < 0:
                 raise ValueError(f"{self.name}: {arg} must be >= 0, got {getattr(self, arg)}")
@@ -76,7 +83,15 @@ class LatentMethod(Method):
             attention.enable(model_or_config)
         text = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
         self._kv_heads = text.num_key_value_heads
-        self._bases = lambda i: layer_bases(self._profile, i, self.joint, where)  # noqa: E731
+        self._bases = lambda i: layer_bases(self._profile, i, self.joint, where, self.key_space)  # noqa: E731
+        if self.key_space == "pre_rope":
+            if not hasattr(model_or_config, "set_attn_implementation"):
+                raise TypeError(f"{self.name}: key_space=pre_rope needs the model (its rotary embedding), not a config")
+            from ..rope import Rope
+
+            self._rope = lambda i: Rope(model_or_config, i)  # noqa: E731
+        else:
+            self._rope = lambda i: None  # noqa: E731
         return super().make_cache(model_or_config)
 
     def layer(self, layer_idx: int, sliding_window: int | None):
@@ -89,7 +104,7 @@ class LatentMethod(Method):
                            kv_heads=self._kv_heads, window=self.window, sinks=self.sinks, block=max(self.window, 1),
                            code_group=self.code_group or kb.shape[1], layer_idx=layer_idx,
                            exact_dtype=_DTYPES[self.exact_dtype], basis_dtype=_DTYPES[self.basis_dtype],
-                           mode=self.attention, **self.layer_options())
+                           mode=self.attention, rope=self._rope(layer_idx), **self.layer_options())
 
     def layer_options(self) -> dict[str, Any]:
         return {}

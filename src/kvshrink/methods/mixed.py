@@ -19,6 +19,7 @@ class Mixed(EvictionMethod):
     name = "mixed"
     summary = "an eviction policy picks the exact tokens, the others stay at low bits (MiKV); budget = share of fp16 bytes"
 
+    budget: float = option(0.5, "share of fp16 bytes the keys and values may take (exact tokens plus low-bit ones)")
     policy: str = option("h2o", "eviction policy scoring the tokens: streamingllm, h2o, snapkv, tova")
     bits: int = option(2, "code width of the low tier: 2, 3, 4 or 8")
     group: int = option(32, "channels sharing one fp16 scale and zero point in the low tier (MiKV: head_dim / 2)")

