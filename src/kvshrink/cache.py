@@ -45,6 +45,29 @@ class _Reporting:
         return sum(_nbytes(ts) for ts in self.parts().values())
 
 
+class _BatchOps:
+    """Beam reordering and batch selection for a layer that maps a function over its batch-first tensors
+    (`_map_batch`); offloading is not supported."""
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
+
+    def offload(self):
+        raise NotImplementedError("kvshrink layers do not support offloading")
+
+    def prefetch(self):
+        raise NotImplementedError("kvshrink layers do not support offloading")
+
+
 class FullLayer(DynamicLayer, _Reporting):
     """Uncompressed layer: exactly transformers' `DynamicLayer`."""
 
@@ -78,7 +101,7 @@ class FullSlidingLayer(DynamicSlidingWindowLayer, _Reporting):
     describe = FullLayer.describe
 
 
-class WindowedLayer(CacheLayerMixin, _Reporting):
+class WindowedLayer(_BatchOps, CacheLayerMixin, _Reporting):
     """Exact attention-sink tokens, then compressed key and value stores, then an exact window of recent tokens.
 
     The first `sinks` tokens stay exact (attention concentrates on them). At least `window` recent tokens stay exact; older ones move to the stores in blocks (a whole number of
@@ -241,21 +264,6 @@ class WindowedLayer(CacheLayerMixin, _Reporting):
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.key_store.map_batch(fn)
         self.value_store.map_batch(fn)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
-
-    def offload(self):
-        raise NotImplementedError("kvshrink layers do not support offloading")
-
-    def prefetch(self):
-        raise NotImplementedError("kvshrink layers do not support offloading")
 
     # -- reporting ----------------------------------------------------------------------------------------------
     def parts(self) -> dict[str, list[torch.Tensor]]:

@@ -17,14 +17,14 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from . import attention
-from .cache import _Reporting
+from .cache import _BatchOps, _Reporting
 from .codecs.quant import QuantSpec, QuantStore
 from .policies.scoring import Policy
 
 _QUERY_BLOCK = 512  # queries per block when a prompt attends (bounds the score matrix at block x tokens)
 
 
-class EvictingLayer(CacheLayerMixin, _Reporting):
+class EvictingLayer(_BatchOps, CacheLayerMixin, _Reporting):
     """Exact kept tokens (and, with `low_spec`, a low-bit tier of evicted ones) for one decoder layer.
 
     budget: a fraction of the tokens seen (0 < budget <= 1) kept exact, or `tokens` > 0 a fixed count (the larger
@@ -219,21 +219,6 @@ class EvictingLayer(CacheLayerMixin, _Reporting):
         if self.low_keys is not None:
             self.low_keys.map_batch(fn)
             self.low_values.map_batch(fn)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
-
-    def offload(self):
-        raise NotImplementedError("kvshrink layers do not support offloading")
-
-    def prefetch(self):
-        raise NotImplementedError("kvshrink layers do not support offloading")
 
     # -- reporting ------------------------------------------------------------------------------------------------
     def parts(self) -> dict[str, list[torch.Tensor]]:

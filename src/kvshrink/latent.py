@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from . import attention
-from .cache import _Reporting
+from .cache import _BatchOps, _Reporting
 from .codecs.lowrank import Level, LevelStore
 from .policies.significance import assign_levels, level_counts
 
@@ -27,7 +27,7 @@ MODES = ("latent", "reconstruct")
 SIGNIFICANCE = ("attention", "norm")
 
 
-class LatentLayer(CacheLayerMixin, _Reporting):
+class LatentLayer(_BatchOps, CacheLayerMixin, _Reporting):
     """Exact sinks, low-rank coefficient stores per level, and an exact recent window, for one decoder layer.
 
     key_basis / value_basis: [groups, heads_per_group * head_dim, R] orthonormal columns (R = the largest rank);
@@ -304,21 +304,6 @@ class LatentLayer(CacheLayerMixin, _Reporting):
             setattr(self, name, fn(getattr(self, name)))
         self.key_store.map_batch(fn)
         self.value_store.map_batch(fn)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
-
-    def offload(self):
-        raise NotImplementedError("kvshrink layers do not support offloading")
-
-    def prefetch(self):
-        raise NotImplementedError("kvshrink layers do not support offloading")
 
     # -- reporting ----------------------------------------------------------------------------------------------
     def parts(self) -> dict[str, list[torch.Tensor]]:

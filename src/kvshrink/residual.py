@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .cache import _Reporting
+from .cache import _BatchOps, _Reporting
 from .rope import decoder_layers as _decoder_layers
 
 RESIDUAL_DTYPES = ("model", "float16", "bfloat16", "int8")
 
 
-class ResidualLayer(CacheLayerMixin, _Reporting):
+class ResidualLayer(_BatchOps, CacheLayerMixin, _Reporting):
     """Residuals of every token plus the last `window` tokens' keys and values, for one decoder layer."""
 
     is_compileable = False
@@ -149,21 +149,6 @@ class ResidualLayer(CacheLayerMixin, _Reporting):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
-
-    def offload(self):
-        raise NotImplementedError("kvshrink layers do not support offloading")
-
-    def prefetch(self):
-        raise NotImplementedError("kvshrink layers do not support offloading")
 
     # -- reporting ------------------------------------------------------------------------------------------------
     def parts(self) -> dict[str, list[torch.Tensor]]:

@@ -34,16 +34,20 @@ def load(attn: str):
     return model, tok
 
 
+def prefill(model, press, ids: torch.Tensor, cache: DynamicCache):
+    """The prompt's forward pass, compressed by `press` (None: not compressed)."""
+    if press is None:
+        return model(ids, past_key_values=cache, use_cache=True)
+    with press(model):
+        return model(ids, past_key_values=cache, use_cache=True)
+
+
 @torch.no_grad()
 def run(model, press, ids: torch.Tensor, feed: list[int]) -> list[torch.Tensor]:
     """Prefill `ids` under `press` (None: no compression), then feed `feed` one token at a time at their absolute
     positions; returns the log-probabilities after the prefill and after each fed token."""
     cache = DynamicCache()
-    if press is None:
-        out = model(ids, past_key_values=cache, use_cache=True)
-    else:
-        with press(model):
-            out = model(ids, past_key_values=cache, use_cache=True)
+    out = prefill(model, press, ids, cache)
     rows = [out.logits[0, -1].float().log_softmax(-1)]
     pos = ids.shape[1]
     for t in feed:
@@ -56,11 +60,7 @@ def run(model, press, ids: torch.Tensor, feed: list[int]) -> list[torch.Tensor]:
 @torch.no_grad()
 def answer(model, press, ids: torch.Tensor, n: int, eos: int) -> list[int]:
     cache = DynamicCache()
-    if press is None:
-        out = model(ids, past_key_values=cache, use_cache=True)
-    else:
-        with press(model):
-            out = model(ids, past_key_values=cache, use_cache=True)
+    out = prefill(model, press, ids, cache)
     tokens, pos = [], ids.shape[1]
     for _ in range(n):
         t = int(out.logits[0, -1].argmax())
