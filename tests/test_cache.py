@@ -166,7 +166,7 @@ def test_bad_input_is_named():
         ks.make_cache(model, "kivi", bits=5)
     with pytest.raises(ValueError, match="layer 0 values: group=12 does not divide head_dim=16"):
         ks.make_cache(model, "kivi", group=12)
-    with pytest.raises(ValueError, match="unknown method 'kiwi'; available: dynakv, full, kivi, lowrank, tada, tale"):
+    with pytest.raises(ValueError, match=r"unknown method 'kiwi'; available: (\w+, )*kivi, (\w+, )*tada"):
         ks.make_cache(model, "kiwi")
     with pytest.raises(ValueError, match="method 'kivi' has no option 'mean'"):
         ks.make_cache(model, "kivi", mean="head")

@@ -165,10 +165,8 @@ class LatentLayer(_BatchOps, CacheLayerMixin, _Reporting):
             start = self.sink_keys.shape[-2] + self.level_map.shape[-1]
             k = self.rope(k, torch.arange(start, start + n), inverse=True)
         levels = assign_levels(score, level_counts(n, self.fractions))
-        rank = self.key_basis.shape[-1]
         kc = (self._rows(k) @ self.key_basis.float()) / self.key_sigma.float()[:, None, :]
         vc = (self._rows(v) @ self.value_basis.float()) / self.value_sigma.float()[:, None, :]
-        assert kc.shape[-1] == rank
         self.key_store.append(kc, levels)
         self.value_store.append(vc, levels)
         self.level_map = torch.cat([self.level_map, levels], -1)

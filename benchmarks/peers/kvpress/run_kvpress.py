@@ -1,6 +1,7 @@
 """Run kvpress presses on SmolLM2-135M with the inputs kvshrink's eval used; write results JSON.
 
 Run with the kvpress environment (setup.sh): benchmarks/peers/kvpress/.venv/bin/python run_kvpress.py
+Records are appended to results-kvpress.jsonl as they come, so an interrupted run resumes where it stopped.
 kvpress compresses the prompt once, at prefill (its presses hook the attention layers during the prefill forward);
 decoding then appends every new token. compression_ratio is the share of prompt tokens removed.
 """
@@ -80,7 +81,25 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     models = {"sdpa": load("sdpa"), "eager": load("eager")}
     tok = models["sdpa"][1]
-    records = []
+    out_path = HERE / "results-kvpress.jsonl"  # one record per line, appended as they come: a rerun resumes
+    done = set()
+    if out_path.exists():
+        for line in out_path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by an interrupted run
+            done.add((r["press"], r["budget"], r["task"], r["context"]))
+    import transformers
+
+    env = {"transformers": transformers.__version__, "torch": torch.__version__, "kvpress": "0.5.5"}
+
+    def emit(record):
+        record.update(env)
+        with out_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(record, flush=True)
+
     refs = [run(models["sdpa"][0], None, torch.tensor([s["context_ids"]]), s["continuation_ids"][:-1])
             for s in inputs["samples"]]
     for name, cls in [("full", None), *PRESSES.items()]:
@@ -88,34 +107,28 @@ def main() -> None:
         for budget in (BUDGETS if cls else (1.0,)):
             press = None if cls is None else cls(compression_ratio=1.0 - budget)
             for s, ref in zip(inputs["samples"], refs):
+                if (name, budget, "kl", s["context"]) in done:
+                    continue
                 t0 = time.perf_counter()
                 ctx = torch.tensor([s["context_ids"]])
                 cont = s["continuation_ids"]
                 got = run(model, press, ctx, cont[:-1])
                 kl = [float((r.exp() * (r - g)).sum()) for r, g in zip(ref, got)]
                 top1 = [int(r.argmax() == g.argmax()) for r, g in zip(ref, got)]
-                records.append({"press": name, "budget": budget, "task": "kl", "context": s["context"],
-                                "seed": s["seed"], "kl": sum(kl) / len(kl), "top1": sum(top1) / len(top1),
-                                "seconds": round(time.perf_counter() - t0, 1)})
-                print(records[-1], flush=True)
+                emit({"press": name, "budget": budget, "task": "kl", "context": s["context"], "seed": s["seed"],
+                      "kl": sum(kl) / len(kl), "top1": sum(top1) / len(top1),
+                      "seconds": round(time.perf_counter() - t0, 1)})
             by_ctx: dict[int, list[bool]] = {}
             for p in inputs["passkey"]:
+                if (name, budget, "passkey", p["context"]) in done:
+                    continue
                 out = answer(model, press, torch.tensor([p["input_ids"]]), inputs["answer_tokens"], tok.eos_token_id)
                 text = tok.decode(out, skip_special_tokens=True)
                 by_ctx.setdefault(p["context"], []).append(p["passkey"] in text)
             for context, oks in by_ctx.items():
-                records.append({"press": name, "budget": budget, "task": "passkey", "context": context,
-                                "correct": sum(oks), "prompts": len(oks)})
-                print(records[-1], flush=True)
-    import transformers
-
-    import kvpress
-    result = {"transformers": transformers.__version__, "kvpress": getattr(kvpress, "__version__", "0.5.5"),
-              "torch": torch.__version__, "records": records}
-    tmp = HERE / "results-kvpress.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(HERE / "results-kvpress.json")
-    print("wrote", HERE / "results-kvpress.json")
+                emit({"press": name, "budget": budget, "task": "passkey", "context": context, "correct": sum(oks),
+                      "prompts": len(oks)})
+    print("records in", out_path)
 
 
 if __name__ == "__main__":
