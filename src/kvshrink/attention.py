@@ -34,6 +34,38 @@ def claim(layer_idx: int, keys: torch.Tensor) -> Any | None:
     return entry[0] if entry is not None and entry[1] is keys else None
 
 
+class SelfAttending:
+    """Bookkeeping of a cache layer that attends over its own storage: every `update` must be followed by the
+    attention call that the layer answers, or the model is not running kvshrink's attention."""
+
+    layer_idx: int = -1
+    kind: str = "this"
+    _awaiting: bool = False
+
+    def _begin_update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Refuse an update whose predecessor was never attended, check the shape, initialise on first use."""
+        if self._awaiting:
+            self._awaiting = False
+            raise RuntimeError(
+                f"layer {self.layer_idx}: the last update was not followed by kvshrink's attention; {self.kind} "
+                f"cache needs the model to run with attn_implementation='{NAME}' (make_cache(model, ...) switches it)")
+        if key_states.dim() != 4:
+            raise ValueError(f"layer {self.layer_idx}: key_states must be [batch, heads, tokens, head_dim], "
+                             f"got {tuple(key_states.shape)}")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+
+    def _hand_over(self, keys: torch.Tensor) -> None:
+        """The attention call that receives `keys` (what `update` returns) is this layer's to answer."""
+        self._awaiting = True
+        announce(self, keys)
+
+    def _begin_attend(self) -> None:
+        if not self._awaiting:
+            raise RuntimeError(f"layer {self.layer_idx}: attend() without a preceding update()")
+        self._awaiting = False
+
+
 def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        **kwargs: Any) -> tuple[torch.Tensor, None]:

@@ -24,7 +24,7 @@ from .policies.scoring import Policy
 _QUERY_BLOCK = 512  # queries per block when a prompt attends (bounds the score matrix at block x tokens)
 
 
-class EvictingLayer(_BatchOps, CacheLayerMixin, _Reporting):
+class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Reporting):
     """Exact kept tokens (and, with `low_spec`, a low-bit tier of evicted ones) for one decoder layer.
 
     budget: a fraction of the tokens seen (0 < budget <= 1) kept exact, or `tokens` > 0 a fixed count (the larger
@@ -32,6 +32,7 @@ class EvictingLayer(_BatchOps, CacheLayerMixin, _Reporting):
     """
 
     is_compileable = False
+    kind = "an evicting"
     is_croppable = False
 
     def __init__(self, policy: Policy, *, budget: float = 1.0, tokens: int = 0, sinks: int = 4, window: int = 32,
@@ -58,7 +59,7 @@ class EvictingLayer(_BatchOps, CacheLayerMixin, _Reporting):
         self.low_positions = None
         self.seen = 0
         self.calls = 0
-        self._awaiting = False
+        self._awaiting = False  # an update not yet answered by attend()
         self.is_initialized = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -75,16 +76,7 @@ class EvictingLayer(_BatchOps, CacheLayerMixin, _Reporting):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self._awaiting:
-            self._awaiting = False
-            raise RuntimeError(
-                f"layer {self.layer_idx}: the last update was not followed by kvshrink's attention; an evicting "
-                "cache needs the model to run with attn_implementation='kvshrink' (make_cache(model, ...) switches it)")
-        if key_states.dim() != 4:
-            raise ValueError(f"layer {self.layer_idx}: key_states must be [batch, heads, tokens, head_dim], "
-                             f"got {tuple(key_states.shape)}")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        self._begin_update(key_states, value_states)
         b, h, t, _ = key_states.shape
         pos = torch.arange(self.seen, self.seen + t, dtype=torch.int32, device=key_states.device)
         self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], -2)
@@ -92,16 +84,13 @@ class EvictingLayer(_BatchOps, CacheLayerMixin, _Reporting):
         self.positions = torch.cat([self.positions, pos.expand(b, h, t)], -1)
         self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, t)], -1)
         self.seen += t
-        self._awaiting = True
         keys = self.keys if self.keys.dtype == self.dtype else self.keys.to(self.dtype)
-        attention.announce(self, keys)
+        self._hand_over(keys)
         return keys, (self.values if self.values.dtype == self.dtype else self.values.to(self.dtype))
 
     # -- attention, scoring, eviction -----------------------------------------------------------------------------
     def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        if not self._awaiting:
-            raise RuntimeError(f"layer {self.layer_idx}: attend() without a preceding update()")
-        self._awaiting = False
+        self._begin_attend()
         out, received = self.attention(query, mask, scaling)
         prefill = self.calls == 0
         self.calls += 1

@@ -27,7 +27,7 @@ MODES = ("latent", "reconstruct")
 SIGNIFICANCE = ("attention", "norm")
 
 
-class LatentLayer(_BatchOps, CacheLayerMixin, _Reporting):
+class LatentLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Reporting):
     """Exact sinks, low-rank coefficient stores per level, and an exact recent window, for one decoder layer.
 
     key_basis / value_basis: [groups, heads_per_group * head_dim, R] orthonormal columns (R = the largest rank);
@@ -36,6 +36,7 @@ class LatentLayer(_BatchOps, CacheLayerMixin, _Reporting):
     """
 
     is_compileable = False
+    kind = "a low-rank"
     is_croppable = False
 
     def __init__(self, key_basis: torch.Tensor, key_sigma: torch.Tensor, value_basis: torch.Tensor,
@@ -84,7 +85,7 @@ class LatentLayer(_BatchOps, CacheLayerMixin, _Reporting):
         self.keys = self.values = self.sink_keys = self.sink_values = None
         self.sig_sum = self.sig_count = None  # attention received by the window's tokens, and observations
         self.seen = 0
-        self._awaiting = False
+        self._awaiting = False  # an update not yet answered by attend()
         self.is_initialized = False
 
     # -- transformers layer API -------------------------------------------------------------------------------
@@ -106,16 +107,7 @@ class LatentLayer(_BatchOps, CacheLayerMixin, _Reporting):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self._awaiting:
-            self._awaiting = False
-            raise RuntimeError(
-                f"layer {self.layer_idx}: the last update was not followed by kvshrink's attention; a low-rank cache "
-                "needs the model to run with attn_implementation='kvshrink' (make_cache(model, ...) switches it)")
-        if key_states.dim() != 4:
-            raise ValueError(f"layer {self.layer_idx}: key_states must be [batch, heads, tokens, head_dim], "
-                             f"got {tuple(key_states.shape)}")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        self._begin_update(key_states, value_states)
         self._flush()
         t = key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], -2)
@@ -130,10 +122,9 @@ class LatentLayer(_BatchOps, CacheLayerMixin, _Reporting):
             self.keys, self.values = self.keys[:, :, missing:].clone(), self.values[:, :, missing:].clone()
             self.sig_sum, self.sig_count = self.sig_sum[..., missing:].clone(), self.sig_count[..., missing:].clone()
         self.seen += t
-        self._awaiting = True
         # what an ordinary attention would get: the exact tokens only (the compressed ones are attended by `attend`)
         keys = torch.cat([self.sink_keys, self.keys], -2).to(self.dtype)
-        attention.announce(self, keys)
+        self._hand_over(keys)
         return keys, torch.cat([self.sink_values, self.values], -2).to(self.dtype)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,9 +180,7 @@ class LatentLayer(_BatchOps, CacheLayerMixin, _Reporting):
     def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """Attention output [B, Hq, q, d] for `query` [B, Hq, q, d] over sinks, stored tokens and window; the
         window's tokens record the attention they received."""
-        if not self._awaiting:
-            raise RuntimeError(f"layer {self.layer_idx}: attend() without a preceding update()")
-        self._awaiting = False
+        self._begin_attend()
         out, p_win = self.attention(query, mask, scaling, self.mode)
         self._observe(p_win)
         return out
