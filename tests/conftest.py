@@ -4,6 +4,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# without a GPU the Triton kernels run in Triton's interpreter; it is chosen when a kernel is defined, so before
+# anything imports kvshrink.kernels.triton_kernels. kernel='auto' still picks PyTorch on the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_llama(seed: int = 0, **overrides):

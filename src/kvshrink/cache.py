@@ -6,6 +6,9 @@ Layers:
 - `WindowedLayer`: the most recent tokens in full precision, older ones in a compressed store for keys and one for
   values. Attention gets the exact keys/values of the tokens passed in this step (so the prefill attends in full
   precision) and the decoded store for the past; only then are the tokens that left the window compressed.
+  With `kernels=True` (CUDA, Triton), decode steps never decode the store: the layer answers kvshrink's
+  attention call itself with `kernels.packed_attention`, which reads the packed codes, and tokens leaving the
+  window are quantized by `kernels.quantize_pack`. The prefill still gets the decoded store and SDPA.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
+from .attention import SelfAttending
 from .codecs.quant import QuantSpec, QuantStore
 
 PARTS = ("codes", "scales", "means", "window", "sinks", "bases", "levels", "positions", "residuals")
@@ -101,7 +105,7 @@ class FullSlidingLayer(DynamicSlidingWindowLayer, _Reporting):
     describe = FullLayer.describe
 
 
-class WindowedLayer(_BatchOps, CacheLayerMixin, _Reporting):
+class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
     """Exact attention-sink tokens, then compressed key and value stores, then an exact window of recent tokens.
 
     The first `sinks` tokens stay exact (attention concentrates on them). At least `window` recent tokens stay exact; older ones move to the stores in blocks (a whole number of
@@ -113,8 +117,11 @@ class WindowedLayer(_BatchOps, CacheLayerMixin, _Reporting):
     is_croppable = False
 
     def __init__(self, key_spec: QuantSpec, value_spec: QuantSpec, window: int = 32, layer_idx: int = -1,
-                 sliding_window: int | None = None, sinks: int = 0, exact_dtype: torch.dtype | None = None):
+                 sliding_window: int | None = None, sinks: int = 0, exact_dtype: torch.dtype | None = None,
+                 kernels: bool = False):
         super().__init__()
+        self.kernels = kernels
+        self.kind = "a kernel-attending quantized"
         if exact_dtype is not None and exact_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"layer {layer_idx}: exact_dtype must be float16, bfloat16, float32 or None, got {exact_dtype}")
         self.exact_dtype = exact_dtype  # None: the model's dtype
@@ -148,6 +155,13 @@ class WindowedLayer(_BatchOps, CacheLayerMixin, _Reporting):
         self.keys = key_states.new_empty((b, h, 0, d), dtype=held)
         self.values = value_states.new_empty((b, value_states.shape[1], 0, value_states.shape[-1]), dtype=held)
         self.sink_keys, self.sink_values = self.keys, self.values
+        if self.kernels:
+            from . import kernels
+
+            if not kernels.usable_on(self.device):
+                raise RuntimeError(f"layer {self.layer_idx}: kernels=True needs CUDA tensors and Triton "
+                                   f"(the states are on {self.device}); use kernel='torch'")
+            self.key_store.encoder = self.value_store.encoder = kernels.quantize_pack
         self.is_initialized = True
 
     def _check(self, name: str, x: torch.Tensor) -> None:
@@ -163,6 +177,11 @@ class WindowedLayer(_BatchOps, CacheLayerMixin, _Reporting):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self._check("key_states", key_states)
         self._check("value_states", value_states)
+        if self.kernels and key_states.shape[-2] <= _kernel_query_tokens():
+            self._begin_update(key_states, value_states)
+            self._add(key_states, value_states, flush=False)
+            self._hand_over(self.keys)  # answered by attend(), which then compresses what left the window
+            return self.keys, self.values
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         past_k = self.key_store.decode(self.dtype)
@@ -172,6 +191,13 @@ class WindowedLayer(_BatchOps, CacheLayerMixin, _Reporting):
         out_k = torch.cat([t for t in (cast(self.sink_keys), past_k, cast(self.keys), key_states) if t is not None], -2)
         out_v = torch.cat([t for t in (cast(self.sink_values), past_v, cast(self.values), value_states)
                            if t is not None], -2)
+        self._add(key_states, value_states)
+        if self.sliding_window is not None:
+            self._forget_outside_window()
+        return out_k, out_v
+
+    def _add(self, key_states: torch.Tensor, value_states: torch.Tensor, flush: bool = True) -> None:
+        """Take this step's tokens into the window (the first ones into the sinks) and compress what left it."""
         self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
         self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
         self.seen += key_states.shape[-2]
@@ -181,10 +207,24 @@ class WindowedLayer(_BatchOps, CacheLayerMixin, _Reporting):
             self.sink_values = torch.cat([self.sink_values, self.values[:, :, :missing_sinks]], dim=-2)
             self.keys = self.keys[:, :, missing_sinks:].clone()
             self.values = self.values[:, :, missing_sinks:].clone()
-        self._flush()
+        if flush:
+            self._flush()
+
+    def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Attention of this step's queries [B, HQ, Q, D] over everything held, read packed by the kernel."""
+        from . import kernels
+
+        self._begin_attend()
+        sinks = self.sink_keys.shape[-2]
+        stored = self.key_store.tokens
+        index = torch.cat([torch.arange(sinks), torch.arange(sinks + stored, sinks + stored + self.keys.shape[-2])])
+        out = kernels.packed_attention(
+            query, self.key_store, self.value_store, torch.cat([self.sink_keys, self.keys], -2),
+            torch.cat([self.sink_values, self.values], -2), index, sinks, mask=attention_mask, scaling=scaling)
+        self._flush()  # as on the PyTorch path: this step attended its tokens exactly, now they may be compressed
         if self.sliding_window is not None:
             self._forget_outside_window()
-        return out_k, out_v
+        return out
 
     def _flush(self) -> None:
         excess = self.keys.shape[-2] - self.window
@@ -290,6 +330,12 @@ class WindowedLayer(_BatchOps, CacheLayerMixin, _Reporting):
             "window": self.window,
             "sinks": self.sinks,
         }
+
+
+def _kernel_query_tokens() -> int:
+    from .kernels import MAX_QUERY_TOKENS
+
+    return MAX_QUERY_TOKENS
 
 
 class CompressedCache(Cache):

@@ -90,6 +90,57 @@ class QuantSpec:
             )
 
 
+def head_mean(x: torch.Tensor) -> torch.Tensor:
+    """Each token's mean over the heads of x [B, H, T, D] (float32), as [B, 1, T, D].
+
+    Summed head by head, in order, then divided by H: a fixed order of float operations that the GPU kernel
+    repeats, so both produce the same bits (torch's own `mean` leaves the order to the backend).
+    """
+    s = x[:, 0]
+    for h in range(1, x.shape[1]):
+        s = s + x[:, h]
+    return (s / x.shape[1]).unsqueeze(1)
+
+
+def _to_fp16(x: torch.Tensor, what: str) -> torch.Tensor:
+    h = x.half()
+    if not torch.isfinite(h).all():
+        raise ValueError(f"{what} exceeds the fp16 range (|x| > {_FP16_MAX:g})")
+    return h
+
+
+def encode_block(x: torch.Tensor, spec: "QuantSpec", channel_mean: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One block of tokens x [B, H, T, D] as a store holds it: (codes, scale, zero, head mean).
+
+    The reference of the quantize-and-pack kernel (`kvshrink.kernels.quantize_pack` gives the same bits).
+    center="channel" subtracts `channel_mean` [B, H, 1, D] (fp16, fixed by the first block); center="head"
+    subtracts the fp16 per-token head mean, which is returned. Per-token groups: codes [B, H, T, D/G, bytes],
+    scale/zero [B, H, T, D/G, 1]; per-channel groups: codes [B, H, T/G, G, bytes], scale/zero [B, H, T/G, 1, D].
+    bits=16 returns the centred fp16 values as codes and no scale or zero.
+    """
+    b, h, t, d = x.shape
+    x = x.float()
+    m = None
+    if spec.center == "head":
+        m = _to_fp16(head_mean(x), "the head mean")
+        x = x - m.float()
+    elif spec.center == "channel":
+        if channel_mean is None:
+            raise ValueError("center='channel' needs the channel mean of the first block")
+        x = x - channel_mean.float()
+    if spec.bits == 16:
+        return _to_fp16(x, "a value"), None, None, m
+    # per token: [B, H, T, D/G, G], groups along the last dim; per channel: [B, H, T/G, G, D], groups along the
+    # tokens of a block. Codes are packed along the last dim either way, so decoding is a plain reshape.
+    if spec.axis == "token":
+        groups, dim = x.reshape(b, h, t, d // spec.group, spec.group), -1
+    else:
+        groups, dim = x.reshape(b, h, t // spec.group, spec.group, d), -2
+    codes, scale, zero = quantize(groups, spec.bits, dim)
+    return codes, scale, zero, m
+
+
 class QuantStore:
     """The quantized tokens of one tensor of one layer, shaped [batch, heads, tokens, head_dim] when decoded."""
 
@@ -103,49 +154,35 @@ class QuantStore:
         self.zero: torch.Tensor | None = None
         self.head_mean: torch.Tensor | None = None  # [B, 1, T, D] fp16, center="head"
         self.channel_mean: torch.Tensor | None = None  # [B, H, 1, D] fp16, center="channel"
+        # what turns a block into codes: `encode_block` (PyTorch) or a kernel with the same contract and output
+        self.encoder = None
 
     def _fp16(self, x: torch.Tensor, what: str) -> torch.Tensor:
-        h = x.half()
-        if not torch.isfinite(h).all():
-            raise ValueError(f"{self.name}: {what} exceeds the fp16 range (|x| > {_FP16_MAX:g})")
-        return h
+        return _to_fp16(x, f"{self.name}: {what}")
 
     def append(self, x: torch.Tensor) -> None:
         """Quantize and store a block of tokens x [B, H, T, D]; T must be a multiple of `tokens_per_unit`."""
         spec = self.spec
-        b, h, t, d = x.shape
+        t = x.shape[2]
         if t % spec.tokens_per_unit:
             raise ValueError(f"{self.name}: {t} tokens is not a multiple of the group of {spec.tokens_per_unit} tokens")
         if t == 0:
             return
-        spec.check_head_dim(d, self.name)
-        self.head_dim = d
-        x = x.float()
-        if spec.center == "head":
-            m = self._fp16(x.mean(1, keepdim=True), "the head mean")
-            self.head_mean = m if self.head_mean is None else torch.cat([self.head_mean, m], 2)
-            x = x - m.float()
-        elif spec.center == "channel":
-            if self.channel_mean is None:
-                self.channel_mean = self._fp16(x.mean(2, keepdim=True), "the channel mean")
-            x = x - self.channel_mean.float()
-        if spec.bits == 16:
-            codes, scale, zero = self._fp16(x, "a value"), None, None
-        else:
-            # per token: [B, H, T, D/G, G], groups along the last dim; per channel: [B, H, T/G, G, D], groups along
-            # the tokens of a block. Codes are packed along the last dim either way, so decoding is a plain reshape.
-            if spec.axis == "token":
-                groups, dim = x.reshape(b, h, t, d // spec.group, spec.group), -1
-            else:
-                groups, dim = x.reshape(b, h, t // spec.group, spec.group, d), -2
-            try:
-                codes, scale, zero = quantize(groups, spec.bits, dim)
-            except ValueError as e:
-                raise ValueError(f"{self.name}: {e}") from None
+        spec.check_head_dim(x.shape[-1], self.name)
+        if spec.center == "channel" and self.channel_mean is None:
+            self.channel_mean = self._fp16(x.float().mean(2, keepdim=True), "the channel mean")
+        encode = self.encoder or encode_block
+        try:
+            codes, scale, zero, head_mean = encode(x, spec, self.channel_mean)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
+        self.head_dim = x.shape[-1]
         self.codes = codes if self.codes is None else torch.cat([self.codes, codes], 2)
         if scale is not None:
             self.scale = scale if self.scale is None else torch.cat([self.scale, scale], 2)
             self.zero = zero if self.zero is None else torch.cat([self.zero, zero], 2)
+        if head_mean is not None:
+            self.head_mean = head_mean if self.head_mean is None else torch.cat([self.head_mean, head_mean], 2)
         self.tokens += t
 
     def decode(self, dtype: torch.dtype) -> torch.Tensor | None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 
 from ..cache import WindowedLayer
@@ -11,6 +13,7 @@ from .base import Method, option, register
 
 
 _EXACT_DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_KERNELS = ("auto", "triton", "torch")
 
 
 @register
@@ -31,6 +34,9 @@ class Kivi(Method):
                                        "'float16' or 'bfloat16' (what a 16-bit cache holds; halves them on fp32 models)")
     key_axis: str = option("channel", "key groups run along 'channel' (tokens of one channel) or 'token'")
     value_axis: str = option("token", "value groups run along 'token' (channels of one token) or 'channel'")
+    kernel: str = option("auto", "decode attention and quantization: 'triton' (GPU kernels reading the packed "
+                                 "codes), 'torch' (decode the store, then SDPA) or 'auto' (triton on CUDA when "
+                                 "installed, else torch)")
 
     def center(self) -> str:
         return "none"
@@ -44,6 +50,8 @@ class Kivi(Method):
         self.specs()
         if self.exact_dtype not in _EXACT_DTYPES:
             raise ValueError(f"{self.name}: exact_dtype must be one of {', '.join(_EXACT_DTYPES)}, got {self.exact_dtype!r}")
+        if self.kernel not in _KERNELS:
+            raise ValueError(f"{self.name}: kernel must be one of {', '.join(_KERNELS)}, got {self.kernel!r}")
         for arg in ("window", "sinks"):
             if getattr(self, arg) < 0:
                 raise ValueError(f"{self.name}: {arg} must be >= 0, got {getattr(self, arg)}")
@@ -51,4 +59,48 @@ class Kivi(Method):
     def layer(self, layer_idx, sliding_window):
         key_spec, value_spec = self.specs(layer_idx)
         return WindowedLayer(key_spec, value_spec, self.window, layer_idx, sliding_window, self.sinks,
-                             _EXACT_DTYPES[self.exact_dtype])
+                             _EXACT_DTYPES[self.exact_dtype], kernels=getattr(self, "_use_kernels", False))
+
+    def make_cache(self, model_or_config):
+        self._use_kernels = self._resolve_kernel(model_or_config)
+        if self._use_kernels:
+            from .. import attention
+
+            attention.enable(model_or_config)
+        return super().make_cache(model_or_config)
+
+    def _resolve_kernel(self, model_or_config) -> bool:
+        """Whether the layers use the Triton kernels: 'triton' insists (clear error when it cannot), 'auto' uses them
+        for a model on CUDA with Triton installed and says why not when it cannot."""
+        if self.kernel == "torch":
+            return False
+        from .. import kernels
+
+        is_model = hasattr(model_or_config, "set_attn_implementation")
+        param = next(model_or_config.parameters(), None) if is_model else None
+        device = param.device if param is not None else torch.device("cpu")
+        text = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        why = None
+        if not is_model:
+            why = "make_cache was given a config, not the model (the model's attention must be switched to kvshrink's)"
+        elif not kernels.available():
+            why = "Triton is not installed (pip install 'kvshrink[gpu]')"
+        elif device.type != "cuda" and not (self.kernel == "triton" and kernels.interpreting()):
+            why = f"the model is on {device}, not CUDA"
+        else:
+            for i in range(text.num_hidden_layers):
+                for what, spec in zip(("keys", "values"), self.specs(i)):
+                    reason = kernels.unsupported(spec, head_dim)
+                    if reason:
+                        why = f"layer {i} {what}: {reason}"
+                        break
+                if why:
+                    break
+        if why is None:
+            return True
+        if self.kernel == "triton":
+            raise ValueError(f"{self.name}: kernel='triton' cannot be used: {why}")
+        if device.type == "cuda":
+            warnings.warn(f"{self.name}: decoding with the PyTorch path (kernel='auto'): {why}", stacklevel=3)
+        return False
