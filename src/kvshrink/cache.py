@@ -175,13 +175,15 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
             )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self._check("key_states", key_states)
-        self._check("value_states", value_states)
         if self.kernels and key_states.shape[-2] <= _kernel_query_tokens():
+            # no finiteness check here: it would stop the GPU at every layer of every step; `_flush` checks each
+            # block before it is compressed (a non-finite value in the exact window harms no stored code)
             self._begin_update(key_states, value_states)
             self._add(key_states, value_states, flush=False)
             self._hand_over(self.keys)  # answered by attend(), which then compresses what left the window
             return self.keys, self.values
+        self._check("key_states", key_states)
+        self._check("value_states", value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         past_k = self.key_store.decode(self.dtype)
@@ -231,6 +233,9 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
         n = (excess // self.block) * self.block if excess > 0 else 0
         if n == 0:
             return
+        if self.kernels:
+            self._check("key_states", self.keys[:, :, :n])
+            self._check("value_states", self.values[:, :, :n])
         self.key_store.append(self.keys[:, :, :n])
         self.value_store.append(self.values[:, :, :n])
         self.keys = self.keys[:, :, n:].clone()
