@@ -104,6 +104,11 @@ def test_mixed_keeps_every_token_and_spends_its_budget():
     r = mixed.memory_report()
     assert r["by_part"]["codes"] > 0 and abs(r["ratio"] - 0.5) < 0.08
     assert ref.shape == (1, 10)
+    centred = ks.make_cache(model, "mixed:policy=h2o,budget=0.5,bits=2,group=8,mean=channel")
+    greedy(model, ids, centred, n=10)
+    layer = centred.layers[0]
+    assert layer.low_keys.channel_mean is not None and layer.low_keys.channel_mean.shape == (1, 2, 1, 16)
+    assert centred.memory_report()["by_part"]["means"] > 0
 
 
 def test_eviction_options_are_checked():
@@ -112,5 +117,7 @@ def test_eviction_options_are_checked():
         ks.make_cache(model, "h2o:budget=1.5")
     with pytest.raises(ValueError, match="unknown eviction policy 'lru'"):
         ks.make_cache(model, "mixed:policy=lru")
+    with pytest.raises(ValueError, match="mixed: mean must be 'none' or 'channel', got 'head'"):
+        ks.make_cache(model, "mixed:mean=head")
     with pytest.raises(ValueError, match="below the cost of keeping every token at 2 bits"):
         ks.make_cache(model, "mixed:budget=0.1,group=8")

@@ -23,6 +23,9 @@ class Mixed(EvictionMethod):
     policy: str = option("h2o", "eviction policy scoring the tokens: streamingllm, h2o, snapkv, tova")
     bits: int = option(2, "code width of the low tier: 2, 3, 4 or 8")
     group: int = option(32, "channels sharing one fp16 scale and zero point in the low tier (MiKV: head_dim / 2)")
+    mean: str = option("none", "subtracted from the low tier before quantizing: 'none', or 'channel' (each head's "
+                               "per-channel mean of the first evicted block, TaDA's centering; removes the key "
+                               "outlier channels' offset that per-token groups otherwise spend their range on)")
 
     def scoring_policy(self) -> str:
         return self.policy
@@ -31,11 +34,13 @@ class Mixed(EvictionMethod):
         super().validate()
         if self.bits not in (2, 3, 4, 8):
             raise ValueError(f"mixed: bits must be one of 2, 3, 4, 8, got {self.bits}")
+        if self.mean not in ("none", "channel"):
+            raise ValueError(f"mixed: mean must be 'none' or 'channel', got {self.mean!r}")
         if self.group < 1:
             raise ValueError(f"mixed: group must be >= 1, got {self.group}")
 
     def low_tier(self, head_dim):
-        spec = QuantSpec(self.bits, self.group, "token", "none")
+        spec = QuantSpec(self.bits, self.group, "token", self.mean)
         spec.check_head_dim(head_dim, "mixed low tier")
         fp16 = 4 * head_dim  # keys and values of one token and head (exact tokens are held in 16 bits)
         low = 2 * (head_dim // self.group) * (packed_size(self.group, self.bits) + 4)
