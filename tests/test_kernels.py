@@ -209,3 +209,23 @@ def test_kernel_option_errors_are_clear():
         ks.make_cache(model, "tada", kernel="triton", bits=3, value_group=4, group=16)
     auto = ks.make_cache(model, "tada", group=16)  # a CPU model: auto keeps the PyTorch path
     assert not any(layer.kernels for layer in auto.layers)
+
+
+def test_kernel_path_refuses_non_finite_values_before_compressing_them():
+    model = tiny_llama()
+    cache = ks.make_cache(model, "kivi", kernel="triton", bits=4, group=16, window=4, sinks=0)
+    layer = cache.layers[0]
+    k = torch.randn(1, 2, 20, 16)
+    layer.update(k, k)  # a prefill: PyTorch path
+    assert layer.key_store.tokens == 16
+    bad = torch.randn(1, 2, 1, 16)
+    bad[0, 1, 0, 3] = float("nan")
+    step = torch.randn(1, 2, 1, 16)
+    q = torch.randn(1, 4, 1, 16)
+    layer.update(bad, step)  # a decode step: the kernel path; the NaN stays in the exact window for now
+    layer.attend(q, None, 0.25)
+    with pytest.raises(ValueError, match=r"layer 0: key_states contain NaN or Inf"):
+        for _ in range(16):  # ... and is refused when its block leaves the window to be compressed
+            layer.update(step, step)
+            layer.attend(q, None, 0.25)
+    assert layer.key_store.tokens == 16  # nothing half-written
