@@ -219,7 +219,10 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
         self._begin_attend()
         sinks = self.sink_keys.shape[-2]
         stored = self.key_store.tokens
-        index = torch.cat([torch.arange(sinks), torch.arange(sinks + stored, sinks + stored + self.keys.shape[-2])])
+        dev = query.device
+        index = torch.cat([torch.arange(sinks, device=dev, dtype=torch.int32),
+                           torch.arange(sinks + stored, sinks + stored + self.keys.shape[-2], device=dev,
+                                        dtype=torch.int32)])
         out = kernels.packed_attention(
             query, self.key_store, self.value_store, torch.cat([self.sink_keys, self.keys], -2),
             torch.cat([self.sink_values, self.values], -2), index, sinks, mask=attention_mask, scaling=scaling)

@@ -157,13 +157,16 @@ def _sm_count(device: torch.device) -> int:
 def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: QuantStore,
                      exact_keys: torch.Tensor, exact_values: torch.Tensor, exact_index: torch.Tensor,
                      key0: int, mask: torch.Tensor | None = None, scaling: float | None = None,
-                     causal: bool = True, block_tokens: int = 64, splits: int | None = None) -> torch.Tensor:
+                     causal: bool = True, block_tokens: int | None = None, splits: int | None = None
+                     ) -> torch.Tensor:
     """Attention of query [B, HQ, QN, D] over a packed store and full-precision tokens; returns [B, HQ, QN, D].
 
     The keys, in order, are: exact tokens whose key index (`exact_index`, int32 [TE]) is below `key0`, then the
     store's tokens (key indices key0 .. key0 + tokens - 1), then the other exact tokens; `exact_keys`/`exact_values`
     are [B, HKV, TE, D]. `mask` (bool, True = attend) is [B, 1, QN, TK] or [B, QN, TK] over those TK key indices;
     without one, `causal` lets query i (of the last QN positions) see key indices up to TK - QN + i.
+    block_tokens: tokens dequantized per loop step (default 64, 32 at head dim 256); splits: how many programs
+    share the store's tokens of one (sequence, KV head) (default: enough to fill the GPU twice over).
     """
     tk = _triton()
     _check_device(query, "query")
@@ -204,7 +207,7 @@ def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: Qu
     else:
         mask, mask_b, mask_q = exact_index, 0, 0
     bq = max(16, 1 << math.ceil(math.log2(max(1, qn * n_rep))))
-    bt = block_tokens
+    bt = block_tokens or (64 if d <= 128 else 32)  # a [BT, D] float32 block per tensor lives in registers
     if splits is None:
         splits = max(1, min(triton_cdiv(2 * _sm_count(query.device), b * hkv), triton_cdiv(t_store, bt)))
     per_split = triton_cdiv(triton_cdiv(max(t_store, 1), splits), bt) * bt
