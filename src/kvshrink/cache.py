@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
+from . import kernels
 from .attention import SelfAttending
 from .codecs.quant import QuantSpec, QuantStore
 
@@ -156,8 +157,6 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
         self.values = value_states.new_empty((b, value_states.shape[1], 0, value_states.shape[-1]), dtype=held)
         self.sink_keys, self.sink_values = self.keys, self.values
         if self.kernels:
-            from . import kernels
-
             if not kernels.usable_on(self.device):
                 raise RuntimeError(f"layer {self.layer_idx}: kernels=True needs CUDA tensors and Triton "
                                    f"(the states are on {self.device}); use kernel='torch'")
@@ -175,7 +174,7 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
             )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.kernels and key_states.shape[-2] <= _kernel_query_tokens():
+        if self.kernels and key_states.shape[-2] <= kernels.MAX_QUERY_TOKENS:
             # no finiteness check here: it would stop the GPU at every layer of every step; `_flush` checks each
             # block before it is compressed (a non-finite value in the exact window harms no stored code)
             self._begin_update(key_states, value_states)
@@ -214,8 +213,6 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
 
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """Attention of this step's queries [B, HQ, Q, D] over everything held, read packed by the kernel."""
-        from . import kernels
-
         self._begin_attend()
         sinks = self.sink_keys.shape[-2]
         stored = self.key_store.tokens
@@ -338,12 +335,6 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
             "window": self.window,
             "sinks": self.sinks,
         }
-
-
-def _kernel_query_tokens() -> int:
-    from .kernels import MAX_QUERY_TOKENS
-
-    return MAX_QUERY_TOKENS
 
 
 class CompressedCache(Cache):

@@ -19,7 +19,6 @@ values of the budget's context length, and the predicted ratio of a profile is m
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache
 
+from .models import head_dim_of
 from .profile import LayerChoice, Profile, fingerprint
 
 BITS = (2, 3, 4, 8, 16)
@@ -47,7 +47,7 @@ def _options(kv_heads: int, bits: Sequence[int]) -> list[Option]:
 
 def _geometry(model) -> tuple[int, int, int]:
     text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = head_dim_of(text)
     return text.num_hidden_layers, text.num_key_value_heads, head_dim
 
 

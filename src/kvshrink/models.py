@@ -21,6 +21,16 @@ import torch
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def text_config(model_or_config):
+    """The decoder's text config of a model or of its config (multimodal configs nest it)."""
+    return getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
+
+
+def head_dim_of(text) -> int:
+    """Head dimension of a text config (`head_dim`, or hidden size / query heads where it is not set)."""
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("KVSHRINK_CACHE", Path.home() / ".cache" / "kvshrink"))
 

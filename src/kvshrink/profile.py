@@ -18,6 +18,7 @@ import torch
 
 from .codecs.quant import CENTERS, QUANT_BITS
 from .io import atomic_write_text
+from .models import head_dim_of
 
 FORMAT = "kvshrink-profile"
 VERSION = 1
@@ -34,7 +35,7 @@ def fingerprint(model_or_config: Any) -> dict[str, Any]:
     """What identifies a model's attention geometry: architecture, layers, heads, head dim, and a config hash."""
     config = getattr(model_or_config, "config", model_or_config)
     text = config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = head_dim_of(text)
     shown = {k: getattr(text, k, None) for k in _CONFIG_KEYS}
     shown["head_dim"] = head_dim
     digest = hashlib.sha256(json.dumps(shown, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ..models import head_dim_of
+
 BASELINES = {
     "hf-quanto": ("quanto", "optimum.quanto", "optimum-quanto", (2, 4)),
     "hf-hqq": ("HQQ", "hqq", "hqq", (1, 2, 3, 4, 8)),
@@ -73,7 +75,7 @@ def _leaves(x: Any) -> list[torch.Tensor]:
 def baseline_memory(cache, config) -> dict[str, Any]:
     """nbytes / fp16_nbytes / ratio / tokens of a transformers `QuantizedCache`, from the tensors it holds."""
     text = config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = head_dim_of(text)
     nbytes, fp16 = 0, 0
     tokens = cache.get_seq_length()
     for layer in cache.layers:

@@ -111,7 +111,7 @@ def quantize_pack(x: torch.Tensor, spec: QuantSpec, channel_mean: torch.Tensor |
     if t:
         tb = spec.group if (spec.bits != 16 and not token_axis) else 16
         dummy = codes
-        tk._quantize_pack_kernel[(triton_cdiv(t, tb), b)](
+        tk._quantize_pack_kernel[(_cdiv(t, tb), b)](
             x, codes, dummy if scale is None else scale, dummy if zero is None else zero,
             dummy if head_mean is None else head_mean, dummy if channel_mean is None else channel_mean,
             t, H=h, D=d, TB=tb, BITS=spec.bits, GROUP=spec.group, TOKEN_AXIS=token_axis,
@@ -126,7 +126,7 @@ def quantize_pack(x: torch.Tensor, spec: QuantSpec, channel_mean: torch.Tensor |
     return codes, scale, zero, head_mean
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -209,9 +209,9 @@ def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: Qu
     bq = max(16, 1 << math.ceil(math.log2(max(1, qn * n_rep))))
     bt = block_tokens or (64 if d <= 128 else 32)  # a [BT, D] float32 block per tensor lives in registers
     if splits is None:
-        splits = max(1, min(triton_cdiv(2 * _sm_count(query.device), b * hkv), triton_cdiv(t_store, bt)))
-    per_split = triton_cdiv(triton_cdiv(max(t_store, 1), splits), bt) * bt
-    n_store = triton_cdiv(t_store, per_split) if t_store else 0
+        splits = max(1, min(_cdiv(2 * _sm_count(query.device), b * hkv), _cdiv(t_store, bt)))
+    per_split = _cdiv(_cdiv(max(t_store, 1), splits), bt) * bt
+    n_store = _cdiv(t_store, per_split) if t_store else 0
     n_slots = n_store + 1
     dev = query.device
     m = torch.empty((b * hkv, n_slots, bq), dtype=torch.float32, device=dev)

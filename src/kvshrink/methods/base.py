@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from transformers.cache_utils import CacheLayerMixin, get_layer_types_and_kwargs
 
 from ..cache import CompressedCache
+from ..models import head_dim_of
 from ..registry import registrar
 
 METHODS: dict[str, type["Method"]] = {}
@@ -51,7 +52,7 @@ class Method:
         config = getattr(model_or_config, "config", model_or_config)
         text = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        head_dim = head_dim_of(text)
         layers = []
         for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
             if kind == "full_attention":

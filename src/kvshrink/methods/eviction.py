@@ -12,6 +12,7 @@ import torch
 from ..cache import FullSlidingLayer
 from ..codecs.quant import QuantSpec
 from ..evict import EvictingLayer
+from ..models import head_dim_of, text_config
 from ..policies.scoring import get_policy
 from .base import Method, option
 
@@ -53,8 +54,8 @@ class EvictionMethod(Method):
 
         if hasattr(model_or_config, "set_attn_implementation"):
             attention.enable(model_or_config)
-        text = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
-        self._head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        text = text_config(model_or_config)
+        self._head_dim = head_dim_of(text)
         return super().make_cache(model_or_config)
 
     def layer(self, layer_idx: int, sliding_window: int | None):

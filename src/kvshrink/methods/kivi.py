@@ -9,6 +9,7 @@ import torch
 
 from ..cache import WindowedLayer
 from ..codecs.quant import QuantSpec
+from ..models import head_dim_of, text_config
 from .base import Method, option, register
 
 
@@ -79,8 +80,8 @@ class Kivi(Method):
         is_model = hasattr(model_or_config, "set_attn_implementation")
         param = next(model_or_config.parameters(), None) if is_model else None
         device = param.device if param is not None else torch.device("cpu")
-        text = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        text = text_config(model_or_config)
+        head_dim = head_dim_of(text)
         why = None
         if not is_model:
             why = "make_cache was given a config, not the model (the model's attention must be switched to kvshrink's)"
@@ -89,14 +90,9 @@ class Kivi(Method):
         elif device.type != "cuda" and not (self.kernel == "triton" and kernels.interpreting()):
             why = f"the model is on {device}, not CUDA"
         else:
-            for i in range(text.num_hidden_layers):
-                for what, spec in zip(("keys", "values"), self.specs(i)):
-                    reason = kernels.unsupported(spec, head_dim)
-                    if reason:
-                        why = f"layer {i} {what}: {reason}"
-                        break
-                if why:
-                    break
+            why = next((f"layer {i} {what}: {reason}" for i in range(text.num_hidden_layers)
+                        for what, spec in zip(("keys", "values"), self.specs(i))
+                        if (reason := kernels.unsupported(spec, head_dim))), None)
         if why is None:
             return True
         if self.kernel == "triton":

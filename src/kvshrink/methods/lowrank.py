@@ -15,6 +15,7 @@ import torch
 from ..cache import FullSlidingLayer
 from ..codecs.lowrank import Level, level_token_bytes
 from ..latent import MODES, LatentLayer
+from ..models import text_config
 from ..profile import Profile, load_profile
 from .base import Method, option, register
 
@@ -81,7 +82,7 @@ class LatentMethod(Method):
         self._profile.check_model(model_or_config, where)
         if hasattr(model_or_config, "set_attn_implementation"):
             attention.enable(model_or_config)
-        text = getattr(model_or_config, "config", model_or_config).get_text_config(decoder=True)
+        text = text_config(model_or_config)
         self._kv_heads = text.num_key_value_heads
         self._bases = lambda i: layer_bases(self._profile, i, self.joint, where, self.key_space)  # noqa: E731
         if self.key_space == "pre_rope":
