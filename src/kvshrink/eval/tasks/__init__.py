@@ -37,11 +37,15 @@ def get_task(name: str) -> Task:
 
 
 def columns() -> list[tuple[str, str, str, bool, bool]]:
-    """The table columns of every registered task, in registration order."""
+    """The table columns of every registered task, in registration order (a family's shared columns, such as the
+    RULER average, after its tasks' own)."""
     _load_builtin()
-    return [c for cls in TASKS.values() for c in cls.columns]
+    own = [c for cls in TASKS.values() for c in cls.columns]
+    shared = [c for cls in TASKS.values() for c in getattr(cls, "shared_columns", ())]
+    seen: set[str] = set()
+    return [c for c in own + shared if not (c[0] in seen or seen.add(c[0]))]
 
 
 def _load_builtin() -> None:
-    for module in ("ppl", "kl", "match", "passkey"):
+    for module in ("ppl", "kl", "match", "passkey", "ruler"):
         importlib.import_module(f"{__name__}.{module}")

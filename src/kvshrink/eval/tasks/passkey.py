@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..passkey import passkey_prompt
-from ..scoring import greedy
+from ..scoring import continue_greedy
 from . import Task, register_task
 
 
@@ -16,8 +16,8 @@ class Passkey(Task):
         answers, correct, memory = [], 0, None
         for depth in env.depths:
             prompt = passkey_prompt(env.tokenizer, context, depth, seed)
-            cache = env.make_cache(spec)
-            out = greedy(env.model, cache, prompt.input_ids, env.answer_tokens, env.tokenizer.pad_token_id)
+            cache, logits, _ = env.prefilled(spec, prompt.input_ids)
+            out = continue_greedy(env.model, cache, logits, env.answer_tokens)
             answer = env.tokenizer.decode(out, skip_special_tokens=True).strip()
             ok = prompt.is_correct(answer)
             correct += ok
