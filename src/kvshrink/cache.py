@@ -20,7 +20,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Dynam
 
 from . import kernels
 from .attention import SelfAttending
-from .codecs.quant import QuantSpec, QuantStore
+from .codecs.quant import QuantSpec
+from .codecs.rotation import RotationSpec, fwht, unrotate
 
 PARTS = ("codes", "scales", "means", "window", "sinks", "bases", "levels", "positions", "residuals")
 
@@ -142,8 +143,8 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
         self._clear()
 
     def _clear(self) -> None:
-        self.key_store = QuantStore(self.key_spec, f"layer {self.layer_idx} keys")
-        self.value_store = QuantStore(self.value_spec, f"layer {self.layer_idx} values")
+        self.key_store = self.key_spec.make_store(f"layer {self.layer_idx} keys")
+        self.value_store = self.value_spec.make_store(f"layer {self.layer_idx} values")
         self.keys = self.values = None  # the full-precision window, as in transformers' layers
         self.sink_keys = self.sink_values = None
         self.seen = 0  # tokens ever passed in (positions)
@@ -333,11 +334,84 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
         k, v = self.key_spec, self.value_spec
         return {
             "bits": f"{k.bits}/{v.bits}",
-            "key": f"{k.axis} g{k.group} center={k.center}",
-            "value": f"{v.axis} g{v.group} center={v.center}",
+            "key": k.describe(),
+            "value": v.describe(),
             "window": self.window,
             "sinks": self.sinks,
         }
+
+
+class RotatedLayer(WindowedLayer):
+    """A `WindowedLayer` over rotation-codec stores that attends without rotating stored tokens back.
+
+    Decoding steps: the query is rotated once per KV head (R q) and scored against the stored keys in the rotated
+    space ((R q)·(R k) = q·k); the probability-weighted sum of stored values stays rotated and is rotated back once
+    (R^-1 of one vector per query head), instead of once per stored token. Sinks and the exact window are attended
+    as they are. The prefill, with nothing stored yet, is plain SDPA over the exact states.
+    """
+
+    kind = "a rotation-codec"
+
+    def __init__(self, key_spec: RotationSpec, value_spec: RotationSpec, *args, **kwargs):
+        for what, spec in (("key", key_spec), ("value", value_spec)):
+            if not isinstance(spec, RotationSpec):
+                raise TypeError(f"RotatedLayer needs a RotationSpec for its {what}s, got {type(spec).__name__}")
+        super().__init__(key_spec, value_spec, *args, **kwargs)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or self.key_store.tokens == 0:
+            return super().update(key_states, value_states, *args, **kwargs)
+        self._check("key_states", key_states)
+        self._check("value_states", value_states)
+        self._begin_update(key_states, value_states)
+        cast = lambda t: t.float()  # noqa: E731
+        # what this step attends, in key order: sinks, stored (rotated), window, this step's tokens
+        self._step = (cast(self.sink_keys), cast(self.sink_values), self.key_store.decode_rotated(),
+                      self.value_store.decode_rotated(), torch.cat([cast(self.keys), cast(key_states)], -2),
+                      torch.cat([cast(self.values), cast(value_states)], -2))
+        self._add(key_states, value_states)
+        if self.sliding_window is not None:
+            self._forget_outside_window()
+        self._hand_over(key_states)
+        return key_states, value_states
+
+    @staticmethod
+    def _rotate_query(q: torch.Tensor, store, h: int) -> torch.Tensor:
+        """R q per query head, with the rotation of the KV head (of h) it reads (GQA)."""
+        if not store.spec.rotate:
+            return q
+        s = store.signs(h, q.shape[-1]).repeat_interleave(q.shape[1] // h, 0)
+        return fwht(q * s[None, :, None, :].to(q.device))
+
+    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        self._begin_attend()
+        ks, vs, k_rot, v_rot, kw, vw = self._step
+        self._step = None
+        q = query.float()
+        b, hq, ql, d = q.shape
+        h = kw.shape[1]
+        if hq % h:
+            raise ValueError(f"layer {self.layer_idx}: {hq} query heads for {h} KV heads")
+        rep = hq // h
+        grow = lambda t: t.repeat_interleave(rep, 1)  # noqa: E731
+        q_rot = self._rotate_query(q, self.key_store, h)
+        scores = torch.cat([q @ grow(ks).transpose(-1, -2), q_rot @ grow(k_rot).transpose(-1, -2),
+                            q @ grow(kw).transpose(-1, -2)], -1) * scaling
+        n = scores.shape[-1]
+        if mask is not None:
+            m = mask[..., -n:] if mask.shape[-1] >= n else mask
+            scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+        elif ql > 1:
+            causal = torch.arange(n, device=q.device)[None, :] > (n - ql + torch.arange(ql, device=q.device))[:, None]
+            scores = scores.masked_fill(causal, float("-inf"))
+        p = torch.softmax(scores, -1)
+        n_sink, n_mid = ks.shape[-2], k_rot.shape[-2]
+        stored = p[..., n_sink:n_sink + n_mid] @ grow(v_rot)  # still rotated: one inverse per query head below
+        if self.value_store.spec.rotate:
+            s = self.value_store.signs(h, d).repeat_interleave(rep, 0)
+            stored = unrotate(stored, s)
+        out = p[..., :n_sink] @ grow(vs) + stored + p[..., n_sink + n_mid:] @ grow(vw)
+        return out.to(query.dtype)
 
 
 class CompressedCache(Cache):

@@ -82,6 +82,12 @@ class QuantSpec:
         """Tokens that must be appended or dropped together (a per-channel group spans `group` tokens)."""
         return self.group if self.axis == "channel" and self.bits != 16 else 1
 
+    def make_store(self, name: str) -> "QuantStore":
+        return QuantStore(self, name)
+
+    def describe(self) -> str:
+        return f"{self.axis} g{self.group} center={self.center}"
+
     def check_head_dim(self, head_dim: int, name: str) -> None:
         if self.axis == "token" and self.bits != 16 and head_dim % self.group:
             raise ValueError(

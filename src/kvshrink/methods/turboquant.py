@@ -1,0 +1,122 @@
+"""`turboquant`: rotation codecs (TurboQuant / PolarQuant "MSE" stage, QuaRot-style uniform codes), with presets
+whose per-token byte layouts follow vLLM's TurboQuant attention backend.
+
+Each KV head's keys (after RoPE) and values are rotated by a seeded randomized Walsh-Hadamard transform, then coded
+per token: by default each vector's norm plus Lloyd-Max codes of its direction (see `codecs/rotation.py`). Decoding
+steps attend without rotating stored tokens back (`RotatedLayer`); `attention=decode` rotates them back and uses
+SDPA instead (the reference the test compares against).
+
+Presets (`preset=`), after vLLM's `--kv-cache-dtype` values: every token coded (no exact window or sinks), the
+first and last two layers kept exact, fp32 norms (vLLM's per-token layout):
+- `turboquant_k8v4`: fp8 (e4m3) keys, 4-bit Lloyd-Max values (vLLM: 2.6x smaller than fp16)
+- `turboquant_4bit_nc`: 4-bit keys and values with norm correction (3.8x)
+- `turboquant_k3v4_nc`: 3-bit keys, 4-bit values, norm correction (4.3x)
+- `turboquant_3bit_nc`: 3-bit keys and values, norm correction (4.9x)
+kvshrink's fp8 keys carry one fp32 scale per token and head (vLLM's use one scale per tensor): 4 more bytes per
+token and head, kept because Qwen2-style key outliers overflow e4m3 without a scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..cache import FullLayer, FullSlidingLayer, RotatedLayer, WindowedLayer
+from ..codecs.rotation import QUANTIZERS, RotationSpec
+from ..models import text_config
+from .base import Method, option, register
+from .kivi import _EXACT_DTYPES
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "turboquant_k8v4": dict(key_bits=8, key_quantizer="fp8", rotate_keys=False, value_bits=4, norm_correction=False),
+    "turboquant_4bit_nc": dict(key_bits=4, value_bits=4),
+    "turboquant_k3v4_nc": dict(key_bits=3, value_bits=4),
+    "turboquant_3bit_nc": dict(key_bits=3, value_bits=3),
+}
+_PRESET_COMMON = dict(window=0, sinks=0, edge_layers=2, norm="float32")
+_ATTENTION = ("rotated", "decode")
+
+
+@register
+@dataclass
+class TurboQuant(Method):
+    name = "turboquant"
+    summary = "randomized Hadamard rotation + Lloyd-Max (or uniform / fp8) codes per token; vLLM-style presets"
+
+    preset: str = option("", f"a vLLM-style preset: {', '.join(PRESETS)}; it sets window=0, sinks=0, "
+                                 "edge_layers=2, norm=float32 and its bits (other values of those are an error)")
+    bits: int = option(4, "code width for keys and values: 2, 3, 4 (8: uniform or fp8; 16: rotated fp16)")
+    key_bits: int = option(0, "code width for keys alone (0 = use `bits`)")
+    value_bits: int = option(0, "code width for values alone (0 = use `bits`)")
+    quantizer: str = option("lloydmax", f"scalar quantizer of the rotated coordinates: {', '.join(QUANTIZERS)}")
+    key_quantizer: str = option("", "quantizer for keys alone ('' = use `quantizer`)")
+    value_quantizer: str = option("", "quantizer for values alone ('' = use `quantizer`)")
+    group: int = option(32, "rotated channels per uniform group (quantizer=uniform)")
+    rotate_keys: bool = option(True, "rotate keys before coding them")
+    rotate_values: bool = option(True, "rotate values before coding them")
+    norm: str = option("float16", "dtype of the kept norms / scales: float16 or float32")
+    norm_correction: bool = option(True, "keep ||x|| / ||decoded direction|| so decoded vectors keep their norm")
+    seed: int = option(0, "seed of the random signs of the rotations (nothing else is stored for them)")
+    window: int = option(32, "recent tokens kept exact")
+    sinks: int = option(4, "first tokens kept exact (attention sinks)")
+    edge_layers: int = option(0, "this many first and last layers keep an uncompressed cache (vLLM keeps 2)")
+    exact_dtype: str = option("model", "dtype of the exact window, sinks and edge layers: model, float16, bfloat16")
+    attention: str = option("rotated", "decode attention: 'rotated' (query rotated once, stored tokens never "
+                                       "rotated back) or 'decode' (rotate the store back, then SDPA)")
+
+    def __post_init__(self) -> None:
+        if self.preset:
+            if self.preset not in PRESETS:
+                raise ValueError(f"turboquant: preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+            defaults = {f: type(self).__dataclass_fields__[f].default for f in type(self).__dataclass_fields__}
+            for key, value in {**_PRESET_COMMON, **PRESETS[self.preset]}.items():
+                mine = getattr(self, key)
+                if mine != defaults[key] and mine != value:
+                    raise ValueError(f"turboquant: preset {self.preset} sets {key}={value!r}; {key}={mine!r} was "
+                                     "asked for: leave it out, or spell the options out without preset=")
+                setattr(self, key, value)
+        super().__post_init__()
+
+    def specs(self, layer_idx: int = 0) -> tuple[RotationSpec, RotationSpec]:
+        common = dict(group=self.group, norm=self.norm, norm_correction=self.norm_correction, seed=self.seed,
+                      layer=layer_idx)
+        return (RotationSpec(self.key_bits or self.bits, self.key_quantizer or self.quantizer,
+                             rotate=self.rotate_keys, **common),
+                RotationSpec(self.value_bits or self.bits, self.value_quantizer or self.quantizer,
+                             rotate=self.rotate_values, **common))
+
+    def validate(self) -> None:
+        try:
+            self.specs()
+        except ValueError as e:
+            raise ValueError(f"turboquant: {e}") from None
+        if self.exact_dtype not in _EXACT_DTYPES:
+            raise ValueError(f"turboquant: exact_dtype must be one of {', '.join(_EXACT_DTYPES)}, "
+                             f"got {self.exact_dtype!r}")
+        if self.attention not in _ATTENTION:
+            raise ValueError(f"turboquant: attention must be one of {', '.join(_ATTENTION)}, got {self.attention!r}")
+        for arg in ("window", "sinks", "edge_layers"):
+            if getattr(self, arg) < 0:
+                raise ValueError(f"turboquant: {arg} must be >= 0, got {getattr(self, arg)}")
+
+    def make_cache(self, model_or_config):
+        self._layers = text_config(model_or_config).num_hidden_layers
+        if self.attention == "rotated":
+            from .. import attention
+
+            if not hasattr(model_or_config, "set_attn_implementation"):
+                raise TypeError("turboquant with attention=rotated needs the model (its attention is switched to "
+                                "kvshrink's): make_cache(model, ...), or attention=decode for a config")
+            attention.enable(model_or_config)
+        return super().make_cache(model_or_config)
+
+    def layer(self, layer_idx, sliding_window):
+        n = getattr(self, "_layers", None)
+        if self.edge_layers and n is not None and (layer_idx < self.edge_layers or layer_idx >= n - self.edge_layers):
+            return FullLayer(layer_idx) if sliding_window is None else FullSlidingLayer(sliding_window, layer_idx)
+        key_spec, value_spec = self.specs(layer_idx)
+        cls = RotatedLayer if self.attention == "rotated" else WindowedLayer
+        return cls(key_spec, value_spec, self.window, layer_idx, sliding_window, self.sinks,
+                   _EXACT_DTYPES[self.exact_dtype])
+
+
+__all__ = ["TurboQuant", "PRESETS"]
