@@ -130,3 +130,66 @@ def test_presets_have_vllm_byte_layouts():
         for row in compressed:
             assert row["nbytes"] == 64 * 2 * per_token_head, (preset, row)
         assert all(row["bits"] == "full" for row in r["by_layer"] if row["layer"] in (0, 1, 4, 5))
+
+
+def test_tada_rotation_option_and_profile_choice(tmp_path):
+    from kvshrink.codecs.rotation import RotatedStore
+    from kvshrink.profile import LayerChoice, Profile, ProfileError, fingerprint, load_profile
+
+    model = tiny_llama(head_dim=32)
+    ids = torch.randint(2, 95, (1, 60), generator=torch.Generator().manual_seed(8))
+    cache = ks.make_cache(model, "tada:bits=4,rotate=values,mean=none,group=8,window=4")
+    greedy(model, ids, cache, n=4)
+    layer = cache.layers[0]
+    assert isinstance(layer.value_store, RotatedStore) and not isinstance(layer.key_store, RotatedStore)
+    assert layer.value_store.tokens > 0
+    with pytest.raises(ValueError, match="rotation needs bits in"):
+        ks.make_cache(model, "tada:bits=4,rotate=keys,mean=head")
+    with pytest.raises(ValueError, match="rotate must be one of"):
+        ks.make_cache(model, "tada:rotate=all")
+    # a profile may rotate one layer's keys and keep grouped codes elsewhere; version-1 files still load
+    choices = [LayerChoice(3, 4, "none", "none", True, False), LayerChoice(4, 2, "none", "none")]
+    path = tmp_path / "p.json"
+    Profile(fingerprint(model), "tada", {"group": 8, "window": 4}, choices).save(path)
+    loaded = load_profile(path)
+    assert loaded.layers == choices
+    cache = ks.make_cache(model, f"tada:profile={path}")
+    greedy(model, ids, cache, n=4)
+    assert isinstance(cache.layers[0].key_store, RotatedStore)
+    assert not isinstance(cache.layers[1].key_store, RotatedStore)
+    import json
+
+    raw = json.loads(path.read_text())
+    raw["version"] = 1
+    for entry in raw["layers"]:
+        del entry["key_rotate"], entry["value_rotate"]
+    path.write_text(json.dumps(raw))
+    assert not any(c.key_rotate or c.value_rotate for c in load_profile(path).layers)
+    raw["layers"][0]["key_rotate"] = True  # a version-1 file cannot rotate
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ProfileError, match="expected key_bits, key_mean"):
+        load_profile(path)
+    raw["version"] = 2
+    raw["layers"][0].update(key_rotate=True, key_bits=8)
+    raw["layers"][0]["value_rotate"] = False
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ProfileError, match="key_rotate needs key_bits in"):
+        load_profile(path)
+
+
+def test_calibration_may_choose_rotation():
+    from kvshrink.calibrate import calibrate
+    from kvshrink.eval.corpus import pydoc_text
+
+    class Tok:  # token ids straight from bytes: enough text for a tiny random model
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            ids = torch.tensor([[2 + b % 90 for b in text.encode()[:20000]]])
+            return type("E", (), {"input_ids": ids})()
+
+    model = tiny_llama(head_dim=32)
+    profile = calibrate(model, tokenizer=Tok(), target_bits=3, budget_context=256, search="greedy", samples=1,
+                        context=96, scored=8, bits=(2, 3, 4, 8), text=pydoc_text()[:20000], progress=False,
+                        options={"group": 8, "window": 4}, rotation=True)
+    sens = profile.calibration["greedy"]["sensitivity"]
+    assert {k.split("/")[2] for k in sens} == {"none", "head", "rotate"}
+    assert profile.predicted_ratio is not None

@@ -1,4 +1,4 @@
-"""`kvshrink calibrate`: choose bits (and centering) per layer for keys and values under a memory budget.
+"""`kvshrink calibrate`: choose bits (centering, rotation) per layer for keys and values under a memory budget.
 
 Score of an allocation: the mean KL divergence of next-token distributions against the uncompressed cache over
 calibration text that evaluation never uses (the first 80% of the embedded corpus), measured through the cache:
@@ -29,7 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from .models import head_dim_of
-from .profile import LayerChoice, Profile, fingerprint
+from .profile import ROTATABLE_BITS, LayerChoice, Profile, fingerprint
 
 BITS = (2, 3, 4, 8, 16)
 
@@ -38,11 +38,20 @@ BITS = (2, 3, 4, 8, 16)
 class Option:
     bits: int
     mean: str = "none"
+    rotate: bool = False  # a rotation codec (Hadamard + Lloyd-Max) instead of grouped codes
+
+    @property
+    def variant(self) -> str:
+        """What sensitivities are measured per: the centering, or 'rotate'."""
+        return "rotate" if self.rotate else self.mean
 
 
-def _options(kv_heads: int, bits: Sequence[int]) -> list[Option]:
+def _options(kv_heads: int, bits: Sequence[int], rotation: bool = False) -> list[Option]:
     means = ("none", "head") if kv_heads > 1 else ("none",)  # with one KV head the head mean is the whole cache
-    return [Option(b, m) for b in bits for m in means if not (b == 16 and m == "head")]
+    opts = [Option(b, m) for b in bits for m in means if not (b == 16 and m == "head")]
+    if rotation:
+        opts += [Option(b, "none", True) for b in bits if b in ROTATABLE_BITS]
+    return opts
 
 
 def _geometry(model) -> tuple[int, int, int]:
@@ -87,7 +96,7 @@ class ByteModel:
         self.fp16 = 0
         for opt in options:
             method = build_method("tada", **{**base, "key_bits": opt.bits, "value_bits": opt.bits, "mean": opt.mean,
-                                             "profile": ""})
+                                             "rotate": "both" if opt.rotate else "none", "profile": ""})
             cache = fill_random(method.make_cache(model), model, context)
             for i, layer in enumerate(cache.layers):
                 self.cost[(i, 0, opt)] = _store_bytes(layer.key_store)
@@ -140,8 +149,8 @@ class Scorer:
 
 
 def _profile(model, base, alloc, n_layers, predicted_ratio=None, calibration=None) -> Profile:
-    layers = [LayerChoice(alloc[(i, 0)].bits, alloc[(i, 1)].bits, alloc[(i, 0)].mean, alloc[(i, 1)].mean)
-              for i in range(n_layers)]
+    layers = [LayerChoice(alloc[(i, 0)].bits, alloc[(i, 1)].bits, alloc[(i, 0)].mean, alloc[(i, 1)].mean,
+                          alloc[(i, 0)].rotate, alloc[(i, 1)].rotate) for i in range(n_layers)]
     return Profile(fingerprint(model), "tada", dict(base), layers, predicted_ratio, calibration or {})
 
 
@@ -153,7 +162,7 @@ def allocate(sensitivity: dict[tuple[int, int, str], float], costs: ByteModel, o
     def kl(item, opt):
         if opt.bits == 16:
             return 0.0
-        return sensitivity[(*item, opt.mean)] * 4.0 ** -(opt.bits - 2)
+        return sensitivity[(*item, opt.variant)] * 4.0 ** -(opt.bits - 2)
 
     alloc = {item: min(options, key=lambda o: (costs.cost[(*item, o)], kl(item, o))) for item in items}
     spent = costs.total(alloc)
@@ -247,6 +256,7 @@ def calibrate(
     output: str | Path | None = None,
     progress: bool = True,
     key_space: str = "post_rope",
+    rotation: bool = False,
 ) -> Profile:
     """Per-layer bits for keys and values of `tada` under a budget; returns (and writes) the profile.
 
@@ -258,6 +268,8 @@ def calibrate(
     Exactly one target: `target_ratio` (bytes / 16-bit bytes at `budget_context` tokens), `target_bytes` (at
     `budget_context` tokens) or `target_bits` (the bytes of uniform `target_bits`-bit `tada` without a mean, which
     must be one of `bits`). `options` are tada options kept fixed (the exact window defaults to float16 here).
+    `rotation`: a layer's keys or values may also take a rotation codec (randomized Hadamard + Lloyd-Max codes at
+    2-4 bits, `turboquant`'s) where that scores better for its bytes.
     `sensitivity_from`: a profile calibrated with the same settings on the same model
     whose measured sensitivities are reused (a new budget then costs seconds, not minutes).
     """
@@ -288,14 +300,15 @@ def calibrate(
     # the window and sinks are held in 16 bits by default: the budget is a fraction of a 16-bit cache, and an fp32
     # window would spend ~0.045 of a 0.27 budget at 2k tokens on bytes no 16-bit deployment holds
     base = {"exact_dtype": "float16", **{k: v for k, v in (options or {}).items()
-                                          if k not in ("bits", "key_bits", "value_bits", "mean", "profile")}}
+                                          if k not in ("bits", "key_bits", "value_bits", "mean", "profile",
+                                                       "rotate")}}
     build_method("tada", **base)  # unknown options fail here
     if isinstance(model, str):
         model, tokenizer = load_model(model)
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer: calibrate(model, tokenizer=tok, ...)")
     n_layers, kv_heads, _ = _geometry(model)
-    opts = _options(kv_heads, sorted(set(bits)))
+    opts = _options(kv_heads, sorted(set(bits)), rotation)
     start = time.perf_counter()
     costs = ByteModel(model, base, opts, budget_context)
     if target_ratio is not None:
@@ -318,18 +331,18 @@ def calibrate(
 
     if search in ("greedy", "both"):
         t0 = time.perf_counter()
-        means = sorted({o.mean for o in opts})
+        variants = sorted({o.variant for o in opts})
         if sensitivity_from is not None:
-            sens = _reuse_sensitivity(sensitivity_from, model, report, base, means)
+            sens = _reuse_sensitivity(sensitivity_from, model, report, base, variants)
         else:
             sens = {}
             full = {item: Option(16) for item in items}
-            bar = tqdm(total=len(items) * len(means), desc="sensitivity", unit="eval", disable=not progress)
+            bar = tqdm(total=len(items) * len(variants), desc="sensitivity", unit="eval", disable=not progress)
             for item in items:
-                for mean in means:
+                for variant in variants:
                     trial = dict(full)
-                    trial[item] = Option(2, mean)
-                    sens[(*item, mean)] = max(scorer(trial), 1e-9)
+                    trial[item] = Option(2, "none", True) if variant == "rotate" else Option(2, variant)
+                    sens[(*item, variant)] = max(scorer(trial), 1e-9)
                     bar.update()
             bar.close()
         alloc = allocate(sens, costs, opts, budget)

@@ -164,12 +164,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         args.model, target_ratio=args.target_ratio, target_bytes=args.target_bytes, target_bits=args.target_bits,
         budget_context=args.budget_context, search=args.search, trials=args.trials, samples=args.samples,
         context=args.context, scored=args.scored, options=options, seed=args.seed, output=args.output,
-        sensitivity_from=args.sensitivity_from,
+        sensitivity_from=args.sensitivity_from, rotation=args.rotation,
     )
     cal = profile.calibration
-    print("layer | keys bits/mean | values bits/mean")
+    print("layer | keys bits/mean | values bits/mean   (rot = rotation codec)")
     for i, c in enumerate(profile.layers):
-        print(f"{i:5d} | {c.key_bits:2d} {c.key_mean:4s} | {c.value_bits:2d} {c.value_mean}")
+        k = "rot " if c.key_rotate else f"{c.key_mean:4s}"
+        v = "rot" if c.value_rotate else c.value_mean
+        print(f"{i:5d} | {c.key_bits:2d} {k} | {c.value_bits:2d} {v}")
     for name in ("greedy", "random"):
         if name in cal:
             print(f"{name}: KL {cal[name]['kl']:.4f} in {cal[name]['seconds']:.0f} s")
@@ -282,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--context", type=int, help="tokens per window (default: 512 for tada, 4096 for bases)")
     ca.add_argument("--scored", type=int, default=32, help="tokens scored per window (default: %(default)s)")
     ca.add_argument("--seed", type=int, default=0)
+    ca.add_argument("--rotation", action="store_true",
+                    help="tada: let a layer's keys or values take a rotation codec (Hadamard + Lloyd-Max, 2-4 bits)")
     ca.add_argument("--sensitivity-from", metavar="PROFILE",
                     help="reuse the layer sensitivities measured by this earlier profile (same model and settings)")
     ca.add_argument("-O", "--option", action="append", metavar="KEY=VALUE",

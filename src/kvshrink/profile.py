@@ -1,4 +1,7 @@
-"""Profiles: per-layer choices (bits and centering for keys and values) in a versioned JSON file.
+"""Profiles: per-layer choices (bits, centering, rotation for keys and values) in a versioned JSON file.
+
+Version 2 added `key_rotate` / `value_rotate` (a rotation codec instead of grouped codes); version-1 files, which
+have neither, still load (nothing rotated).
 
 A profile names the model it was calibrated for by a fingerprint (architecture, layer count, head shapes and a hash
 of the config); loading it for another model is an error. Files are written atomically and read with `json` only;
@@ -21,7 +24,9 @@ from .io import atomic_write_text
 from .models import head_dim_of
 
 FORMAT = "kvshrink-profile"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+ROTATABLE_BITS = (2, 3, 4)
 _CONFIG_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "hidden_size", "intermediate_size", "vocab_size", "rope_theta", "sliding_window", "layer_types",
                 "rms_norm_eps", "max_position_embeddings")
@@ -52,8 +57,17 @@ class LayerChoice:
     value_bits: int
     key_mean: str = "none"
     value_mean: str = "none"
+    key_rotate: bool = False
+    value_rotate: bool = False
 
     def validate(self, where: str) -> None:
+        for t in ("key", "value"):
+            rotate, bits, mean = (getattr(self, f"{t}_{x}") for x in ("rotate", "bits", "mean"))
+            if not isinstance(rotate, bool):
+                raise ProfileError(f"{where}: {t}_rotate must be true or false, got {rotate!r}")
+            if rotate and (bits not in ROTATABLE_BITS or mean != "none"):
+                raise ProfileError(f"{where}: {t}_rotate needs {t}_bits in {ROTATABLE_BITS} and {t}_mean 'none', "
+                                   f"got {bits} and {mean!r}")
         for name in ("key_bits", "value_bits"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v not in QUANT_BITS:
@@ -129,17 +143,19 @@ def load_profile(path: str | Path) -> Profile:
         raise ProfileError(f"profile {path}: not a readable JSON file (truncated or corrupted?): {e}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ProfileError(f"profile {path}: not a kvshrink profile (missing \"format\": \"{FORMAT}\")")
-    if raw.get("version") != VERSION:
-        raise ProfileError(f"profile {path}: version {raw.get('version')!r} is not supported (this kvshrink reads {VERSION})")
+    if raw.get("version") not in READABLE_VERSIONS:
+        raise ProfileError(f"profile {path}: version {raw.get('version')!r} is not supported (this kvshrink reads "
+                           f"{', '.join(map(str, READABLE_VERSIONS))})")
     for key, kind in (("model", dict), ("method", str), ("options", dict), ("layers", list)):
         if not isinstance(raw.get(key), kind):
             raise ProfileError(f"profile {path}: field {key!r} is missing or not a {kind.__name__}")
     layers = []
     for i, entry in enumerate(raw["layers"]):
         where = f"profile {path}: layer {i}"
-        if not isinstance(entry, dict) or set(entry) - {"key_bits", "value_bits", "key_mean", "value_mean"} \
-                or not {"key_bits", "value_bits"} <= set(entry):
-            raise ProfileError(f"{where}: expected key_bits, value_bits, key_mean, value_mean, got {entry!r}")
+        allowed = {"key_bits", "value_bits", "key_mean", "value_mean"} | (
+            {"key_rotate", "value_rotate"} if raw["version"] >= 2 else set())
+        if not isinstance(entry, dict) or set(entry) - allowed or not {"key_bits", "value_bits"} <= set(entry):
+            raise ProfileError(f"{where}: expected {', '.join(sorted(allowed))}, got {entry!r}")
         choice = LayerChoice(**entry)
         choice.validate(where)
         layers.append(choice)

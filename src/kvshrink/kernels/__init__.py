@@ -45,6 +45,8 @@ def usable_on(device: torch.device) -> bool:
 
 def unsupported(spec: QuantSpec, head_dim: int) -> str | None:
     """Why the kernels cannot serve this store layout, or None when they can."""
+    if not isinstance(spec, QuantSpec):
+        return f"{type(spec).__name__} stores (rotation codecs) have no kernel yet"
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head_dim must be a power of two >= 16 for the kernels, got {head_dim}"
     if spec.bits not in KERNEL_BITS:

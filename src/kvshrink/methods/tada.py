@@ -10,9 +10,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..codecs.quant import QuantSpec
-from ..profile import Profile, load_profile
+from ..codecs.rotation import RotationSpec
+from ..profile import ROTATABLE_BITS, Profile, load_profile
 from .base import option, register
 from .kivi import Kivi
+
+
+ROTATE_CHOICES = ("none", "keys", "values", "both")
 
 
 @register
@@ -24,13 +28,18 @@ class Tada(Kivi):
     mean: str = option("head", "what is subtracted before quantizing: 'head' (per-token mean over KV heads), "
                                "'channel' (per-head channel mean of the prefill) or 'none'")
 
-    profile: str = option("", "per-layer bits and centering from a profile file (`kvshrink calibrate`); "
-                              "overrides bits/key_bits/value_bits/mean layer by layer")
+    profile: str = option("", "per-layer bits, centering and rotation from a profile file (`kvshrink calibrate`);"
+                              " overrides bits/key_bits/value_bits/mean/rotate layer by layer")
+    rotate: str = option("none", "rotation codec (randomized Hadamard + Lloyd-Max codes, `turboquant`'s) instead of "
+                                 "grouped codes for: 'none', 'keys', 'values' or 'both' (bits 2-4, mean 'none')")
+    rotation_seed: int = option(0, "seed of the rotations' random signs")
 
     def center(self) -> str:
         return self.mean
 
     def validate(self) -> None:
+        if self.rotate not in ROTATE_CHOICES:
+            raise ValueError(f"{self.name}: rotate must be one of {', '.join(ROTATE_CHOICES)}, got {self.rotate!r}")
         self._profile: Profile | None = load_profile(self.profile) if self.profile else None
         if self._profile is not None:
             self._apply_profile_options(self._profile)
@@ -40,7 +49,7 @@ class Tada(Kivi):
         """Take the options the profile was calibrated with; an explicit different value is an error."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for key, value in profile.options.items():
-            if key not in defaults or key in ("profile", "bits", "key_bits", "value_bits", "mean"):
+            if key not in defaults or key in ("profile", "bits", "key_bits", "value_bits", "mean", "rotate"):
                 raise ValueError(f"profile {self.profile}: option {key!r} cannot be set by a profile")
             mine = getattr(self, key)
             if mine != value and mine != defaults[key]:
@@ -48,12 +57,22 @@ class Tada(Kivi):
                                  f"{key}={mine!r} was asked for: recalibrate, or leave {key} out")
             setattr(self, key, value)
 
-    def specs(self, layer_idx: int | None = None) -> tuple[QuantSpec, QuantSpec]:
+    def specs(self, layer_idx: int | None = None) -> tuple[QuantSpec | RotationSpec, QuantSpec | RotationSpec]:
         if self._profile is None or layer_idx is None:
-            return super().specs(layer_idx)
-        c = self._profile.layers[layer_idx]
-        return (QuantSpec(c.key_bits, self.key_group or self.group, self.key_axis, c.key_mean),
-                QuantSpec(c.value_bits, self.value_group or self.group, self.value_axis, c.value_mean))
+            k, v = super().specs(layer_idx)
+            rot = (self.rotate in ("keys", "both"), self.rotate in ("values", "both"))
+        else:
+            c = self._profile.layers[layer_idx]
+            k = QuantSpec(c.key_bits, self.key_group or self.group, self.key_axis, c.key_mean)
+            v = QuantSpec(c.value_bits, self.value_group or self.group, self.value_axis, c.value_mean)
+            rot = (c.key_rotate, c.value_rotate)
+        return tuple(self._rotated(spec, layer_idx or 0) if r else spec for spec, r in zip((k, v), rot))
+
+    def _rotated(self, spec: QuantSpec, layer_idx: int) -> RotationSpec:
+        if spec.bits not in ROTATABLE_BITS or spec.center != "none":
+            raise ValueError(f"{self.name}: rotation needs bits in {ROTATABLE_BITS} and mean 'none', got "
+                             f"bits={spec.bits}, mean={spec.center!r}")
+        return RotationSpec(spec.bits, "lloydmax", seed=self.rotation_seed, layer=layer_idx)
 
     def use_profile(self, profile: Profile) -> "Tada":
         """Take per-layer choices from an in-memory profile (as the `profile` option does from a file)."""
