@@ -17,14 +17,15 @@ def _prompt(batch=2, n=100, seed=2):
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
-@pytest.mark.parametrize("method", EVICTING + ["mixed"])
+@pytest.mark.parametrize("method", EVICTING + ["mixed", "h2o:score=normalized", "mixed:codec=rotated"])
 def test_a_full_budget_reproduces_full(make, method):
     model = make()
     ids = _prompt()
     mask = torch.ones_like(ids)
     ids[1, :7], mask[1, :7] = 0, 0  # left padding in the second sequence
     ref = greedy(model, ids, DynamicCache(config=model.config), n=20, attention_mask=mask)
-    spec = f"{method}:budget=1.0" + (",group=8" if method == "mixed" else "")
+    spec = (method + ("," if ":" in method else ":") + "budget=1.0"
+            + (",group=8" if method.startswith("mixed") and "rotated" not in method else ""))
     cache = ks.make_cache(model, spec)
     out = greedy(model, ids, cache, n=20, attention_mask=mask)
     assert torch.equal(out, ref)
@@ -86,6 +87,28 @@ def test_policies_score_as_their_papers_say():
     assert get_policy("snapkv").score(old, received, pos, False) is old  # decoding leaves the scores
     with pytest.raises(ValueError, match="unknown eviction policy 'lru'"):
         get_policy("lru")
+    # normalised H2O accumulates the same sums but ranks by the mean over the queries that saw each token
+    norm = get_policy("h2o_norm")
+    sums = norm.score(old, received, pos, False)
+    assert sums.tolist() == [[[11.0, 2.0, 3.0]]]
+    assert torch.allclose(norm.rank(sums, pos, seen=3), torch.tensor([[[11.0 / 3, 1.0, 3.0]]]))
+    assert get_policy("h2o").rank(sums, pos, seen=3) is sums
+
+
+def test_normalized_h2o_keeps_other_tokens_than_the_raw_sum():
+    model = tiny_llama()
+    ids = _prompt(batch=1, n=150)
+    kept = {}
+    for score in ("sum", "normalized"):
+        cache = ks.make_cache(model, f"h2o:budget=0.3,window=4,score={score}")
+        greedy(model, ids, cache, n=4)
+        kept[score] = cache.layers[1].positions
+        assert kept[score].shape[-1] == math.ceil(0.3 * 153)
+    assert not torch.equal(kept["sum"], kept["normalized"])
+    # the raw sum favours early tokens: its kept tokens sit earlier on average
+    assert kept["sum"].float().mean() < kept["normalized"].float().mean()
+    with pytest.raises(ValueError, match="h2o: score must be one of sum, normalized"):
+        ks.make_cache(model, "h2o:score=mean")
 
 
 def test_mixed_keeps_every_token_and_spends_its_budget():
@@ -109,6 +132,15 @@ def test_mixed_keeps_every_token_and_spends_its_budget():
     layer = centred.layers[0]
     assert layer.low_keys.channel_mean is not None and layer.low_keys.channel_mean.shape == (1, 2, 1, 16)
     assert centred.memory_report()["by_part"]["means"] > 0
+    rotated = ks.make_cache(model, "mixed:policy=h2o,budget=0.5,bits=2,codec=rotated")
+    greedy(model, ids, rotated, n=10)
+    r = rotated.memory_report()
+    kv = sum(r["by_part"][p] for p in ("codes", "scales", "window"))  # positions and scores come on top
+    assert abs(kv / r["fp16_nbytes"] - 0.5) < 0.03 and r["by_part"]["codes"] > 0
+    layer = rotated.layers[0]
+    assert layer.positions.shape[-1] + layer.low_positions.shape[-1] == 209
+    with pytest.raises(ValueError, match="codec='rotated' takes bits 2, 3 or 4 and mean 'none'"):
+        ks.make_cache(model, "mixed:codec=rotated,mean=channel")
 
 
 def test_eviction_options_are_checked():

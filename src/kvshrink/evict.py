@@ -18,7 +18,8 @@ from transformers.cache_utils import CacheLayerMixin
 
 from . import attention
 from .cache import _BatchOps, _Reporting
-from .codecs.quant import QuantSpec, QuantStore
+from .codecs.quant import QuantSpec
+from .codecs.rotation import RotationSpec
 from .policies.scoring import Policy
 
 _QUERY_BLOCK = 512  # queries per block when a prompt attends (bounds the score matrix at block x tokens)
@@ -37,7 +38,7 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
     is_croppable = False
 
     def __init__(self, policy: Policy, *, budget: float = 1.0, tokens: int = 0, sinks: int = 4, window: int = 32,
-                 observe: int = 32, low_spec: QuantSpec | None = None, exact_dtype: torch.dtype | None = None,
+                 observe: int = 32, low_spec: QuantSpec | RotationSpec | None = None, exact_dtype: torch.dtype | None = None,
                  layer_idx: int = -1):
         super().__init__()
         where = f"layer {layer_idx}"
@@ -55,8 +56,8 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
 
     def _clear(self) -> None:
         self.keys = self.values = self.positions = self.scores = None
-        self.low_keys = QuantStore(self.low_spec, f"layer {self.layer_idx} low keys") if self.low_spec else None
-        self.low_values = QuantStore(self.low_spec, f"layer {self.layer_idx} low values") if self.low_spec else None
+        self.low_keys = self.low_spec.make_store(f"layer {self.layer_idx} low keys") if self.low_spec else None
+        self.low_values = self.low_spec.make_store(f"layer {self.layer_idx} low values") if self.low_spec else None
         self.low_positions = None
         self.seen = 0
         self.calls = 0
@@ -177,7 +178,7 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
         if held <= keep:
             return
         protected = (self.positions < self.sinks) | (self.positions >= self.seen - self.window)
-        rank = self.scores.masked_fill(protected, float("inf"))
+        rank = self.policy.rank(self.scores, self.positions, self.seen).masked_fill(protected, float("inf"))
         if self.policy.per_layer:  # the same tokens in every head: rank by the head-mean score
             rank = rank.mean(1, keepdim=True).expand_as(rank)
         order = torch.sort(rank, dim=-1, descending=True, stable=True).indices

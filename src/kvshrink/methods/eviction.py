@@ -45,7 +45,7 @@ class EvictionMethod(Method):
     def scoring_policy(self) -> str:
         return self.policy_name
 
-    def low_tier(self, head_dim: int) -> tuple[QuantSpec | None, float]:
+    def low_tier(self, head_dim: int, layer_idx: int = 0) -> tuple[QuantSpec | None, float]:
         """(spec of the tier evicted tokens go to, or None to drop them; the share of tokens kept exact)."""
         return None, self.budget
 
@@ -61,7 +61,7 @@ class EvictionMethod(Method):
     def layer(self, layer_idx: int, sliding_window: int | None):
         if sliding_window is not None:
             return FullSlidingLayer(sliding_window, layer_idx)
-        low, keep = self.low_tier(self._head_dim)
+        low, keep = self.low_tier(self._head_dim, layer_idx)
         return EvictingLayer(get_policy(self.scoring_policy()), budget=keep, tokens=self.tokens, sinks=self.sinks,
                              window=self.window, observe=self.observe, low_spec=low,
                              exact_dtype=_DTYPES[self.exact_dtype], layer_idx=layer_idx)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..codecs.packing import packed_size
 from ..codecs.quant import QuantSpec
+from ..codecs.rotation import RotationSpec
 from .base import option, register
 from .eviction import EvictionMethod
 
@@ -27,6 +28,11 @@ class Mixed(EvictionMethod):
                                "per-channel mean of the first evicted block, TaDA's centering; removes the key "
                                "outlier channels' offset that per-token groups otherwise spend their range on)")
 
+    codec: str = option("grouped", "low tier codes: 'grouped' (per-token groups of `group` channels, MiKV) or "
+                                   "'rotated' (each token's vector rotated by a seeded Hadamard transform, its norm "
+                                   "kept and its direction coded by a Lloyd-Max codebook: no group spends its range "
+                                   "on an outlier channel, and it works for tokens evicted one at a time)")
+
     def scoring_policy(self) -> str:
         return self.policy
 
@@ -38,12 +44,20 @@ class Mixed(EvictionMethod):
             raise ValueError(f"mixed: mean must be 'none' or 'channel', got {self.mean!r}")
         if self.group < 1:
             raise ValueError(f"mixed: group must be >= 1, got {self.group}")
+        if self.codec not in ("grouped", "rotated"):
+            raise ValueError(f"mixed: codec must be 'grouped' or 'rotated', got {self.codec!r}")
+        if self.codec == "rotated" and (self.mean != "none" or self.bits == 8):
+            raise ValueError("mixed: codec='rotated' takes bits 2, 3 or 4 and mean 'none'")
 
-    def low_tier(self, head_dim):
-        spec = QuantSpec(self.bits, self.group, "token", self.mean)
-        spec.check_head_dim(head_dim, "mixed low tier")
+    def low_tier(self, head_dim, layer_idx: int = 0):
         fp16 = 4 * head_dim  # keys and values of one token and head (exact tokens are held in 16 bits)
-        low = 2 * (head_dim // self.group) * (packed_size(self.group, self.bits) + 4)
+        if self.codec == "rotated":
+            spec = RotationSpec(self.bits, "lloydmax", layer=layer_idx)
+            low = 2 * (packed_size(head_dim, self.bits) + 2)  # codes and an fp16 norm, keys and values
+        else:
+            spec = QuantSpec(self.bits, self.group, "token", self.mean)
+            low = 2 * (head_dim // self.group) * (packed_size(self.group, self.bits) + 4)
+        spec.check_head_dim(head_dim, "mixed low tier")
         share = (self.budget * fp16 - low) / (fp16 - low)
         if share <= 0:
             raise ValueError(f"mixed: budget {self.budget} is below the cost of keeping every token at {self.bits} "

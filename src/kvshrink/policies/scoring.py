@@ -40,6 +40,10 @@ class Policy:
         """New scores [B, H, T] from the old ones (0 for tokens new in this call)."""
         raise NotImplementedError
 
+    def rank(self, scores: torch.Tensor, positions: torch.Tensor, seen: int) -> torch.Tensor:
+        """What eviction ranks by (highest kept): the scores themselves unless a policy normalises them."""
+        return scores
+
 
 @register_policy
 class Recency(Policy):
@@ -60,6 +64,16 @@ class HeavyHitters(Policy):
 
     def score(self, old, received, positions, prefill):
         return old + received["all"]
+
+
+@register_policy
+class ObservedAttention(HeavyHitters):
+    name = "h2o_norm"
+    summary = ("attention accumulated over every query so far, divided by the number of queries that saw the "
+               "token (kvpress's observed attention; the raw sum favours early tokens)")
+
+    def rank(self, scores, positions, seen):
+        return scores / (seen - positions).clamp_min(1).float()  # a token at position p was seen by seen - p queries
 
 
 @register_policy
