@@ -424,6 +424,13 @@ class CompressedCache(Cache):
         super().__init__(layers=layers)
         self.method = method
         self.options = dict(options or {})
+        self.fingerprint: dict[str, Any] | None = None  # of the model it was made for (set by make_cache)
+
+    def save(self, path) -> "Path":
+        """Write this cache to a safetensors file (atomically); `kvshrink.load_cache(path, model)` resumes it."""
+        from .persist import save_cache
+
+        return save_cache(self, path)
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds."""

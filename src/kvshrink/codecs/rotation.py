@@ -191,7 +191,9 @@ class RotatedStore:
         self.head_dim = 0
         self.codes: torch.Tensor | None = None  # [B, H, T, packed bytes] (uniform: QuantStore holds them)
         self.norms: torch.Tensor | None = None  # [B, H, T, 1]
-        self.inner: QuantStore | None = None
+        # uniform codes live in a grouped store of the rotated vectors
+        self.inner = QuantStore(QuantSpec(spec.bits, spec.group, "token", "none"), name) \
+            if spec.quantizer == "uniform" and spec.bits != 16 else None
         self._signs: torch.Tensor | None = None
 
     def signs(self, heads: int, d: int) -> torch.Tensor:
@@ -221,8 +223,6 @@ class RotatedStore:
         if spec.bits == 16:
             codes, norms = y.half(), None
         elif spec.quantizer == "uniform":
-            if self.inner is None:
-                self.inner = QuantStore(QuantSpec(spec.bits, spec.group, "token", "none"), self.name)
             self.inner.append(y)
             self.tokens += x.shape[2]
             return

@@ -65,7 +65,11 @@ class Method:
             if hasattr(layer, "check_head_dim"):
                 layer.check_head_dim(head_dim)
             layers.append(layer)
-        return CompressedCache(layers, method=self.name, options=self.options())
+        from ..profile import fingerprint
+
+        cache = CompressedCache(layers, method=self.name, options=self.options())
+        cache.fingerprint = fingerprint(config)
+        return cache
 
 
 def _type_of(f: dataclasses.Field) -> type | None:
