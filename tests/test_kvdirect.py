@@ -57,3 +57,41 @@ def test_kvdirect_on_the_real_model(real_model):
     kv_fp16 = 30 * 2 * 3 * 64 * 2
     assert per_token == 30 * 576 * 4  # fp32 residuals of hidden size 576 in every layer
     assert per_token / 2 / kv_fp16 == pytest.approx(1.5)  # in 16 bits: 1.5x the fp16 keys and values
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+@pytest.mark.parametrize("window", [0, 5, 16])
+def test_token_scheme_recomputes_the_evicted_prefix_exactly(make, window):
+    model = make()
+    ids = torch.randint(2, 95, (1, 60), generator=torch.Generator().manual_seed(3))
+    ref = greedy(model, ids, DynamicCache(config=model.config), n=20)
+    cache = ks.make_cache(model, f"kvdirect:scheme=token,window={window}")
+    assert torch.equal(greedy(model, ids, cache, n=20), ref)
+    seen = 60 + 19
+    hidden = model.config.hidden_size
+    r = cache.memory_report()
+    assert r["by_part"]["residuals"] == seen * hidden * 4  # ONE fp32 residual per token, for all layers
+    assert all(layer.keys.shape[-2] == min(window, seen) for layer in cache.layers)
+    runner = cache.layers[0].runner
+    assert runner.recomputed_tokens > 0 and runner.recompute_seconds > 0
+
+
+def test_token_scheme_refuses_batches_and_bad_options():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="scheme must be 'layer' or 'token'"):
+        ks.make_cache(model, "kvdirect:scheme=model")
+    cache = ks.make_cache(model, "kvdirect:scheme=token,window=4")
+    with pytest.raises(ValueError, match="batch size 1 only"):
+        greedy(model, torch.randint(2, 95, (2, 20)), cache, n=2)
+
+
+def test_token_scheme_on_the_real_model_is_exact_and_smaller(real_model):
+    model, tok = real_model
+    text = ks.eval.corpus.pydoc_text()
+    ids = tok(text[-8000:-4000], return_tensors="pt", add_special_tokens=False).input_ids[:, :200]
+    ref = greedy(model, ids, DynamicCache(config=model.config), n=16)
+    cache = ks.make_cache(model, "kvdirect:scheme=token,window=32")
+    assert torch.equal(greedy(model, ids, cache, n=16), ref)
+    r = cache.memory_report()
+    assert r["by_part"]["residuals"] == r["tokens"] * 576 * 4  # 2.3 KB per token (fp32) for all 30 layers
+    assert r["ratio"] < 0.4  # against 23 KB per token of fp16 keys and values

@@ -39,7 +39,11 @@ def _is_store(value: Any) -> bool:
             and not callable(value) and not cls.__module__.startswith("kvshrink.policies"))
 
 
-def _walk(obj: Any, prefix: str, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+def _walk(obj: Any, prefix: str, tensors: dict[str, torch.Tensor], scalars: dict[str, Any],
+          visited: set[int]) -> None:
+    if id(obj) in visited:  # an object shared by several layers (kvdirect's prefix runner) is saved once
+        return
+    visited.add(id(obj))
     for name, value in vars(obj).items():
         path = f"{prefix}.{name}"
         if isinstance(value, torch.Tensor):
@@ -55,17 +59,18 @@ def _walk(obj: Any, prefix: str, tensors: dict[str, torch.Tensor], scalars: dict
                 if isinstance(item, torch.Tensor):
                     tensors[f"{path}.{i}"] = item
                 else:
-                    _walk(item, f"{path}.{i}", tensors, scalars)
+                    _walk(item, f"{path}.{i}", tensors, scalars, visited)
         elif _is_store(value):
-            _walk(value, path, tensors, scalars)
+            _walk(value, path, tensors, scalars, visited)
 
 
 def state_of(cache) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, scalars) of every layer, by dotted path ('layers.3.key_store.codes')."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
+    visited: set[int] = set()
     for i, layer in enumerate(cache.layers):
-        _walk(layer, f"layers.{i}", tensors, scalars)
+        _walk(layer, f"layers.{i}", tensors, scalars, visited)
     return tensors, scalars
 
 

@@ -5,7 +5,7 @@ embedding; only the last `window` tokens keep materialised keys and values.
 This trades compute for memory, and on most GQA models it does not save memory: a residual (hidden size) is larger
 than the layer's keys plus values (SmolLM2: 576 vs 2 x 3 x 64 = 384 values, 1.5x; Gemma 3-4B: 1.25x). The paper's
 5 KB/token figure counts one vector per token for all layers, which exact recomputation can only use as the layer-0
-input (re-running the evicted prefix through every layer at every step); that scheme is not implemented here.
+input, re-running the evicted prefix through every layer at every step: `scheme=token` does that (residual.py).
 Gemma 3's sliding-window layers keep their exact window (they never need older tokens).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..cache import FullSlidingLayer
-from ..residual import RESIDUAL_DTYPES, ResidualLayer, install_hooks
+from ..residual import RESIDUAL_DTYPES, PrefixRunner, ResidualLayer, TokenLayer, install_hooks
 from ..rope import decoder_layers, rotary_of
 from .base import Method, option, register
 
@@ -25,11 +25,17 @@ class KVDirect(Method):
     name = "kvdirect"
     summary = "keep each layer's residual input per token, recompute keys/values exactly (KV-Direct, per-layer)"
 
+    scheme: str = option("layer", "'layer': every layer keeps each token's residual input and recomputes its own "
+                                  "keys/values (cheap, but a residual outweighs a GQA layer's K+V); 'token': one "
+                                  "residual per token for all layers, older keys/values recomputed by running those "
+                                  "tokens through the decoder layers again each step (the paper's memory figure)")
     window: int = option(0, "most recent tokens whose keys and values stay materialised (the budget B)")
     residual_dtype: str = option("model", "how residuals are held: model (exact), float16, bfloat16, int8 "
                                           "(the last three give up exactness)")
 
     def validate(self) -> None:
+        if self.scheme not in ("layer", "token"):
+            raise ValueError(f"kvdirect: scheme must be 'layer' or 'token', got {self.scheme!r}")
         if self.window < 0:
             raise ValueError(f"kvdirect: window must be >= 0, got {self.window}")
         if self.residual_dtype not in RESIDUAL_DTYPES:
@@ -42,9 +48,13 @@ class KVDirect(Method):
                             "make_cache(model, 'kvdirect'), not a config")
         install_hooks(model_or_config)
         self._model = model_or_config
+        self._runner = PrefixRunner(model_or_config, self.window, self.residual_dtype) \
+            if self.scheme == "token" else None
         return super().make_cache(model_or_config)
 
     def layer(self, layer_idx: int, sliding_window: int | None):
+        if self._runner is not None:
+            return TokenLayer(self._runner, layer_idx, sliding_window)
         if sliding_window is not None:
             return FullSlidingLayer(sliding_window, layer_idx)
         text = self._model.config.get_text_config(decoder=True)
