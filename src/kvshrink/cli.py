@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="kvshrink", description="Compress the KV cache of transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("lm-eval", help="EleutherAI lm-evaluation-harness with a kvshrink cache: `kvshrink lm-eval "
+                                   "--model_args pretrained=NAME,method=SPEC --tasks TASK` (lm-eval's own options; "
+                                   "needs kvshrink[lmeval])")
 
     run = sub.add_parser("run", help="generate with a compressed cache and print its memory report")
     run.add_argument("--model", default="smollm2-135m",
@@ -298,7 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_lm_eval(argv: list[str]) -> int:
+    try:
+        from .lmeval import main as lmeval_main
+    except ImportError as e:
+        print(f"kvshrink: error: {e}", file=sys.stderr)
+        return 2
+    return lmeval_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's own command line
+        return cmd_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
