@@ -137,3 +137,26 @@ def test_a_profile_brings_the_options_it_was_calibrated_with(tmp_path):
     assert ks.build_method("tada", profile=str(path), window=8).window == 8
     with pytest.raises(ValueError, match="calibrated with window=8; window=16 was asked for"):
         ks.build_method("tada", profile=str(path), window=16)
+
+
+def test_shipped_profiles_load_by_name_and_run_uses_the_best(real_model):
+    import argparse
+
+    from kvshrink.cli import _method_spec
+    from kvshrink.profile import ProfileError, load_profile, shipped_profiles
+
+    assert "smollm2-135m-tada-0.27" in shipped_profiles()
+    profile = load_profile("smollm2-135m-tada-0.27")
+    profile.check_model(real_model[0])
+    assert 0.25 < profile.predicted_ratio <= 0.27
+    with pytest.raises(ProfileError, match="not a shipped profile \\(shipped: .*smollm2-135m-tada-0.27"):
+        load_profile("smollm2-135m-tada-0.01")
+    args = argparse.Namespace(method="best", model="smollm2-135m", bits=None, group=None, window=None, sinks=None,
+                              profile=None, option=None)
+    assert _method_spec(args) == ("tada", {"profile": "smollm2-135m-tada-0.27"})
+    args = argparse.Namespace(method="best", model="gemma3-270m", bits=None, group=None, window=None, sinks=None,
+                              profile=None, option=None)
+    assert _method_spec(args) == ("kivi", {"bits": 4})
+    args.method, args.bits = "best", 2
+    with pytest.raises(ValueError, match="--bits need a method"):
+        _method_spec(args)

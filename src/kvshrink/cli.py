@@ -8,9 +8,19 @@ import time
 from typing import Sequence
 
 
+#: what `kvshrink run` uses when no method is named: the best measured recipe for the model
+BEST = {"smollm2-135m": "tada:profile=smollm2-135m-tada-0.27"}
+FALLBACK = "kivi:bits=4"
+
+
 def _method_spec(args: argparse.Namespace) -> tuple[str, dict]:
     from .methods import get_method, parse_spec
 
+    if args.method == "best":
+        given = [f"--{k}" for k in ("bits", "group", "window", "sinks", "profile", "option") if getattr(args, k, None)]
+        if given:
+            raise ValueError(f"{', '.join(given)} need a method: give --method (e.g. --method tada)")
+        args.method = BEST.get(args.model, FALLBACK)
     name, options = parse_spec(args.method)
     if getattr(args, "profile", None):
         if name not in ("tada", "tale", "dynakv", "lowrank"):
@@ -209,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate with a compressed cache and print its memory report")
     run.add_argument("--model", default="smollm2-135m",
                      help="embedded name (smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b), path or hub id")
-    run.add_argument("--method", default="tada", help="method spec, e.g. 'kivi:bits=2,group=32' (see `kvshrink methods`)")
+    run.add_argument("--method", default="best",
+                     help="method spec, e.g. 'kivi:bits=2,group=32' (see `kvshrink methods`); default 'best': the "
+                          "best measured recipe for the model (SmolLM2: tada with the shipped profile calibrated "
+                          "at 0.27 of fp16; other models: kivi:bits=4)")
     run.add_argument("--bits", type=int, help="shortcut for the method's bits option")
     run.add_argument("--group", type=int, help="shortcut for the method's group option")
     run.add_argument("--window", type=int, help="shortcut for the method's window option")

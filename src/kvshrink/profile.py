@@ -132,13 +132,32 @@ def _decode_tensor(entry: Any, where: str) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(data, dtype="<f4").copy()).reshape(shape)
 
 
+SHIPPED = Path(__file__).parent / "profiles"
+
+
+def shipped_profiles() -> list[str]:
+    """Names of the calibrated profiles that come with kvshrink (`<model>-<method>-<ratio>`)."""
+    return sorted(p.stem for p in SHIPPED.glob("*.json"))
+
+
+def resolve_profile(name_or_path: str | Path) -> Path:
+    """A profile file: an existing path, or the name of a shipped profile."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = SHIPPED / f"{name_or_path}.json"
+    if shipped.is_file():
+        return shipped
+    raise ProfileError(f"profile {name_or_path}: no such file, and not a shipped profile (shipped: "
+                       f"{', '.join(shipped_profiles()) or 'none'})")
+
+
 def load_profile(path: str | Path) -> Profile:
-    """Read and validate a profile file; any defect raises `ProfileError` naming the file and the field."""
-    path = Path(path)
+    """Read and validate a profile file (or a shipped profile by name); any defect raises `ProfileError` naming the
+    file and the field."""
+    path = resolve_profile(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProfileError(f"profile {path}: no such file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProfileError(f"profile {path}: not a readable JSON file (truncated or corrupted?): {e}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
