@@ -79,7 +79,7 @@ def test_profile_for_another_model_is_refused(tmp_path):
     (lambda text: text[: len(text) // 2], "not a readable JSON"),
     (lambda text: "", "not a readable JSON"),
     (lambda text: text.replace('"kvshrink-profile"', '"other"'), "not a kvshrink profile"),
-    (lambda text: text.replace('"version": 1', '"version": 9'), "version 9 is not supported"),
+    (lambda text: text.replace('"version": 2', '"version": 9'), "version 9 is not supported"),
     (lambda text: text.replace('"key_bits": 8', '"key_bits": 5'), "layer 1: key_bits must be one of"),
     (lambda text: text.replace('"value_mean": "none"', '"value_mean": "median"', 1), "value_mean must be one of"),
 ])

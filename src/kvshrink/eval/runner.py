@@ -111,7 +111,7 @@ class Env:
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     cache_options: dict[str, Any] = field(default_factory=dict)
     share_prefill: bool = True  # prefill each prompt once and replay it into every replayable method's cache
-    record_budget: int = 8 << 30  # bytes of recorded prefills kept at once (the most recent first)
+    record_budget: int = 2 << 30  # bytes of recorded prefills kept at once (the most recent; always one)
     _ids: torch.Tensor | None = None
     _memo: dict = field(default_factory=dict)
     _records: "OrderedDict[bytes, PrefillRecord]" = field(default_factory=OrderedDict)

@@ -47,5 +47,5 @@ def columns() -> list[tuple[str, str, str, bool, bool]]:
 
 
 def _load_builtin() -> None:
-    for module in ("ppl", "kl", "match", "passkey", "ruler"):
+    for module in ("ppl", "kl", "match", "passkey", "ruler", "conversation"):
         importlib.import_module(f"{__name__}.{module}")

@@ -1,0 +1,138 @@
+"""A multi-turn conversation benchmark (KV-Direct's 20-turn experiment), generated offline.
+
+User turns come from templates over the embedded corpus (a passage and an instruction). The reference replies are
+the model's own greedy replies with the uncompressed cache. Each method then replays the same conversation with its
+own cache: at every turn the user's message is fed to the cache, the method's reply is generated greedily and
+compared token by token with the reference reply, and then the reference reply is fed (teacher forcing), so every
+method sees the same conversation. Per turn it records the cache's bytes, the process's peak resident memory during
+the turn (sampled), the token match and the time per decoding step.
+"""
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .corpus import pydoc_text, split
+
+INSTRUCTIONS = (
+    "Summarize this passage in one sentence.",
+    "What is the main topic of this passage?",
+    "Name two technical terms used in this passage.",
+    "Rewrite the first sentence of this passage in simpler words.",
+    "Is this passage about syntax or about behaviour? Answer briefly.",
+    "What would a beginner find hardest in this passage?",
+    "Give one example related to this passage.",
+    "Which Python feature does this passage describe?",
+)
+
+
+@dataclass
+class Conversation:
+    user_turns: list[str]
+    seed: int
+
+
+def make_conversation(turns: int = 20, passage_chars: int = 400, seed: int = 0) -> Conversation:
+    """`turns` user messages: a passage of the embedded corpus's held-out part and an instruction each."""
+    if turns < 1 or passage_chars < 20:
+        raise ValueError(f"turns must be >= 1 and passage_chars >= 20, got {turns} and {passage_chars}")
+    text = split(pydoc_text())[1]
+    rng = random.Random(f"conversation:{seed}")
+    out = []
+    for i in range(turns):
+        start = rng.randrange(0, len(text) - passage_chars)
+        start = text.find(" ", start) + 1
+        passage = text[start:start + passage_chars].rsplit(" ", 1)[0]
+        out.append(f"Passage {i + 1}:\n{passage}\n\n{rng.choice(INSTRUCTIONS)}")
+    return Conversation(out, seed)
+
+
+class PeakMemory:
+    """The process's peak resident set size while the block runs (sampled every `interval` seconds)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def _turn_ids(tokenizer, message: str, first: bool) -> torch.Tensor:
+    """The chat-formatted user turn plus the assistant header (with the system prompt on the first turn)."""
+    msgs = [{"role": "user", "content": message}]
+    text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    if not first:  # later turns continue the conversation: drop a leading system prompt / BOS the template adds
+        marker = text.rfind(message)
+        head = text[:marker]
+        user_start = head.rfind("<|im_start|>user") if "<|im_start|>user" in head else \
+            head.rfind("<start_of_turn>user") if "<start_of_turn>user" in head else 0
+        text = text[user_start:]
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+@torch.no_grad()
+def play(model, tokenizer, cache, conversation: Conversation, reference: list[list[int]] | None = None,
+         max_reply: int = 48, stop_ids: tuple[int, ...] = ()) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    """Run the conversation through `cache`: (replies, one record per turn).
+
+    Without `reference` the replies are generated greedily (how the reference itself is made, with `full`). With
+    it, each turn is teacher-forced: the reference reply is fed one token per decoding step, and `match` is the
+    share of steps where the method's greedy choice equals the reference's token, so every method sees the same
+    conversation whatever it would have said."""
+    device = model.device
+    stop = set(stop_ids)
+    replies, records = [], []
+    for i, message in enumerate(conversation.user_turns):
+        ids = _turn_ids(tokenizer, message, first=(i == 0))
+        hits = 0
+        with PeakMemory() as peak:
+            start = time.perf_counter()
+            logits = model(ids.to(device), past_key_values=cache, use_cache=True).logits[:, -1]
+            prefill = time.perf_counter() - start
+            start = time.perf_counter()
+            reply: list[int] = []
+            while True:
+                choice = int(logits.argmax(-1))
+                token = choice if reference is None else reference[i][len(reply)]
+                hits += choice == token
+                reply.append(token)
+                logits = model(torch.tensor([[token]], device=device), past_key_values=cache,
+                               use_cache=True).logits[:, -1]  # the reply's every token enters the cache
+                done = len(reply) == (max_reply if reference is None else len(reference[i]))
+                if done or (reference is None and token in stop):
+                    break
+            decode = time.perf_counter() - start
+        report = cache.memory_report() if hasattr(cache, "memory_report") else None
+        records.append({
+            "turn": i + 1, "prompt_tokens": int(ids.shape[1]), "reply_tokens": len(reply),
+            "prefill_seconds": round(prefill, 4), "seconds_per_step": round(decode / len(reply), 5),
+            "peak_rss": peak.peak, "tokens": cache.get_seq_length(),
+            "cache_bytes": report["nbytes"] if report else sum(
+                t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)),
+            "match": hits / len(reply)})
+        replies.append(reply)
+    return replies, records

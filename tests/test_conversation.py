@@ -1,0 +1,47 @@
+"""The 20-turn conversation benchmark (KV-Direct's experiment): generator, teacher forcing and per-turn records."""
+import pytest
+import torch
+
+import kvshrink as ks
+from kvshrink.eval.conversation import PeakMemory, _turn_ids, make_conversation, play
+
+
+def test_conversations_are_deterministic_and_distinct_per_seed():
+    a, b, c = make_conversation(5, 200, seed=0), make_conversation(5, 200, seed=0), make_conversation(5, 200, seed=1)
+    assert a.user_turns == b.user_turns and a.user_turns != c.user_turns
+    assert len(a.user_turns) == 5 and all(len(t) < 200 + 120 for t in a.user_turns)
+    with pytest.raises(ValueError, match="turns must be >= 1"):
+        make_conversation(0)
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    with PeakMemory() as before:
+        pass
+    with PeakMemory() as during:
+        block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+        block.add_(1)
+        del block
+    assert during.peak >= before.peak + (32 << 20)
+
+
+def test_later_turns_carry_no_system_prompt(real_model):
+    _, tok = real_model
+    first = tok.decode(_turn_ids(tok, "hello there", first=True)[0])
+    later = tok.decode(_turn_ids(tok, "hello there", first=False)[0])
+    assert first.endswith(later) and later.startswith("<|im_start|>user") and "system" not in later
+
+
+def test_teacher_forcing_scores_full_at_one_and_bounds_eviction_memory(real_model):
+    model, tok = real_model
+    conv = make_conversation(3, 300, seed=0)
+    stops = (tok.eos_token_id,)
+    reference, ref_turns = play(model, tok, ks.make_cache(model, "full"), conv, None, 12, stops)
+    assert [len(r) for r in reference] == [t["reply_tokens"] for t in ref_turns]
+    _, same = play(model, tok, ks.make_cache(model, "full"), conv, reference, stop_ids=stops)
+    assert [t["match"] for t in same] == [1.0, 1.0, 1.0]
+    assert same[-1]["tokens"] == sum(t["prompt_tokens"] + t["reply_tokens"] for t in same)
+    _, exact = play(model, tok, ks.make_cache(model, "kvdirect:scheme=token,window=32"), conv, reference,
+                    stop_ids=stops)
+    assert [t["match"] for t in exact] == [1.0, 1.0, 1.0]
+    _, evicted = play(model, tok, ks.make_cache(model, "streamingllm:tokens=32"), conv, reference, stop_ids=stops)
+    assert evicted[-1]["cache_bytes"] == evicted[0]["cache_bytes"] < same[-1]["cache_bytes"] / 4
