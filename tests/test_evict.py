@@ -63,6 +63,14 @@ def test_a_token_count_budget():
     assert all(layer.positions.shape[-1] == 40 for layer in cache.layers)
 
 
+def test_window_keeps_only_the_most_recent_tokens():
+    model = tiny_llama()
+    cache = ks.make_cache(model, "window:tokens=16")
+    greedy(model, _prompt(batch=1, n=70), cache, n=6)
+    seen = 70 + 5
+    assert all(layer.positions[0, 0].tolist() == list(range(seen - 16, seen)) for layer in cache.layers)
+
+
 def test_tova_keeps_the_same_tokens_in_every_head_and_h2o_need_not():
     model = tiny_llama()
     ids = _prompt(batch=1, n=120)

@@ -189,7 +189,7 @@ class _Capture:
     def __init__(self):
         self.keys = self.values = None
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.keys, self.values = key_states, value_states
         return key_states, value_states
 

@@ -34,7 +34,7 @@ class PrefillRecord:
     ids: torch.Tensor  # [1, N]
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
-    kwargs: list[dict[str, Any] | None] = field(default_factory=list)
+    kwargs: list[tuple[tuple, dict[str, Any]]] = field(default_factory=list)
     queries: dict[int, torch.Tensor] = field(default_factory=dict)
     masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
     scalings: dict[int, float] = field(default_factory=dict)
@@ -54,14 +54,14 @@ class _RecordingCache(DynamicCache):
         super().__init__(config=config)
         self._record = record
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         r = self._record
         if layer_idx != len(r.keys):
             raise RuntimeError(f"prefill recording: layer {layer_idx} updated out of order (expected {len(r.keys)})")
         r.keys.append(key_states)
         r.values.append(value_states)
-        r.kwargs.append(dict(cache_kwargs) if cache_kwargs else cache_kwargs)
-        return super().update(key_states, value_states, layer_idx, cache_kwargs)
+        r.kwargs.append((args, dict(kwargs)))  # replayed as given, whatever this transformers version passes
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 @torch.no_grad()
@@ -107,7 +107,8 @@ def replay(record: PrefillRecord, cache) -> torch.Tensor:
     if len(cache.layers) != len(record.keys):
         raise ValueError(f"the cache has {len(cache.layers)} layers, the recorded prefill {len(record.keys)}")
     for i, (k, v) in enumerate(zip(record.keys, record.values)):
-        keys, _ = cache.update(k, v, i, record.kwargs[i])
+        args, kwargs = record.kwargs[i]
+        keys, _ = cache.update(k, v, i, *args, **kwargs)
         layer = attention.claim(i, keys)
         if layer is not None:  # the layer scores (or stores) by the queries it sees: give it the recorded ones
             layer.attend(record.queries[i], record.masks[i], record.scalings[i])
