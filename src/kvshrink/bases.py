@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from .codecs.lowrank import energy, fit_basis
+from .distributed import refuse_sharded
 from .profile import Profile, ProfileError, fingerprint
 
 KINDS = {"lowrank": False, "tale": False, "dynakv": True}  # method -> joint basis
@@ -38,6 +39,7 @@ def fit_bases(model, ids: torch.Tensor, *, joint: bool, samples: int = 4, contex
     if key_space not in KEY_SPACES:
         raise ValueError(f"key_space must be one of {KEY_SPACES}, got {key_space!r}")
 
+    refuse_sharded(model, "fitting bases")
     if ids.shape[1] < samples * context:
         raise ValueError(f"the calibration text has {ids.shape[1]} tokens; {samples} windows of {context} need "
                          f"{samples * context}")
@@ -110,3 +112,22 @@ def layer_bases(profile: Profile, layer_idx: int, joint: bool, where: str,
         raise ProfileError(f"{where}: layer {layer_idx} bases have inconsistent shapes {tuple(kb.shape)}, "
                            f"{tuple(ks.shape)}, {tuple(vb.shape)}, {tuple(vs.shape)}")
     return kb, ks, vb, vs
+
+
+def rank_bases(bases: tuple[torch.Tensor, ...], shard, joint: bool) -> tuple[torch.Tensor, ...]:
+    """The part of a layer's (key basis, key sigma, value basis, value sigma) that a tensor-parallel rank needs for
+    its global KV heads [shard.start, shard.stop): its heads' bases (per-head), or its heads' rows of the joint
+    basis (the sigmas, one per coefficient, whole). Unchanged without a shard."""
+    if shard is None:
+        return bases
+    kb, ks, vb, vs = bases
+    if joint:
+        if kb.shape[1] % shard.total:
+            raise ProfileError(f"a joint basis of {kb.shape[1]} rows does not split over {shard.total} KV heads")
+        d = kb.shape[1] // shard.total
+        rows = slice(shard.start * d, shard.stop * d)
+        return kb[:, rows], ks, vb[:, rows], vs
+    if kb.shape[0] != shard.total:
+        raise ProfileError(f"bases for {kb.shape[0]} KV heads; the model has {shard.total}")
+    heads = slice(shard.start, shard.stop)
+    return kb[heads], ks[heads], vb[heads], vs[heads]

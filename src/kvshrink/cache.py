@@ -35,6 +35,8 @@ class _Reporting:
 
     layer_idx: int = -1
     sliding_window: int | None = None
+    #: the global KV heads this layer holds under tensor parallelism (`distributed.HeadShard`), None otherwise
+    shard = None
 
     def parts(self) -> dict[str, list[torch.Tensor]]:
         raise NotImplementedError
@@ -121,8 +123,9 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
 
     def __init__(self, key_spec: QuantSpec, value_spec: QuantSpec, window: int = 32, layer_idx: int = -1,
                  sliding_window: int | None = None, sinks: int = 0, exact_dtype: torch.dtype | None = None,
-                 kernels: bool = False):
+                 kernels: bool = False, shard=None):
         super().__init__()
+        self.shard = shard  # under tensor parallelism: the stores' head mean and rotations span every rank's heads
         self.kernels = kernels
         if kernels:  # a short prompt goes through the kernel path, whose attention is not SDPA
             self.replays_prefill = False
@@ -145,6 +148,7 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
     def _clear(self) -> None:
         self.key_store = self.key_spec.make_store(f"layer {self.layer_idx} keys")
         self.value_store = self.value_spec.make_store(f"layer {self.layer_idx} values")
+        self.key_store.shard = self.value_store.shard = self.shard
         self.keys = self.values = None  # the full-precision window, as in transformers' layers
         self.sink_keys = self.sink_values = None
         self.seen = 0  # tokens ever passed in (positions)
@@ -425,6 +429,7 @@ class CompressedCache(Cache):
         self.method = method
         self.options = dict(options or {})
         self.fingerprint: dict[str, Any] | None = None  # of the model it was made for (set by make_cache)
+        self.shard = None  # this rank's KV heads under tensor parallelism (set by make_cache), None otherwise
 
     def save(self, path) -> "Path":
         """Write this cache to a safetensors file (atomically); `kvshrink.load_cache(path, model)` resumes it."""
@@ -436,8 +441,36 @@ class CompressedCache(Cache):
         """Bytes of every tensor the cache holds."""
         return sum(layer.nbytes() for layer in self.layers)
 
-    def memory_report(self) -> dict[str, Any]:
-        """Real bytes held, by layer and by part, against the same tokens in a 16-bit `DynamicCache`."""
+    def memory_report(self, across_ranks: bool = False) -> dict[str, Any]:
+        """Real bytes held, by layer and by part, against the same tokens in a 16-bit `DynamicCache`.
+
+        Under tensor parallelism the bytes are this rank's (its KV heads; `tensor_parallel` says which), unless
+        `across_ranks`: then every byte count is summed over the ranks of the TP group (a collective: every rank
+        must call it), so the report covers all heads. Parts each rank keeps a copy of (TaDA's head mean, DynaKV's
+        joint coefficients, KV-Direct's residuals) are counted once per rank: that is what the ranks hold.
+        """
+        report = self._memory_report()
+        shard = self.shard
+        report["tensor_parallel"] = None if shard is None else {**shard.describe(),
+                                                                "scope": "all ranks" if across_ranks else "rank"}
+        if shard is None or not across_ranks:
+            return report
+        rows = report["by_layer"]
+        keys = list(report["by_part"])
+        counts = [report["nbytes"], report["fp16_nbytes"], *report["by_part"].values()]
+        for row in rows:  # every rank has the same layers with the same parts
+            counts += [row["nbytes"], row["fp16_nbytes"], *row["parts"].values()]
+        total = iter(shard.sum_counts(counts))
+        report["nbytes"], report["fp16_nbytes"] = next(total), next(total)
+        report["by_part"] = {k: next(total) for k in keys}
+        for row in rows:
+            row["nbytes"], row["fp16_nbytes"] = next(total), next(total)
+            row["parts"] = {k: next(total) for k in row["parts"]}
+            row["ratio"] = row["nbytes"] / row["fp16_nbytes"] if row["fp16_nbytes"] else None
+        report["ratio"] = report["nbytes"] / report["fp16_nbytes"] if report["fp16_nbytes"] else None
+        return report
+
+    def _memory_report(self) -> dict[str, Any]:
         by_part = dict.fromkeys(PARTS, 0)
         by_layer = []
         for i, layer in enumerate(self.layers):

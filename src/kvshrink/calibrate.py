@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache
 
+from .distributed import refuse_sharded
 from .models import head_dim_of
 from .profile import ROTATABLE_BITS, LayerChoice, Profile, fingerprint
 
@@ -307,6 +308,7 @@ def calibrate(
         model, tokenizer = load_model(model)
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer: calibrate(model, tokenizer=tok, ...)")
+    refuse_sharded(model, "calibration")
     n_layers, kv_heads, _ = _geometry(model)
     opts = _options(kv_heads, sorted(set(bits)), rotation)
     start = time.perf_counter()

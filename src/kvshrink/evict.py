@@ -7,6 +7,10 @@ a policy needs come from the same query-key products as the attention output, so
 attention and no attention matrix is materialised beyond a block of queries at a time. After each attention call
 the policy rescores the held tokens and the layer evicts down to its budget; the first `sinks` positions and the
 last `window` positions are never evicted.
+
+Under tensor parallelism (`shard` set) the layer holds its rank's KV heads. A per-head policy needs nothing more;
+a per-layer one (TOVA: every head keeps the same tokens) averages its scores over every rank's heads, gathered, so
+all ranks keep the same positions, the ones a single process keeps.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from . import attention
 from .cache import _BatchOps, _Reporting
 from .codecs.quant import QuantSpec
 from .codecs.rotation import RotationSpec
+from .distributed import gather_heads
 from .policies.scoring import Policy
 
 _QUERY_BLOCK = 512  # queries per block when a prompt attends (bounds the score matrix at block x tokens)
@@ -39,7 +44,7 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
 
     def __init__(self, policy: Policy, *, budget: float = 1.0, tokens: int = 0, sinks: int = 4, window: int = 32,
                  observe: int = 32, low_spec: QuantSpec | RotationSpec | None = None, exact_dtype: torch.dtype | None = None,
-                 layer_idx: int = -1):
+                 layer_idx: int = -1, shard=None):
         super().__init__()
         where = f"layer {layer_idx}"
         if not (0 < budget <= 1):
@@ -50,6 +55,7 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
         self.policy, self.budget, self.tokens = policy, budget, tokens
         self.sinks, self.window, self.observe = sinks, window, max(observe, 1)
         self.low_spec, self.exact_dtype, self.layer_idx = low_spec, exact_dtype, layer_idx
+        self.shard = shard
         self.sliding_window = None
         self.is_sliding = False
         self._clear()
@@ -58,6 +64,8 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
         self.keys = self.values = self.positions = self.scores = None
         self.low_keys = self.low_spec.make_store(f"layer {self.layer_idx} low keys") if self.low_spec else None
         self.low_values = self.low_spec.make_store(f"layer {self.layer_idx} low values") if self.low_spec else None
+        if self.low_spec:
+            self.low_keys.shard = self.low_values.shard = self.shard
         self.low_positions = None
         self.seen = 0
         self.calls = 0
@@ -156,12 +164,11 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
                 got_obs += p[:, :, first_obs - start:].sum(2)
             if stop == ql:
                 got_last = p[:, :, -1]
-        received = {}
-        for name, got in (("all", got_all), ("observed", got_obs), ("last", got_last)):
-            per_kv = got[..., n_low:].reshape(b, h, rep, -1).mean(2)
-            if self.policy.per_layer:
-                per_kv = per_kv.mean(1, keepdim=True).expand(b, h, -1)
-            received[name] = per_kv
+        received = {name: got[..., n_low:].reshape(b, h, rep, -1).mean(2)
+                    for name, got in (("all", got_all), ("observed", got_obs), ("last", got_last))}
+        if self.policy.per_layer:  # one score per token for the layer: the mean over every KV head (every rank's)
+            every = gather_heads(self.shard, torch.stack(list(received.values())), dim=2)
+            received = {name: m.mean(1, keepdim=True).expand(b, h, -1) for name, m in zip(received, every)}
         return (out.to(query.dtype) if outputs else None), received
 
     def budget_tokens(self) -> int:
@@ -180,7 +187,7 @@ class EvictingLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Report
         protected = (self.positions < self.sinks) | (self.positions >= self.seen - self.window)
         rank = self.policy.rank(self.scores, self.positions, self.seen).masked_fill(protected, float("inf"))
         if self.policy.per_layer:  # the same tokens in every head: rank by the head-mean score
-            rank = rank.mean(1, keepdim=True).expand_as(rank)
+            rank = gather_heads(self.shard, rank).mean(1, keepdim=True).expand_as(rank)
         order = torch.sort(rank, dim=-1, descending=True, stable=True).indices
         kept = order[..., :keep].sort(-1).values
         gone = order[..., keep:].sort(-1).values

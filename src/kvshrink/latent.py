@@ -10,6 +10,11 @@ Attention (`attend`, called through kvshrink's registered attention function) ne
 each query head is projected once into its key basis (q~ = sigma * U_K^T q), scores against a level's tokens are
 q~[:r] . c, and the probability-weighted sum of value coefficients is taken back through the value basis once per
 head and step. `mode="reconstruct"` computes the same thing by rebuilding keys and values (the reference).
+
+Under tensor parallelism a rank holds its KV heads and their bases. A joint basis spans every rank's heads, so the
+layer is given the `shard`: each rank projects its heads onto its rows of the basis and the partial coefficients
+are all-reduced (a row-parallel product, as `o_proj`'s), and the level of each token comes from its significance
+averaged over every rank's heads, gathered; the ranks then hold the same coefficients and level map.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from transformers.cache_utils import CacheLayerMixin
 from . import attention
 from .cache import _BatchOps, _Reporting
 from .codecs.lowrank import Level, LevelStore
+from .distributed import gather_heads
 from .policies.significance import assign_levels, level_counts
 
 MODES = ("latent", "reconstruct")
@@ -44,7 +50,8 @@ class LatentLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Reportin
                  value_sigma: torch.Tensor, levels: Sequence[Level], fractions: Sequence[float], *, kv_heads: int,
                  window: int = 32, sinks: int = 4, block: int = 32, code_group: int = 64, layer_idx: int = -1,
                  exact_dtype: torch.dtype | None = None, basis_dtype: torch.dtype = torch.float16,
-                 mode: str = "latent", observe: int = 32, significance: str = "attention", rope: Any = None):
+                 mode: str = "latent", observe: int = 32, significance: str = "attention", rope: Any = None,
+                 shard: Any = None):
         super().__init__()
         where = f"layer {layer_idx}"
         if mode not in MODES:
@@ -75,6 +82,10 @@ class LatentLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Reportin
         self.window, self.sinks, self.block, self.code_group = window, sinks, block, code_group
         self.exact_dtype, self.mode, self.observe, self.significance = exact_dtype, mode, observe, significance
         self.rope = rope  # set: keys are stored with the rotary embedding undone (pre-RoPE basis)
+        if shard is not None and groups != 1:
+            raise ValueError(f"{where}: a shard is for a joint basis whose heads span ranks; per-head bases are "
+                             "sliced to the rank's heads instead")
+        self.shard = shard  # a joint basis over every tensor-parallel rank's heads: this rank holds its rows
         self.sliding_window = None
         self.is_sliding = False
         self._clear()
@@ -152,13 +163,16 @@ class LatentLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Reportin
         else:
             score = k.norm(dim=-1)
         b = score.shape[0]
-        score = score.reshape(b, self.groups, self.heads_per_group, n).mean(2)
+        score = gather_heads(self.shard, score).reshape(b, self.groups, -1, n).mean(2)
         if self.rope is not None:  # these tokens' positions follow the sinks and the tokens already stored
             start = self.sink_keys.shape[-2] + self.level_map.shape[-1]
             k = self.rope(k, torch.arange(start, start + n), inverse=True)
         levels = assign_levels(score, level_counts(n, self.fractions))
-        kc = (self._rows(k) @ self.key_basis.float()) / self.key_sigma.float()[:, None, :]
-        vc = (self._rows(v) @ self.value_basis.float()) / self.value_sigma.float()[:, None, :]
+        kc, vc = self._rows(k) @ self.key_basis.float(), self._rows(v) @ self.value_basis.float()
+        if self.shard is not None:  # this rank's heads' share of the projection: sum the ranks' shares
+            kc, vc = self.shard.all_reduce_sum(torch.stack([kc, vc])).unbind(0)
+        kc = kc / self.key_sigma.float()[:, None, :]
+        vc = vc / self.value_sigma.float()[:, None, :]
         self.key_store.append(kc, levels)
         self.value_store.append(vc, levels)
         self.level_map = torch.cat([self.level_map, levels], -1)
@@ -318,7 +332,7 @@ class LatentLayer(attention.SelfAttending, _BatchOps, CacheLayerMixin, _Reportin
         return {
             "bits": "/".join(f"r{lv.rank}b{lv.bits}" for lv in self.levels),
             "levels": {f"r{lv.rank}b{lv.bits}": c for lv, c in zip(self.levels, counts)},
-            "basis": "joint" if self.groups == 1 and self.kv_heads > 1 else "per head",
+            "basis": "joint" if self.groups == 1 and (self.kv_heads > 1 or self.shard is not None) else "per head",
             "window": self.window,
             "sinks": self.sinks,
         }

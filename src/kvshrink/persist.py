@@ -6,6 +6,8 @@ with the format and version, the model's fingerprint, the method and its options
 Loading rebuilds the cache with `make_cache(model, method, **options)` (so every policy, spec and hook is made by
 the same code as before) and then puts the saved state back. Written atomically; read without pickle; a file for
 another model, of another format or version, edited (tensor digest) or truncated is refused with the reason.
+Under tensor parallelism each rank saves its own heads (one file per rank); the header records which, and a file is
+loaded only by a rank that holds the same heads.
 
 What is state is found by walking each layer: tensors, numbers, strings, dtypes and the store objects that hold
 them (kvshrink's own classes, not modules, specs or policies, which the rebuild makes).
@@ -94,7 +96,8 @@ def save_cache(cache, path: str | Path) -> Path:
     # own, contiguous CPU copies: safetensors refuses shared storage, and a slice would write its whole base
     out = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     header = {"format": FORMAT, "version": VERSION, "model": cache.fingerprint, "method": method,
-              "options": options, "layers": len(cache.layers), "scalars": scalars, "sha256": _digest(out)}
+              "options": options, "layers": len(cache.layers), "scalars": scalars, "sha256": _digest(out),
+              "tensor_parallel": _layout(cache)}
     try:
         meta = {"kvshrink": json.dumps(header, sort_keys=True)}
     except TypeError as e:
@@ -112,6 +115,19 @@ def save_cache(cache, path: str | Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _layout(cache) -> dict[str, Any] | None:
+    """Which tensor-parallel rank and KV heads a cache holds (None: all heads, one process)."""
+    shard = getattr(cache, "shard", None)
+    return None if shard is None else shard.describe()
+
+
+def _describe_layout(layout: dict[str, Any] | None) -> str:
+    if layout is None:
+        return "one process (all KV heads)"
+    start, stop = layout["kv_heads"]
+    return f"tensor-parallel rank {layout['rank']} of {layout['size']} (KV heads {start}-{stop - 1} of {layout['of']})"
 
 
 def _set(root: Any, path: str, value: Any, where: str) -> None:
@@ -162,6 +178,10 @@ def load_cache(path: str | Path, model: Any, device: str | torch.device | None =
     if _digest(tensors) != header.get("sha256"):
         raise CacheFileError(f"{where}: its tensors do not match their sha256 (edited or corrupted)")
     cache = make_cache(model, header["method"], **header["options"])
+    saved, here = header.get("tensor_parallel"), _layout(cache)
+    if saved != here:
+        raise CacheFileError(f"{where} was saved by {_describe_layout(saved)}; this process is "
+                             f"{_describe_layout(here)}: load each rank's file on the rank that holds its heads")
     if len(cache.layers) != header["layers"]:
         raise CacheFileError(f"{where}: {header['layers']} layers saved, the rebuilt cache has {len(cache.layers)}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device

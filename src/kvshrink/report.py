@@ -28,6 +28,11 @@ def memory_table(report: dict[str, Any], layers: bool = True) -> str:
         f"16-bit DynamicCache: {format_bytes(report['fp16_nbytes'])}; "
         f"ratio {ratio:.3f}" if ratio is not None else "cache: empty"
     )
+    tp = report.get("tensor_parallel")
+    if tp:
+        start, stop = tp["kv_heads"]
+        head += (f" (all {tp['size']} tensor-parallel ranks)" if tp["scope"] == "all ranks" else
+                 f" (tensor-parallel rank {tp['rank']} of {tp['size']}: KV heads {start}-{stop - 1} of {tp['of']})")
     total = report["nbytes"] or 1
     parts = markdown_table(
         ["part", "bytes", "share"],

@@ -6,14 +6,20 @@ quantized tokens of one tensor (the keys or the values) of one layer and appends
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
 from .packing import pack, unpack
 
+if TYPE_CHECKING:
+    from ..distributed import HeadShard
+
 QUANT_BITS = (2, 3, 4, 8, 16)
 AXES = ("token", "channel")
 CENTERS = ("none", "head", "channel")
+MEAN_HEADS = ("all", "rank")
 _FP16_MAX = 65504.0
 
 
@@ -60,12 +66,16 @@ class QuantSpec:
     axis: "token" puts a group along the channels of one token; "channel" along `group` tokens of one channel (KIVI
     keys). center: "head" subtracts each token's mean over the KV heads (TaDA, stored in fp16); "channel" subtracts
     each head's per-channel mean over the first block stored (the prefill); "none" subtracts nothing.
+    mean_heads: which heads center="head" averages under tensor parallelism: "all" KV heads of the layer (gathered
+    from every rank: the codes one process would store) or "rank" (this rank's heads only: no communication, a
+    different codec); the same without tensor parallelism.
     """
 
     bits: int = 4
     group: int = 32
     axis: str = "token"
     center: str = "none"
+    mean_heads: str = "all"
 
     def __post_init__(self) -> None:
         if self.bits not in QUANT_BITS:
@@ -76,6 +86,8 @@ class QuantSpec:
             raise ValueError(f"axis must be one of {AXES}, got {self.axis!r}")
         if self.center not in CENTERS:
             raise ValueError(f"center must be one of {CENTERS}, got {self.center!r}")
+        if self.mean_heads not in MEAN_HEADS:
+            raise ValueError(f"mean_heads must be one of {MEAN_HEADS}, got {self.mean_heads!r}")
 
     @property
     def tokens_per_unit(self) -> int:
@@ -86,7 +98,8 @@ class QuantSpec:
         return QuantStore(self, name)
 
     def describe(self) -> str:
-        return f"{self.axis} g{self.group} center={self.center}"
+        scope = " (rank's heads)" if self.center == "head" and self.mean_heads == "rank" else ""
+        return f"{self.axis} g{self.group} center={self.center}{scope}"
 
     def check_head_dim(self, head_dim: int, name: str) -> None:
         if self.axis == "token" and self.bits != 16 and head_dim % self.group:
@@ -115,21 +128,24 @@ def _to_fp16(x: torch.Tensor, what: str) -> torch.Tensor:
     return h
 
 
-def encode_block(x: torch.Tensor, spec: "QuantSpec", channel_mean: torch.Tensor | None = None
+def encode_block(x: torch.Tensor, spec: "QuantSpec", channel_mean: torch.Tensor | None = None,
+                 mean: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """One block of tokens x [B, H, T, D] as a store holds it: (codes, scale, zero, head mean).
 
     The reference of the quantize-and-pack kernel (`kvshrink.kernels.quantize_pack` gives the same bits).
     center="channel" subtracts `channel_mean` [B, H, 1, D] (fp16, fixed by the first block); center="head"
-    subtracts the fp16 per-token head mean, which is returned. Per-token groups: codes [B, H, T, D/G, bytes],
-    scale/zero [B, H, T, D/G, 1]; per-channel groups: codes [B, H, T/G, G, bytes], scale/zero [B, H, T/G, 1, D].
+    subtracts the fp16 per-token head mean, which is returned: x's own, or `mean` [B, 1, T, D] (fp16) when it was
+    computed over more heads than x holds (every tensor-parallel rank's). Per-token groups: codes
+    [B, H, T, D/G, bytes], scale/zero [B, H, T, D/G, 1]; per-channel groups: codes [B, H, T/G, G, bytes],
+    scale/zero [B, H, T/G, 1, D].
     bits=16 returns the centred fp16 values as codes and no scale or zero.
     """
     b, h, t, d = x.shape
     x = x.float()
     m = None
     if spec.center == "head":
-        m = _to_fp16(head_mean(x), "the head mean")
+        m = _to_fp16(head_mean(x), "the head mean") if mean is None else mean
         x = x - m.float()
     elif spec.center == "channel":
         if channel_mean is None:
@@ -162,6 +178,9 @@ class QuantStore:
         self.channel_mean: torch.Tensor | None = None  # [B, H, 1, D] fp16, center="channel"
         # what turns a block into codes: `encode_block` (PyTorch) or a kernel with the same contract and output
         self.encoder = None
+        # the global KV heads held under tensor parallelism (set by the layer): center="head" with mean_heads="all"
+        # gathers the other ranks' heads of each block to take the mean over all of them
+        self.shard: HeadShard | None = None
 
     def _fp16(self, x: torch.Tensor, what: str) -> torch.Tensor:
         return _to_fp16(x, f"{self.name}: {what}")
@@ -178,8 +197,12 @@ class QuantStore:
         if spec.center == "channel" and self.channel_mean is None:
             self.channel_mean = self._fp16(x.float().mean(2, keepdim=True), "the channel mean")
         encode = self.encoder or encode_block
+        if spec.center == "head" and spec.mean_heads == "all" and self.shard is not None:
+            # the same float operations as one process over all heads; the kernels take no outside mean
+            every = self.shard.gather_heads(x).float()
+            encode = partial(encode_block, mean=self._fp16(head_mean(every), "the head mean"))
         try:
-            codes, scale, zero, head_mean = encode(x, spec, self.channel_mean)
+            codes, scale, zero, mean = encode(x, spec, self.channel_mean)
         except ValueError as e:
             raise ValueError(f"{self.name}: {e}") from None
         self.head_dim = x.shape[-1]
@@ -187,8 +210,8 @@ class QuantStore:
         if scale is not None:
             self.scale = scale if self.scale is None else torch.cat([self.scale, scale], 2)
             self.zero = zero if self.zero is None else torch.cat([self.zero, zero], 2)
-        if head_mean is not None:
-            self.head_mean = head_mean if self.head_mean is None else torch.cat([self.head_mean, head_mean], 2)
+        if mean is not None:
+            self.head_mean = mean if self.head_mean is None else torch.cat([self.head_mean, mean], 2)
         self.tokens += t
 
     def decode(self, dtype: torch.dtype) -> torch.Tensor | None:

@@ -195,10 +195,18 @@ class RotatedStore:
         self.inner = QuantStore(QuantSpec(spec.bits, spec.group, "token", "none"), name) \
             if spec.quantizer == "uniform" and spec.bits != 16 else None
         self._signs: torch.Tensor | None = None
+        self.shard = None  # the global KV heads held under tensor parallelism (set by the layer)
 
     def signs(self, heads: int, d: int) -> torch.Tensor:
+        """The signs of the `heads` heads held; under tensor parallelism the rows of this rank's global heads, so
+        every head is rotated as in one process."""
         if self._signs is None or self._signs.shape != (heads, d):
-            self._signs = signs(self.spec.seed, self.spec.layer, heads, d)
+            shard = self.shard
+            if shard is not None and heads == shard.heads:
+                every = signs(self.spec.seed, self.spec.layer, shard.total, d)
+                self._signs = every[shard.start:shard.stop].clone()
+            else:
+                self._signs = signs(self.spec.seed, self.spec.layer, heads, d)
         return self._signs
 
     def to_rotated(self, x: torch.Tensor) -> torch.Tensor:

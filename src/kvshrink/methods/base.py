@@ -48,7 +48,11 @@ class Method:
         return dataclasses.asdict(self)
 
     def make_cache(self, model_or_config: Any) -> CompressedCache:
-        """One layer per decoder layer of the model, sliding-window layers keeping their window."""
+        """One layer per decoder layer of the model, sliding-window layers keeping their window. Under tensor
+        parallelism (a model sharded by transformers) the layers hold this rank's KV heads (`self._shard`)."""
+        from ..distributed import head_shard
+
+        self._shard = head_shard(model_or_config)
         config = getattr(model_or_config, "config", model_or_config)
         text = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
@@ -69,6 +73,7 @@ class Method:
 
         cache = CompressedCache(layers, method=self.name, options=self.options())
         cache.fingerprint = fingerprint(config)
+        cache.shard = self._shard
         return cache
 
 

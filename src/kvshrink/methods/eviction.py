@@ -64,4 +64,5 @@ class EvictionMethod(Method):
         low, keep = self.low_tier(self._head_dim, layer_idx)
         return EvictingLayer(get_policy(self.scoring_policy()), budget=keep, tokens=self.tokens, sinks=self.sinks,
                              window=self.window, observe=self.observe, low_spec=low,
-                             exact_dtype=_DTYPES[self.exact_dtype], layer_idx=layer_idx)
+                             exact_dtype=_DTYPES[self.exact_dtype], layer_idx=layer_idx,
+                             shard=getattr(self, "_shard", None))

@@ -60,7 +60,8 @@ class Kivi(Method):
     def layer(self, layer_idx, sliding_window):
         key_spec, value_spec = self.specs(layer_idx)
         return WindowedLayer(key_spec, value_spec, self.window, layer_idx, sliding_window, self.sinks,
-                             _EXACT_DTYPES[self.exact_dtype], kernels=getattr(self, "_use_kernels", False))
+                             _EXACT_DTYPES[self.exact_dtype], kernels=getattr(self, "_use_kernels", False),
+                             shard=getattr(self, "_shard", None))
 
     def make_cache(self, model_or_config):
         self._use_kernels = self._resolve_kernel(model_or_config)

@@ -4,6 +4,8 @@
 The bases come from a profile (`kvshrink calibrate --method tale`); attention runs in the latent space through
 kvshrink's attention function, which `make_cache(model, ...)` switches the model to (SDPA for every other layer).
 Sliding-window layers (Gemma 3's local layers) stay exact: they never hold more than their window.
+Under tensor parallelism each rank holds the bases of its KV heads (per-head), or its heads' rows of the joint basis
+(`dynakv`, whose coefficients and level choices the ranks then share: see `latent.py`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..bases import rank_bases
 from ..cache import FullSlidingLayer
 from ..codecs.lowrank import Level, level_token_bytes
 from ..latent import MODES, LatentLayer
@@ -98,14 +101,18 @@ class LatentMethod(Method):
     def layer(self, layer_idx: int, sliding_window: int | None):
         if sliding_window is not None:
             return FullSlidingLayer(sliding_window, layer_idx)
-        kb, ks, vb, vs = self._bases(layer_idx)
-        levels, fractions = self.level_plan(kb.shape[1])
+        bases = self._bases(layer_idx)
+        row = bases[0].shape[1]  # levels and costs are those of the whole basis, on every rank
+        levels, fractions = self.level_plan(row)
         rank = max(lv.rank for lv in levels)
+        shard = getattr(self, "_shard", None)
+        kb, ks, vb, vs = rank_bases(bases, shard, self.joint)
         return LatentLayer(kb[..., :rank], ks[..., :rank], vb[..., :rank], vs[..., :rank], levels, fractions,
-                           kv_heads=self._kv_heads, window=self.window, sinks=self.sinks, block=max(self.window, 1),
-                           code_group=self.code_group or kb.shape[1], layer_idx=layer_idx,
-                           exact_dtype=_DTYPES[self.exact_dtype], basis_dtype=_DTYPES[self.basis_dtype],
-                           mode=self.attention, rope=self._rope(layer_idx), **self.layer_options())
+                           kv_heads=self._kv_heads if shard is None else shard.heads, window=self.window,
+                           sinks=self.sinks, block=max(self.window, 1), code_group=self.code_group or row,
+                           layer_idx=layer_idx, exact_dtype=_DTYPES[self.exact_dtype],
+                           basis_dtype=_DTYPES[self.basis_dtype], mode=self.attention, rope=self._rope(layer_idx),
+                           shard=shard if self.joint else None, **self.layer_options())
 
     def layer_options(self) -> dict[str, Any]:
         return {}

@@ -3,13 +3,18 @@
 `center="head"` is the paper's scheme: each token's mean over the KV heads is kept in fp16 and only the deviations
 are quantized; it costs 16/kv_heads bits per element (5.3 on SmolLM2's 3 KV heads). `center="channel"` subtracts
 each head's per-channel mean over the prefill instead, for almost no bytes.
+
+Under tensor parallelism a rank holds only its KV heads; `mean_heads="all"` (default) gathers the other ranks'
+heads of each block as it is compressed, so the mean (and every code) is the one a single process stores, and
+`mean_heads="rank"` averages the rank's own heads without communicating (a different codec). Either way every
+rank keeps the head mean of its heads, so the mean costs 16/(KV heads per rank) bits per element.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-from ..codecs.quant import QuantSpec
+from ..codecs.quant import MEAN_HEADS, QuantSpec
 from ..codecs.rotation import RotationSpec
 from ..profile import ROTATABLE_BITS, Profile, load_profile
 from .base import option, register
@@ -33,11 +38,17 @@ class Tada(Kivi):
     rotate: str = option("none", "rotation codec (randomized Hadamard + Lloyd-Max codes, `turboquant`'s) instead of "
                                  "grouped codes for: 'none', 'keys', 'values' or 'both' (bits 2-4, mean 'none')")
     rotation_seed: int = option(0, "seed of the rotations' random signs")
+    mean_heads: str = option("all", "under tensor parallelism, the heads mean=head averages: 'all' KV heads "
+                                    "(gathered from every rank, as one process) or 'rank' (this rank's heads only, "
+                                    "no communication)")
 
     def center(self) -> str:
         return self.mean
 
     def validate(self) -> None:
+        if self.mean_heads not in MEAN_HEADS:
+            raise ValueError(f"{self.name}: mean_heads must be one of {', '.join(MEAN_HEADS)}, "
+                             f"got {self.mean_heads!r}")
         if self.rotate not in ROTATE_CHOICES:
             raise ValueError(f"{self.name}: rotate must be one of {', '.join(ROTATE_CHOICES)}, got {self.rotate!r}")
         self._profile: Profile | None = load_profile(self.profile) if self.profile else None
@@ -59,12 +70,13 @@ class Tada(Kivi):
 
     def specs(self, layer_idx: int | None = None) -> tuple[QuantSpec | RotationSpec, QuantSpec | RotationSpec]:
         if self._profile is None or layer_idx is None:
-            k, v = super().specs(layer_idx)
+            k, v = (dataclasses.replace(s, mean_heads=self.mean_heads) for s in super().specs(layer_idx))
             rot = (self.rotate in ("keys", "both"), self.rotate in ("values", "both"))
         else:
             c = self._profile.layers[layer_idx]
-            k = QuantSpec(c.key_bits, self.key_group or self.group, self.key_axis, c.key_mean)
-            v = QuantSpec(c.value_bits, self.value_group or self.group, self.value_axis, c.value_mean)
+            k = QuantSpec(c.key_bits, self.key_group or self.group, self.key_axis, c.key_mean, self.mean_heads)
+            v = QuantSpec(c.value_bits, self.value_group or self.group, self.value_axis, c.value_mean,
+                          self.mean_heads)
             rot = (c.key_rotate, c.value_rotate)
         return tuple(self._rotated(spec, layer_idx or 0) if r else spec for spec, r in zip((k, v), rot))
 

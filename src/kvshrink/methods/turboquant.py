@@ -116,7 +116,7 @@ class TurboQuant(Method):
         key_spec, value_spec = self.specs(layer_idx)
         cls = RotatedLayer if self.attention == "rotated" else WindowedLayer
         return cls(key_spec, value_spec, self.window, layer_idx, sliding_window, self.sinks,
-                   _EXACT_DTYPES[self.exact_dtype])
+                   _EXACT_DTYPES[self.exact_dtype], shard=getattr(self, "_shard", None))
 
 
 __all__ = ["TurboQuant", "PRESETS"]
