@@ -9,6 +9,8 @@ Layers:
   With `kernels=True` (CUDA, Triton), decode steps never decode the store: the layer answers kvshrink's
   attention call itself with `kernels.packed_attention`, which reads the packed codes, and tokens leaving the
   window are quantized by `kernels.quantize_pack`. The prefill still gets the decoded store and SDPA.
+  With `kernels="cpu"` decode steps are answered the same way by `kernels.cpu.packed_attention` (a C++ kernel
+  reading the packed codes on the CPU); blocks leaving the window are quantized by the PyTorch encoder.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Dynam
 
 from . import kernels
 from .attention import SelfAttending
+from .kernels import cpu as cpu_kernel
 from .codecs.quant import QuantSpec
 from .codecs.rotation import RotationSpec, fwht, unrotate
 
@@ -123,10 +126,12 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
 
     def __init__(self, key_spec: QuantSpec, value_spec: QuantSpec, window: int = 32, layer_idx: int = -1,
                  sliding_window: int | None = None, sinks: int = 0, exact_dtype: torch.dtype | None = None,
-                 kernels: bool = False, shard=None):
+                 kernels: bool | str = False, shard=None):
         super().__init__()
         self.shard = shard  # under tensor parallelism: the stores' head mean and rotations span every rank's heads
-        self.kernels = kernels
+        if kernels not in (False, True, "triton", "cpu"):
+            raise ValueError(f"layer {layer_idx}: kernels must be False, True/'triton' or 'cpu', got {kernels!r}")
+        self.kernels = "triton" if kernels is True else kernels  # False, "triton" (CUDA) or "cpu"
         if kernels:  # a short prompt goes through the kernel path, whose attention is not SDPA
             self.replays_prefill = False
         self.kind = "a kernel-attending quantized"
@@ -164,7 +169,11 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
         self.keys = key_states.new_empty((b, h, 0, d), dtype=held)
         self.values = value_states.new_empty((b, value_states.shape[1], 0, value_states.shape[-1]), dtype=held)
         self.sink_keys, self.sink_values = self.keys, self.values
-        if self.kernels:
+        if self.kernels == "cpu":
+            if self.device.type != "cpu":
+                raise RuntimeError(f"layer {self.layer_idx}: kernels='cpu' needs CPU tensors (the states are on "
+                                   f"{self.device}); use kernel='triton' or 'torch'")
+        elif self.kernels:
             if not kernels.usable_on(self.device):
                 raise RuntimeError(f"layer {self.layer_idx}: kernels=True needs CUDA tensors and Triton "
                                    f"(the states are on {self.device}); use kernel='torch'")
@@ -228,7 +237,8 @@ class WindowedLayer(_BatchOps, SelfAttending, CacheLayerMixin, _Reporting):
         index = torch.cat([torch.arange(sinks, device=dev, dtype=torch.int32),
                            torch.arange(sinks + stored, sinks + stored + self.keys.shape[-2], device=dev,
                                         dtype=torch.int32)])
-        out = kernels.packed_attention(
+        attention = cpu_kernel.packed_attention if self.kernels == "cpu" else kernels.packed_attention
+        out = attention(
             query, self.key_store, self.value_store, torch.cat([self.sink_keys, self.keys], -2),
             torch.cat([self.sink_values, self.values], -2), index, sinks, mask=attention_mask, scaling=scaling)
         self._flush()  # as on the PyTorch path: this step attended its tokens exactly, now they may be compressed

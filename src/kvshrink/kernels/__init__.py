@@ -9,6 +9,7 @@
 
 Triton is optional (`pip install kvshrink[gpu]`); the kernels run on CUDA tensors, or on CPU tensors under
 Triton's interpreter (`TRITON_INTERPRET=1`, set before kvshrink is imported), which is how the tests run them.
+The CPU counterpart of `packed_attention` (a C++ extension built on first use) is `kernels.cpu.packed_attention`.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from .base import Method, option, register
 
 
 _EXACT_DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_KERNELS = ("auto", "triton", "torch")
+_KERNELS = ("auto", "triton", "torch", "cpu")
 
 
 @register
@@ -36,8 +36,9 @@ class Kivi(Method):
     key_axis: str = option("channel", "key groups run along 'channel' (tokens of one channel) or 'token'")
     value_axis: str = option("token", "value groups run along 'token' (channels of one token) or 'channel'")
     kernel: str = option("auto", "decode attention and quantization: 'triton' (GPU kernels reading the packed "
-                                 "codes), 'torch' (decode the store, then SDPA) or 'auto' (triton on CUDA when "
-                                 "installed, else torch)")
+                                 "codes), 'cpu' (a C++ kernel reading the packed codes on the CPU), 'torch' "
+                                 "(decode the store, then SDPA) or 'auto' (triton on CUDA when installed, else "
+                                 "torch)")
 
     def center(self) -> str:
         return "none"
@@ -60,7 +61,7 @@ class Kivi(Method):
     def layer(self, layer_idx, sliding_window):
         key_spec, value_spec = self.specs(layer_idx)
         return WindowedLayer(key_spec, value_spec, self.window, layer_idx, sliding_window, self.sinks,
-                             _EXACT_DTYPES[self.exact_dtype], kernels=getattr(self, "_use_kernels", False),
+                             _EXACT_DTYPES[self.exact_dtype], kernels=self._layer_kernels(layer_idx),
                              shard=getattr(self, "_shard", None))
 
     def make_cache(self, model_or_config):
@@ -71,11 +72,20 @@ class Kivi(Method):
             attention.enable(model_or_config)
         return super().make_cache(model_or_config)
 
-    def _resolve_kernel(self, model_or_config) -> bool:
+    def _layer_kernels(self, layer_idx: int) -> bool | str:
+        """The `kernels` of one layer: False (PyTorch path), True (Triton) or "cpu"."""
+        mode = getattr(self, "_use_kernels", False)
+        if mode == "cpu" and layer_idx in getattr(self, "_cpu_fallback_layers", ()):
+            return False
+        return mode
+
+    def _resolve_kernel(self, model_or_config) -> bool | str:
         """Whether the layers use the Triton kernels: 'triton' insists (clear error when it cannot), 'auto' uses them
-        for a model on CUDA with Triton installed and says why not when it cannot."""
+        for a model on CUDA with Triton installed and says why not when it cannot. 'cpu': see `_resolve_cpu`."""
         if self.kernel == "torch":
             return False
+        if self.kernel == "cpu":
+            return self._resolve_cpu(model_or_config)
         from .. import kernels
 
         is_model = hasattr(model_or_config, "set_attn_implementation")
@@ -101,3 +111,37 @@ class Kivi(Method):
         if device.type == "cuda":
             warnings.warn(f"{self.name}: decoding with the PyTorch path (kernel='auto'): {why}", stacklevel=3)
         return False
+
+    def _resolve_cpu(self, model_or_config) -> bool | str:
+        """kernel='cpu': "cpu" when the CPU kernel can serve at least one layer, else False. A model elsewhere than
+        the CPU, or a config instead of the model, is an error; a kernel that cannot be built or loaded falls back
+        to the PyTorch path with one warning per process; layers whose layout it does not cover (rotation codecs)
+        use the PyTorch path, named in a warning."""
+        from ..kernels import cpu
+
+        if not hasattr(model_or_config, "set_attn_implementation"):
+            raise ValueError(f"{self.name}: kernel='cpu' cannot be used: make_cache was given a config, not the model "
+                             "(the model's attention must be switched to kvshrink's)")
+        param = next(model_or_config.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        if device.type != "cpu":
+            raise ValueError(f"{self.name}: kernel='cpu' needs a model on the CPU, this one is on {device} "
+                             "(use kernel='triton' or 'auto' on CUDA)")
+        why = cpu.unavailable()
+        if why is not None:
+            cpu.warn_unavailable(why, stacklevel=4)
+            return False
+        text = text_config(model_or_config)
+        head_dim = head_dim_of(text)
+        skipped = {}
+        for i in range(text.num_hidden_layers):
+            for what, spec in zip(("keys", "values"), self.specs(i)):
+                reason = cpu.unsupported(spec, head_dim)
+                if reason and i not in skipped:
+                    skipped[i] = f"{what}: {reason}"
+        self._cpu_fallback_layers = set(skipped)
+        if skipped:
+            first = next(iter(skipped.items()))
+            warnings.warn(f"{self.name}: kernel='cpu' decodes layer(s) {sorted(skipped)} with the PyTorch path "
+                          f"(layer {first[0]} {first[1]})", stacklevel=4)
+        return "cpu" if len(skipped) < text.num_hidden_layers else False

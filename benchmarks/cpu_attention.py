@@ -1,0 +1,162 @@
+"""One layer's decode attention on the CPU: the CPU kernel over the packed store against today's PyTorch path.
+
+Qwen2.5-Coder-1.5B shapes (12 query / 2 KV heads, head dim 128, bf16, batch 1, one query token), contexts 4k..64k.
+For each packed layout it times, per call:
+- `kernel`: `kvshrink.kernels.cpu.packed_attention`, reading the packed codes (the `kernel=cpu` decode step);
+- `decode+sdpa`: what `kernel=torch` does every step: decode the whole store to bf16, concatenate sinks, store and
+  window, then transformers' SDPA attention;
+- `sdpa-16bit` (once per context): SDPA over the same tokens held as a plain 16-bit cache (no decoding), the
+  speed a `DynamicCache` attends at (its per-step concatenation not counted).
+Bytes per second are the bytes each variant must read at least (the bytes held: packed store + exact sinks and
+window, or the 16-bit cache), next to the machine's memory bandwidth measured in the same run (sum and copy of a
+256 MiB tensor). The kernel's result is checked against the decode path.
+
+    .venv/bin/python benchmarks/cpu_attention.py                      # 4k,16k,64k
+    .venv/bin/python benchmarks/cpu_attention.py --contexts 4k --repeat 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from kvshrink.codecs.quant import QuantSpec, QuantStore
+from kvshrink.kernels import cpu
+
+HQ, HKV, D = 12, 2, 128
+SINKS, WINDOW = 4, 32
+LAYOUTS = {  # name: (key spec, value spec), as the methods build them (group 32)
+    "kivi:bits=2": (QuantSpec(2, 32, "channel", "none"), QuantSpec(2, 32, "token", "none")),
+    "kivi:bits=4": (QuantSpec(4, 32, "channel", "none"), QuantSpec(4, 32, "token", "none")),
+    "tada:bits=2": (QuantSpec(2, 32, "channel", "head"), QuantSpec(2, 32, "token", "head")),
+}
+
+
+def _tokens(text: str) -> int:
+    text = text.strip().lower()
+    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+
+
+def _time(fn, repeat: int) -> float:
+    """Median seconds per call after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def memory_bandwidth(mib: int = 256, repeat: int = 5) -> dict[str, float]:
+    """GB/s of a large-tensor sum (read) and copy (read + write), the ceiling a memory-bound kernel can approach."""
+    x = torch.ones(mib * 2 ** 20 // 4)
+    y = torch.empty_like(x)
+    nbytes = x.numel() * 4
+    read = _time(lambda: x.sum(), repeat)
+    copy = _time(lambda: y.copy_(x), repeat)
+    return {"read_gbs": nbytes / read / 1e9, "copy_gbs": 2 * nbytes / copy / 1e9}
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _layer(tokens: int, kspec: QuantSpec, vspec: QuantSpec, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    stored = (tokens - SINKS - WINDOW) // 32 * 32
+    keys = (torch.randn(1, HKV, tokens, D, generator=g) + 2 * torch.randn(1, HKV, 1, D, generator=g)).bfloat16()
+    values = torch.randn(1, HKV, tokens, D, generator=g).bfloat16()
+    ks, vs = QuantStore(kspec, "keys"), QuantStore(vspec, "values")
+    step = 4096  # append in blocks, as the cache does (bounded temporary memory)
+    for t0 in range(SINKS, SINKS + stored, step):
+        t1 = min(t0 + step, SINKS + stored)
+        ks.append(keys[:, :, t0:t1])
+        vs.append(values[:, :, t0:t1])
+    exact = torch.cat([torch.arange(SINKS), torch.arange(SINKS + stored, tokens)])
+    ek, ev = keys[:, :, exact].contiguous(), values[:, :, exact].contiguous()
+    q = torch.randn(1, HQ, 1, D, generator=g).bfloat16()
+    return q, ks, vs, ek, ev, exact, keys, values
+
+
+def run(contexts: list[int], repeat: int) -> dict:
+    bw = memory_bandwidth()
+    module = SimpleNamespace(num_key_value_groups=HQ // HKV, is_causal=True, layer_idx=0, training=False)
+    scaling = D ** -0.5
+    rows = []
+    for tokens in contexts:
+        plain_k = plain_v = None
+        for name, (kspec, vspec) in LAYOUTS.items():
+            q, ks, vs, ek, ev, exact, keys, values = _layer(tokens, kspec, vspec)
+            store_bytes = sum(_nbytes(*ts) for s in (ks, vs) for ts in s.parts().values())
+            held = store_bytes + _nbytes(ek, ev)
+
+            def kernel():
+                return cpu.packed_attention(q, ks, vs, ek, ev, exact, SINKS, scaling=scaling)
+
+            def decode_sdpa():
+                k = torch.cat([ek[:, :, :SINKS], ks.decode(torch.bfloat16), ek[:, :, SINKS:]], 2)
+                v = torch.cat([ev[:, :, :SINKS], vs.decode(torch.bfloat16), ev[:, :, SINKS:]], 2)
+                return sdpa_attention_forward(module, q, k, v, None, scaling=scaling)[0].transpose(1, 2)
+
+            diff = (kernel().float() - decode_sdpa().float()).abs().max().item()
+            t_kernel = _time(kernel, repeat)
+            t_decode = _time(decode_sdpa, repeat)
+            if plain_k is None:
+                plain_k, plain_v = keys.contiguous(), values.contiguous()
+                t_plain = _time(lambda: sdpa_attention_forward(module, q, plain_k, plain_v, None, scaling=scaling),
+                                repeat)
+                plain_bytes = _nbytes(plain_k, plain_v)
+            rows.append({
+                "context": tokens, "layout": name, "held_bytes": held, "max_abs_diff": diff,
+                "kernel_ms": t_kernel * 1e3, "kernel_gbs": held / t_kernel / 1e9,
+                "decode_sdpa_ms": t_decode * 1e3, "decode_sdpa_gbs": held / t_decode / 1e9,
+                "sdpa16_ms": t_plain * 1e3, "sdpa16_bytes": plain_bytes, "sdpa16_gbs": plain_bytes / t_plain / 1e9,
+                "speedup_vs_decode": t_decode / t_kernel, "speed_vs_sdpa16": t_plain / t_kernel,
+            })
+            print(_row(rows[-1]), flush=True)
+    return {"threads": torch.get_num_threads(), "bandwidth": bw, "rows": rows,
+            "shape": {"query_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": "bfloat16", "sinks": SINKS,
+                      "window": WINDOW}}
+
+
+HEADER = ("| context | layout | held MiB | kernel ms (GB/s) | decode+SDPA ms (GB/s) | 16-bit SDPA ms (GB/s) | "
+          "kernel vs decode | kernel vs 16-bit | max diff |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def _row(r: dict) -> str:
+    return (f"| {r['context']} | `{r['layout']}` | {r['held_bytes'] / 2 ** 20:.2f} | "
+            f"{r['kernel_ms']:.2f} ({r['kernel_gbs']:.1f}) | {r['decode_sdpa_ms']:.2f} ({r['decode_sdpa_gbs']:.1f}) | "
+            f"{r['sdpa16_ms']:.2f} ({r['sdpa16_gbs']:.1f}) | {r['speedup_vs_decode']:.1f}x | "
+            f"{r['speed_vs_sdpa16']:.2f}x | {r['max_abs_diff']:.1e} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--contexts", default="4k,16k,64k", help="comma-separated token counts (4k = 4096)")
+    p.add_argument("--repeat", type=int, default=10, help="timed calls per variant (median reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", default="", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    why = cpu.unavailable()
+    if why:
+        raise SystemExit(f"the CPU kernel is unavailable: {why}")
+    print(HEADER, flush=True)
+    result = run([_tokens(c) for c in args.contexts.split(",")], args.repeat)
+    bw = result["bandwidth"]
+    print(f"\nmemory bandwidth: sum {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s "
+          f"({result['threads']} threads); GB/s above = bytes held / time")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

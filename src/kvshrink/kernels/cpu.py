@@ -1,0 +1,236 @@
+"""Decode attention over the packed store on the CPU: a C++ extension (`cpu_attention.cpp`), built on first use.
+
+`packed_attention` has the contract of `kernels.packed_attention` (the Triton kernel) and of its reference
+`kernels.reference.packed_attention`: a few query tokens over a layer's packed store plus its full-precision tokens.
+It never decodes the store to a tensor: each (sequence, KV head, block of tokens) unpacks its codes a tile at a
+time, applies scales, zero points and means, and keeps a running softmax for all query heads of the KV head;
+the blocks run in parallel (at::parallel_for) and are merged at the end (flash-decoding). Per-channel key groups
+without a head mean fold the group's scales into the query (q.k = sum (q*s) code + sum q*z).
+
+The extension is compiled once per machine, torch version and source with `torch.utils.cpp_extension` (ninja and
+a C++ compiler with OpenMP, e.g. g++) into the kvshrink cache directory (`$KVSHRINK_CACHE`, default
+`~/.cache/kvshrink`), and loaded from there afterwards without compiling. When it cannot be built or loaded
+(no compiler, no ninja, `KVSHRINK_CPU_KERNEL=0`), kvshrink warns once and decodes with the PyTorch path.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..codecs.quant import QuantSpec, QuantStore
+
+CPU_BITS = (2, 3, 4, 8, 16)
+SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+ENV = "KVSHRINK_CPU_KERNEL"  # "0": never build or load the extension (the PyTorch path decodes)
+_NAME = "kvshrink_cpu_attention"
+_CFLAGS = ["-O3", "-fopenmp", "-march=native"]
+_LDFLAGS = ["-fopenmp"]
+_STALE_BUILD_S = 3600  # a build folder older than this was left by a killed build
+_warned = False
+_NONE = torch.empty(0)
+
+
+def unsupported(spec, head_dim: int) -> str | None:
+    """Why the CPU kernel cannot serve this store layout, or None when it can."""
+    if not isinstance(spec, QuantSpec):
+        return f"{type(spec).__name__} stores (rotation codecs) have no CPU kernel"
+    if spec.bits not in CPU_BITS:
+        return f"bits must be one of {CPU_BITS} for the CPU kernel, got {spec.bits}"
+    if head_dim < 1:
+        return f"head_dim must be positive, got {head_dim}"
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_dir() -> Path:
+    """Where the extension for this source, torch, Python, compiler flags and CPU is built and kept."""
+    from ..models import cache_dir
+
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), " ".join(_CFLAGS).encode(),
+                 platform.machine().encode(), _cpu_flags().encode()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / "extensions" / f"cpu_attention-{key.hexdigest()[:16]}"
+
+
+def _with_build_tools_on_path() -> None:
+    """ninja from the `ninja` package and the virtual environment's bin dir (not on PATH unless activated)."""
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        dirs.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join([d for d in dirs if d not in path] + path)
+
+
+@lru_cache(maxsize=1)
+def _load():
+    """The compiled op (building it first when needed); raises RuntimeError saying why it is unavailable."""
+    if os.environ.get(ENV, "1") == "0":
+        raise RuntimeError(f"disabled by {ENV}=0")
+    directory = build_dir()
+    lib = directory / f"{_NAME}.so"
+    if lib.exists():
+        torch.ops.load_library(str(lib))
+    else:
+        _build(directory, lib)  # loads it too
+    return torch.ops.kvshrink_cpu.packed_attention
+
+
+def _build(directory: Path, lib: Path) -> None:
+    """Compile in a folder of this process's own (no lock for a killed build to leave behind), load the library,
+    then move it into place atomically and remove builds of older sources."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler}) on PATH to build it (install g++)")
+    _with_build_tools_on_path()
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is needed to build it: pip install ninja")
+    work = directory / f"build-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    print(f"kvshrink: building the CPU attention kernel in {directory} (once)", file=sys.stderr)
+    try:
+        cpp_extension.load(_NAME, [str(SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                           build_directory=str(work), is_python_module=False, verbose=False)
+    except Exception as e:  # the compiler's output is in the message: keep it beside the build
+        log = directory / "build-error.log"
+        log.write_text(str(e))
+        shutil.rmtree(work, ignore_errors=True)
+        last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+        raise RuntimeError(f"building it failed ({last[0][:200]}; full output in {log})") from None
+    tmp = directory / f".{_NAME}-{os.getpid()}.so"
+    shutil.copy2(work / f"{_NAME}.so", tmp)
+    os.replace(tmp, lib)
+    shutil.rmtree(work, ignore_errors=True)
+    for old in directory.parent.glob("cpu_attention-*"):
+        if old != directory:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in directory.glob("build-*"):  # left by killed builds
+        if stale.is_dir() and time.time() - stale.stat().st_mtime > _STALE_BUILD_S:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def unavailable() -> str | None:
+    """Why the CPU kernel cannot be used in this process (None when it can); builds it on first call if needed."""
+    try:
+        _load()
+    except Exception as e:  # noqa: BLE001 - any failure to build or load means the PyTorch path
+        return str(e) or type(e).__name__
+    return None
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernel can be used (building it on first call if needed)."""
+    return unavailable() is None
+
+
+def warn_unavailable(reason: str, stacklevel: int = 2) -> None:
+    """The one warning per process that decoding falls back to the PyTorch path."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    warnings.warn(f"kvshrink: the CPU attention kernel is unavailable ({reason}); decode steps decode the whole "
+                  "store and run SDPA instead (the PyTorch path: same results, slower)", stacklevel=stacklevel + 1)
+
+
+def _store_args(store: QuantStore) -> tuple:
+    spec = store.spec
+    t = lambda x: _NONE if x is None else x.contiguous()  # noqa: E731
+    return (t(store.codes), t(store.scale), t(store.zero), t(store.head_mean), t(store.channel_mean),
+            spec.bits, 1 if spec.axis == "channel" else 0, spec.group)
+
+
+def split_tokens(tokens: int, units: int, spec_k: QuantSpec, spec_v: QuantSpec) -> int:
+    """Stored tokens per parallel work unit: enough units for every thread (four each, for balance), at least 256
+    tokens each, a multiple of 64 and of the per-channel groups."""
+    align = math.lcm(64, spec_k.tokens_per_unit, spec_v.tokens_per_unit)
+    per_unit = max(1, 4 * torch.get_num_threads() // max(units, 1))
+    size = max(256, -(-tokens // per_unit))
+    return -(-size // align) * align
+
+
+def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: QuantStore,
+                     exact_keys: torch.Tensor, exact_values: torch.Tensor, exact_index: torch.Tensor,
+                     key0: int, mask: torch.Tensor | None = None, scaling: float | None = None,
+                     causal: bool = True, block_tokens: int | None = None) -> torch.Tensor:
+    """`kernels.packed_attention` on CPU tensors (same arguments and result); see `kernels.reference` for the rules.
+
+    block_tokens: stored tokens per parallel work unit (default: `split_tokens`). Without the compiled extension,
+    warns once and computes the reference (decode the store, dense attention).
+    """
+    b, hq, qn, d = query.shape
+    hkv = exact_keys.shape[1]
+    if query.device.type != "cpu":
+        raise ValueError(f"the CPU kernel needs CPU tensors, the query is on {query.device}")
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    for store in (key_store, value_store):
+        why = unsupported(store.spec, d)
+        if why:
+            raise ValueError(f"{store.name}: {why}")
+        if store.tokens and store.head_dim != d:
+            raise ValueError(f"{store.name}: head_dim {store.head_dim} differs from the query's {d}")
+    if key_store.tokens != value_store.tokens:
+        raise ValueError(f"the key store holds {key_store.tokens} tokens but the value store {value_store.tokens}")
+    t_store = key_store.tokens
+    te = exact_keys.shape[2]
+    tkeys = te + t_store
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be boolean (True = attend), got {mask.dtype}")
+        if mask.dim() == 4:
+            if mask.shape[1] != 1:
+                raise ValueError(f"mask must be shared by the heads ([B, 1, QN, TK]), got {tuple(mask.shape)}")
+            mask = mask[:, 0]
+        if mask.shape[-1] != tkeys:
+            raise ValueError(f"mask covers {mask.shape[-1]} keys but the layer holds {tkeys}")
+    why = unavailable()
+    if why is not None:
+        from . import reference
+
+        warn_unavailable(why)
+        return reference.packed_attention(query, key_store, value_store, exact_keys, exact_values, exact_index,
+                                          key0, mask=mask, scaling=scaling, causal=causal)
+    op = _load()
+    scaling = d ** -0.5 if scaling is None else scaling
+    q = (query.float() * scaling).contiguous()
+    if mask is not None:
+        mask = mask.expand(b, qn, tkeys)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        mask_b, mask_q = mask.stride(0), mask.stride(1)
+    else:
+        mask, mask_b, mask_q = _NONE, 0, 0
+    split = block_tokens or split_tokens(t_store, b * hkv, key_store.spec, value_store.spec)
+    out = torch.empty_like(q)
+    op(out, q, *_store_args(key_store), *_store_args(value_store), t_store,
+       exact_keys.float().contiguous(), exact_values.float().contiguous(), exact_index.long().contiguous(),
+       key0, mask, mask_b, mask_q, causal, split)
+    return out.to(query.dtype)

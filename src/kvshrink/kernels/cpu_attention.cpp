@@ -1,0 +1,677 @@
+// Decode attention over a packed kvshrink store on the CPU (the C++ side of kvshrink.kernels.cpu).
+//
+// Same contract as kernels/reference.py `packed_attention`: the keys are, in order, the exact tokens whose key
+// index is below key0, the store's tokens (key0 .. key0 + T - 1), then the other exact tokens. Work is cut into
+// units (sequence, KV head, block of stored tokens) plus one unit per (sequence, KV head) for the exact tokens;
+// every unit keeps a running softmax (max m, sum l, weighted value sum acc) for all query rows of its KV head
+// (the n_rep query heads times the query tokens), dequantizing codes in tiles of TT tokens in registers/L1, and a
+// last pass merges the units (flash-decoding). Units run in parallel through at::parallel_for.
+//
+// Layouts (codecs/quant.py `encode_block`): a token's codes are a row of packed bytes (2/4/8 bits: 8/bits codes
+// per byte, low bits first; 3 bits: 8 codes per little-endian 3-byte word). Per-token groups ("token" axis):
+// codes [B, H, T, D/G, bytes(G)], fp16 scale/zero [B, H, T, D/G]; per-channel groups ("channel" axis): codes
+// [B, H, T, bytes(D)] (T/G groups of G rows), fp16 scale/zero [B, H, T/G, D]. 16 bits: fp16 values [B, H, T, D].
+// Optional fp16 head mean [B, 1, T, D] and channel mean [B, H, 1, D] are added back.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kTile = 32;  // tokens scored before their values are summed
+
+inline void half_to_float(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(c10::Half(src[i], c10::Half::from_bits()));
+}
+
+inline float half1(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// exp(x) for x <= 0 (a score minus its running maximum), relative error ~1e-7; 0 below -87 (and for -inf).
+// Cody-Waite reduction and a degree-6 polynomial (Cephes expf), written so that the loop over a tile vectorizes.
+inline float exp_nonpos(float x) {
+  const bool tiny = x < -87.0f;
+  x = tiny ? -87.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (|n| < 2^22)
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return tiny ? 0.0f : p * scale;
+}
+
+// Each byte's codes as floats, low bits first: 2 bits (4 codes) and 4 bits (2 codes) per byte.
+struct CodeTables {
+  alignas(64) float two[256][4];
+  alignas(64) float four[256][2];
+  CodeTables() {
+    for (int b = 0; b < 256; ++b) {
+      for (int i = 0; i < 4; ++i) two[b][i] = static_cast<float>((b >> (2 * i)) & 3);
+      for (int i = 0; i < 2; ++i) four[b][i] = static_cast<float>((b >> (4 * i)) & 15);
+    }
+  }
+};
+const CodeTables kCodes;
+
+// Codes of `nbytes` packed bytes, as floats: nbytes * 8 / bits values (whole words for 3 bits).
+inline void unpack(const uint8_t* __restrict p, int64_t nbytes, int bits, float* __restrict out) {
+  switch (bits) {
+    case 8:
+#pragma omp simd
+      for (int64_t k = 0; k < nbytes; ++k) out[k] = static_cast<float>(p[k]);
+      break;
+    case 4:
+      for (int64_t k = 0; k < nbytes; ++k) std::memcpy(out + 2 * k, kCodes.four[p[k]], 2 * sizeof(float));
+      break;
+    case 2:
+      for (int64_t k = 0; k < nbytes; ++k) std::memcpy(out + 4 * k, kCodes.two[p[k]], 4 * sizeof(float));
+      break;
+    case 3:
+      for (int64_t w = 0; w < nbytes / 3; ++w) {
+        const uint32_t x = uint32_t(p[3 * w]) | (uint32_t(p[3 * w + 1]) << 8) | (uint32_t(p[3 * w + 2]) << 16);
+#pragma omp simd
+        for (int j = 0; j < 8; ++j) out[8 * w + j] = static_cast<float>((x >> (3 * j)) & 7u);
+      }
+      break;
+    default:
+      break;
+  }
+}
+
+// out[i] = code_i * s[i] + z[i] over the codes of nbytes bytes of PER codes each (2 or 4 bits), by table.
+template <int PER>
+inline void dequant_channels(const uint8_t* __restrict p, int64_t nbytes, const float (*table)[PER],
+                             const float* __restrict s, const float* __restrict z, float* __restrict out) {
+  for (int64_t k = 0; k < nbytes; ++k) {
+    const float* c = table[p[k]];
+    for (int i = 0; i < PER; ++i) out[PER * k + i] = c[i] * s[PER * k + i] + z[PER * k + i];
+  }
+}
+
+// out[i] = code_i * a + z over the codes of nbytes bytes of PER codes each (one per-token group), by table.
+template <int PER>
+inline void dequant_group(const uint8_t* __restrict p, int64_t nbytes, const float (*table)[PER], float a, float z,
+                          float* __restrict out) {
+  for (int64_t k = 0; k < nbytes; ++k) {
+    const float* c = table[p[k]];
+    for (int i = 0; i < PER; ++i) out[PER * k + i] = c[i] * a + z;
+  }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define KVSHRINK_AVX2 1
+// Eight codes as floats: from BITS bytes at p (2, 3, 4 bits: one shift per lane) or 8 bytes (8 bits).
+template <int BITS>
+inline __m256 codes8(const uint8_t* p) {
+  if constexpr (BITS == 8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  } else {
+    uint32_t x = 0;
+    std::memcpy(&x, p, BITS);  // never reads past the row
+    const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+    const __m256i v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(x)), shifts),
+                                       _mm256_set1_epi32((1 << BITS) - 1));
+    return _mm256_cvtepi32_ps(v);
+  }
+}
+
+// n (a multiple of 8) codes from p: out = code * s + z with per-channel s, z (s == nullptr: the codes themselves)
+template <int BITS>
+void dequant8(const uint8_t* __restrict p, int64_t n, const float* __restrict s, const float* __restrict z,
+              float* __restrict out) {
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 c = codes8<BITS>(p + i / 8 * BITS);
+    _mm256_storeu_ps(out + i, s ? _mm256_fmadd_ps(c, _mm256_loadu_ps(s + i), _mm256_loadu_ps(z + i)) : c);
+  }
+}
+
+// n (a multiple of 8) codes from p: out = code * a + z (one per-token group)
+template <int BITS>
+void dequant8_group(const uint8_t* __restrict p, int64_t n, float a, float z, float* __restrict out) {
+  const __m256 va = _mm256_set1_ps(a), vz = _mm256_set1_ps(z);
+  for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(codes8<BITS>(p + i / 8 * BITS), va, vz));
+}
+
+inline void dequant8_any(int bits, const uint8_t* p, int64_t n, const float* s, const float* z, float* out) {
+  switch (bits) {
+    case 2: dequant8<2>(p, n, s, z, out); break;
+    case 3: dequant8<3>(p, n, s, z, out); break;
+    case 4: dequant8<4>(p, n, s, z, out); break;
+    default: dequant8<8>(p, n, s, z, out); break;
+  }
+}
+
+inline void dequant8_group_any(int bits, const uint8_t* p, int64_t n, float a, float z, float* out) {
+  switch (bits) {
+    case 2: dequant8_group<2>(p, n, a, z, out); break;
+    case 3: dequant8_group<3>(p, n, a, z, out); break;
+    case 4: dequant8_group<4>(p, n, a, z, out); break;
+    default: dequant8_group<8>(p, n, a, z, out); break;
+  }
+}
+#endif
+
+// out[i] += fp16 src[i]
+inline void add_half(float* __restrict out, const uint16_t* __restrict src, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(out + i),
+                                            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)))));
+#endif
+  for (; i < n; ++i) out[i] += half1(src[i]);
+}
+
+// S[r * stride + j] = Q[r] . K[j] for R query rows and n key rows of D floats (row-major, contiguous).
+void scores_tile(const float* __restrict Q, int64_t R, const float* __restrict K, int64_t n, int64_t D,
+                 float* __restrict S, int64_t stride) {
+  int64_t j0 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (D % 8 == 0) {
+    // two rows x four keys per pass: eight accumulators, reduced together by a transposing horizontal add
+    for (; j0 + 4 <= n; j0 += 4) {
+      const float* k0 = K + j0 * D;
+      for (int64_t r = 0; r < R; r += 2) {
+        const float* q0 = Q + r * D;
+        const float* q1 = r + 1 < R ? q0 + D : q0;
+        __m256 a[8];
+        for (auto& x : a) x = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 x0 = _mm256_loadu_ps(q0 + d), x1 = _mm256_loadu_ps(q1 + d);
+          for (int k = 0; k < 4; ++k) {
+            const __m256 kv = _mm256_loadu_ps(k0 + k * D + d);
+            a[k] = _mm256_fmadd_ps(x0, kv, a[k]);
+            a[4 + k] = _mm256_fmadd_ps(x1, kv, a[4 + k]);
+          }
+        }
+        const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+        const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+        const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+        const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+        alignas(32) float out[8];
+        _mm256_store_ps(out, sum);
+        for (int k = 0; k < 4; ++k) S[r * stride + j0 + k] = out[k];
+        if (r + 1 < R)
+          for (int k = 0; k < 4; ++k) S[(r + 1) * stride + j0 + k] = out[4 + k];
+      }
+    }
+  }
+#endif
+  for (; j0 < n; ++j0)
+    for (int64_t r = 0; r < R; ++r) S[r * stride + j0] = dot(Q + r * D, K + j0 * D, D);
+}
+
+// acc[r] += sum_j P[r * stride + j] V[j] for R rows and n value rows of D floats.
+void values_tile(const float* __restrict P, int64_t R, int64_t stride, const float* __restrict V, int64_t n,
+                 int64_t D, float* __restrict acc) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (D % 32 == 0) {
+    // two rows x 32 channels in eight accumulators; each value vector loaded once for both rows
+    for (int64_t r = 0; r < R; r += 2) {
+      const bool pair = r + 1 < R;
+      const float* p0 = P + r * stride;
+      const float* p1 = pair ? p0 + stride : p0;
+      float* y0 = acc + r * D;
+      float* y1 = pair ? y0 + D : y0;
+      for (int64_t d = 0; d < D; d += 32) {
+        __m256 a[8];
+        for (int i = 0; i < 4; ++i) {
+          a[i] = _mm256_loadu_ps(y0 + d + 8 * i);
+          a[4 + i] = pair ? _mm256_loadu_ps(y1 + d + 8 * i) : _mm256_setzero_ps();
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const float* v = V + j * D + d;
+          const __m256 w0 = _mm256_set1_ps(p0[j]), w1 = _mm256_set1_ps(p1[j]);
+          for (int i = 0; i < 4; ++i) {
+            const __m256 x = _mm256_loadu_ps(v + 8 * i);
+            a[i] = _mm256_fmadd_ps(w0, x, a[i]);
+            a[4 + i] = _mm256_fmadd_ps(w1, x, a[4 + i]);
+          }
+        }
+        for (int i = 0; i < 4; ++i) {
+          _mm256_storeu_ps(y0 + d + 8 * i, a[i]);
+          if (pair) _mm256_storeu_ps(y1 + d + 8 * i, a[4 + i]);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < n; ++j)
+      if (P[r * stride + j] != 0.0f) axpy(acc + r * D, P[r * stride + j], V + j * D, D);
+}
+
+// One store (keys or values) of one layer.
+struct Store {
+  int bits = 16;
+  bool channel_axis = false;
+  int64_t group = 1, H = 0, T = 0, D = 0;
+  int64_t row_bytes = 0;  // token axis: bytes of one group's codes; channel axis: bytes of one token's codes
+  int64_t ngroups = 1;    // token axis: groups per token
+  bool whole_row = false; // token axis: the groups' codes are contiguous, so one unpack serves the whole row
+  const uint8_t* codes = nullptr;
+  const uint16_t* codes16 = nullptr;
+  const uint16_t* scale = nullptr;
+  const uint16_t* zero = nullptr;
+  const uint16_t* head_mean = nullptr;
+  const uint16_t* channel_mean = nullptr;
+};
+
+const uint16_t* half_ptr(const at::Tensor& t) {
+  return t.numel() ? reinterpret_cast<const uint16_t*>(t.data_ptr()) : nullptr;
+}
+
+Store make_store(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& hm,
+                 const at::Tensor& cm, int64_t bits, int64_t axis, int64_t group, int64_t T, int64_t D) {
+  Store s;
+  s.bits = static_cast<int>(bits);
+  s.channel_axis = axis == 1;
+  s.group = group;
+  s.T = T;
+  s.D = D;
+  s.H = codes.numel() ? codes.size(1) : 0;
+  if (bits == 16) {
+    s.codes16 = half_ptr(codes);
+  } else {
+    s.codes = codes.numel() ? codes.data_ptr<uint8_t>() : nullptr;
+    s.row_bytes = codes.numel() ? codes.size(-1) : 0;
+    s.scale = half_ptr(scale);
+    s.zero = half_ptr(zero);
+    if (!s.channel_axis) {
+      s.ngroups = D / group;
+      const int64_t per = bits == 3 ? 8 : 8 / bits;
+      const int64_t codes_in_bytes = bits == 3 ? s.row_bytes / 3 * 8 : s.row_bytes * per;
+      s.whole_row = codes_in_bytes == group;
+    }
+  }
+  s.head_mean = half_ptr(hm);
+  s.channel_mean = half_ptr(cm);
+  return s;
+}
+
+// Dequantizes the rows of one (sequence, head) of a store; keeps the current channel group's scale and zero.
+class Reader {
+ public:
+  Reader(const Store& s, int64_t b, int64_t h) : s_(s), D_(s.D) {
+    const int64_t bh = b * s.H + h;
+    if (s.bits == 16) {
+      codes16_ = s.codes16 + bh * s.T * D_;
+    } else if (s.channel_axis) {
+      codes_ = s.codes + bh * s.T * s.row_bytes;
+      scale_ = s.scale + bh * (s.T / s.group) * D_;
+      zero_ = s.zero + bh * (s.T / s.group) * D_;
+    } else {
+      codes_ = s.codes + bh * s.T * s.ngroups * s.row_bytes;
+      scale_ = s.scale + bh * s.T * s.ngroups;
+      zero_ = s.zero + bh * s.T * s.ngroups;
+    }
+    if (s.head_mean) head_mean_ = s.head_mean + b * s.T * D_;
+    if (s.channel_mean) {
+      channel_mean_.resize(D_);
+      half_to_float(s.channel_mean + bh * D_, channel_mean_.data(), D_);
+    }
+    codes_buf_.resize(D_ + 16);
+    if (s.channel_axis) {
+      group_scale_.assign(D_ + 16, 0.0f);  // padded: 2/4-bit rows are dequantized a whole byte at a time
+      group_zero_.assign(D_ + 16, 0.0f);
+    }
+  }
+
+  bool has_head_mean() const { return head_mean_ != nullptr; }
+  const std::vector<float>& channel_mean() const { return channel_mean_; }
+
+  // Channel axis: load group j's scale and zero (the channel mean folded into the zero); true when it changed.
+  bool load_group(int64_t j) {
+    if (j == group_) return false;
+    half_to_float(scale_ + j * D_, group_scale_.data(), D_);
+    half_to_float(zero_ + j * D_, group_zero_.data(), D_);
+    if (!channel_mean_.empty()) {
+      for (int64_t d = 0; d < D_; ++d) group_zero_[d] += channel_mean_[d];
+    }
+    group_ = j;
+    return true;
+  }
+  const float* group_scale() const { return group_scale_.data(); }
+  const float* group_zero() const { return group_zero_.data(); }
+
+  // Channel axis: token t's codes as floats (no scale, zero or mean) into out (D floats, up to 7 more written).
+  void codes_into(int64_t t, float* out) const {
+#ifdef KVSHRINK_AVX2
+    if (D_ % 8 == 0) return dequant8_any(s_.bits, codes_ + t * s_.row_bytes, D_, nullptr, nullptr, out);
+#endif
+    unpack(codes_ + t * s_.row_bytes, s_.row_bytes, s_.bits, out);
+  }
+
+  // Token t fully dequantized (scale, zero, means) into out[D].
+  void row(int64_t t, float* __restrict out) {
+    const int64_t D = D_;
+    const int bits = s_.bits;
+    if (bits == 16) {
+      half_to_float(codes16_ + t * D, out, D);
+      add_channel_mean(out);
+    } else if (s_.channel_axis) {
+      load_group(t / s_.group);
+      const uint8_t* p = codes_ + t * s_.row_bytes;
+      const float* sc = group_scale_.data();
+      const float* z = group_zero_.data();
+#ifdef KVSHRINK_AVX2
+      if (D % 8 == 0) {
+        dequant8_any(bits, p, D, sc, z, out);
+      } else
+#endif
+      if (bits == 2) {
+        dequant_channels<4>(p, s_.row_bytes, kCodes.two, sc, z, out);  // writes up to 3 floats past D
+      } else if (bits == 4) {
+        dequant_channels<2>(p, s_.row_bytes, kCodes.four, sc, z, out);
+      } else {
+        float* c = codes_buf_.data();
+        codes_into(t, c);
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) out[d] = c[d] * sc[d] + z[d];
+      }
+    } else {
+      const int64_t G = s_.group, ng = s_.ngroups, rb = s_.row_bytes;
+      const uint8_t* p = codes_ + t * ng * rb;
+      const uint16_t* sc = scale_ + t * ng;
+      const uint16_t* zc = zero_ + t * ng;
+#ifdef KVSHRINK_AVX2
+      if (s_.whole_row && G % 8 == 0) {
+        for (int64_t g = 0; g < ng; ++g)
+          dequant8_group_any(bits, p + g * rb, G, half1(sc[g]), half1(zc[g]), out + g * G);
+      } else
+#endif
+      if (s_.whole_row && (bits == 2 || bits == 4)) {
+        for (int64_t g = 0; g < ng; ++g) {
+          if (bits == 2)
+            dequant_group<4>(p + g * rb, rb, kCodes.two, half1(sc[g]), half1(zc[g]), out + g * G);
+          else
+            dequant_group<2>(p + g * rb, rb, kCodes.four, half1(sc[g]), half1(zc[g]), out + g * G);
+        }
+      } else {
+        float* c = codes_buf_.data();
+        if (s_.whole_row) {
+          unpack(p, ng * rb, bits, c);
+        } else {
+          for (int64_t g = 0; g < ng; ++g) unpack(p + g * rb, rb, bits, c + g * G);  // overflow: rewritten
+        }
+        for (int64_t g = 0; g < ng; ++g) {
+          const float a = half1(sc[g]), z = half1(zc[g]);
+          const float* cg = c + g * G;
+          float* o = out + g * G;
+#pragma omp simd
+          for (int64_t i = 0; i < G; ++i) o[i] = cg[i] * a + z;
+        }
+      }
+      add_channel_mean(out);
+    }
+    if (head_mean_) add_half(out, head_mean_ + t * D, D);
+  }
+
+
+ private:
+  void add_channel_mean(float* __restrict out) const {
+    if (channel_mean_.empty()) return;
+    const float* m = channel_mean_.data();
+#pragma omp simd
+    for (int64_t d = 0; d < D_; ++d) out[d] += m[d];
+  }
+
+  const Store& s_;
+  int64_t D_;
+  const uint8_t* codes_ = nullptr;
+  const uint16_t* codes16_ = nullptr;
+  const uint16_t* scale_ = nullptr;
+  const uint16_t* zero_ = nullptr;
+  const uint16_t* head_mean_ = nullptr;
+  std::vector<float> channel_mean_, codes_buf_, group_scale_, group_zero_;
+  int64_t group_ = -1;
+};
+
+struct Problem {
+  const float* q = nullptr;  // [B, HQ, QN, D], already multiplied by the softmax scaling
+  int64_t B = 0, HQ = 0, HKV = 0, QN = 0, D = 0, n_rep = 0, R = 0;
+  int64_t T = 0, TE = 0, key0 = 0, TK = 0;
+  const float* exact_k = nullptr;  // [B, HKV, TE, D]
+  const float* exact_v = nullptr;
+  const int64_t* exact_index = nullptr;  // [TE]
+  const bool* mask = nullptr;            // [.., QN, TK] with strides mask_b, mask_q (True = attend)
+  int64_t mask_b = 0, mask_q = 0;
+  bool causal = false;
+};
+
+// Running softmax of one unit over n keys, a tile of kTile keys at a time: score(t0, nt, S) writes the R rows'
+// scores of keys t0 .. t0 + nt - 1 to S[r * kTile + j]; values(t0, nt, buf) returns their value rows (nt x D
+// floats, in buf or elsewhere); key_index(j) is key j's index (for the mask).
+template <class Score, class Values, class KeyIndex>
+void attend_keys(const Problem& P, int64_t b, int64_t n, Score score, Values values, KeyIndex key_index, float* m,
+                 float* l, float* acc) {
+  const int64_t R = P.R, D = P.D, QN = P.QN;
+  std::vector<float> S(R * kTile);
+  std::vector<float> vbuf(kTile * D + 16);
+  const bool* mask = P.mask ? P.mask + b * P.mask_b : nullptr;
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+    const int64_t nt = std::min(kTile, n - t0);
+    score(t0, nt, S.data());
+    if (mask || P.causal) {
+      for (int64_t j = 0; j < nt; ++j) {
+        const int64_t k = key_index(t0 + j);
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t i = r % QN;
+          const bool ok = mask ? mask[i * P.mask_q + k] : k <= P.TK - QN + i;
+          if (!ok) S[r * kTile + j] = kNegInf;
+        }
+      }
+    }
+    bool any = false;
+    for (int64_t r = 0; r < R; ++r) {
+      float* s = S.data() + r * kTile;
+      float tile_max = kNegInf;
+#pragma omp simd reduction(max : tile_max)
+      for (int64_t j = 0; j < nt; ++j) tile_max = s[j] > tile_max ? s[j] : tile_max;
+      const float new_max = std::max(m[r], tile_max);
+      if (new_max == kNegInf) {
+        std::fill(s, s + nt, 0.0f);
+        continue;
+      }
+      if (new_max > m[r]) {
+        const float alpha = m[r] == kNegInf ? 0.0f : std::exp(m[r] - new_max);
+        l[r] *= alpha;
+        float* a = acc + r * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
+        m[r] = new_max;
+      }
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < nt; ++j) {
+        const float p = exp_nonpos(s[j] - new_max);
+        s[j] = p;
+        sum += p;
+      }
+      l[r] += sum;
+      any = true;
+    }
+    if (!any) continue;  // every key of the tile masked for every row
+    values_tile(S.data(), R, kTile, values(t0, nt, vbuf.data()), nt, D, acc);
+  }
+}
+
+// Stored tokens [t_begin, t_end) of sequence b, KV head h.
+void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, int64_t h, int64_t t_begin,
+                int64_t t_end, float* m, float* l, float* acc) {
+  const int64_t R = P.R, D = P.D;
+  const float* Q = P.q + (b * P.HQ + h * P.n_rep) * P.QN * D;  // the R rows of this KV head, contiguous
+  Reader kr(ks, b, h), vr(vs, b, h);
+  // Per-channel key groups without a head mean: fold the group's scales into the query,
+  // q.k = sum_d (q_d s_d) code_d + sum_d q_d (z_d + channel mean_d), so a key costs an unpack and no dequantizing.
+  const bool fold = ks.bits != 16 && ks.channel_axis && !kr.has_head_mean();
+  std::vector<float> qs(fold ? R * D : 0), c0(fold ? R : 0), kbuf(kTile * D + 16);
+  auto score = [&](int64_t j0, int64_t nt, float* S) {
+    const int64_t t0 = t_begin + j0;
+    if (fold && t0 / ks.group == (t0 + nt - 1) / ks.group) {  // the tile lies in one group
+      if (kr.load_group(t0 / ks.group)) {
+        const float* sc = kr.group_scale();
+        for (int64_t r = 0; r < R; ++r) {
+          const float* q = Q + r * D;
+          float* o = qs.data() + r * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[d] = q[d] * sc[d];
+          c0[r] = dot(q, kr.group_zero(), D);
+        }
+      }
+      for (int64_t j = 0; j < nt; ++j) kr.codes_into(t0 + j, kbuf.data() + j * D);
+      scores_tile(qs.data(), R, kbuf.data(), nt, D, S, kTile);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < nt; ++j) S[r * kTile + j] += c0[r];
+    } else {
+      for (int64_t j = 0; j < nt; ++j) kr.row(t0 + j, kbuf.data() + j * D);
+      scores_tile(Q, R, kbuf.data(), nt, D, S, kTile);
+    }
+  };
+  auto values = [&](int64_t j0, int64_t nt, float* buf) -> const float* {
+    for (int64_t j = 0; j < nt; ++j) vr.row(t_begin + j0 + j, buf + j * D);
+    return buf;
+  };
+  auto key_index = [&](int64_t j) { return P.key0 + t_begin + j; };
+  attend_keys(P, b, t_end - t_begin, score, values, key_index, m, l, acc);
+}
+
+// The exact (full-precision) tokens of sequence b, KV head h.
+void exact_unit(const Problem& P, int64_t b, int64_t h, float* m, float* l, float* acc) {
+  const int64_t R = P.R, D = P.D;
+  const float* Q = P.q + (b * P.HQ + h * P.n_rep) * P.QN * D;
+  const float* K = P.exact_k + (b * P.HKV + h) * P.TE * D;
+  const float* V = P.exact_v + (b * P.HKV + h) * P.TE * D;
+  auto score = [&](int64_t j0, int64_t nt, float* S) { scores_tile(Q, R, K + j0 * D, nt, D, S, kTile); };
+  auto values = [&](int64_t j0, int64_t, float*) -> const float* { return V + j0 * D; };
+  auto key_index = [&](int64_t j) { return P.exact_index[j]; };
+  attend_keys(P, b, P.TE, score, values, key_index, m, l, acc);
+}
+
+void packed_attention(at::Tensor out, at::Tensor q,
+                      at::Tensor k_codes, at::Tensor k_scale, at::Tensor k_zero, at::Tensor k_head_mean,
+                      at::Tensor k_channel_mean, int64_t k_bits, int64_t k_axis, int64_t k_group,
+                      at::Tensor v_codes, at::Tensor v_scale, at::Tensor v_zero, at::Tensor v_head_mean,
+                      at::Tensor v_channel_mean, int64_t v_bits, int64_t v_axis, int64_t v_group,
+                      int64_t tokens, at::Tensor exact_k, at::Tensor exact_v, at::Tensor exact_index, int64_t key0,
+                      at::Tensor mask, int64_t mask_b, int64_t mask_q, bool causal, int64_t split_tokens) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B,HQ,QN,D]");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous(), "out like q");
+  TORCH_CHECK(exact_k.scalar_type() == at::kFloat && exact_k.is_contiguous() && exact_v.is_contiguous() &&
+                  exact_v.scalar_type() == at::kFloat, "exact keys/values: contiguous float32");
+  TORCH_CHECK(exact_index.scalar_type() == at::kLong && exact_index.is_contiguous(), "exact_index: int64");
+  TORCH_CHECK(!mask.numel() || (mask.scalar_type() == at::kBool), "mask: bool");
+  Problem P;
+  P.q = q.data_ptr<float>();
+  P.B = q.size(0);
+  P.HQ = q.size(1);
+  P.QN = q.size(2);
+  P.D = q.size(3);
+  P.HKV = exact_k.size(1);
+  P.n_rep = P.HQ / P.HKV;
+  P.R = P.n_rep * P.QN;
+  P.T = tokens;
+  P.TE = exact_k.size(2);
+  P.key0 = key0;
+  P.TK = P.T + P.TE;
+  P.exact_k = exact_k.data_ptr<float>();
+  P.exact_v = exact_v.data_ptr<float>();
+  P.exact_index = P.TE ? exact_index.data_ptr<int64_t>() : nullptr;
+  P.mask = mask.numel() ? mask.data_ptr<bool>() : nullptr;
+  P.mask_b = mask_b;
+  P.mask_q = mask_q;
+  P.causal = causal && !P.mask && P.QN > 1;
+  const Store ks = make_store(k_codes, k_scale, k_zero, k_head_mean, k_channel_mean, k_bits, k_axis, k_group,
+                              tokens, P.D);
+  const Store vs = make_store(v_codes, v_scale, v_zero, v_head_mean, v_channel_mean, v_bits, v_axis, v_group,
+                              tokens, P.D);
+  for (const Store* s : {&ks, &vs}) {
+    TORCH_CHECK(s->bits == 2 || s->bits == 3 || s->bits == 4 || s->bits == 8 || s->bits == 16, "bits 2/3/4/8/16");
+    TORCH_CHECK(!tokens || s->H == P.HKV, "store heads differ from the exact tokens' heads");
+  }
+  const int64_t n_split = tokens ? (tokens + split_tokens - 1) / split_tokens : 0;
+  const int64_t slots = n_split + 1;  // the last slot: exact tokens
+  const int64_t BH = P.B * P.HKV, R = P.R, D = P.D;
+  std::vector<float> M(BH * slots * R, kNegInf), L(BH * slots * R, 0.0f), A(BH * slots * R * D, 0.0f);
+  at::parallel_for(0, BH * slots, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t bh = u / slots, s = u % slots, b = bh / P.HKV, h = bh % P.HKV;
+      float* m = M.data() + u * R;
+      float* l = L.data() + u * R;
+      float* acc = A.data() + u * R * D;
+      if (s < n_split) {
+        store_unit(P, ks, vs, b, h, s * split_tokens, std::min(tokens, (s + 1) * split_tokens), m, l, acc);
+      } else if (P.TE) {
+        exact_unit(P, b, h, m, l, acc);
+      }
+    }
+  });
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(slots);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / P.HKV, h = bh % P.HKV;
+      float* out_rows = o + (b * P.HQ + h * P.n_rep) * P.QN * D;
+      for (int64_t r = 0; r < R; ++r) {
+        float mx = kNegInf;
+        for (int64_t s = 0; s < slots; ++s) mx = std::max(mx, M[(bh * slots + s) * R + r]);
+        float* y = out_rows + r * D;
+        std::fill(y, y + D, 0.0f);
+        if (mx == kNegInf) continue;  // every key masked: zeros, as the reference's nan_to_num
+        float total = 0.0f;
+        for (int64_t s = 0; s < slots; ++s) {
+          const float ms = M[(bh * slots + s) * R + r];
+          w[s] = ms == kNegInf ? 0.0f : std::exp(ms - mx);
+          total += w[s] * L[(bh * slots + s) * R + r];
+        }
+        for (int64_t s = 0; s < slots; ++s) {
+          if (w[s] != 0.0f) axpy(y, w[s] / total, A.data() + ((bh * slots + s) * R + r) * D, D);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kvshrink_cpu, m) {
+  m.def("packed_attention", &packed_attention);
+}

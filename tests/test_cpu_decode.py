@@ -1,0 +1,224 @@
+"""The CPU decode-attention kernel (`kernel=cpu`) against its PyTorch reference, and its fallbacks.
+
+The C++ extension is built on first use (about 15 s, then cached under the kvshrink cache dir); where it cannot be
+built (no compiler) the tests that need it are skipped with the reason, and the fallback tests still run. Cases
+cover code widths 2/3/4/8/16, both group axes as kivi/tada use them, the three centerings, GQA ratios 1/3/6, head
+dims 64/128/256 (and 36/40, which take the generic loops), padding masks, 1 and 4 query tokens, fp32 and bf16.
+"""
+import warnings
+
+import pytest
+import torch
+
+import kvshrink as ks
+from kvshrink.codecs.quant import QuantSpec, QuantStore
+from kvshrink.codecs.rotation import RotationSpec
+from kvshrink.kernels import cpu, reference
+
+from conftest import greedy, tiny_gemma3, tiny_llama
+
+WHY = cpu.unavailable()
+needs_kernel = pytest.mark.skipif(WHY is not None, reason=f"the CPU kernel is unavailable here: {WHY}")
+
+
+def _stores(b, hkv, t, d, kspec, vspec, seed):
+    k, v = QuantStore(kspec, "keys"), QuantStore(vspec, "values")
+    g = torch.Generator().manual_seed(seed)
+    if t:
+        k.append(torch.randn(b, hkv, t, d, generator=g) + torch.randn(1, 1, 1, d, generator=g) * 2)
+        v.append(torch.randn(b, hkv, t, d, generator=g))
+    return k, v
+
+
+def _problem(b, hq, hkv, d, stored, exact, qn, kspec, vspec, masked, dtype, seed=0):
+    sinks = min(2, exact)
+    k, v = _stores(b, hkv, stored, d, kspec, vspec, seed=seed + stored + d)
+    g = torch.Generator().manual_seed(seed + d + qn)
+    ek = torch.randn(b, hkv, exact, d, generator=g).to(dtype)
+    ev = torch.randn(b, hkv, exact, d, generator=g).to(dtype)
+    q = torch.randn(b, hq, qn, d, generator=g).to(dtype)
+    index = torch.cat([torch.arange(sinks), torch.arange(sinks + stored, stored + exact)])
+    mask = None
+    if masked:
+        mask = torch.rand(b, 1, qn, stored + exact, generator=g) > 0.2
+        mask[-1, :, :, :7] = False  # left padding of the last sequence (a sink and stored tokens)
+    return q, k, v, ek, ev, index, sinks, mask
+
+
+KIVI, TADA = ("channel", "token", "none"), ("channel", "token", "head")
+CASES = [
+    # bits, (key axis, value axis, center), head dim, query heads, kv heads, stored, exact, query tokens
+    (2, KIVI, 128, 12, 2, 320, 36, 1),       # Qwen-shaped, GQA 6
+    (2, TADA, 128, 12, 2, 192, 9, 4),
+    (3, KIVI, 64, 3, 3, 128, 5, 1),          # GQA 1
+    (3, TADA, 256, 6, 2, 96, 3, 4),          # GQA 3
+    (4, KIVI, 256, 6, 1, 64, 7, 1),          # GQA 6
+    (4, ("channel", "token", "channel"), 64, 9, 3, 160, 12, 4),
+    (8, TADA, 64, 6, 6, 96, 4, 1),
+    (8, ("token", "channel", "none"), 128, 6, 2, 128, 11, 4),
+    (16, TADA, 128, 6, 1, 64, 5, 4),
+    (2, ("token", "token", "channel"), 64, 4, 4, 96, 2, 1),
+    (4, ("channel", "channel", "head"), 128, 3, 1, 128, 0, 1),   # no exact tokens
+    (3, ("token", "channel", "channel"), 36, 6, 2, 96, 6, 4),    # head dim 36: the generic (non-AVX2) loops
+    (2, ("channel", "token", "head"), 40, 3, 1, 64, 4, 1),       # 40: AVX2 scores, generic value sums
+    (2, ("channel", "token", "head"), 36, 6, 2, 64, 5, 1),       # 2/4-bit byte tables (rows not in 8s)
+    (4, ("channel", "token", "head"), 36, 4, 4, 64, 3, 4),
+    (8, KIVI, 64, 6, 2, 0, 13, 4),                               # nothing stored yet
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,layout,d,hq,hkv,stored,exact,qn", CASES)
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "masked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_kernel_matches_reference(bits, layout, d, hq, hkv, stored, exact, qn, masked, dtype):
+    key_axis, value_axis, center = layout
+    group = 32 if d % 32 == 0 else (12 if d == 36 else 8)
+    kspec = QuantSpec(bits, group if key_axis == "token" else 32, key_axis, center)
+    vspec = QuantSpec(bits, group if value_axis == "token" else 32, value_axis, center)
+    q, k, v, ek, ev, index, sinks, mask = _problem(2, hq, hkv, d, stored, exact, qn, kspec, vspec, masked, dtype)
+    # the reference in float32 from the same (possibly bf16) inputs; the kernel rounds its float32 result once
+    want = reference.packed_attention(q.float(), k, v, ek.float(), ev.float(), index, sinks, mask=mask, scaling=0.3)
+    got = cpu.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask, scaling=0.3, block_tokens=64)
+    assert got.shape == q.shape and got.dtype == dtype
+    tol = dict(atol=3e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
+@needs_kernel
+def test_work_split_does_not_change_the_result():
+    q, k, v, ek, ev, index, sinks, _ = _problem(1, 6, 2, 128, 1024, 8, 1, QuantSpec(2, 32, "channel", "head"),
+                                                QuantSpec(2, 32, "token", "head"), False, torch.float32)
+    outs = [cpu.packed_attention(q, k, v, ek, ev, index, sinks, block_tokens=n) for n in (64, 320, 4096, None)]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_fully_masked_rows_give_zeros_like_the_reference():
+    q, k, v, ek, ev, index, sinks, _ = _problem(2, 4, 2, 64, 64, 4, 2, QuantSpec(4, 32, "channel"),
+                                                QuantSpec(4, 32, "token"), False, torch.float32)
+    mask = torch.ones(2, 1, 2, 68, dtype=torch.bool)
+    mask[1, :, 0] = False  # the second sequence's first query sees nothing
+    got = cpu.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask)
+    want = reference.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask)
+    assert torch.equal(got[1, :, 0], torch.zeros_like(got[1, :, 0]))
+    torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_cpu_kernel_reads_the_codes_it_is_given():
+    q, k, v, ek, ev, index, sinks, _ = _problem(1, 4, 2, 64, 64, 0, 1, QuantSpec(2, 32, "channel"),
+                                                QuantSpec(2, 32, "token"), False, torch.float32)
+    before = cpu.packed_attention(q, k, v, ek, ev, index, sinks)
+    v.codes[0, 1, 40] ^= 0xFF
+    k.codes[0, 0, 1, 3] ^= 0x0F
+    after = cpu.packed_attention(q, k, v, ek, ev, index, sinks)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, reference.packed_attention(q, k, v, ek, ev, index, sinks), atol=3e-5,
+                               rtol=1e-4)
+
+
+def _logits_through(model, ids, cache, steps, chunk=1, attention_mask=None):
+    """Prefill `ids`, then feed greedy tokens `chunk` at a time; the logits of every step."""
+    logits, out = [], []
+    with torch.no_grad():
+        r = model(ids, past_key_values=cache, attention_mask=attention_mask, use_cache=True)
+        nxt = r.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            feed = nxt.repeat(1, chunk)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(feed)], 1)
+            r = model(feed, past_key_values=cache, attention_mask=attention_mask, use_cache=True)
+            logits.append(r.logits)
+            nxt = r.logits[:, -1:].argmax(-1)
+            out.append(nxt)
+    return torch.cat(logits, 1), torch.cat(out, 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("method,chunk", [("tada", 1), ("kivi", 3)])
+def test_tiny_llama_decodes_the_same_through_the_cpu_kernel(method, chunk):
+    model = tiny_llama()
+    ids = torch.randint(2, 90, (2, 45), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding
+    opts = dict(bits=4, group=16, window=8, sinks=2)
+    want, want_tok = _logits_through(model, ids, ks.make_cache(model, method, kernel="torch", **opts), 12, chunk, mask)
+    cache = ks.make_cache(model, method, kernel="cpu", **opts)
+    assert all(layer.kernels == "cpu" for layer in cache.layers)
+    assert model.config._attn_implementation == "kvshrink"
+    got, got_tok = _logits_through(model, ids, cache, 12, chunk, mask)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got_tok, want_tok)
+    assert cache.layers[0].key_store.tokens > 0  # the kernel did read a packed store
+
+
+@needs_kernel
+def test_tiny_gemma3_sliding_layers_through_the_cpu_kernel():
+    model = tiny_gemma3(sliding_window=16)
+    ids = torch.randint(2, 90, (1, 40), generator=torch.Generator().manual_seed(2))
+    opts = dict(bits=4, group=16, window=4, sinks=0)
+    want = greedy(model, ids, ks.make_cache(model, "kivi", kernel="torch", **opts), n=16)
+    got = greedy(model, ids, ks.make_cache(model, "kivi", kernel="cpu", **opts), n=16)
+    assert torch.equal(got, want)
+
+
+@needs_kernel
+def test_rotation_layers_fall_back_to_the_pytorch_path_and_say_so():
+    model = tiny_llama()
+    ids = torch.randint(2, 90, (1, 40), generator=torch.Generator().manual_seed(3))
+    opts = dict(bits=4, group=16, window=4, sinks=0, mean="none", rotate="keys")
+    with pytest.warns(UserWarning, match=r"decodes layer\(s\) \[0, 1\] with the PyTorch path .*rotation codecs"):
+        cache = ks.make_cache(model, "tada", kernel="cpu", **opts)
+    assert not any(layer.kernels for layer in cache.layers)
+    assert torch.equal(greedy(model, ids, cache, n=8),
+                       greedy(model, ids, ks.make_cache(model, "tada", kernel="torch", **opts), n=8))
+    assert "rotation codecs" in cpu.unsupported(RotationSpec(4), 64)
+    assert cpu.unsupported(QuantSpec(3, 32, "channel", "head"), 64) is None
+
+
+def test_kernel_option_errors_name_cpu():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="kernel must be one of auto, triton, torch, cpu"):
+        ks.make_cache(model, "kivi", kernel="cuda")
+    with pytest.raises(ValueError, match="kernel='cpu' cannot be used: make_cache was given a config"):
+        ks.make_cache(model.config, "kivi", kernel="cpu", group=16)
+    auto = ks.make_cache(model, "kivi", group=16)  # auto on the CPU keeps the PyTorch path
+    assert not any(layer.kernels for layer in auto.layers)
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    """The extension cannot be built or loaded; the one-warning flag is fresh."""
+    def broken():
+        raise RuntimeError("simulated: no C++ compiler")
+
+    monkeypatch.setattr(cpu, "_load", broken)
+    monkeypatch.setattr(cpu, "_warned", False)
+
+
+def test_unavailable_extension_falls_back_with_one_warning(no_extension):
+    model = tiny_llama()
+    ids = torch.randint(2, 90, (1, 40), generator=torch.Generator().manual_seed(4))
+    opts = dict(bits=4, group=16, window=4, sinks=2)
+    with pytest.warns(UserWarning, match=r"CPU attention kernel is unavailable \(simulated: no C\+\+ compiler\)"):
+        cache = ks.make_cache(model, "tada", kernel="cpu", **opts)
+    assert not any(layer.kernels for layer in cache.layers)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        again = ks.make_cache(model, "kivi", kernel="cpu", **opts)
+        q, k, v, ek, ev, index, sinks, mask = _problem(1, 6, 2, 64, 64, 4, 1, QuantSpec(2, 32, "channel"),
+                                                       QuantSpec(2, 32, "token"), True, torch.float32)
+        direct = cpu.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask)
+    assert not [w for w in seen if "CPU attention kernel" in str(w.message)]  # warned once per process
+    assert not any(layer.kernels for layer in again.layers)
+    torch.testing.assert_close(direct, reference.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask))
+    want = greedy(model, ids, ks.make_cache(model, "tada", kernel="torch", **opts), n=8)
+    assert torch.equal(greedy(model, ids, cache, n=8), want)
+
+
+def test_environment_switch_disables_the_extension(monkeypatch):
+    monkeypatch.setenv(cpu.ENV, "0")
+    with pytest.raises(RuntimeError, match=f"disabled by {cpu.ENV}=0"):
+        cpu._load.__wrapped__()
