@@ -139,7 +139,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .eval.bench import bench, bench_table, write_bench
 
     result = bench(args.model, args.methods, args.contexts.split(","), decode_tokens=args.decode_tokens,
-                   repeats=args.repeats)
+                   repeats=args.repeats, dtype=args.dtype)
     print(bench_table(result))
     if args.output:
         js, md = write_bench(result, args.output)
@@ -278,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--contexts", default="1k,4k", help="context lengths (default: %(default)s)")
     be.add_argument("--decode-tokens", type=int, default=32, help="decoding steps timed (default: %(default)s)")
     be.add_argument("--repeats", type=int, default=1)
+    be.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="model dtype (auto: the model's default, bfloat16 for Qwen, float32 for the small models)")
     be.add_argument("-o", "--output", default="benchmarks/results", help="directory for JSON + markdown, '' for none")
     be.set_defaults(func=cmd_bench)
 

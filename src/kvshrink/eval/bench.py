@@ -123,8 +123,10 @@ def bench(
     repeats: int = 1,
     model_name: str | None = None,
     progress: bool = True,
+    dtype: Any = None,
 ) -> dict[str, Any]:
-    """Each method against `DynamicCache` at each context length; returns a JSON-ready dict of runs and ratios."""
+    """Each method against `DynamicCache` at each context length; returns a JSON-ready dict of runs and ratios.
+    `dtype` (a torch dtype or its name; None or "auto": the model's default) applies when `model` is a name."""
     from tqdm.auto import tqdm
 
     from ..models import load_model
@@ -137,7 +139,7 @@ def bench(
         raise ValueError(f"decode_tokens and repeats must be >= 1, got {decode_tokens} and {repeats}")
     if isinstance(model, str):
         model_name = model_name or model
-        model, tokenizer = load_model(model)
+        model, tokenizer = load_model(model, dtype=None if dtype == "auto" else dtype)
     model_name = model_name or getattr(model.config, "name_or_path", "")
     text_ids = tokenizer(split(pydoc_text())[1], return_tensors="pt", add_special_tokens=False).input_ids
     env = Env(model, tokenizer, "")
