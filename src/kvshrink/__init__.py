@@ -1,5 +1,6 @@
 """kvshrink: training-free KV-cache compression for Hugging Face transformers, measured in real bytes."""
-from .cache import CompressedCache, FullLayer, FullSlidingLayer, WindowedLayer
+from .cache import CompressedCache
+from .layers import FullLayer, FullSlidingLayer, WindowedLayer
 from .methods import METHODS, Method, build_method, make_cache, method_options, parse_spec, register
 from .models import ModelNotAvailable, load_model
 from .eval.runner import evaluate

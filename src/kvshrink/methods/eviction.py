@@ -9,9 +9,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..cache import FullSlidingLayer
 from ..codecs.quant import QuantSpec
-from ..evict import EvictingLayer
+from ..layers.evicting import EvictingLayer
+from ..layers.full import FullSlidingLayer
 from ..models import head_dim_of, text_config
 from ..policies.scoring import get_policy
 from .base import Method, option

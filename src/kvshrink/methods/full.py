@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cache import FullLayer, FullSlidingLayer
+from ..layers.full import FullLayer, FullSlidingLayer
 from .base import Method, register
 
 

@@ -7,8 +7,8 @@ import warnings
 
 import torch
 
-from ..cache import WindowedLayer
 from ..codecs.quant import QuantSpec
+from ..layers.windowed import WindowedLayer
 from ..models import head_dim_of, text_config
 from .base import Method, option, register
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..cache import FullSlidingLayer
-from ..residual import RESIDUAL_DTYPES, PrefixRunner, ResidualLayer, TokenLayer, install_hooks
+from ..layers.full import FullSlidingLayer
+from ..layers.residual import RESIDUAL_DTYPES, PrefixRunner, ResidualLayer, TokenLayer
+from ..residual import install_hooks
 from ..rope import decoder_layers, rotary_of
 from .base import Method, option, register
 

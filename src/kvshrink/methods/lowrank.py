@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from ..bases import rank_bases
-from ..cache import FullSlidingLayer
 from ..codecs.lowrank import Level, level_token_bytes
-from ..latent import MODES, LatentLayer
+from ..layers.full import FullSlidingLayer
+from ..layers.latent import MODES, LatentLayer
 from ..models import text_config
 from ..profile import Profile, load_profile
 from .base import Method, option, register

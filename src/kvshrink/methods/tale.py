@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..codecs.lowrank import parse_levels
-from ..latent import SIGNIFICANCE
+from ..layers.latent import SIGNIFICANCE
 from ..policies.significance import level_fractions
 from .base import option, register
 from .lowrank import LatentMethod

@@ -20,8 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..cache import FullLayer, FullSlidingLayer, RotatedLayer, WindowedLayer
 from ..codecs.rotation import QUANTIZERS, RotationSpec
+from ..layers.full import FullLayer, FullSlidingLayer
+from ..layers.windowed import RotatedLayer, WindowedLayer
 from ..models import text_config
 from .base import Method, option, register
 from .kivi import _EXACT_DTYPES
