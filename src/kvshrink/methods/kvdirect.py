@@ -5,7 +5,7 @@ embedding; only the last `window` tokens keep materialised keys and values.
 This trades compute for memory, and on most GQA models it does not save memory: a residual (hidden size) is larger
 than the layer's keys plus values (SmolLM2: 576 vs 2 x 3 x 64 = 384 values, 1.5x; Gemma 3-4B: 1.25x). The paper's
 5 KB/token figure counts one vector per token for all layers, which exact recomputation can only use as the layer-0
-input, re-running the evicted prefix through every layer at every step: `scheme=token` does that (residual.py).
+input, re-running the evicted prefix through every layer at every step: `scheme=token` does that (layers/residual.py).
 Gemma 3's sliding-window layers keep their exact window (they never need older tokens).
 """
 from __future__ import annotations

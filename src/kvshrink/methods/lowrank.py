@@ -5,7 +5,7 @@ The bases come from a profile (`kvshrink calibrate --method tale`); attention ru
 kvshrink's attention function, which `make_cache(model, ...)` switches the model to (SDPA for every other layer).
 Sliding-window layers (Gemma 3's local layers) stay exact: they never hold more than their window.
 Under tensor parallelism each rank holds the bases of its KV heads (per-head), or its heads' rows of the joint basis
-(`dynakv`, whose coefficients and level choices the ranks then share: see `latent.py`).
+(`dynakv`, whose coefficients and level choices the ranks then share: see `layers/latent.py`).
 """
 from __future__ import annotations
 

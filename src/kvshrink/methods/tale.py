@@ -1,7 +1,7 @@
 """`tale`: TALE (TACL 2025) token-adaptive low rank. Tokens leaving the recent window are approximated lazily, at a
 level (rank, bits) earned by the attention they received while exact: the most significant `top` share at the
 finest level, the rest split between the two cheaper levels that meet `target_ratio`. Attention runs on the
-coefficients without rebuilding keys or values (see `latent.py`).
+coefficients without rebuilding keys or values (see `layers/latent.py`).
 """
 from __future__ import annotations
 
