@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import json
 import sys
 import time
@@ -126,6 +127,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     print(results_table(records))
     print(f"\nrecords: {args.output}")
+    if args.plot is None:  # beside the records, not in a fixed place another run's plot would overwrite
+        args.plot = str(Path(args.output).with_suffix(".png"))
     if args.plot:
         try:
             print(f"plot: {plot_results(records, args.plot, title=f'{args.model}: quality against cache bytes')}")
@@ -266,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--match-tokens", type=int, default=64, help="greedy tokens compared by match (default: %(default)s)")
     ev.add_argument("--text-file", help="held-out text for ppl/kl/match (default: the embedded corpus's last 20%%)")
     ev.add_argument("-o", "--output", default="results/eval.jsonl", help="JSONL records (default: %(default)s)")
-    ev.add_argument("--plot", default="results/eval.png", help="PNG plot path, '' for none (default: %(default)s)")
+    ev.add_argument("--plot", default=None,
+                    help="PNG plot path, '' for none (default: the output's path with .png, e.g. results/eval.png)")
     ev.add_argument("--no-resume", dest="resume", action="store_false",
                     help="recompute records already in the output file")
     ev.set_defaults(func=cmd_eval)
