@@ -203,14 +203,9 @@ def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: Qu
     te = exact_keys.shape[2]
     tkeys = te + t_store
     if mask is not None:
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask must be boolean (True = attend), got {mask.dtype}")
-        if mask.dim() == 4:
-            if mask.shape[1] != 1:
-                raise ValueError(f"mask must be shared by the heads ([B, 1, QN, TK]), got {tuple(mask.shape)}")
-            mask = mask[:, 0]
-        if mask.shape[-1] != tkeys:
-            raise ValueError(f"mask covers {mask.shape[-1]} keys but the layer holds {tkeys}")
+        from .reference import check_mask
+
+        mask = check_mask(mask, tkeys)
     why = unavailable()
     if why is not None:
         from . import reference

@@ -12,6 +12,22 @@ from ..codecs.quant import QuantStore, encode_block
 quantize_pack = encode_block
 
 
+
+def check_mask(mask: torch.Tensor | None, tkeys: int) -> torch.Tensor | None:
+    """The boolean mask a packed-attention kernel takes, [B, QN, TK] (True = attend), from [B, 1, QN, TK] or
+    [B, QN, TK]; a clear error for a mask of another dtype, per-head masks or the wrong number of keys."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be boolean (True = attend), got {mask.dtype}")
+    if mask.dim() == 4:
+        if mask.shape[1] != 1:
+            raise ValueError(f"mask must be shared by the heads ([B, 1, QN, TK]), got {tuple(mask.shape)}")
+        mask = mask[:, 0]
+    if mask.shape[-1] != tkeys:
+        raise ValueError(f"mask covers {mask.shape[-1]} keys but the layer holds {tkeys}")
+    return mask
+
 def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: QuantStore,
                      exact_keys: torch.Tensor, exact_values: torch.Tensor, exact_index: torch.Tensor,
                      key0: int, mask: torch.Tensor | None = None, scaling: float | None = None,
