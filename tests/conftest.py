@@ -42,6 +42,23 @@ def greedy(model, ids, cache, n=24, **kwargs):
     return out[:, ids.shape[1]:]
 
 
+def logits_through(model, ids, cache, steps, chunk=1, attention_mask=None):
+    """Prefill `ids`, then feed greedy tokens `chunk` at a time; the logits of every step."""
+    out, logits = [], []
+    with torch.no_grad():
+        r = model(ids, past_key_values=cache, attention_mask=attention_mask, use_cache=True)
+        nxt = r.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            feed = nxt.repeat(1, chunk)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(feed)], 1)
+            r = model(feed, past_key_values=cache, attention_mask=attention_mask, use_cache=True)
+            logits.append(r.logits)
+            nxt = r.logits[:, -1:].argmax(-1)
+            out.append(nxt)
+    return torch.cat(logits, 1), torch.cat(out, 1)
+
+
 @pytest.fixture(scope="session")
 def real_model():
     """SmolLM2-135M-Instruct from the embedded GGUF (skipped only if the package is absent, never in CI)."""

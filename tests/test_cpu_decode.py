@@ -15,7 +15,7 @@ from kvshrink.codecs.quant import QuantSpec, QuantStore
 from kvshrink.codecs.rotation import RotationSpec
 from kvshrink.kernels import cpu, reference
 
-from conftest import greedy, tiny_gemma3, tiny_llama
+from conftest import greedy, logits_through, tiny_gemma3, tiny_llama
 
 WHY = cpu.unavailable()
 needs_kernel = pytest.mark.skipif(WHY is not None, reason=f"the CPU kernel is unavailable here: {WHY}")
@@ -119,23 +119,6 @@ def test_cpu_kernel_reads_the_codes_it_is_given():
                                rtol=1e-4)
 
 
-def _logits_through(model, ids, cache, steps, chunk=1, attention_mask=None):
-    """Prefill `ids`, then feed greedy tokens `chunk` at a time; the logits of every step."""
-    logits, out = [], []
-    with torch.no_grad():
-        r = model(ids, past_key_values=cache, attention_mask=attention_mask, use_cache=True)
-        nxt = r.logits[:, -1:].argmax(-1)
-        for _ in range(steps):
-            feed = nxt.repeat(1, chunk)
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, torch.ones_like(feed)], 1)
-            r = model(feed, past_key_values=cache, attention_mask=attention_mask, use_cache=True)
-            logits.append(r.logits)
-            nxt = r.logits[:, -1:].argmax(-1)
-            out.append(nxt)
-    return torch.cat(logits, 1), torch.cat(out, 1)
-
-
 @needs_kernel
 @pytest.mark.parametrize("method,chunk", [("tada", 1), ("kivi", 3)])
 def test_tiny_llama_decodes_the_same_through_the_cpu_kernel(method, chunk):
@@ -144,11 +127,11 @@ def test_tiny_llama_decodes_the_same_through_the_cpu_kernel(method, chunk):
     mask = torch.ones_like(ids)
     mask[1, :6] = 0  # left padding
     opts = dict(bits=4, group=16, window=8, sinks=2)
-    want, want_tok = _logits_through(model, ids, ks.make_cache(model, method, kernel="torch", **opts), 12, chunk, mask)
+    want, want_tok = logits_through(model, ids, ks.make_cache(model, method, kernel="torch", **opts), 12, chunk, mask)
     cache = ks.make_cache(model, method, kernel="cpu", **opts)
     assert all(layer.kernels == "cpu" for layer in cache.layers)
     assert model.config._attn_implementation == "kvshrink"
-    got, got_tok = _logits_through(model, ids, cache, 12, chunk, mask)
+    got, got_tok = logits_through(model, ids, cache, 12, chunk, mask)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(got_tok, want_tok)
     assert cache.layers[0].key_store.tokens > 0  # the kernel did read a packed store

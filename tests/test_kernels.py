@@ -10,7 +10,7 @@ import torch
 import kvshrink as ks
 from kvshrink.codecs.quant import QuantSpec, QuantStore, encode_block
 
-from conftest import greedy, tiny_gemma3, tiny_llama
+from conftest import greedy, logits_through, tiny_gemma3, tiny_llama
 
 pytest.importorskip("triton", reason="the kernel tests need Triton (installed by `make setup`)")
 
@@ -155,23 +155,6 @@ def test_packed_attention_splits_do_not_change_the_result():
     torch.testing.assert_close(outs[0], outs[2], atol=1e-6, rtol=1e-5)
 
 
-def _logits_through(model, ids, cache, steps, chunk=1, attention_mask=None):
-    """Prefill `ids`, then feed greedy tokens `chunk` at a time; the logits of every step."""
-    out, logits = [], []
-    with torch.no_grad():
-        r = model(ids, past_key_values=cache, attention_mask=attention_mask, use_cache=True)
-        nxt = r.logits[:, -1:].argmax(-1)
-        for _ in range(steps):
-            feed = nxt.repeat(1, chunk)
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, torch.ones_like(feed)], 1)
-            r = model(feed, past_key_values=cache, attention_mask=attention_mask, use_cache=True)
-            logits.append(r.logits)
-            nxt = r.logits[:, -1:].argmax(-1)
-            out.append(nxt)
-    return torch.cat(logits, 1), torch.cat(out, 1)
-
-
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_tiny_llama_decodes_the_same_through_the_kernels(chunk):
     model = tiny_llama()
@@ -180,11 +163,11 @@ def test_tiny_llama_decodes_the_same_through_the_kernels(chunk):
     mask[1, :6] = 0  # left padding
     opts = dict(bits=4, group=16, window=8, sinks=2)
     ref_cache = ks.make_cache(model, "tada", kernel="torch", **opts)
-    want, want_tok = _logits_through(model, ids, ref_cache, 12, chunk, mask)
+    want, want_tok = logits_through(model, ids, ref_cache, 12, chunk, mask)
     cache = ks.make_cache(model, "tada", kernel="triton", **opts)
     assert all(layer.kernels for layer in cache.layers)
     assert model.config._attn_implementation == "kvshrink"
-    got, got_tok = _logits_through(model, ids, cache, 12, chunk, mask)
+    got, got_tok = logits_through(model, ids, cache, 12, chunk, mask)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(got_tok, want_tok)
     assert cache.layers[0].key_store.tokens > 0  # the kernel path did read a packed store

@@ -197,10 +197,7 @@ def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: Qu
     if has_mask:
         from .reference import check_mask
 
-        mask = check_mask(mask, tkeys)
-        mask = mask.expand(b, qn, tkeys)
-        if mask.stride(-1) != 1:
-            mask = mask.contiguous()
+        mask = check_mask(mask, tkeys, b, qn)
         mask_b, mask_q = mask.stride(0), mask.stride(1)
     else:
         mask, mask_b, mask_q = exact_index, 0, 0

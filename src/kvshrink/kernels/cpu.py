@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..codecs.quant import QuantSpec, QuantStore
+from .reference import check_mask
 
 CPU_BITS = (2, 3, 4, 8, 16)
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
@@ -203,8 +204,6 @@ def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: Qu
     te = exact_keys.shape[2]
     tkeys = te + t_store
     if mask is not None:
-        from .reference import check_mask
-
         mask = check_mask(mask, tkeys)
     why = unavailable()
     if why is not None:
@@ -217,9 +216,7 @@ def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: Qu
     scaling = d ** -0.5 if scaling is None else scaling
     q = (query.float() * scaling).contiguous()
     if mask is not None:
-        mask = mask.expand(b, qn, tkeys)
-        if mask.stride(-1) != 1:
-            mask = mask.contiguous()
+        mask = check_mask(mask, tkeys, b, qn)  # checked above; now broadcast with unit key stride
         mask_b, mask_q = mask.stride(0), mask.stride(1)
     else:
         mask, mask_b, mask_q = _NONE, 0, 0

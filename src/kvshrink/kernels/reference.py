@@ -13,9 +13,11 @@ quantize_pack = encode_block
 
 
 
-def check_mask(mask: torch.Tensor | None, tkeys: int) -> torch.Tensor | None:
+def check_mask(mask: torch.Tensor | None, tkeys: int, b: int | None = None, qn: int | None = None
+               ) -> torch.Tensor | None:
     """The boolean mask a packed-attention kernel takes, [B, QN, TK] (True = attend), from [B, 1, QN, TK] or
-    [B, QN, TK]; a clear error for a mask of another dtype, per-head masks or the wrong number of keys."""
+    [B, QN, TK]; a clear error for a mask of another dtype, per-head masks or the wrong number of keys. With `b`
+    and `qn`, broadcast to [b, qn, TK] with unit stride along the keys (what the kernels index)."""
     if mask is None:
         return None
     if mask.dtype != torch.bool:
@@ -26,6 +28,10 @@ def check_mask(mask: torch.Tensor | None, tkeys: int) -> torch.Tensor | None:
         mask = mask[:, 0]
     if mask.shape[-1] != tkeys:
         raise ValueError(f"mask covers {mask.shape[-1]} keys but the layer holds {tkeys}")
+    if b is not None:
+        mask = mask.expand(b, qn, tkeys)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
     return mask
 
 def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: QuantStore,
