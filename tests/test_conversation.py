@@ -18,10 +18,22 @@ def test_peak_memory_sees_a_transient_allocation():
     with PeakMemory() as before:
         pass
     with PeakMemory() as during:
-        block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+        block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched, freed again before the block ends
         block.add_(1)
         del block
-    assert during.peak >= before.peak + (32 << 20)
+    if not during.exact:  # reported as a skip, not a pass: a 1 ms sampler can miss an allocation this short
+        pytest.skip("this kernel refuses a reset of VmHWM (/proc/self/clear_refs)")
+    assert during.peak >= before.peak + (32 << 20) and during.growth >= 32 << 20
+
+
+def test_nested_peak_memory_keeps_what_the_outer_block_saw():
+    with PeakMemory() as outer:
+        block = torch.ones(64 << 20, dtype=torch.uint8)
+        block.add_(1)
+        del block
+        with PeakMemory() as inner:  # resets the kernel's high-water mark
+            pass
+    assert outer.growth >= 32 << 20 and inner.growth < 32 << 20
 
 
 def test_later_turns_carry_no_system_prompt(real_model):

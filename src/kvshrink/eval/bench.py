@@ -3,16 +3,12 @@
 For every context length the reference (transformers' `DynamicCache`) and each method run in the same process on
 the same token ids, one after the other; the figures that matter are the ratios method / reference. Memory is the
 cache's own bytes (from the tensors it holds) and the process's peak resident memory above what it held before the
-run (sampled every millisecond; freed memory is handed back to the system with `malloc_trim` between runs), or
-the peak of `torch.cuda` allocations on a GPU.
+run (the kernel's high-water mark, see `kvshrink.eval.memory`; freed memory is handed back to the system with
+`malloc_trim` between runs), or the peak of `torch.cuda` allocations on a GPU.
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
-import os
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -20,6 +16,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..report import markdown_table
+from .memory import PeakMemory
 
 
 def parse_length(text: str | int) -> int:
@@ -31,55 +28,6 @@ def parse_length(text: str | int) -> int:
         return int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
     except ValueError:
         raise ValueError(f"context length {text!r} is not a number of tokens (e.g. 1024, 1k, 4k)") from None
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-class PeakMemory:
-    """Peak process RSS (CPU) or peak torch.cuda allocation (GPU) above the level at entry, in bytes."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.peak = 0
-
-    def __enter__(self):
-        _trim()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.base = self.peak_abs = _rss()
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.is_set():
-                self.peak_abs = max(self.peak_abs, _rss())
-                time.sleep(0.001)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak_abs, _rss()) - self.base
 
 
 def _sync(device: torch.device) -> None:
@@ -110,7 +58,7 @@ def run_one(model, make_cache, ids: torch.Tensor, decode_tokens: int) -> dict[st
     memory = cache_memory(cache, model.config)
     del cache, out
     return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_tokens_per_s": decode_tokens / (t2 - t1),
-            "peak_memory": mem.peak, "cache_nbytes": memory["nbytes"], "ratio": memory["ratio"]}
+            "peak_memory": mem.growth, "cache_nbytes": memory["nbytes"], "ratio": memory["ratio"]}
 
 
 def bench(

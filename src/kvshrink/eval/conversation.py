@@ -5,13 +5,11 @@ the model's own greedy replies with the uncompressed cache. Each method then rep
 own cache: at every turn the user's message is fed to the cache, the method's reply is generated greedily and
 compared token by token with the reference reply, and then the reference reply is fed (teacher forcing), so every
 method sees the same conversation. Per turn it records the cache's bytes, the process's peak resident memory during
-the turn (sampled), the token match and the time per decoding step.
+the turn (the kernel's high-water mark, see `kvshrink.eval.memory`), the token match and the time per decoding step.
 """
 from __future__ import annotations
 
-import os
 import random
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 
 from .corpus import pydoc_text, split
+from .memory import PeakMemory
 
 INSTRUCTIONS = (
     "Summarize this passage in one sentence.",
@@ -51,34 +50,6 @@ def make_conversation(turns: int = 20, passage_chars: int = 400, seed: int = 0) 
         passage = text[start:start + passage_chars].rsplit(" ", 1)[0]
         out.append(f"Passage {i + 1}:\n{passage}\n\n{rng.choice(INSTRUCTIONS)}")
     return Conversation(out, seed)
-
-
-class PeakMemory:
-    """The process's peak resident set size while the block runs (sampled every `interval` seconds)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "PeakMemory":
-        self.peak = self._rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
 
 
 def _turn_ids(tokenizer, message: str, first: bool) -> torch.Tensor:
