@@ -95,3 +95,25 @@ def test_token_scheme_on_the_real_model_is_exact_and_smaller(real_model):
     r = cache.memory_report()
     assert r["by_part"]["residuals"] == r["tokens"] * 576 * 4  # 2.3 KB per token (fp32) for all 30 layers
     assert r["ratio"] < 0.4  # against 23 KB per token of fp16 keys and values
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+def test_token_scheme_with_materialised_layers_is_exact_and_recomputes_fewer(make):
+    model = make()
+    n_layers = model.config.num_hidden_layers
+    ids = torch.randint(2, 95, (1, 50), generator=torch.Generator().manual_seed(4))
+    ref = greedy(model, ids, DynamicCache(config=model.config), n=12)
+    work = {}
+    for m in (0, 1):
+        cache = ks.make_cache(model, f"kvdirect:scheme=token,window=6,materialize={m}")
+        assert torch.equal(greedy(model, ids, cache, n=12), ref)
+        runner = next(layer.runner for layer in cache.layers if hasattr(layer, "runner"))
+        assert runner.start == m
+        work[m] = runner.recomputed_tokens
+        full_layers = [layer for layer in cache.layers[:m]]
+        assert all(not hasattr(layer, "runner") and layer.keys.shape[-2] == 61 for layer in full_layers)
+    assert work[1] * n_layers == work[0] * (n_layers - 1)  # one layer fewer pushed through per step
+    with pytest.raises(ValueError, match="materialize must be in"):
+        ks.make_cache(model, f"kvdirect:scheme=token,materialize={n_layers}")
+    with pytest.raises(ValueError, match="applies to scheme=token only"):
+        ks.make_cache(model, "kvdirect:materialize=1")

@@ -29,7 +29,7 @@ def install_hooks(model: Any) -> None:
         if isinstance(layer, ResidualLayer):
             h = args[0] if args else kwargs["hidden_states"]
             layer.pending = (h, kwargs.get("position_ids"))
-        elif isinstance(layer, TokenLayer) and module._kvshrink_index == 0:
+        elif isinstance(layer, TokenLayer) and module._kvshrink_index == layer.runner.start:
             layer.runner.begin(args[0] if args else kwargs["hidden_states"], kwargs.get("position_ids"))
         return None
 

@@ -1,7 +1,7 @@
 """`kvshrink bench`: prefill time, decode speed and memory of each method, paired with the plain cache.
 
-For every context length the reference (transformers' `DynamicCache`) and each method run in the same process on
-the same token ids, one after the other; the figures that matter are the ratios method / reference. Memory is the
+For every context length the reference (transformers' `DynamicCache`) runs once (per repeat), then each method, in
+the same process on the same token ids; the figures that matter are the ratios method / reference. Memory is the
 cache's own bytes (from the tensors it holds) and the process's peak resident memory above what it held before the
 run (the kernel's high-water mark, see `kvshrink.eval.memory`; freed memory is handed back to the system with
 `malloc_trim` between runs), or the peak of `torch.cuda` allocations on a GPU.
@@ -92,15 +92,23 @@ def bench(
     text_ids = tokenizer(split(pydoc_text())[1], return_tensors="pt", add_special_tokens=False).input_ids
     env = Env(model, tokenizer, "")
     rows = []
-    cells = [(c, s, r) for c in contexts for s in specs for r in range(repeats)]
-    for context, spec, rep in tqdm(cells, desc="bench", unit="run", disable=not progress):
+    cells = [(c, r, s) for c in contexts for r in range(repeats) for s in specs]
+    refs: dict[tuple[int, int], dict[str, Any]] = {}  # the plain cache runs once per context and repeat
+    bar = tqdm(total=len(cells) + len(contexts) * repeats, desc="bench", unit="run", disable=not progress)
+    for context, rep, spec in cells:
         if context > text_ids.shape[1]:
             reps = -(-context // text_ids.shape[1])
             ids = text_ids.repeat(1, reps)[:, :context]
         else:
             ids = text_ids[:, :context]
-        ref = run_one(model, lambda: env.make_cache(None), ids, decode_tokens)
+        if (context, rep) not in refs:
+            bar.set_postfix_str(f"DynamicCache @ {context}")
+            refs[context, rep] = run_one(model, lambda: env.make_cache(None), ids, decode_tokens)
+            bar.update()
+        ref = refs[context, rep]
+        bar.set_postfix_str(f"{spec} @ {context}")
         got = run_one(model, lambda: env.make_cache(spec), ids, decode_tokens)
+        bar.update()
         rows.append({
             "method": spec, "context": context, "repeat": rep, "reference": ref, "method_run": got,
             "prefill_time_ratio": got["prefill_s"] / ref["prefill_s"],
@@ -108,6 +116,7 @@ def bench(
             "peak_memory_ratio": got["peak_memory"] / ref["peak_memory"] if ref["peak_memory"] > 0 else None,
             "cache_bytes_ratio": got["cache_nbytes"] / ref["cache_nbytes"],
         })
+    bar.close()
     return {"model": model_name, "device": str(model.device), "dtype": str(model.dtype),
             "decode_tokens": decode_tokens, "environment": environment(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "runs": rows}

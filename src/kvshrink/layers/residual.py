@@ -169,14 +169,19 @@ class _Capture:
 
 class PrefixRunner:
     """KV-Direct's token scheme, shared by the layers of one cache: one residual vector per token (the input of the
-    first decoder layer), and, during a step, the evicted prefix's hidden state pushed through the decoder layers
+    first recomputed decoder layer: layer 0 unless the method materialises the first `start` layers), and, during a
+    step, the evicted prefix's hidden state pushed through the decoder layers
     one at a time, so that each layer gets the prefix's keys and values exactly when it needs them and only one
     layer's recomputed keys and values (plus the prefix's hidden state) are alive at once."""
 
-    def __init__(self, model: Any, budget: int, residual_dtype: str):
+    def __init__(self, model: Any, budget: int, residual_dtype: str, start: int = 0):
         if residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"kvdirect: residual_dtype must be one of {RESIDUAL_DTYPES}, got {residual_dtype!r}")
         self.layers = _decoder_layers(model)
+        if not 0 <= start < len(self.layers):
+            raise ValueError(f"kvdirect: materialize must be in [0, {len(self.layers) - 1}] for this model's "
+                             f"{len(self.layers)} layers, got {start}")
+        self.start = start  # the first recomputed layer; its input is the one residual kept per token
         self.rotary = rotary_of(model)
         text = model.config.get_text_config(decoder=True)
         self.layer_types = list(getattr(text, "layer_types", None) or ["full_attention"] * len(self.layers))
@@ -192,12 +197,12 @@ class PrefixRunner:
     def _reset_step(self) -> None:
         self.evicted = 0
         self.hidden = None
-        self.next_layer = 0
+        self.next_layer = self.start
         self._embeddings: dict[str, Any] = {}
         self._masks: dict[str, torch.Tensor] = {}
 
     def begin(self, h: torch.Tensor, position_ids: torch.Tensor | None) -> None:
-        """A step starts (pre-hook of the first decoder layer): fix the evicted prefix, keep the new residuals."""
+        """A step starts (pre-hook of layer `start`): fix the evicted prefix, keep the new residuals."""
         if h.shape[0] != 1:
             raise ValueError("kvdirect scheme=token recomputes the evicted prefix of one sequence: batch size 1 only")
         self._reset_step()
@@ -248,7 +253,7 @@ class PrefixRunner:
 
 class TokenLayer(CompressedLayer):
     """KV-Direct's token scheme, one decoder layer: the keys and values of the last `budget` tokens; older ones come
-    from the shared `PrefixRunner`, recomputed each step. Layer 0 also reports the runner's residuals."""
+    from the shared `PrefixRunner`, recomputed each step. Layer `runner.start` also reports the runner's residuals."""
 
     replays_prefill = False  # needs the residual stream, which a replayed prefill does not run
     kind = "a kvdirect"
@@ -293,7 +298,7 @@ class TokenLayer(CompressedLayer):
         if self.is_initialized:
             out["window"].extend([self.keys, self.values])
         r = self.runner
-        if self.layer_idx == 0 and r.residuals is not None:  # one residual per token, for every layer
+        if self.layer_idx == r.start and r.residuals is not None:  # one residual per token, for every layer
             out["residuals"].extend(t for t in (r.residuals, r.residual_scale) if t is not None)
             out["positions"].append(r.position_ids)
         return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..layers.full import FullSlidingLayer
+from ..layers.full import FullLayer, FullSlidingLayer
 from ..layers.residual import RESIDUAL_DTYPES, PrefixRunner, ResidualLayer, TokenLayer
 from ..residual import install_hooks
 from ..rope import decoder_layers, rotary_of
@@ -31,6 +31,9 @@ class KVDirect(Method):
                                   "residual per token for all layers, older keys/values recomputed by running those "
                                   "tokens through the decoder layers again each step (the paper's memory figure)")
     window: int = option(0, "most recent tokens whose keys and values stay materialised (the budget B)")
+    materialize: int = option(0, "scheme=token: the first N decoder layers keep every token's keys and values (a "
+                                 "plain cache) and the one residual per token is the input of layer N, so each step "
+                                 "recomputes only layers N.. (cost x (L-N)/L, memory + N/L of a full cache); exact")
     residual_dtype: str = option("model", "how residuals are held: model (exact), float16, bfloat16, int8 "
                                           "(the last three give up exactness)")
 
@@ -39,6 +42,9 @@ class KVDirect(Method):
             raise ValueError(f"kvdirect: scheme must be 'layer' or 'token', got {self.scheme!r}")
         if self.window < 0:
             raise ValueError(f"kvdirect: window must be >= 0, got {self.window}")
+        if self.materialize < 0 or (self.materialize and self.scheme != "token"):
+            raise ValueError(f"kvdirect: materialize is a number of layers >= 0 and applies to scheme=token only, "
+                             f"got materialize={self.materialize} with scheme={self.scheme!r}")
         if self.residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"kvdirect: residual_dtype must be one of {', '.join(RESIDUAL_DTYPES)}, "
                              f"got {self.residual_dtype!r}")
@@ -49,11 +55,17 @@ class KVDirect(Method):
                             "make_cache(model, 'kvdirect'), not a config")
         install_hooks(model_or_config)
         self._model = model_or_config
-        self._runner = PrefixRunner(model_or_config, self.window, self.residual_dtype) \
+        self._runner = PrefixRunner(model_or_config, self.window, self.residual_dtype, start=self.materialize) \
             if self.scheme == "token" else None
         return super().make_cache(model_or_config)
 
     def layer(self, layer_idx: int, sliding_window: int | None):
+        if self._runner is not None and layer_idx < self._runner.start:  # materialised: a plain cache layer
+            layer = FullLayer(layer_idx)
+            # a sliding layer answers with every token and the sliding mask, as the token scheme's layers do (masks
+            # are built from the model's first sliding layer, so all sliding layers must agree on their sizes)
+            layer.is_sliding = sliding_window is not None
+            return layer
         if self._runner is not None:
             return TokenLayer(self._runner, layer_idx, sliding_window)
         if sliding_window is not None:
