@@ -167,8 +167,10 @@ def test_kernel_option_errors_name_cpu():
         ks.make_cache(model, "kivi", kernel="cuda")
     with pytest.raises(ValueError, match="kernel='cpu' cannot be used: make_cache was given a config"):
         ks.make_cache(model.config, "kivi", kernel="cpu", group=16)
-    auto = ks.make_cache(model, "kivi", group=16)  # auto on the CPU keeps the PyTorch path
-    assert not any(layer.kernels for layer in auto.layers)
+    auto = ks.make_cache(model, "kivi", group=16)  # auto on the CPU: the CPU kernel
+    assert all(layer.kernels == "cpu" for layer in auto.layers)
+    from_config = ks.make_cache(model.config, "kivi", group=16)  # a config cannot switch attention: PyTorch path
+    assert not any(layer.kernels for layer in from_config.layers)
 
 
 @pytest.fixture
@@ -179,6 +181,13 @@ def no_extension(monkeypatch):
 
     monkeypatch.setattr(cpu, "_load", broken)
     monkeypatch.setattr(cpu, "_warned", False)
+
+
+def test_auto_without_the_extension_takes_the_pytorch_path_with_the_warning(no_extension):
+    model = tiny_llama()
+    with pytest.warns(UserWarning, match="CPU attention kernel is unavailable"):
+        cache = ks.make_cache(model, "kivi", group=16)
+    assert not any(layer.kernels for layer in cache.layers)
 
 
 def test_unavailable_extension_falls_back_with_one_warning(no_extension):

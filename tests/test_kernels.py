@@ -190,8 +190,8 @@ def test_kernel_option_errors_are_clear():
         ks.make_cache(model.config, "tada", kernel="triton", group=16)
     with pytest.raises(ValueError, match="layer 0 values: per-token groups"):
         ks.make_cache(model, "tada", kernel="triton", bits=3, value_group=4, group=16)
-    auto = ks.make_cache(model, "tada", group=16)  # a CPU model: auto keeps the PyTorch path
-    assert not any(layer.kernels for layer in auto.layers)
+    auto = ks.make_cache(model, "tada", group=16)  # a CPU model: auto takes the CPU kernel, not Triton
+    assert not any(layer.kernels is True or layer.kernels == "triton" for layer in auto.layers)
 
 
 def test_kernel_path_refuses_non_finite_values_before_compressing_them():

@@ -31,7 +31,7 @@ def test_a_replayed_cache_equals_a_prefilled_one(make, spec):
         logits = model(ids, past_key_values=through, use_cache=True).logits[:, -1]
     record = record_prefill(model, ids)
     replayed = ks.make_cache(model, spec)
-    assert replayable(replayed)
+    assert replayable(replayed, ids.shape[1])
     assert torch.equal(replay(record, replayed), logits)
     a, b = _state(through), _state(replayed)
     assert [p for p, _ in a] == [p for p, _ in b]
@@ -82,3 +82,22 @@ def test_methods_that_change_the_prefill_are_not_replayed():
     record = record_prefill(model, torch.randint(2, 95, (1, 20)))
     with pytest.raises(ValueError, match="change the prefill"):
         replay(record, cache)
+
+
+def test_a_kernel_attending_cache_replays_long_prompts_only():
+    from kvshrink import kernels
+
+    model = tiny_llama()
+    cache = ks.make_cache(model, "kivi:bits=2,group=8,window=8,kernel=cpu")
+    if not any(getattr(layer, "kernels", False) == "cpu" for layer in cache.layers):
+        pytest.skip("the CPU kernel is unavailable here")
+    short, long = kernels.MAX_QUERY_TOKENS, kernels.MAX_QUERY_TOKENS + 1
+    assert replayable(cache, long) and not replayable(cache, short) and not replayable(cache)
+    with pytest.raises(ValueError, match="change the prefill"):  # the kernel answers a short prompt itself
+        replay(record_prefill(model, torch.randint(2, 95, (1, short))), cache)
+    ids = torch.randint(2, 95, (1, 40), generator=torch.Generator().manual_seed(5))
+    through = ks.make_cache(model, "kivi:bits=2,group=8,window=8,kernel=cpu")
+    with torch.no_grad():
+        logits = model(ids, past_key_values=through, use_cache=True).logits[:, -1]
+    assert torch.equal(replay(record_prefill(model, ids), cache), logits)
+    assert torch.equal(continue_greedy(model, through, logits, 8), continue_greedy(model, cache, logits, 8))

@@ -46,6 +46,13 @@ def prompt_tokens(llm: llama_cpp.Llama, n: int) -> list[int]:
     return ids[:n]
 
 
+def last_argmax(llm: llama_cpp.Llama) -> int:
+    """Greedy next token from the last evaluated position's logits (the bindings keep no scores without
+    logits_all, which would allocate n_ctx x vocabulary floats)."""
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+    return int(np.argmax(logits))
+
+
 def run_cell(context: int, cache: str, decode: int, threads: int) -> dict:
     kwargs = dict(model_path=str(GGUF), n_ctx=context + decode + 8, n_batch=512, n_ubatch=512, n_threads=threads,
                   n_threads_batch=threads, type_k=CACHE_TYPES[cache], type_v=CACHE_TYPES[cache], verbose=False,
@@ -58,11 +65,11 @@ def run_cell(context: int, cache: str, decode: int, threads: int) -> dict:
     t0 = time.perf_counter()
     llm.eval(ids)
     t1 = time.perf_counter()
-    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    nxt = last_argmax(llm)
     t2 = time.perf_counter()
     for _ in range(decode):
         llm.eval([nxt])
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = last_argmax(llm)
     t3 = time.perf_counter()
     del llm
     return {"peer": "llama.cpp", "version": llama_cpp.__version__, "model": GGUF.name, "weights": "Q4_K_M",

@@ -5,7 +5,8 @@ the model's own greedy replies with the uncompressed cache. Each method then rep
 own cache: at every turn the user's message is fed to the cache, the method's reply is generated greedily and
 compared token by token with the reference reply, and then the reference reply is fed (teacher forcing), so every
 method sees the same conversation. Per turn it records the cache's bytes, the process's peak resident memory during
-the turn (the kernel's high-water mark, see `kvshrink.eval.memory`), the token match and the time per decoding step.
+the turn (the kernel's high-water mark, see `kvshrink.eval.memory`; also above the process's resident memory before
+the conversation, which is what the cache and its working memory add), the token match and the time per decoding step.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from .corpus import pydoc_text, split
-from .memory import PeakMemory
+from .memory import PeakMemory, rss, trim
 
 INSTRUCTIONS = (
     "Summarize this passage in one sentence.",
@@ -77,6 +78,8 @@ def play(model, tokenizer, cache, conversation: Conversation, reference: list[li
     device = model.device
     stop = set(stop_ids)
     replies, records = [], []
+    trim()
+    start_rss = rss()  # the process before the conversation: what each turn's peak is measured above
     for i, message in enumerate(conversation.user_turns):
         ids = _turn_ids(tokenizer, message, first=(i == 0))
         hits = 0
@@ -101,7 +104,7 @@ def play(model, tokenizer, cache, conversation: Conversation, reference: list[li
         records.append({
             "turn": i + 1, "prompt_tokens": int(ids.shape[1]), "reply_tokens": len(reply),
             "prefill_seconds": round(prefill, 4), "seconds_per_step": round(decode / len(reply), 5),
-            "peak_rss": peak.peak, "tokens": cache.get_seq_length(),
+            "peak_rss": peak.peak, "peak_above_start": peak.peak - start_rss, "tokens": cache.get_seq_length(),
             "cache_bytes": report["nbytes"] if report else sum(
                 t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)),
             "match": hits / len(reply)})

@@ -88,20 +88,32 @@ def record_prefill(model, ids: torch.Tensor) -> PrefillRecord:
     return record
 
 
-def replayable(cache) -> bool:
-    """Whether `replay` builds exactly the cache that a prefill through `cache` would."""
+def replayable(cache, tokens: int | None = None) -> bool:
+    """Whether `replay` builds exactly the cache that a prefill of `tokens` tokens through `cache` would.
+
+    A layer whose kernel answers short prompts itself (`replays_prefill_from`: the shortest prompt that goes through
+    SDPA over the exact states) replays only prompts at least that long; with `tokens` unknown it does not."""
     layers = getattr(cache, "layers", None)
     if not layers:
         return False
     plain = (DynamicLayer, DynamicSlidingWindowLayer, QuantizedLayer)
-    return all(getattr(layer, "replays_prefill", None) is True
-               or (getattr(layer, "replays_prefill", None) is None and isinstance(layer, plain)) for layer in layers)
+
+    def ok(layer) -> bool:
+        flag = getattr(layer, "replays_prefill", None)
+        if flag is None:
+            return isinstance(layer, plain)
+        if not flag:
+            return False
+        least = getattr(layer, "replays_prefill_from", None)
+        return least is None or (tokens is not None and tokens >= least)
+
+    return all(ok(layer) for layer in layers)
 
 
 @torch.no_grad()
 def replay(record: PrefillRecord, cache) -> torch.Tensor:
     """Fill `cache` as the recorded prefill would have; return the prefill's last logits [1, vocab]."""
-    if not replayable(cache):
+    if not replayable(cache, record.ids.shape[1]):
         raise ValueError(f"{type(cache).__name__}: its layers change the prefill's computation; run the prefill "
                          "through it instead")
     if len(cache.layers) != len(record.keys):

@@ -133,7 +133,7 @@ class Env:
         With `share_prefill`, the prompt runs through the model once (recorded) and every replayable cache is
         built from that record; other caches, and every cache without `share_prefill`, run their own prefill."""
         cache = self.make_cache(spec)
-        if self.share_prefill and replayable(cache):
+        if self.share_prefill and replayable(cache, ids.shape[1]):
             key = ids.numpy().tobytes()
             record = self._records.get(key)
             if record is None:

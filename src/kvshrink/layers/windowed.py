@@ -20,6 +20,7 @@ from .. import kernels
 from ..attention import SelfAttending
 from ..codecs.quant import QuantSpec
 from ..codecs.rotation import RotationSpec, fwht, unrotate
+from ..kernels import MAX_QUERY_TOKENS
 from ..kernels import cpu as cpu_kernel
 from .base import PARTS, CompressedLayer, ExactWindow, add_store_parts, check_counts
 
@@ -32,7 +33,8 @@ class WindowedLayer(ExactWindow, SelfAttending, CompressedLayer):
     `sliding_window` set (Gemma 3's local layers) tokens no later query can see are dropped, oldest block first.
     """
 
-    replays_prefill = True  # prefill: attention gets the exact states given (see eval.prefill); not with kernels
+    replays_prefill = True  # prefill: attention gets the exact states given (see eval.prefill)
+    replays_prefill_from = None  # with kernels: prompts this long or longer (shorter ones the kernel answers)
     _batch_stores = ("key_store", "value_store")
 
     def __init__(self, key_spec: QuantSpec, value_spec: QuantSpec, window: int = 32, layer_idx: int = -1,
@@ -44,7 +46,7 @@ class WindowedLayer(ExactWindow, SelfAttending, CompressedLayer):
             raise ValueError(f"layer {layer_idx}: kernels must be False, True/'triton' or 'cpu', got {kernels!r}")
         self.kernels = "triton" if kernels is True else kernels  # False, "triton" (CUDA) or "cpu"
         if kernels:  # a short prompt goes through the kernel path, whose attention is not SDPA
-            self.replays_prefill = False
+            self.replays_prefill_from = MAX_QUERY_TOKENS + 1
         self.kind = "a kernel-attending quantized"
         if exact_dtype is not None and exact_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"layer {layer_idx}: exact_dtype must be float16, bfloat16, float32 or None, got {exact_dtype}")
@@ -97,8 +99,12 @@ class WindowedLayer(ExactWindow, SelfAttending, CompressedLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.kernels and key_states.shape[-2] <= kernels.MAX_QUERY_TOKENS:
-            # no finiteness check here: it would stop the GPU at every layer of every step; `_flush` checks each
-            # block before it is compressed (a non-finite value in the exact window harms no stored code)
+            # on a GPU no finiteness check here: it would stop the GPU at every layer of every step; `_flush` checks
+            # each block before it is compressed (a non-finite value in the exact window harms no stored code). On
+            # the CPU the check costs nothing worth saving, so bad input is refused before anything is written.
+            if self.kernels == "cpu":
+                self._check("key_states", key_states)
+                self._check("value_states", value_states)
             self._begin_update(key_states, value_states)
             self._add(key_states, value_states, flush=False)
             self._hand_over(self.keys)  # answered by attend(), which then compresses what left the window

@@ -37,8 +37,8 @@ class Kivi(Method):
     value_axis: str = option("token", "value groups run along 'token' (channels of one token) or 'channel'")
     kernel: str = option("auto", "decode attention and quantization: 'triton' (GPU kernels reading the packed "
                                  "codes), 'cpu' (a C++ kernel reading the packed codes on the CPU), 'torch' "
-                                 "(decode the store, then SDPA) or 'auto' (triton on CUDA when installed, else "
-                                 "torch)")
+                                 "(decode the store, then SDPA) or 'auto' (triton on CUDA when installed, the CPU "
+                                 "kernel for a model on the CPU, else torch)")
 
     def center(self) -> str:
         return "none"
@@ -80,8 +80,10 @@ class Kivi(Method):
         return mode
 
     def _resolve_kernel(self, model_or_config) -> bool | str:
-        """Whether the layers use the Triton kernels: 'triton' insists (clear error when it cannot), 'auto' uses them
-        for a model on CUDA with Triton installed and says why not when it cannot. 'cpu': see `_resolve_cpu`."""
+        """Which decode path the layers take: True (Triton), "cpu" (the C++ kernel) or False (PyTorch). 'triton'
+        insists (clear error when it cannot); 'auto' uses Triton for a model on CUDA with Triton installed (and says
+        why not when it cannot), the CPU kernel for a model on the CPU (see `_resolve_cpu`), and the PyTorch path for
+        a config (a config cannot switch a model's attention)."""
         if self.kernel == "torch":
             return False
         if self.kernel == "cpu":
@@ -91,6 +93,8 @@ class Kivi(Method):
         is_model = hasattr(model_or_config, "set_attn_implementation")
         param = next(model_or_config.parameters(), None) if is_model else None
         device = param.device if param is not None else torch.device("cpu")
+        if self.kernel == "auto" and is_model and device.type == "cpu":
+            return self._resolve_cpu(model_or_config)  # the C++ kernel; one warning if it cannot be built
         text = text_config(model_or_config)
         head_dim = head_dim_of(text)
         why = None
@@ -142,6 +146,6 @@ class Kivi(Method):
         self._cpu_fallback_layers = set(skipped)
         if skipped:
             first = next(iter(skipped.items()))
-            warnings.warn(f"{self.name}: kernel='cpu' decodes layer(s) {sorted(skipped)} with the PyTorch path "
+            warnings.warn(f"{self.name}: kernel={self.kernel!r} decodes layer(s) {sorted(skipped)} with the PyTorch path "
                           f"(layer {first[0]} {first[1]})", stacklevel=4)
         return "cpu" if len(skipped) < text.num_hidden_layers else False
