@@ -19,6 +19,7 @@ import json
 import time
 
 import torch
+from transformers import DynamicCache
 
 import kvshrink as ks
 from kvshrink.eval.corpus import pydoc_text, split
@@ -57,7 +58,7 @@ def main() -> None:
         ids = text[:, :context]
         ref = None
         for spec in methods:
-            cache = ks.make_cache(model, None if spec == "full" else spec)
+            cache = DynamicCache(config=model.config) if spec == "full" else ks.make_cache(model, spec)
             before = getattr(getattr(cache.layers[-1], "runner", None), "recompute_seconds", 0.0)
             tokens, per_step = decode(model, cache, ids, args.steps)
             runner = getattr(cache.layers[-1], "runner", None)

@@ -171,6 +171,8 @@ def test_bad_input_is_named():
         ks.make_cache(model, "kivi", group=12)
     with pytest.raises(ValueError, match=r"unknown method 'kiwi'; available: (\w+, )*kivi, (\w+, )*tada"):
         ks.make_cache(model, "kiwi")
+    with pytest.raises(TypeError, match="a method spec is a string such as 'kivi:bits=4' or 'full', got None"):
+        ks.make_cache(model, None)
     with pytest.raises(ValueError, match="method 'kivi' has no option 'mean'"):
         ks.make_cache(model, "kivi", mean="head")
     with pytest.raises(ValueError, match="option bits='two' is not a valid int"):

@@ -114,6 +114,8 @@ def get_method(name: str) -> type[Method]:
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """'tada:bits=2,group=32' -> ('tada', {'bits': 2, 'group': 32}), options converted to their types."""
+    if not isinstance(spec, str):
+        raise TypeError(f"a method spec is a string such as 'kivi:bits=4' or 'full', got {spec!r}")
     name, _, rest = spec.strip().partition(":")
     cls = get_method(name.strip())
     options: dict[str, Any] = {}
