@@ -60,12 +60,12 @@ def test_kvdirect_on_the_real_model(real_model):
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
-@pytest.mark.parametrize("window", [0, 5, 16])
-def test_token_scheme_recomputes_the_evicted_prefix_exactly(make, window):
+@pytest.mark.parametrize("window,chunk", [(0, 256), (5, 7), (16, 1), (16, 256)])
+def test_token_scheme_recomputes_the_evicted_prefix_exactly(make, window, chunk):
     model = make()
     ids = torch.randint(2, 95, (1, 60), generator=torch.Generator().manual_seed(3))
     ref = greedy(model, ids, DynamicCache(config=model.config), n=20)
-    cache = ks.make_cache(model, f"kvdirect:scheme=token,window={window}")
+    cache = ks.make_cache(model, f"kvdirect:scheme=token,window={window},recompute_chunk={chunk}")
     assert torch.equal(greedy(model, ids, cache, n=20), ref)
     seen = 60 + 19
     hidden = model.config.hidden_size
@@ -117,3 +117,26 @@ def test_token_scheme_with_materialised_layers_is_exact_and_recomputes_fewer(mak
         ks.make_cache(model, f"kvdirect:scheme=token,materialize={n_layers}")
     with pytest.raises(ValueError, match="applies to scheme=token only"):
         ks.make_cache(model, "kvdirect:materialize=1")
+    with pytest.raises(ValueError, match="recompute_chunk must be >= 1, got 0"):
+        ks.make_cache(model, "kvdirect:scheme=token,recompute_chunk=0")
+
+
+def test_chunked_recompute_bounds_the_step_memory_on_the_real_model(real_model):
+    from kvshrink.eval.memory import PeakMemory
+
+    model, tok = real_model
+    text = ks.eval.corpus.pydoc_text()
+    ids = tok(text[-12000:], return_tensors="pt", add_special_tokens=False).input_ids[:, :1500]
+    growth, tokens = {}, {}
+    for chunk in (128, 100_000):
+        cache = ks.make_cache(model, f"kvdirect:scheme=token,window=16,recompute_chunk={chunk}")
+        with torch.no_grad():
+            nxt = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            with PeakMemory() as peak:
+                tokens[chunk] = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+        if not peak.exact:
+            pytest.skip("this kernel refuses a reset of VmHWM; a sampled peak could miss the step's scores")
+        growth[chunk] = peak.growth
+    assert torch.equal(tokens[128], tokens[100_000])
+    # one attention call over the whole prefix holds 9 heads x 1484^2 fp32 scores (76 MiB); 128 queries, 6.5 MiB
+    assert growth[128] < growth[100_000] - (40 << 20), {k: v >> 20 for k, v in growth.items()}

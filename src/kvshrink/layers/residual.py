@@ -156,15 +156,20 @@ class ResidualLayer(CompressedLayer):
 
 
 class _Capture:
-    """A stand-in cache for one decoder layer run on the evicted prefix: keeps the keys and values the layer's own
-    attention computes (after its projections, k_norm and rotary embedding) and gives them straight back."""
+    """A stand-in cache for one decoder layer run on the evicted prefix, a chunk of queries at a time: collects the
+    keys and values the layer's own attention computes (after its projections, k_norm and rotary embedding) and
+    gives each chunk everything collected so far, as a chunked prefill would."""
 
     def __init__(self):
         self.keys = self.values = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.keys, self.values = key_states, value_states
-        return key_states, value_states
+        if self.keys is None:
+            self.keys, self.values = key_states, value_states
+        else:
+            self.keys = torch.cat([self.keys, key_states], -2)
+            self.values = torch.cat([self.values, value_states], -2)
+        return self.keys, self.values
 
 
 class PrefixRunner:
@@ -174,7 +179,7 @@ class PrefixRunner:
     one at a time, so that each layer gets the prefix's keys and values exactly when it needs them and only one
     layer's recomputed keys and values (plus the prefix's hidden state) are alive at once."""
 
-    def __init__(self, model: Any, budget: int, residual_dtype: str, start: int = 0):
+    def __init__(self, model: Any, budget: int, residual_dtype: str, start: int = 0, chunk: int = 256):
         if residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"kvdirect: residual_dtype must be one of {RESIDUAL_DTYPES}, got {residual_dtype!r}")
         self.layers = _decoder_layers(model)
@@ -182,6 +187,9 @@ class PrefixRunner:
             raise ValueError(f"kvdirect: materialize must be in [0, {len(self.layers) - 1}] for this model's "
                              f"{len(self.layers)} layers, got {start}")
         self.start = start  # the first recomputed layer; its input is the one residual kept per token
+        if chunk < 1:
+            raise ValueError(f"kvdirect: recompute_chunk must be >= 1, got {chunk}")
+        self.chunk = chunk  # prefix queries per attention call: bounds the scores to heads x chunk x prefix
         self.rotary = rotary_of(model)
         text = model.config.get_text_config(decoder=True)
         self.layer_types = list(getattr(text, "layer_types", None) or ["full_attention"] * len(self.layers))
@@ -199,7 +207,6 @@ class PrefixRunner:
         self.hidden = None
         self.next_layer = self.start
         self._embeddings: dict[str, Any] = {}
-        self._masks: dict[str, torch.Tensor] = {}
 
     def begin(self, h: torch.Tensor, position_ids: torch.Tensor | None) -> None:
         """A step starts (pre-hook of layer `start`): fix the evicted prefix, keep the new residuals."""
@@ -233,16 +240,22 @@ class PrefixRunner:
         if kind not in self._embeddings:
             args = (self.hidden, pos, kind) if self._rotary_takes_type else (self.hidden, pos)
             self._embeddings[kind] = self.rotary(*args)
-            i = torch.arange(e, device=self.hidden.device)
-            allowed = i[None, :] <= i[:, None]
-            if kind == "sliding_attention" and self.sliding_window:
-                allowed &= i[None, :] > i[:, None] - self.sliding_window
-            self._masks[kind] = allowed[None, None]
+        cos, sin = self._embeddings[kind]
+        window = self.sliding_window if kind == "sliding_attention" else None
         capture = _Capture()
-        out = self.layers[layer_idx](self.hidden, attention_mask=self._masks[kind], position_ids=pos,
-                                     past_key_values=capture, use_cache=True,
-                                     position_embeddings=self._embeddings[kind])
-        self.hidden = out[0] if isinstance(out, tuple) else out
+        out_hidden = torch.empty_like(self.hidden)
+        for c0 in range(0, e, self.chunk):  # a chunked prefill of the prefix through this layer
+            c1 = min(c0 + self.chunk, e)
+            q = torch.arange(c0, c1, device=self.hidden.device)[:, None]
+            k = torch.arange(c1, device=self.hidden.device)[None, :]
+            allowed = k <= q
+            if window:
+                allowed &= k > q - window
+            out = self.layers[layer_idx](self.hidden[:, c0:c1], attention_mask=allowed[None, None],
+                                         position_ids=pos[:, c0:c1], past_key_values=capture, use_cache=True,
+                                         position_embeddings=(cos[:, c0:c1], sin[:, c0:c1]))
+            out_hidden[:, c0:c1] = out[0] if isinstance(out, tuple) else out
+        self.hidden = out_hidden
         self.next_layer = layer_idx + 1
         if self.next_layer == len(self.layers):
             self.hidden = None  # the step's prefix work is done: free it

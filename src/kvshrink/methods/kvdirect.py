@@ -34,6 +34,9 @@ class KVDirect(Method):
     materialize: int = option(0, "scheme=token: the first N decoder layers keep every token's keys and values (a "
                                  "plain cache) and the one residual per token is the input of layer N, so each step "
                                  "recomputes only layers N.. (cost x (L-N)/L, memory + N/L of a full cache); exact")
+    recompute_chunk: int = option(256, "scheme=token: prefix queries per attention call when the evicted prefix is "
+                                       "recomputed (a chunked prefill), so the step's attention scores are heads x "
+                                       "chunk x prefix, not heads x prefix^2")
     residual_dtype: str = option("model", "how residuals are held: model (exact), float16, bfloat16, int8 "
                                           "(the last three give up exactness)")
 
@@ -45,6 +48,8 @@ class KVDirect(Method):
         if self.materialize < 0 or (self.materialize and self.scheme != "token"):
             raise ValueError(f"kvdirect: materialize is a number of layers >= 0 and applies to scheme=token only, "
                              f"got materialize={self.materialize} with scheme={self.scheme!r}")
+        if self.recompute_chunk < 1:
+            raise ValueError(f"kvdirect: recompute_chunk must be >= 1, got {self.recompute_chunk}")
         if self.residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"kvdirect: residual_dtype must be one of {', '.join(RESIDUAL_DTYPES)}, "
                              f"got {self.residual_dtype!r}")
@@ -55,7 +60,8 @@ class KVDirect(Method):
                             "make_cache(model, 'kvdirect'), not a config")
         install_hooks(model_or_config)
         self._model = model_or_config
-        self._runner = PrefixRunner(model_or_config, self.window, self.residual_dtype, start=self.materialize) \
+        self._runner = PrefixRunner(model_or_config, self.window, self.residual_dtype, start=self.materialize,
+                                    chunk=self.recompute_chunk) \
             if self.scheme == "token" else None
         return super().make_cache(model_or_config)
 
