@@ -62,6 +62,20 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def details(records: list[dict]) -> str:
+    """One row per record: token match, bytes after the last turn, the largest per-turn peak above the start, and
+    seconds per reply step (mean over the 20 turns, weighted by reply length)."""
+    lines = ["| method | match | bytes at turn 20 (MiB) | peak MiB above start | s/step |", "|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["method"] != "full", r["method"])):
+        m, turns = r["metrics"], r["metrics"]["turns"]
+        steps = sum(t["reply_tokens"] for t in turns)
+        per_step = sum(t["seconds_per_step"] * t["reply_tokens"] for t in turns) / steps
+        peak = m.get("peak_above_start_mib", m["peak_mib"])
+        lines.append(f"| `{r['method']}` | {m['match']:.3f} | {m['final_cache_bytes'] / 2**20:.2f} | {peak:.0f} | "
+                     f"{per_step:.3f} |")
+    return "\n".join(lines)
+
+
 def plot(records: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -94,6 +108,8 @@ def main() -> None:
     args = ap.parse_args()
     records = load(args.records)
     print(table(records))
+    print()
+    print(details(records))
     if args.plot:
         models = sorted({r["model"] for r in records})
         plot(records, args.plot, f"20-turn conversation, {', '.join(models)}")
