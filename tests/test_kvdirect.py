@@ -126,17 +126,18 @@ def test_chunked_recompute_bounds_the_step_memory_on_the_real_model(real_model):
 
     model, tok = real_model
     text = ks.eval.corpus.pydoc_text()
-    ids = tok(text[-12000:], return_tensors="pt", add_special_tokens=False).input_ids[:, :1500]
+    ids = tok(text[-16000:], return_tensors="pt", add_special_tokens=False).input_ids[:, :2500]
     growth, tokens = {}, {}
     for chunk in (128, 100_000):
         cache = ks.make_cache(model, f"kvdirect:scheme=token,window=16,recompute_chunk={chunk}")
         with torch.no_grad():
             nxt = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)  # warm-up step
             with PeakMemory() as peak:
                 tokens[chunk] = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
         if not peak.exact:
             pytest.skip("this kernel refuses a reset of VmHWM; a sampled peak could miss the step's scores")
         growth[chunk] = peak.growth
     assert torch.equal(tokens[128], tokens[100_000])
-    # one attention call over the whole prefix holds 9 heads x 1484^2 fp32 scores (76 MiB); 128 queries, 6.5 MiB
-    assert growth[128] < growth[100_000] - (40 << 20), {k: v >> 20 for k, v in growth.items()}
+    # one attention call over the whole prefix holds 9 heads x 2486^2 fp32 scores (212 MiB); 128 queries, 11 MiB
+    assert growth[128] < growth[100_000] - (100 << 20), {k: v >> 20 for k, v in growth.items()}
