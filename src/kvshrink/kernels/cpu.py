@@ -203,8 +203,7 @@ def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: Qu
     t_store = key_store.tokens
     te = exact_keys.shape[2]
     tkeys = te + t_store
-    if mask is not None:
-        mask = check_mask(mask, tkeys)
+    mask = check_mask(mask, tkeys, b, qn)  # [b, qn, tkeys], unit stride along the keys (the reference takes it too)
     why = unavailable()
     if why is not None:
         from . import reference
@@ -216,7 +215,6 @@ def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: Qu
     scaling = d ** -0.5 if scaling is None else scaling
     q = (query.float() * scaling).contiguous()
     if mask is not None:
-        mask = check_mask(mask, tkeys, b, qn)  # checked above; now broadcast with unit key stride
         mask_b, mask_q = mask.stride(0), mask.stride(1)
     else:
         mask, mask_b, mask_q = _NONE, 0, 0

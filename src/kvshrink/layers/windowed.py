@@ -98,7 +98,7 @@ class WindowedLayer(ExactWindow, SelfAttending, CompressedLayer):
             )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.kernels and key_states.shape[-2] <= kernels.MAX_QUERY_TOKENS:
+        if self.kernels and key_states.shape[-2] <= MAX_QUERY_TOKENS:
             # on a GPU no finiteness check here: it would stop the GPU at every layer of every step; `_flush` checks
             # each block before it is compressed (a non-finite value in the exact window harms no stored code). On
             # the CPU the check costs nothing worth saving, so bad input is refused before anything is written.
