@@ -1,9 +1,11 @@
 """The 20-turn conversation benchmark (KV-Direct's experiment): generator, teacher forcing and per-turn records."""
+import copy
+
 import pytest
 import torch
 
 import kvshrink as ks
-from kvshrink.eval.conversation import PeakMemory, _turn_ids, make_conversation, play
+from kvshrink.eval.conversation import PeakMemory, _turn_ids, make_conversation, play, turn_format
 
 
 def test_conversations_are_deterministic_and_distinct_per_seed():
@@ -41,6 +43,18 @@ def test_later_turns_carry_no_system_prompt(real_model):
     first = tok.decode(_turn_ids(tok, "hello there", first=True)[0])
     later = tok.decode(_turn_ids(tok, "hello there", first=False)[0])
     assert first.endswith(later) and later.startswith("<|im_start|>user") and "system" not in later
+
+
+def test_a_tokenizer_without_a_chat_template_gets_a_plain_transcript(real_model):
+    _, tok = real_model
+    base = copy.deepcopy(tok)
+    base.chat_template = None  # as Gemma 3 270M's base-model tokenizer ships here
+    assert turn_format(tok) == "chat template" and turn_format(base) == "plain transcript"
+    first = base.decode(_turn_ids(base, "hello there", first=True)[0])
+    later = base.decode(_turn_ids(base, "hello there", first=False)[0])
+    assert first.endswith("User: hello there\nAssistant:") and later == "\n\nUser: hello there\nAssistant:"
+    if base.bos_token is not None and base.add_bos_token:
+        assert first.startswith(base.bos_token)
 
 
 def test_teacher_forcing_scores_full_at_one_and_bounds_eviction_memory(real_model):

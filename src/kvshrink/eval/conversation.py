@@ -53,8 +53,21 @@ def make_conversation(turns: int = 20, passage_chars: int = 400, seed: int = 0) 
     return Conversation(out, seed)
 
 
+PLAIN_USER = "User: "
+PLAIN_ASSISTANT = "\nAssistant:"
+
+
+def turn_format(tokenizer) -> str:
+    """How user turns are written: `chat template` (the tokenizer's own), or `plain transcript` for a base model
+    whose tokenizer has none (Gemma 3 270M as shipped here): "User: ...\nAssistant:" turns, a BOS first."""
+    return "chat template" if getattr(tokenizer, "chat_template", None) else "plain transcript"
+
+
 def _turn_ids(tokenizer, message: str, first: bool) -> torch.Tensor:
-    """The chat-formatted user turn plus the assistant header (with the system prompt on the first turn)."""
+    """The formatted user turn plus the assistant header (with the system prompt / BOS on the first turn only)."""
+    if turn_format(tokenizer) == "plain transcript":
+        text = ("" if first else "\n\n") + PLAIN_USER + message + PLAIN_ASSISTANT
+        return tokenizer(text, return_tensors="pt", add_special_tokens=first).input_ids
     msgs = [{"role": "user", "content": message}]
     text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     if not first:  # later turns continue the conversation: drop a leading system prompt / BOS the template adds
