@@ -9,7 +9,7 @@ from transformers import DynamicCache
 import kvshrink as ks
 from kvshrink import attention
 from kvshrink.bases import bases_profile
-from kvshrink.codecs.lowrank import Level, LevelStore, energy, fit_basis, level_token_bytes, parse_levels
+from kvshrink.codecs.lowrank import DROP, Level, LevelStore, energy, fit_basis, level_token_bytes, parse_levels
 from kvshrink.codecs.packing import packed_size
 from kvshrink.latent import LatentLayer
 from kvshrink.policies.significance import assign_levels, level_counts, level_fractions
@@ -98,11 +98,12 @@ def _layer(mode, kv_heads, head_dim, groups, levels, fractions, seed=0, signific
 
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim,joint", [(4, 2, 64, False), (9, 3, 64, False), (4, 4, 64, False),
                                                              (2, 1, 256, False), (6, 3, 64, True), (4, 1, 256, True)])
-@pytest.mark.parametrize("spec", ["r64b16", "r64b4/r32b4/r16b2/r8b3", "r16b8/r8b2"])
+@pytest.mark.parametrize("spec", ["r64b16", "r64b4/r32b4/r16b2/r8b3", "r16b8/r8b2", "r16b8/r8b2/drop"])
 def test_latent_attention_equals_reconstruct_then_attend(q_heads, kv_heads, head_dim, joint, spec):
     torch.manual_seed(0)
     row = kv_heads * head_dim if joint else head_dim
-    levels = parse_levels(spec.replace("r64", f"r{min(64, row)}"), row)
+    levels = parse_levels(spec.replace("r64", f"r{min(64, row)}").replace("/drop", ""), row)
+    levels = (*levels, DROP) if spec.endswith("/drop") else levels
     fractions = [1.0 / len(levels)] * len(levels)
     fractions[-1] = 1 - sum(fractions[:-1])
     layer = _layer("latent", kv_heads, head_dim, 1 if joint else kv_heads, levels, fractions)
@@ -136,6 +137,58 @@ def test_bytes_follow_the_levels_assigned():
     want = 2 * 2 * sum(n * c for n, c in zip(counts, per_token))  # keys and values, 2 heads (batch 1)
     assert parts["codes"] + parts["scales"] == want
     assert parts["levels"] == 2 * 64  # one uint8 per token and head
+
+
+@pytest.mark.parametrize("kv_heads,groups", [(2, 2), (2, 1)])
+def test_dropped_tokens_are_evicted_exactly(kv_heads, groups):
+    """Full-rank fp16 coefficients for the kept tokens and a DROP level for the rest: attention equals exact
+    attention over the tokens kept (sinks, kept, window), the dropped ones cost only their level byte."""
+    torch.manual_seed(0)
+    head_dim, row = 16, kv_heads // groups * 16
+    layer = _layer("latent", kv_heads, head_dim, groups, (Level(row, 16), DROP), (0.5, 0.5))
+    keys, values = torch.randn(1, kv_heads, 42, head_dim), torch.randn(1, kv_heads, 42, head_dim)
+    layer.update(keys[:, :, :41], values[:, :, :41])
+    layer.attend(torch.randn(1, 2 * kv_heads, 41, head_dim), None, 0.25)
+    layer.update(keys[:, :, 41:], values[:, :, 41:])  # the flush: tokens 2..37 leave the window, half dropped
+    lmap = layer.level_map  # [1, groups, n]: the tokens flushed (whole blocks), the rest still in the window
+    n = lmap.shape[-1]
+    assert n >= 32 and int((lmap == 1).sum()) == (n - n // 2) * groups
+    q = torch.randn(1, 2 * kv_heads, 1, head_dim)
+    out = layer.attend(q, None, 0.25)
+    for h in range(2 * kv_heads):
+        kv, g = h // 2, (h // 2) // (kv_heads // groups)
+        kept = torch.cat([torch.ones(2, dtype=torch.bool), lmap[0, g] == 0, torch.ones(40 - n, dtype=torch.bool)])
+        p = torch.softmax(q[0, h] @ keys[0, kv, kept].T * 0.25, -1)
+        assert torch.allclose(out[0, h], p @ values[0, kv, kept], atol=2e-3), h  # fp16 coefficients
+    assert layer.key_store.tokens == n // 2
+    assert layer.describe()["levels"] == {f"r{row}b16": n // 2, "dropped": n - n // 2}
+    parts = {p: sum(t.numel() * t.element_size() for t in ts) for p, ts in layer.parts().items()}
+    assert parts["levels"] == groups * n
+    assert parts["codes"] == 2 * groups * (n // 2) * level_token_bytes(Level(row, 16), row)
+
+
+def test_tale_keep_evicts_the_least_significant_share_within_the_target():
+    model = tiny_llama()
+    prompt = torch.randint(2, 95, (1, 300), generator=torch.Generator().manual_seed(4))
+    prof = _bases(model, "dynakv")
+    for keep in (1.0, 0.5, 0.25):
+        cache = ks.make_cache(model, ks.build_method("dynakv", target_ratio=0.12, keep=keep, pool=7, window=8,
+                                                     sinks=2).use_profile(prof))
+        greedy(model, prompt, cache, n=4)
+        report = cache.memory_report()
+        levels = report["by_layer"][0]["levels"]
+        stored = sum(levels.values())
+        assert ("dropped" in levels) == (keep < 1)
+        dropped = levels.get("dropped", 0)  # every flush rounds the kept levels down, eviction takes the rest
+        assert (1 - keep) * stored - 1e-9 <= dropped <= (1 - keep) * stored + 0.03 * stored
+        approx = report["nbytes"] - sum(report["by_part"][p] for p in ("bases", "window", "sinks"))
+        assert approx <= 0.12 * report["fp16_nbytes"]  # the evicted tokens' level bytes are inside the target
+    with pytest.raises(ValueError, match="keep must be in"):
+        ks.build_method("dynakv", keep=0)
+    with pytest.raises(ValueError, match="pool must be an odd"):
+        ks.build_method("tale", pool=4)
+    with pytest.raises(ValueError, match="with keep=0.9"):
+        ks.make_cache(model, ks.build_method("tale", target_ratio=0.01, keep=0.9).use_profile(_bases(model)))
 
 
 def _bases(model, method="tale", seed=0):

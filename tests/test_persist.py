@@ -37,6 +37,25 @@ def test_a_resumed_conversation_continues_with_the_same_tokens(make, spec, tmp_p
     assert torch.equal(rest, whole)
 
 
+@pytest.mark.parametrize("method,options", [("tale", "target_ratio=0.2"),
+                                            ("dynakv", "target_ratio=0.12,keep=0.5,pool=7")])
+def test_a_resumed_low_rank_conversation_continues_with_the_same_tokens(method, options, tmp_path):
+    from kvshrink.bases import bases_profile
+
+    model = tiny_llama()
+    calib = torch.randint(2, 95, (1, 512), generator=torch.Generator().manual_seed(0))
+    bases = bases_profile(model, calib, method=method, samples=2, context=256, progress=False)
+    spec = f"{method}:profile={bases.save(tmp_path / 'bases.json')},{options},window=8"
+    ids = torch.randint(2, 95, (1, 70), generator=torch.Generator().manual_seed(6))
+    whole = _generate(model, ids, ks.make_cache(model, spec), 16)
+    cache = ks.make_cache(model, spec)
+    first = _generate(model, ids, cache, 8)
+    levels = cache.memory_report()["by_layer"][0]["levels"]
+    loaded = ks.load_cache(cache.save(tmp_path / "conv.safetensors"), model)
+    assert loaded.memory_report()["by_layer"][0]["levels"] == levels and levels.get("dropped", 1) > 0
+    assert torch.equal(_generate(model, first, loaded, 8), whole)
+
+
 def test_bad_files_are_refused(tmp_path):
     model = tiny_llama()
     ids = torch.randint(2, 95, (1, 50))

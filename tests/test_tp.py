@@ -35,8 +35,8 @@ def _specs(tale: Path, dynakv: Path) -> list[str]:
     return ["full", "kivi:bits=2,group=16", "tada:bits=2,group=16", "tada:bits=2,group=16,mean_heads=rank",
             "turboquant:bits=3", "tova:budget=0.5", "h2o:budget=0.5", "snapkv:budget=0.5",
             "mixed:policy=tova,codec=rotated,bits=3", f"lowrank:profile={tale},rank=8",
-            f"tale:profile={tale},target_ratio=0.2", f"dynakv:profile={dynakv},target_ratio=0.2", "kvdirect",
-            "kvdirect:scheme=token,window=8"]
+            f"tale:profile={tale},target_ratio=0.2", f"dynakv:profile={dynakv},target_ratio=0.2,keep=0.75,pool=3",
+            "kvdirect", "kvdirect:scheme=token,window=8"]
 
 
 class Peers(HeadShard):

@@ -56,11 +56,12 @@ def _walk(obj: Any, prefix: str, tensors: dict[str, torch.Tensor], scalars: dict
             scalars[path] = {"device": str(value)}
         elif isinstance(value, _SCALARS):
             scalars[path] = {"value": value}
-        elif isinstance(value, list) and value and all(isinstance(v, torch.Tensor) or _is_store(v) for v in value):
-            for i, item in enumerate(value):
+        elif isinstance(value, list) and any(v is not None for v in value) and all(
+                v is None or isinstance(v, torch.Tensor) or _is_store(v) for v in value):
+            for i, item in enumerate(value):  # a None (a low-rank level that stores nothing) is rebuilt as None
                 if isinstance(item, torch.Tensor):
                     tensors[f"{path}.{i}"] = item
-                else:
+                elif item is not None:
                     _walk(item, f"{path}.{i}", tensors, scalars, visited)
         elif _is_store(value):
             _walk(value, path, tensors, scalars, visited)

@@ -48,13 +48,21 @@ def energy(sigma: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Level:
-    """One storage level: `rank` leading coefficients at `bits` bits (16: fp16 coefficients)."""
+    """One storage level: `rank` leading coefficients at `bits` bits (16: fp16 coefficients). `DROP` (rank 0) is
+    the level of evicted tokens: nothing stored, never attended (SnapKV-style eviction inside `tale`/`dynakv`)."""
 
     rank: int
     bits: int
 
+    @property
+    def dropped(self) -> bool:
+        return self.rank == 0
+
     def spec(self, group: int) -> QuantSpec:
         return QuantSpec(self.bits, min(group, self.rank), "token", "none")
+
+
+DROP = Level(0, 0)
 
 
 def parse_levels(text: str, dim: int | None = None) -> tuple[Level, ...]:
@@ -84,6 +92,8 @@ def level_token_bytes(level: Level, group: int) -> int:
     """Bytes one token of one group row costs at `level` (codes plus fp16 scale and zero per code group)."""
     from .packing import packed_size
 
+    if level.dropped:
+        return 0
     if level.bits == 16:
         return 2 * level.rank
     g = min(group, level.rank)
@@ -97,14 +107,23 @@ class LevelStore:
 
     def __init__(self, levels: tuple[Level, ...], group: int, name: str = "tensor"):
         for lv in levels:
-            if lv.bits != 16 and lv.rank % min(group, lv.rank):
+            if not lv.dropped and lv.bits != 16 and lv.rank % min(group, lv.rank):
                 raise ValueError(f"{name}: code group {group} does not divide rank {lv.rank}")
+        if any(lv.dropped for lv in levels[:-1]):
+            raise ValueError(f"{name}: the dropped level (rank 0) must be the last, got {levels}")
         self.levels, self.group, self.name = levels, group, name
-        self.stores = [QuantStore(lv.spec(group), f"{name} level {i} (rank {lv.rank})") for i, lv in enumerate(levels)]
+        # a dropped level stores nothing: its tokens are known only by the level map
+        self.stores = [None if lv.dropped else QuantStore(lv.spec(group), f"{name} level {i} (rank {lv.rank})")
+                       for i, lv in enumerate(levels)]
+
+    @property
+    def _held(self) -> list[QuantStore]:
+        return [s for s in self.stores if s is not None]
 
     @property
     def tokens(self) -> int:
-        return sum(s.tokens for s in self.stores)
+        """Tokens stored (dropped ones are not)."""
+        return sum(s.tokens for s in self._held)
 
     def append(self, coeffs: torch.Tensor, levels: torch.Tensor) -> None:
         """Store tokens given by their normalised coefficients [B, G, T, R] and their levels [B, G, T].
@@ -121,7 +140,7 @@ class LevelStore:
             if n.numel() and (n != n.flatten()[0]).any():
                 raise ValueError(f"{self.name}: rows put different numbers of tokens in level {i}")
             count = int(n.flatten()[0]) if n.numel() else 0
-            if count:
+            if count and store is not None:
                 picked = coeffs[..., : lv.rank][hit].reshape(b, g, count, lv.rank)
                 store.append(picked)
 
@@ -129,7 +148,7 @@ class LevelStore:
         """Per level, the token index of each of its tokens: [B, G, n_l] int64, ascending."""
         out = []
         for i, store in enumerate(self.stores):
-            if store.tokens == 0:
+            if store is None or store.tokens == 0:
                 out.append(None)
                 continue
             idx = (level_map == i).nonzero()[:, -1]
@@ -138,7 +157,7 @@ class LevelStore:
 
     def coefficients(self) -> list[torch.Tensor | None]:
         """Per level, the dequantized normalised coefficients [B, G, n_l, rank_l] (float32), None when empty."""
-        return [s.decode(torch.float32) for s in self.stores]
+        return [None if s is None else s.decode(torch.float32) for s in self.stores]
 
     def reconstruct(self, level_map: torch.Tensor, basis: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
         """All tokens back in the original coordinates, [B, G, T, D] float32, in token order."""
@@ -155,16 +174,17 @@ class LevelStore:
 
     def parts(self) -> dict[str, list[torch.Tensor]]:
         out: dict[str, list[torch.Tensor]] = {"codes": [], "scales": [], "means": []}
-        for store in self.stores:
+        for store in self._held:
             for part, ts in store.parts().items():
                 out[part].extend(ts)
         return out
 
     def map_batch(self, fn) -> None:
-        for store in self.stores:
+        for store in self._held:
             store.map_batch(fn)
 
     def drop_front(self, counts: list[int]) -> None:
         """Forget the oldest `counts[l]` tokens of each level."""
         for store, n in zip(self.stores, counts):
-            store.drop_front(n)
+            if store is not None:
+                store.drop_front(n)

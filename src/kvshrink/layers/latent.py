@@ -4,7 +4,9 @@ token from the attention it received, and attends over them in the latent space.
 Life of a token: it arrives exact in the recent window, where the attention it receives is accumulated (at prefill
 from the last `observe` queries of the prompt, then from every decoding step); only when it leaves the window is it
 approximated (lazily, at the next `update`), at the level its significance earns within its block. The first
-`sinks` tokens stay exact.
+`sinks` tokens stay exact. When the last level is `DROP` (rank 0), the least significant tokens are evicted
+instead: nothing of them is stored but their byte in the level map, and attention masks them (SnapKV's selection
+from the prompt's last queries, then low rank for the tokens kept: DynaKV's setting for its 6% figure).
 
 Attention (`attend`, called through kvshrink's registered attention function) never rebuilds old keys or values:
 each query head is projected once into its key basis (q~ = sigma * U_K^T q), scores against a level's tokens are
@@ -51,7 +53,7 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
                  window: int = 32, sinks: int = 4, block: int = 32, code_group: int = 64, layer_idx: int = -1,
                  exact_dtype: torch.dtype | None = None, basis_dtype: torch.dtype = torch.float16,
                  mode: str = "latent", observe: int = 32, significance: str = "attention", rope: Any = None,
-                 shard: Any = None):
+                 shard: Any = None, pool: int = 1):
         super().__init__()
         where = f"layer {layer_idx}"
         if mode not in MODES:
@@ -61,7 +63,8 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
                              "rotation is applied after rebuilding it; use mode='reconstruct'")
         if significance not in SIGNIFICANCE:
             raise ValueError(f"{where}: significance must be one of {SIGNIFICANCE}, got {significance!r}")
-        for arg, value, low in (("window", window, 0), ("sinks", sinks, 0), ("block", block, 1), ("observe", observe, 1)):
+        for arg, value, low in (("window", window, 0), ("sinks", sinks, 0), ("block", block, 1),
+                                ("observe", observe, 1), ("pool", pool, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{where}: {arg} must be an integer >= {low}, got {value!r}")
         if len(levels) != len(fractions) or abs(sum(fractions) - 1) > 1e-6:
@@ -80,7 +83,10 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
         self.key_sigma, self.value_sigma = own(key_sigma), own(value_sigma)
         self.levels, self.fractions = tuple(levels), tuple(fractions)
         self.window, self.sinks, self.block, self.code_group = window, sinks, block, code_group
+        if pool % 2 == 0:
+            raise ValueError(f"{where}: pool must be odd (a window centred on each token), got {pool}")
         self.exact_dtype, self.mode, self.observe, self.significance = exact_dtype, mode, observe, significance
+        self.pool = pool
         self.rope = rope  # set: keys are stored with the rotary embedding undone (pre-RoPE basis)
         if shard is not None and groups != 1:
             raise ValueError(f"{where}: a shard is for a joint basis whose heads span ranks; per-head bases are "
@@ -144,6 +150,8 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
             score = k.norm(dim=-1)
         b = score.shape[0]
         score = gather_heads(self.shard, score).reshape(b, self.groups, -1, n).mean(2)
+        if self.pool > 1:  # SnapKV's smoothing: a token near a significant one counts as significant
+            score = torch.nn.functional.max_pool1d(score.float(), self.pool, 1, self.pool // 2)
         if self.rope is not None:  # these tokens' positions follow the sinks and the tokens already stored
             start = self.sink_keys.shape[-2] + self.level_map.shape[-1]
             k = self.rope(k, torch.arange(start, start + n), inverse=True)
@@ -220,6 +228,9 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
         elif ql > 1:
             qpos = torch.arange(total - ql, total, device=q.device)[:, None]
             scores = scores.masked_fill(torch.arange(total, device=q.device)[None, :] > qpos, float("-inf"))
+        if n_mid and self.levels[-1].dropped:  # evicted tokens: nothing stored, never attended
+            gone = (self.level_map == len(self.levels) - 1)[:, group]  # [B, Hq, n_mid]
+            scores[..., n_sink:n_sink + n_mid].masked_fill_(gone[:, :, None, :], float("-inf"))
         p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query row with every key masked (padding) gets 0
         p_sink, p_mid, p_win = p[..., :n_sink], p[..., n_sink:n_sink + n_mid], p[..., n_sink + n_mid:]
         out = p_sink @ vs + p_win @ vw
@@ -259,10 +270,12 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
         return self._exact_parts(out)
 
     def describe(self) -> dict[str, Any]:
-        counts = [s.tokens for s in self.key_store.stores]
+        names = ["dropped" if lv.dropped else f"r{lv.rank}b{lv.bits}" for lv in self.levels]
+        counts = [int((self.level_map[0, 0] == i).sum()) if self.level_map is not None and self.level_map.numel()
+                  else 0 for i in range(len(self.levels))]  # tokens of the first row (every row has the same)
         return {
-            "bits": "/".join(f"r{lv.rank}b{lv.bits}" for lv in self.levels),
-            "levels": {f"r{lv.rank}b{lv.bits}": c for lv, c in zip(self.levels, counts)},
+            "bits": "/".join(names),
+            "levels": dict(zip(names, counts)),
             "basis": "joint" if self.groups == 1 and (self.kv_heads > 1 or self.shard is not None) else "per head",
             "window": self.window,
             "sinks": self.sinks,
