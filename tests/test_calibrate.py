@@ -116,6 +116,21 @@ def test_calibrate_on_a_tiny_model_writes_a_profile_within_budget(tmp_path, real
         calibrate(model, tokenizer=tok, target_ratio=0.3, target_bits=2)
 
 
+def test_the_shared_prefill_gives_the_same_kl_as_running_every_prefill(real_model):
+    from kvshrink.calibrate import Option, Scorer
+
+    model, tok = real_model
+    text = ks.eval.corpus.pydoc_text()[:40000]
+    base = {"exact_dtype": "float16", "group": 32, "window": 32}
+    shared, own = (Scorer(model, tok, text, base, 2, 160, 8, 0, share_prefill=flag) for flag in (True, False))
+    assert shared.records is not None and own.records is None
+    layers = model.config.num_hidden_layers
+    for alloc in ({(i, t): Option(2, "head" if i % 2 else "none") for i in range(layers) for t in (0, 1)},
+                  {(i, t): Option(16 if i < 10 else 3) for i in range(layers) for t in (0, 1)}):
+        a, b = shared(alloc), own(alloc)
+        assert a > 1e-4 and a == pytest.approx(b, rel=1e-5, abs=1e-7)
+
+
 def test_sensitivities_are_reused_only_under_the_same_settings(tmp_path, real_model):
     tok = real_model[1]
     model = tiny_llama(vocab_size=len(tok), head_dim=32, num_hidden_layers=3)

@@ -115,7 +115,8 @@ class Scorer:
     """Mean KL(reference || allocation) over calibration samples, through the cache."""
 
     def __init__(self, model, tokenizer, text: str, base: dict[str, Any], samples: int, context: int, scored: int,
-                 seed: int):
+                 seed: int, share_prefill: bool = True):
+        from .eval.prefill import record_prefill
         from .eval.scoring import score_continuation_chunked
 
         self.model, self.base = model, base
@@ -132,8 +133,28 @@ class Scorer:
             start = s * stride + rng.randrange(0, stride - need + 1)
             window = ids[:, start:start + need]
             self.samples.append((window[:, :context], window[:, context:]))
-        self.refs = [self._score(model, DynamicCache(config=model.config), c, t) for c, t in self.samples]
+        # Every allocation attends over the exact prompt during the prefill (tada stores its codes only after), so
+        # the prefill is the same for all of them: run each sample's context once, record it, and build each
+        # allocation's cache from the record (`eval.prefill.replay`); only the scored continuation runs per
+        # allocation. `share_prefill=False` runs every prefill (the same KLs, slower: kept to measure the saving).
+        self.records = [record_prefill(model, c) for c, _ in self.samples] if share_prefill else None
+        self.refs = [self._continuation(DynamicCache(config=model.config), i) for i in range(samples)]
         self.evaluations = 0
+
+    def _continuation(self, cache, i: int) -> torch.Tensor:
+        """Log-probabilities [scored, vocab] of sample `i`'s continuation through `cache`."""
+        from .eval.prefill import replay, replayable
+
+        ctx, cont = self.samples[i]
+        if self.records is None:
+            return self._score(self.model, cache, ctx, cont)
+        if not replayable(cache, ctx.shape[1]):
+            raise RuntimeError(f"calibration: a {type(cache).__name__} of this allocation cannot be built from the "
+                               "recorded prefill; calibrate with share_prefill=False (--no-shared-prefill)")
+        first = replay(self.records[i], cache)[:, None].float()
+        with torch.no_grad():
+            out = self.model(cont[:, :-1].to(self.model.device), past_key_values=cache, use_cache=True)
+        return torch.cat([first, out.logits.float()], 1)[0].log_softmax(-1).cpu()
 
     def __call__(self, alloc: dict[tuple[int, int], Option]) -> float:
         from .methods import build_method
@@ -142,8 +163,8 @@ class Scorer:
         profile = _profile(self.model, self.base, alloc, n_layers)
         method = build_method("tada", **{**self.base, "profile": ""}).use_profile(profile)
         kls = []
-        for (ctx, cont), ref in zip(self.samples, self.refs):
-            lp = self._score(self.model, method.make_cache(self.model), ctx, cont)
+        for i, ref in enumerate(self.refs):
+            lp = self._continuation(method.make_cache(self.model), i)
             kls.append((ref.exp() * (ref - lp)).sum(-1).clamp_min(0).mean().item())
         self.evaluations += 1
         return sum(kls) / len(kls)
@@ -258,6 +279,7 @@ def calibrate(
     progress: bool = True,
     key_space: str = "post_rope",
     rotation: bool = False,
+    share_prefill: bool = True,
 ) -> Profile:
     """Per-layer bits for keys and values of `tada` under a budget; returns (and writes) the profile.
 
@@ -273,6 +295,8 @@ def calibrate(
     2-4 bits, `turboquant`'s) where that scores better for its bytes.
     `sensitivity_from`: a profile calibrated with the same settings on the same model
     whose measured sensitivities are reused (a new budget then costs seconds, not minutes).
+    `share_prefill`: each calibration window's context is run through the model once and every allocation's cache
+    is built from that record (exact: tada attends the prompt in full precision); False runs it per allocation.
     """
     from tqdm.auto import tqdm
 
@@ -324,11 +348,12 @@ def calibrate(
             raise ValueError(f"target_bits must be one of the allowed bits {tuple(bits)}, got {target_bits}")
         budget = costs.total({(i, t): Option(int(target_bits)) for i in range(n_layers) for t in (0, 1)})
     text = text if text is not None else split(pydoc_text())[0]
-    scorer = Scorer(model, tokenizer, text, base, samples, context, scored, seed)
+    scorer = Scorer(model, tokenizer, text, base, samples, context, scored, seed, share_prefill)
     items = [(i, t) for i in range(n_layers) for t in (0, 1)]
     rng = random.Random(seed)
     report: dict[str, Any] = {"budget_bytes": budget, "budget_context": budget_context, "fp16_bytes": costs.fp16,
-                              "samples": samples, "context": context, "scored": scored, "seed": seed}
+                              "samples": samples, "context": context, "scored": scored, "seed": seed,
+                              "shared_prefill": share_prefill}
     results = []
 
     if search in ("greedy", "both"):

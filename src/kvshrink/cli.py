@@ -177,7 +177,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         args.model, target_ratio=args.target_ratio, target_bytes=args.target_bytes, target_bits=args.target_bits,
         budget_context=args.budget_context, search=args.search, trials=args.trials, samples=args.samples,
         context=args.context, scored=args.scored, options=options, seed=args.seed, output=args.output,
-        sensitivity_from=args.sensitivity_from, rotation=args.rotation,
+        sensitivity_from=args.sensitivity_from, rotation=args.rotation, share_prefill=args.shared_prefill,
     )
     cal = profile.calibration
     print("layer | keys bits/mean | values bits/mean   (rot = rotation codec)")
@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--seed", type=int, default=0)
     ca.add_argument("--rotation", action="store_true",
                     help="tada: let a layer's keys or values take a rotation codec (Hadamard + Lloyd-Max, 2-4 bits)")
+    ca.add_argument("--no-shared-prefill", dest="shared_prefill", action="store_false",
+                    help="tada: run each window's prefill for every allocation instead of recording it once and "
+                         "building each allocation's cache from the record (same KLs, slower)")
     ca.add_argument("--sensitivity-from", metavar="PROFILE",
                     help="reuse the layer sensitivities measured by this earlier profile (same model and settings)")
     ca.add_argument("-O", "--option", action="append", metavar="KEY=VALUE",
