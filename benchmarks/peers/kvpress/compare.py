@@ -6,9 +6,10 @@ Prints a markdown table (no third-party imports needed).
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from jsonl import records
 
 HERE = Path(__file__).parent
 OURS = HERE.parent.parent / "results" / "eval-eviction.jsonl"
@@ -18,17 +19,9 @@ BUDGETS = (0.5, 0.25)
 CONTEXTS = (2048, 4096)
 
 
-def _lines(path: Path):
-    for line in path.read_text().splitlines():
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by an interrupted run
-
-
 def load_ours() -> dict:
     out = {}
-    for r in _lines(OURS):
+    for r in records(OURS):
         name, _, opts = r["method"].partition(":")
         if name == "full" and not opts:
             budget = 1.0
@@ -44,7 +37,7 @@ def load_ours() -> dict:
 
 def load_theirs() -> dict:
     out = {}
-    for r in _lines(THEIRS):
+    for r in records(THEIRS):
         value = r["kl"] if r["task"] == "kl" else f"{r['correct']}/{r['prompts']}"
         out[(r["press"], r["budget"], r["task"], r["context"])] = value
     return out

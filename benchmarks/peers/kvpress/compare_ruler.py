@@ -16,17 +16,10 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from jsonl import records
 from kvshrink.eval.ruler import TASKS, string_match_all
 
 HERE = Path(__file__).parent
-
-
-def _lines(path: Path):
-    for line in path.read_text().splitlines():
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by an interrupted run
 
 
 def main() -> None:
@@ -39,13 +32,13 @@ def main() -> None:
     refs = {(p["task"], p["context"], p["seed"]): p["references"] for p in inputs["prompts"]}
     scores: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     theirs = Path(args.theirs) if args.theirs else HERE / f"results-ruler-{inputs['model']}.jsonl"
-    for r in _lines(theirs):
+    for r in records(theirs):
         key = (r["task"], r["context"], r["seed"])
         if key in refs:
             label = "kvpress full" if r["press"] == "full" else f"kvpress {r['press']} (keeps {r['budget']:g})"
             scores[(label, r["context"])][r["task"]].append(string_match_all(r["answer"], refs[key]))
     if args.ours:
-        for r in _lines(Path(args.ours)):
+        for r in records(Path(args.ours)):
             key = (r.get("task"), r.get("context"), r.get("seed"))
             if r.get("model") == inputs["model"] and key in refs:
                 scores[(f"kvshrink `{r['method']}`", r["context"])][r["task"]].append(r["metrics"][r["task"]])

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from jsonl import records
 from kvpress import ObservedAttentionPress, SnapKVPress, StreamingLLMPress, TOVAPress
 
 HERE = Path(__file__).parent
@@ -82,14 +83,7 @@ def main() -> None:
     models = {"sdpa": load("sdpa"), "eager": load("eager")}
     tok = models["sdpa"][1]
     out_path = HERE / "results-kvpress.jsonl"  # one record per line, appended as they come: a rerun resumes
-    done = set()
-    if out_path.exists():
-        for line in out_path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by an interrupted run
-            done.add((r["press"], r["budget"], r["task"], r["context"]))
+    done = {(r["press"], r["budget"], r["task"], r["context"]) for r in records(out_path)}
     import transformers
 
     env = {"transformers": transformers.__version__, "torch": torch.__version__, "kvpress": "0.5.5"}

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from jsonl import records
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 HERE = Path(__file__).parent
@@ -90,14 +91,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(inputs["model_dir"])
     out_path = Path(args.output) if args.output else HERE / f"results-ruler-{inputs['model']}.jsonl"
-    done = set()
-    if out_path.exists():
-        for line in out_path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by an interrupted run
-            done.add((r["press"], r["budget"], r["task"], r["context"], r["seed"]))
+    done = {(r["press"], r["budget"], r["task"], r["context"], r["seed"]) for r in records(out_path)}
     import transformers
 
     env = {"transformers": transformers.__version__, "torch": torch.__version__,
