@@ -144,6 +144,7 @@ class Scorer:
     def _continuation(self, cache, i: int) -> torch.Tensor:
         """Log-probabilities [scored, vocab] of sample `i`'s continuation through `cache`."""
         from .eval.prefill import replay, replayable
+        from .eval.scoring import score_continuation_after
 
         ctx, cont = self.samples[i]
         if self.records is None:
@@ -151,10 +152,7 @@ class Scorer:
         if not replayable(cache, ctx.shape[1]):
             raise RuntimeError(f"calibration: a {type(cache).__name__} of this allocation cannot be built from the "
                                "recorded prefill; calibrate with share_prefill=False (--no-shared-prefill)")
-        first = replay(self.records[i], cache)[:, None].float()
-        with torch.no_grad():
-            out = self.model(cont[:, :-1].to(self.model.device), past_key_values=cache, use_cache=True)
-        return torch.cat([first, out.logits.float()], 1)[0].log_softmax(-1).cpu()
+        return score_continuation_after(self.model, cache, replay(self.records[i], cache), cont)
 
     def __call__(self, alloc: dict[tuple[int, int], Option]) -> float:
         from .methods import build_method

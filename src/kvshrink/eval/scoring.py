@@ -80,12 +80,20 @@ def score_continuation_chunked(model, cache: Cache, context: torch.Tensor, conti
     """
     _check_ids(context, "context")
     _check_ids(continuation, "continuation")
-    device = model.device
-    out = model(context.to(device), past_key_values=cache, use_cache=True)
-    first = out.logits[:, -1:].float()
+    out = model(context.to(model.device), past_key_values=cache, use_cache=True)
+    return score_continuation_after(model, cache, out.logits[:, -1], continuation)
+
+
+@torch.no_grad()
+def score_continuation_after(model, cache: Cache, first_logits: torch.Tensor,
+                             continuation: torch.Tensor) -> torch.Tensor:
+    """The chunked scoring of `continuation` [1, M] after a context already in `cache`, whose prefill gave
+    `first_logits` [1, V] (run here, or replayed from a recorded prefill): log-probabilities [M, V]."""
+    _check_ids(continuation, "continuation")
+    first = first_logits[:, None].float()
     if continuation.shape[1] == 1:
         return first[0].log_softmax(-1).cpu()
-    out = model(continuation[:, :-1].to(device), past_key_values=cache, use_cache=True)
+    out = model(continuation[:, :-1].to(model.device), past_key_values=cache, use_cache=True)
     return torch.cat([first, out.logits.float()], 1)[0].log_softmax(-1).cpu()
 
 
