@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from jsonl import records
+from run_kvpress import prefill
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 HERE = Path(__file__).parent
@@ -43,11 +44,7 @@ def presses() -> dict:
 @torch.no_grad()
 def answer(model, press, ids: torch.Tensor, budget: int, stops: set[int]) -> list[int]:
     cache = DynamicCache()
-    if press is None:
-        out = model(ids, past_key_values=cache, use_cache=True)
-    else:
-        with press(model):
-            out = model(ids, past_key_values=cache, use_cache=True)
+    out = prefill(model, press, ids, cache)
     tokens, pos = [], ids.shape[1]
     for _ in range(budget):
         t = int(out.logits[0, -1].argmax())
