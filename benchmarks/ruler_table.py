@@ -9,7 +9,8 @@ answered (so a run that was stopped part-way is compared on equal ground, and th
 of a 16-bit cache (mean over the prompts), per-task means of the task's score, their average ("RULER avg"), the
 difference to `full` in points (100 x the average) when `full` is a row, the mean seconds per prompt after the
 prompt's shared prefill (which the eval charges to whichever method ran first; it is the same for every row), and
-the number of prompts.
+the number of prompts. `--plot PATH` also draws the share against the average (a log share axis, one marker per
+row, the legend naming each row and its average).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from kvshrink.eval.results import method_label
 from kvshrink.eval.ruler import TASKS
 
 
@@ -37,16 +39,7 @@ def load(path: Path, context: int, model: str | None) -> dict[str, dict[tuple[st
     return out
 
 
-def short(method: str) -> str:
-    """`tada:profile=…tada-rotate-0.20` for a profile path; other specs as they are."""
-    name, _, opts = method.partition(":")
-    if name == "tada" and opts.startswith("profile=") and "," not in opts:
-        stem = Path(opts[len("profile="):]).name.removesuffix(".json")
-        return f"tada:profile=…{stem[stem.find('tada'):] if 'tada' in stem else stem}"
-    return method
-
-
-def table(by_method: dict[str, dict[tuple[str, int], dict]], methods: list[str], all_prompts: bool) -> str:
+def table(by_method: dict[str, dict[tuple[str, int], dict]], methods: list[str], all_prompts: bool) -> tuple[str, list]:
     missing = [m for m in methods if m not in by_method]
     if missing:
         have = ", ".join(sorted(by_method)) or "none"
@@ -72,9 +65,9 @@ def table(by_method: dict[str, dict[tuple[str, int], dict]], methods: list[str],
     for m, share, means, avg, seconds, n in rows:
         cells = [f"{means[t]:.2f}" if t in means else "" for t in tasks]
         delta = [f"{100 * (avg - full):+.1f}"] if full is not None else []
-        lines.append("| " + " | ".join([f"`{short(m)}`", f"{share:.3f}", *cells, f"{avg:.3f}", *delta,
+        lines.append("| " + " | ".join([f"`{method_label(m)}`", f"{share:.3f}", *cells, f"{avg:.3f}", *delta,
                                         f"{seconds:.1f}", str(n)]) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines), rows
 
 
 def main() -> None:
@@ -84,6 +77,8 @@ def main() -> None:
     ap.add_argument("--methods", help="comma-separated method specs, in row order (default: every method recorded)")
     ap.add_argument("--model", help="keep only this model's records")
     ap.add_argument("--all-prompts", action="store_true", help="each row on every prompt it has")
+    ap.add_argument("--plot", help="also draw share against the average as a PNG at this path")
+    ap.add_argument("--title", help="the plot's title")
     args = ap.parse_args()
     by_method = load(args.records, args.context, args.model)
     if args.methods:
@@ -91,7 +86,52 @@ def main() -> None:
         methods = split_specs(args.methods)
     else:
         methods = list(by_method)
-    print(table(by_method, methods, args.all_prompts))
+    text, rows = table(by_method, methods, args.all_prompts)
+    print(text)
+    if args.plot:
+        plot(rows, args.plot, args.title or f"RULER-style at {args.context} tokens ({rows[0][5]} prompts per row)")
+
+
+def plot(rows: list, path: str, title: str) -> None:
+    """Share of a 16-bit cache against the RULER average, one point per row (legend: setting and average)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import os
+
+    from kvshrink.io import temp_beside
+
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
+    markers = "osD^v<>pPhX"
+    for i, (m, share, _, avg, _, _) in enumerate(rows):
+        full = m == "full"
+        ax.scatter(share, avg, marker="*" if full else markers[i % len(markers)], s=170 if full else 42,
+                   color="black" if full else plt.cm.tab20(i % 20), label=f"{method_label(m)} ({avg:.3f})", zorder=3)
+        if full:
+            ax.axhline(avg, color="grey", lw=0.8, ls="--", zorder=1)
+    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("cache bytes as a share of a 16-bit cache")
+    ax.set_ylabel("RULER-style average (higher is better)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fd, tmp = temp_beside(path, suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=130)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from kvshrink.cache import FullLayer
 from kvshrink.eval import runner
 from kvshrink.eval.bench import bench, parse_length, write_bench
 from kvshrink.eval.corpus import pydoc_text, split
-from kvshrink.eval.results import plot_results, results_table, summarize
+from kvshrink.eval.results import method_label, plot_results, results_table, summarize
 from kvshrink.eval.runner import evaluate, load_records, split_specs
 from kvshrink.methods.base import METHODS, Method, register
 
@@ -138,6 +138,13 @@ def test_table_and_plot(tiny, tokenizer, tmp_path, corrupt_method):
     assert "`kivi:bits=2`" in table and "KL" in table and "match" in table
     png = plot_results(records, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_method_label_shortens_paths_only():
+    assert method_label("tada:profile=benchmarks/profiles/m-tada-0.20.json,kernel=torch") == \
+        "tada:profile=m-tada-0.20,kernel=torch"
+    assert method_label("tale:profile=bases.json,target_ratio=0.11") == "tale:profile=bases,target_ratio=0.11"
+    assert method_label("kivi:bits=2") == "kivi:bits=2" and method_label("full") == "full"
 
 
 def test_quanto_baseline_runs_through_the_same_tasks(tiny, tokenizer):
