@@ -86,6 +86,8 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from kvshrink.eval.results import save_png
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in sorted(records, key=lambda r: r["method"]):
         turns = r["metrics"]["turns"]
@@ -100,9 +102,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     ax1.legend(fontsize=6, ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    save_png(fig, path, dpi=120)
 
 
 def main() -> None:

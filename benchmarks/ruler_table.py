@@ -99,9 +99,7 @@ def plot(rows: list, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import os
-
-    from kvshrink.io import temp_beside
+    from kvshrink.eval.results import save_png
 
     fig, ax = plt.subplots(figsize=(9.5, 4.8))
     markers = "osD^v<>pPhX"
@@ -122,15 +120,7 @@ def plot(rows: list, path: str, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fd, tmp = temp_beside(path, suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=130)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_png(fig, path)
     print(f"plot: {path}")
 
 

@@ -106,12 +106,19 @@ def plot_results(records: Sequence[dict[str, Any]], path: str | Path, title: str
             ax.legend(fontsize=7)
     fig.suptitle(title or "quality against cache bytes (★ = full cache)")
     fig.tight_layout()
+    return save_png(fig, path)
+
+
+def save_png(fig, path: str | Path, dpi: int = 130) -> Path:
+    """Write a matplotlib figure to `path` atomically (a temporary file renamed onto it) and close the figure."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_beside(path, suffix=".png")
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=130)
+        fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
