@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/rotation_key_offsets.py --model qwen2.5-coder-1.5b --layers 0,1,2,14,26,27 --bits 3
 
-Prefills the first `--tokens` tokens of the embedded corpus with `DynamicCache` and prints, per layer and KV head: the norm of
-the keys' mean over the tokens against the mean norm of their token-to-token part (keys minus that mean), and the
-mean error of the keys after the rotation codec (seeded Hadamard rotation, the norm kept, the direction coded at
-`--bits` with the norm corrected, as `turboquant` stores them) relative to the same token-to-token part. An error
-near or above 1 means the code's noise is as large as what tells the tokens apart: the code is spent on the offset.
+Prefills the first `--tokens` tokens of the embedded corpus with `DynamicCache` and prints, per layer and KV head:
+the norm of the keys' mean over the tokens against the mean norm of their token-to-token part (keys minus that
+mean), and the mean error of the keys after the rotation codec (seeded Hadamard rotation, the norm kept, the
+direction coded at `--bits` with the norm corrected, as `turboquant` stores them) relative to the same
+token-to-token part. An error near or above 1 means the code's noise is as large as what tells the tokens apart: the code is spent on the offset.
 """
 from __future__ import annotations
 
