@@ -6,7 +6,8 @@ Prefills the first `--tokens` tokens of the embedded corpus with `DynamicCache` 
 the norm of the keys' mean over the tokens against the mean norm of their token-to-token part (keys minus that
 mean), and the mean error of the keys after the rotation codec (seeded Hadamard rotation, the norm kept, the
 direction coded at `--bits` with the norm corrected, as `turboquant` stores them) relative to the same
-token-to-token part. An error near or above 1 means the code's noise is as large as what tells the tokens apart: the code is spent on the offset.
+token-to-token part. An error near or above 1 means the code's noise is as large as what tells the tokens apart:
+the code is spent on the offset.
 """
 from __future__ import annotations
 
