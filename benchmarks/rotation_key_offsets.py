@@ -4,10 +4,10 @@
 
 Prefills the first `--tokens` tokens of the embedded corpus with `DynamicCache` and prints, per layer and KV head:
 the norm of the keys' mean over the tokens against the mean norm of their token-to-token part (keys minus that
-mean), and the mean error of the keys after the rotation codec (seeded Hadamard rotation, the norm kept, the
-direction coded at `--bits` with the norm corrected, as `turboquant` stores them) relative to the same
-token-to-token part. An error near or above 1 means the code's noise is as large as what tells the tokens apart:
-the code is spent on the offset.
+mean), and the mean error of the keys after the rotation codec itself (`RotationSpec` at `--bits`: seeded Hadamard
+rotation, the fp16 norm kept, the direction Lloyd-Max coded with the norm corrected, as `turboquant` stores
+them) relative to the same token-to-token part. An error near or above 1 means the code's noise is as large as
+what tells the tokens apart: the code is spent on the offset.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from kvshrink.codecs.rotation import lloydmax_decode, lloydmax_encode, rotate, signs, unrotate
+from kvshrink.codecs.rotation import RotationSpec
 from kvshrink.eval.corpus import pydoc_text
 from kvshrink.models import load_model
 
@@ -41,11 +41,9 @@ def main() -> None:
         k = cache.layers[layer].keys.float()[0]  # heads, tokens, head_dim
         spread = (k - k.mean(1, keepdim=True)).norm(dim=-1).mean(-1)
         offset = k.mean(1).norm(dim=-1) / spread
-        s = signs(0, layer, k.shape[0], k.shape[-1])
-        y = rotate(k[None], s)[0]
-        norm = y.norm(dim=-1, keepdim=True)
-        d = lloydmax_decode(lloydmax_encode(y / norm, args.bits), args.bits, k.shape[-1])
-        rec = unrotate((d * (norm / d.norm(dim=-1, keepdim=True)))[None], s)[0]
+        store = RotationSpec(bits=args.bits, layer=layer).make_store(f"layer {layer} keys")  # turboquant's codes
+        store.append(k[None])
+        rec = store.decode(torch.float32)[0]
         error = (rec - k).norm(dim=-1).mean(-1) / spread
         for h in range(k.shape[0]):
             print(f"| {layer} | {h} | {offset[h]:.2f} | {error[h]:.3f} |")

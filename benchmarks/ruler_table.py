@@ -15,27 +15,21 @@ row, the legend naming each row and its average).
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from kvshrink.eval.results import method_label
 from kvshrink.eval.ruler import TASKS
+from kvshrink.eval.runner import load_records, split_specs
 
 
 def load(path: Path, context: int, model: str | None) -> dict[str, dict[tuple[str, int], dict]]:
-    """method -> (task, seed) -> record, for one context (the last record wins when a cell was run twice)."""
+    """method -> (task, seed) -> record, for one context (the last record wins when a cell was run twice); read by
+    the eval's own loader (a line cut by an interrupted write is skipped with a warning)."""
     out: dict[str, dict[tuple[str, int], dict]] = defaultdict(dict)
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}:{n}: not JSON ({e})") from None
-        if r.get("context") != context or r.get("task") not in TASKS or (model and r.get("model") != model):
-            continue
-        out[r["method"]][(r["task"], r["seed"])] = r
+    for r in load_records(path):
+        if r.get("context") == context and r.get("task") in TASKS and (not model or r.get("model") == model):
+            out[r["method"]][(r["task"], r["seed"])] = r
     return out
 
 
@@ -82,7 +76,6 @@ def main() -> None:
     args = ap.parse_args()
     by_method = load(args.records, args.context, args.model)
     if args.methods:
-        from kvshrink.eval.runner import split_specs
         methods = split_specs(args.methods)
     else:
         methods = list(by_method)
