@@ -12,6 +12,7 @@ from kvshrink.bases import bases_profile
 from kvshrink.codecs.lowrank import DROP, Level, LevelStore, energy, fit_basis, level_token_bytes, parse_levels
 from kvshrink.codecs.packing import packed_size
 from kvshrink.latent import LatentLayer
+from kvshrink.layers.full import FullLayer
 from kvshrink.policies.significance import assign_levels, level_counts, level_fractions
 from kvshrink.profile import ProfileError, load_profile
 
@@ -86,27 +87,54 @@ def test_level_store_rebuilds_each_token_at_its_rank():
             assert torch.allclose(out[0, g, t], want, atol=1e-5)
 
 
-def _layer(mode, kv_heads, head_dim, groups, levels, fractions, seed=0, significance="attention"):
+def test_a_centred_level_store_codes_offset_coefficients_far_better():
+    # coefficients with a constant offset 50x their spread (Qwen2's keys: a bias along one direction); one 4-bit
+    # group per token spends its range on the offset unless the level's mean is subtracted first
+    torch.manual_seed(0)
+    levels = (Level(16, 4),)
+    basis, sigma = _orthonormal(1, 16, 5), torch.ones(1, 16)
+    offset = torch.zeros(16)
+    offset[0] = 50.0
+    first, later = torch.randn(1, 1, 64, 16) + offset, torch.randn(1, 1, 8, 16) + offset
+    err = {}
+    for center in ("none", "channel"):
+        store = LevelStore(levels, 16, "t", center)
+        lmap = torch.zeros(1, 1, 64, dtype=torch.uint8)
+        store.append(first, lmap)
+        store.append(later, torch.zeros(1, 1, 8, dtype=torch.uint8))  # later blocks reuse the first block's mean
+        lmap = torch.zeros(1, 1, 72, dtype=torch.uint8)
+        want = torch.cat([first, later], 2)[0] @ basis[0].T
+        err[center] = (store.reconstruct(lmap, basis, sigma)[0] - want).pow(2).mean().sqrt().item()
+        assert bool(store.parts()["means"]) == (center == "channel")
+    assert err["channel"] < err["none"] / 10, err
+    with pytest.raises(ValueError, match="center must be one of"):
+        LevelStore(levels, 16, "t", "head")
+
+
+def _layer(mode, kv_heads, head_dim, groups, levels, fractions, seed=0, significance="attention", center="none"):
     row = kv_heads // groups * head_dim
     kb, vb = _orthonormal(groups, row, seed), _orthonormal(groups, row, seed + 1)
     ks_, vs_ = torch.rand(groups, row) + 0.5, torch.rand(groups, row) + 0.5
     rank = max(lv.rank for lv in levels)
     return LatentLayer(kb[..., :rank], ks_[..., :rank], vb[..., :rank], vs_[..., :rank], levels, fractions,
                        kv_heads=kv_heads, window=4, sinks=2, block=4, code_group=row, layer_idx=0, mode=mode,
-                       observe=3, significance=significance, basis_dtype=torch.float32)
+                       observe=3, significance=significance, basis_dtype=torch.float32, center=center)
 
 
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim,joint", [(4, 2, 64, False), (9, 3, 64, False), (4, 4, 64, False),
                                                              (2, 1, 256, False), (6, 3, 64, True), (4, 1, 256, True)])
-@pytest.mark.parametrize("spec", ["r64b16", "r64b4/r32b4/r16b2/r8b3", "r16b8/r8b2", "r16b8/r8b2/drop"])
+@pytest.mark.parametrize("spec", ["r64b16", "r64b4/r32b4/r16b2/r8b3", "r16b8/r8b2", "r16b8/r8b2/drop",
+                                  "r16b8/r8b2/drop/mean"])
 def test_latent_attention_equals_reconstruct_then_attend(q_heads, kv_heads, head_dim, joint, spec):
     torch.manual_seed(0)
     row = kv_heads * head_dim if joint else head_dim
+    center = "channel" if spec.endswith("/mean") else "none"
+    spec = spec.removesuffix("/mean")
     levels = parse_levels(spec.replace("r64", f"r{min(64, row)}").replace("/drop", ""), row)
     levels = (*levels, DROP) if spec.endswith("/drop") else levels
     fractions = [1.0 / len(levels)] * len(levels)
     fractions[-1] = 1 - sum(fractions[:-1])
-    layer = _layer("latent", kv_heads, head_dim, 1 if joint else kv_heads, levels, fractions)
+    layer = _layer("latent", kv_heads, head_dim, 1 if joint else kv_heads, levels, fractions, center=center)
     scaling = head_dim ** -0.5
     for step, n in enumerate([23, 1, 1, 5, 1, 1, 1, 1, 1]):  # prefill, decode steps, a 5-token chunk, ...
         k, v = torch.randn(2, kv_heads, n, head_dim), torch.randn(2, kv_heads, n, head_dim)
@@ -187,8 +215,29 @@ def test_tale_keep_evicts_the_least_significant_share_within_the_target():
         ks.build_method("dynakv", keep=0)
     with pytest.raises(ValueError, match="pool must be an odd"):
         ks.build_method("tale", pool=4)
+    with pytest.raises(ValueError, match="mean must be one of none, channel"):
+        ks.build_method("dynakv", mean="head")
     with pytest.raises(ValueError, match="with keep=0.9"):
         ks.make_cache(model, ks.build_method("tale", target_ratio=0.01, keep=0.9).use_profile(_bases(model)))
+
+
+def test_exact_layers_keep_a_plain_cache_and_are_checked():
+    model = tiny_llama()
+    prof = _bases(model, "dynakv")
+    prompt = torch.randint(2, 95, (1, 120), generator=torch.Generator().manual_seed(5))
+    ref = DynamicCache(config=model.config)
+    cache = ks.make_cache(model, ks.build_method("dynakv", target_ratio=0.3, exact_layers="0").use_profile(prof))
+    with torch.no_grad():
+        model(prompt, past_key_values=ref, use_cache=True)
+        model(prompt, past_key_values=cache, use_cache=True)
+    assert isinstance(cache.layers[0], FullLayer) and isinstance(cache.layers[1], LatentLayer)
+    assert torch.equal(cache.layers[0].keys, ref.layers[0].keys)  # layer 0's cache untouched
+    # layer 0's keys and values are in the reported bytes, at their own size
+    assert cache.memory_report()["by_part"]["window"] >= 2 * ref.layers[0].keys.nbytes
+    with pytest.raises(ValueError, match="exact_layers must be layer indices"):
+        ks.build_method("tale", exact_layers="first")
+    with pytest.raises(ValueError, match=r"exact_layers \[7\] are beyond the model's"):
+        ks.make_cache(model, ks.build_method("tale", exact_layers="0/7").use_profile(_bases(model)))
 
 
 def _bases(model, method="tale", seed=0):

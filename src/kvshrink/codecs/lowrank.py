@@ -58,11 +58,12 @@ class Level:
     def dropped(self) -> bool:
         return self.rank == 0
 
-    def spec(self, group: int) -> QuantSpec:
-        return QuantSpec(self.bits, min(group, self.rank), "token", "none")
+    def spec(self, group: int, center: str = "none") -> QuantSpec:
+        return QuantSpec(self.bits, min(group, self.rank), "token", center)
 
 
 DROP = Level(0, 0)
+CENTERS = ("none", "channel")  # what a level's codes subtract before quantizing (`LevelStore`)
 
 
 def parse_levels(text: str, dim: int | None = None) -> tuple[Level, ...]:
@@ -105,15 +106,19 @@ class LevelStore:
     per level, in the coordinates of a fixed basis. Which level holds each token is the `level_map` [batch, groups,
     tokens] (uint8, token order) that the owner keeps and passes in."""
 
-    def __init__(self, levels: tuple[Level, ...], group: int, name: str = "tensor"):
+    def __init__(self, levels: tuple[Level, ...], group: int, name: str = "tensor", center: str = "none"):
+        if center not in CENTERS:
+            raise ValueError(f"{name}: center must be one of {CENTERS}, got {center!r}")
         for lv in levels:
             if not lv.dropped and lv.bits != 16 and lv.rank % min(group, lv.rank):
                 raise ValueError(f"{name}: code group {group} does not divide rank {lv.rank}")
         if any(lv.dropped for lv in levels[:-1]):
             raise ValueError(f"{name}: the dropped level (rank 0) must be the last, got {levels}")
-        self.levels, self.group, self.name = levels, group, name
-        # a dropped level stores nothing: its tokens are known only by the level map
-        self.stores = [None if lv.dropped else QuantStore(lv.spec(group), f"{name} level {i} (rank {lv.rank})")
+        self.levels, self.group, self.name, self.center = levels, group, name, center
+        # a dropped level stores nothing: its tokens are known only by the level map; with center="channel" each
+        # level's store subtracts its own per-coefficient mean, taken over the first block it stores
+        self.stores = [None if lv.dropped else QuantStore(lv.spec(group, center if lv.bits != 16 else "none"),
+                                                          f"{name} level {i} (rank {lv.rank})")
                        for i, lv in enumerate(levels)]
 
     @property

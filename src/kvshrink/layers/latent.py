@@ -53,7 +53,7 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
                  window: int = 32, sinks: int = 4, block: int = 32, code_group: int = 64, layer_idx: int = -1,
                  exact_dtype: torch.dtype | None = None, basis_dtype: torch.dtype = torch.float16,
                  mode: str = "latent", observe: int = 32, significance: str = "attention", rope: Any = None,
-                 shard: Any = None, pool: int = 1):
+                 shard: Any = None, pool: int = 1, center: str = "none"):
         super().__init__()
         where = f"layer {layer_idx}"
         if mode not in MODES:
@@ -86,7 +86,7 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
         if pool % 2 == 0:
             raise ValueError(f"{where}: pool must be odd (a window centred on each token), got {pool}")
         self.exact_dtype, self.mode, self.observe, self.significance = exact_dtype, mode, observe, significance
-        self.pool = pool
+        self.pool, self.center = pool, center
         self.rope = rope  # set: keys are stored with the rotary embedding undone (pre-RoPE basis)
         if shard is not None and groups != 1:
             raise ValueError(f"{where}: a shard is for a joint basis whose heads span ranks; per-head bases are "
@@ -97,8 +97,8 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
         self._clear()
 
     def _clear(self) -> None:
-        self.key_store = LevelStore(self.levels, self.code_group, f"layer {self.layer_idx} keys")
-        self.value_store = LevelStore(self.levels, self.code_group, f"layer {self.layer_idx} values")
+        self.key_store = LevelStore(self.levels, self.code_group, f"layer {self.layer_idx} keys", self.center)
+        self.value_store = LevelStore(self.levels, self.code_group, f"layer {self.layer_idx} values", self.center)
         self.level_map: torch.Tensor | None = None
         self.keys = self.values = self.sink_keys = self.sink_values = None
         self.sig_sum = self.sig_count = None  # attention received by the window's tokens, and observations

@@ -15,14 +15,25 @@ from typing import Any
 import torch
 
 from ..bases import rank_bases
-from ..codecs.lowrank import Level, level_token_bytes
-from ..layers.full import FullSlidingLayer
+from ..codecs.lowrank import CENTERS, Level, level_token_bytes
+from ..layers.full import FullLayer, FullSlidingLayer
 from ..layers.latent import MODES, LatentLayer
 from ..models import text_config
 from ..profile import Profile, load_profile
 from .base import Method, option, register
 
 _DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _layer_list(text: str, name: str) -> frozenset[int]:
+    """'0/1' -> {0, 1}; '' -> {} (the `exact_layers` option; '/' as in `levels`, since ',' separates options)."""
+    try:
+        out = [int(s) for s in str(text).split("/") if s.strip()]
+    except ValueError:
+        raise ValueError(f"{name}: exact_layers must be layer indices joined by '/' (e.g. '0/1'), got {text!r}") from None
+    if any(i < 0 for i in out):
+        raise ValueError(f"{name}: exact_layers must be >= 0, got {text!r}")
+    return frozenset(out)
 
 
 @dataclass
@@ -41,6 +52,12 @@ class LatentMethod(Method):
                                       "rebuild keys and values, then attend (the reference)")
     key_space: str = option("post_rope", "keys projected after the rotary embedding ('post_rope') or with it undone "
                                          "('pre_rope': needs attention=reconstruct and a pre-RoPE profile)")
+    exact_layers: str = option("", "layer indices joined by '/' kept as an uncompressed cache (bytes counted), "
+                                   "e.g. '0/1' for Qwen2, whose first two layers' keys do not survive coefficient "
+                                   "codes of 8 bits or fewer")
+    mean: str = option("none", "subtracted from the coefficients before they are coded: 'none', or 'channel' (each "
+                               "level's per-coefficient mean over the first block it stores, held in fp16; keeps a "
+                               "code's range off a constant offset such as Qwen2's key bias)")
 
     def validate(self) -> None:
         if self.exact_dtype not in ("model", "float16", "bfloat16"):
@@ -51,12 +68,15 @@ class LatentMethod(Method):
             raise ValueError(f"{self.name}: attention must be one of {', '.join(MODES)}, got {self.attention!r}")
         if self.key_space not in ("post_rope", "pre_rope"):
             raise ValueError(f"{self.name}: key_space must be post_rope or pre_rope, got {self.key_space!r}")
+        if self.mean not in CENTERS:
+            raise ValueError(f"{self.name}: mean must be one of {', '.join(CENTERS)}, got {self.mean!r}")
         if self.key_space == "pre_rope" and self.attention != "reconstruct":
             raise ValueError(f"{self.name}: key_space=pre_rope attends by reconstruction only (each token's rotation "
                              "is applied after rebuilding it): set attention=reconstruct")
         for arg in ("window", "sinks", "code_group"):
             if getattr(self, arg) < 0:
                 raise ValueError(f"{self.name}: {arg} must be >= 0, got {getattr(self, arg)}")
+        self._exact_layers = _layer_list(self.exact_layers, self.name)
         self._profile: Profile | None = load_profile(self.profile) if self.profile else None
 
     def use_profile(self, profile: Profile) -> "LatentMethod":
@@ -86,6 +106,10 @@ class LatentMethod(Method):
         if hasattr(model_or_config, "set_attn_implementation"):
             attention.enable(model_or_config)
         text = text_config(model_or_config)
+        beyond = sorted(i for i in self._exact_layers if i >= text.num_hidden_layers)
+        if beyond:
+            raise ValueError(f"{self.name}: exact_layers {beyond} are beyond the model's {text.num_hidden_layers} "
+                             f"layers (0..{text.num_hidden_layers - 1})")
         self._kv_heads = text.num_key_value_heads
         self._bases = lambda i: layer_bases(self._profile, i, self.joint, where, self.key_space)  # noqa: E731
         if self.key_space == "pre_rope":
@@ -101,6 +125,8 @@ class LatentMethod(Method):
     def layer(self, layer_idx: int, sliding_window: int | None):
         if sliding_window is not None:
             return FullSlidingLayer(sliding_window, layer_idx)
+        if layer_idx in self._exact_layers:
+            return FullLayer(layer_idx)
         bases = self._bases(layer_idx)
         row = bases[0].shape[1]  # levels and costs are those of the whole basis, on every rank
         levels, fractions = self.level_plan(row)
@@ -112,7 +138,7 @@ class LatentMethod(Method):
                            sinks=self.sinks, block=max(self.window, 1), code_group=self.code_group or row,
                            layer_idx=layer_idx, exact_dtype=_DTYPES[self.exact_dtype],
                            basis_dtype=_DTYPES[self.basis_dtype], mode=self.attention, rope=self._rope(layer_idx),
-                           shard=shard if self.joint else None, **self.layer_options())
+                           shard=shard if self.joint else None, center=self.mean, **self.layer_options())
 
     def layer_options(self) -> dict[str, Any]:
         return {}
