@@ -145,6 +145,8 @@ def test_method_label_shortens_paths_only():
         "tada:profile=m-tada-0.20,kernel=torch"
     assert method_label("tale:profile=bases.json,target_ratio=0.11") == "tale:profile=bases,target_ratio=0.11"
     assert method_label("kivi:bits=2") == "kivi:bits=2" and method_label("full") == "full"
+    assert method_label("dynakv:profile=b/d.json,levels=r64b4/r32b4,exact_layers=0/1") == \
+        "dynakv:profile=d,levels=r64b4/r32b4,exact_layers=0/1"
 
 
 def test_quanto_baseline_runs_through_the_same_tasks(tiny, tokenizer):

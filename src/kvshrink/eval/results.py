@@ -44,13 +44,14 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def method_label(method: str) -> str:
-    """A method spec as a plot label: option values that are file paths shortened to the file's stem, so that
-    `tada:profile=benchmarks/profiles/m-tada-0.20.json` reads `tada:profile=m-tada-0.20`."""
+    """A method spec as a plot label: `profile=` paths shortened to the file's stem, so that
+    `tada:profile=benchmarks/profiles/m-tada-0.20.json` reads `tada:profile=m-tada-0.20`; other values stay whole
+    ('/' also joins `levels` and `exact_layers`)."""
     name, sep, opts = method.partition(":")
     parts = []
     for item in opts.split(",") if opts else []:
         key, eq, value = item.partition("=")
-        if eq and ("/" in value or value.endswith(".json")):
+        if eq and key == "profile":
             value = Path(value).name.removesuffix(".json")
         parts.append(f"{key}{eq}{value}")
     return name + sep + ",".join(parts)
