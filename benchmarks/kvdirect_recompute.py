@@ -7,7 +7,10 @@ For each context the same held-out text is prefilled, then `--steps` greedy toke
   pushed through the (recomputed) layers every step.
 All use the same budget of materialised recent tokens (`--window`). Every method's greedy tokens are checked
 against `full`'s (the token schemes are exact; a mismatch is reported, not hidden). Reported: seconds per step,
-its ratio to `full`, the recompute share of the step, and the bytes each cache holds.
+its ratio to `full`, the recompute share of the step, the bytes each cache holds, and how much the resident set grew
+during the last step (the step's transient memory: scores and activations of the recompute; `recompute_chunk` bounds
+it to heads x chunk x prefix scores; it depends on the attention kernel torch picks, hence measured here, not in a
+unit test).
 
     .venv/bin/python benchmarks/kvdirect_recompute.py --model smollm2-135m --contexts 512,1024,2048 \
         --json benchmarks/results/kvdirect-recompute-smollm2.json
@@ -23,18 +26,21 @@ from transformers import DynamicCache
 
 import kvshrink as ks
 from kvshrink.eval.corpus import pydoc_text, split
+from kvshrink.eval.memory import PeakMemory
 
 
 @torch.no_grad()
-def decode(model, cache, ids: torch.Tensor, steps: int) -> tuple[list[int], float]:
+def decode(model, cache, ids: torch.Tensor, steps: int) -> tuple[list[int], float, int]:
+    """Greedy tokens, seconds per step, and the memory growth (bytes) of the last step over its start."""
     out = model(ids, past_key_values=cache, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
     tokens = [int(nxt)]
     t0 = time.perf_counter()
     for _ in range(steps):
-        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        with PeakMemory() as peak:  # kept from the last step only
+            nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         tokens.append(int(nxt))
-    return tokens, (time.perf_counter() - t0) / steps
+    return tokens, (time.perf_counter() - t0) / steps, peak.growth
 
 
 def main() -> None:
@@ -52,15 +58,15 @@ def main() -> None:
                f"kvdirect:scheme=token,window={args.window},materialize={layers // 2}"]
     text = tok(split(pydoc_text())[1], return_tensors="pt", add_special_tokens=False).input_ids
     rows = []
-    print("| context | method | s/step | vs full | recompute share | cache MiB | greedy = full |")
-    print("|---|---|---|---|---|---|---|")
+    print("| context | method | s/step | vs full | recompute share | cache MiB | step growth MiB | greedy = full |")
+    print("|---|---|---|---|---|---|---|---|")
     for context in (int(c) for c in args.contexts.split(",")):
         ids = text[:, :context]
         ref = None
         for spec in methods:
             cache = DynamicCache(config=model.config) if spec == "full" else ks.make_cache(model, spec)
             before = getattr(getattr(cache.layers[-1], "runner", None), "recompute_seconds", 0.0)
-            tokens, per_step = decode(model, cache, ids, args.steps)
+            tokens, per_step, growth = decode(model, cache, ids, args.steps)
             runner = getattr(cache.layers[-1], "runner", None)
             recompute = (runner.recompute_seconds - before) if runner is not None else None
             if spec == "full":
@@ -70,12 +76,12 @@ def main() -> None:
                 nbytes = cache.memory_report()["nbytes"]
             row = {"model": args.model, "context": context, "method": spec, "steps": args.steps,
                    "seconds_per_step": per_step, "vs_full": per_step / ref_step, "cache_bytes": nbytes,
-                   "recompute_seconds_total": recompute, "exact": tokens == ref,
+                   "recompute_seconds_total": recompute, "exact": tokens == ref, "step_growth_bytes": growth,
                    "threads": torch.get_num_threads()}
             rows.append(row)
             share = "" if recompute is None else f"{recompute / (per_step * args.steps):.2f}"
             print(f"| {context} | `{spec}` | {per_step:.3f} | {row['vs_full']:.1f}x | {share} | "
-                  f"{nbytes / 2**20:.2f} | {'yes' if row['exact'] else 'NO'} |", flush=True)
+                  f"{nbytes / 2**20:.2f} | {growth / 2**20:.0f} | {'yes' if row['exact'] else 'NO'} |", flush=True)
     if args.json:
         from kvshrink.io import atomic_write_text
 

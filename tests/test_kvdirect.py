@@ -121,23 +121,32 @@ def test_token_scheme_with_materialised_layers_is_exact_and_recomputes_fewer(mak
         ks.make_cache(model, "kvdirect:scheme=token,recompute_chunk=0")
 
 
-def test_chunked_recompute_bounds_the_step_memory_on_the_real_model(real_model):
-    from kvshrink.eval.memory import PeakMemory
-
-    model, tok = real_model
-    text = ks.eval.corpus.pydoc_text()
-    ids = tok(text[-16000:], return_tensors="pt", add_special_tokens=False).input_ids[:, :2500]
-    growth, tokens = {}, {}
-    for chunk in (128, 100_000):
-        cache = ks.make_cache(model, f"kvdirect:scheme=token,window=16,recompute_chunk={chunk}")
+def test_chunked_recompute_gives_each_attention_call_at_most_chunk_queries():
+    # The memory bound itself (heads x chunk x prefix scores instead of heads x prefix^2) depends on the attention
+    # kernel torch picks and on the allocator, so it is measured by benchmarks/kvdirect_recompute.py (--step-memory);
+    # here: every attention call of the recompute sees at most `chunk` queries, and the tokens do not change.
+    model = tiny_llama()
+    ids = torch.randint(2, 95, (1, 90), generator=torch.Generator().manual_seed(6))
+    ref = greedy(model, ids, DynamicCache(config=model.config), n=3)
+    seen = {}
+    for chunk in (16, 100_000):
+        cache = ks.make_cache(model, f"kvdirect:scheme=token,window=8,recompute_chunk={chunk}")
         with torch.no_grad():
             nxt = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)  # warm-up step
-            with PeakMemory() as peak:
-                tokens[chunk] = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
-        if not peak.exact:
-            pytest.skip("this kernel refuses a reset of VmHWM; a sampled peak could miss the step's scores")
-        growth[chunk] = peak.growth
-    assert torch.equal(tokens[128], tokens[100_000])
-    # one attention call over the whole prefix holds 9 heads x 2486^2 fp32 scores (212 MiB); 128 queries, 11 MiB
-    assert growth[128] < growth[100_000] - (100 << 20), {k: v >> 20 for k, v in growth.items()}
+            lengths = []
+            hooks = [layer.self_attn.register_forward_pre_hook(
+                lambda mod, args, kwargs: lengths.append((kwargs.get("hidden_states", args[0] if args else None)).shape[1]),
+                with_kwargs=True) for layer in model.model.layers]
+            try:
+                step = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            finally:
+                for h in hooks:
+                    h.remove()
+        runner = next(layer.runner for layer in cache.layers if hasattr(layer, "runner"))
+        assert torch.equal(torch.cat([nxt, step], -1), ref[:, :2])
+        recompute = [n for n in lengths if n > 1]  # the step's own token is one query per layer
+        n_layers = model.config.num_hidden_layers
+        evicted = runner.recomputed_tokens // n_layers
+        assert evicted > 16 and sum(recompute) == runner.recomputed_tokens
+        seen[chunk] = max(recompute)
+    assert seen == {16: 16, 100_000: evicted}
