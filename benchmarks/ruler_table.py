@@ -94,20 +94,22 @@ def plot(rows: list, path: str, title: str) -> None:
 
     from kvshrink.eval.results import save_png
 
-    fig, ax = plt.subplots(figsize=(9.5, 4.8))
+    labels = [f"{method_label(m)} ({avg:.3f})" for m, _, _, avg, _, _ in rows]
+    # the legend sits right of the axes: the figure widens with its longest label instead of squeezing the axes
+    fig, ax = plt.subplots(figsize=(5.5 + 0.055 * max(map(len, labels)), max(4.8, 0.19 * len(rows) + 1.2)))
     markers = "osD^v<>pPhX"
     for i, (m, share, _, avg, _, _) in enumerate(rows):
         full = m == "full"
         ax.scatter(share, avg, marker="*" if full else markers[i % len(markers)], s=170 if full else 42,
-                   color="black" if full else plt.cm.tab20(i % 20), label=f"{method_label(m)} ({avg:.3f})", zorder=3)
+                   color="black" if full else plt.cm.tab20(i % 20), label=labels[i], zorder=3)
         if full:
             ax.axhline(avg, color="grey", lw=0.8, ls="--", zorder=1)
     ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
-    ax.tick_params(axis="x", which="minor", labelsize=7)
+    shares = [share for _, share, *_ in rows]
+    ticks = [t for t in (0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5) if min(shares) / 1.5 <= t <= max(shares) * 1.5]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("cache bytes as a share of a 16-bit cache")
     ax.set_ylabel("RULER-style average (higher is better)")
     ax.grid(alpha=0.3)
