@@ -123,7 +123,7 @@ def test_token_scheme_with_materialised_layers_is_exact_and_recomputes_fewer(mak
 
 def test_chunked_recompute_gives_each_attention_call_at_most_chunk_queries():
     # The memory bound itself (heads x chunk x prefix scores instead of heads x prefix^2) depends on the attention
-    # kernel torch picks and on the allocator, so it is measured by benchmarks/kvdirect_recompute.py (its "step growth" column);
+    # kernel torch picks and on the allocator, so it is measured by benchmarks/kvdirect_recompute.py ("step growth");
     # here: every attention call of the recompute sees at most `chunk` queries, and the tokens do not change.
     model = tiny_llama()
     ids = torch.randint(2, 95, (1, 90), generator=torch.Generator().manual_seed(6))
@@ -134,9 +134,10 @@ def test_chunked_recompute_gives_each_attention_call_at_most_chunk_queries():
         with torch.no_grad():
             nxt = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
             lengths = []
-            hooks = [layer.self_attn.register_forward_pre_hook(
-                lambda mod, args, kwargs: lengths.append((kwargs.get("hidden_states", args[0] if args else None)).shape[1]),
-                with_kwargs=True) for layer in model.model.layers]
+            def record(mod, args, kwargs):
+                lengths.append(kwargs.get("hidden_states", args[0] if args else None).shape[1])
+
+            hooks = [layer.self_attn.register_forward_pre_hook(record, with_kwargs=True) for layer in model.model.layers]
             try:
                 step = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
             finally:
