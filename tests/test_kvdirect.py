@@ -137,7 +137,8 @@ def test_chunked_recompute_gives_each_attention_call_at_most_chunk_queries():
             def record(mod, args, kwargs):
                 lengths.append(kwargs.get("hidden_states", args[0] if args else None).shape[1])
 
-            hooks = [layer.self_attn.register_forward_pre_hook(record, with_kwargs=True) for layer in model.model.layers]
+            layers = model.model.layers
+            hooks = [layer.self_attn.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
             try:
                 step = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
             finally:
