@@ -134,6 +134,7 @@ def test_chunked_recompute_gives_each_attention_call_at_most_chunk_queries():
         with torch.no_grad():
             nxt = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
             lengths = []
+
             def record(mod, args, kwargs):
                 lengths.append(kwargs.get("hidden_states", args[0] if args else None).shape[1])
 
