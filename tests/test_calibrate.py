@@ -99,6 +99,53 @@ def test_profile_with_missing_layers_is_refused(tmp_path):
         load_profile(path)
 
 
+def _kl_of_profile(model, tok, text, path, context, scored) -> float:
+    """The calibration score of the profile at `path`, recomputed here: calibration's one window (samples=1, seed 0)
+    prefilled through the profile's cache and through a DynamicCache, the scored tokens as one forward pass after
+    it, the mean KL(reference || profile) over the scored positions."""
+    import random
+
+    from transformers import DynamicCache
+
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    start = random.Random(0).randrange(0, ids.shape[1] - (context + scored) + 1)
+    ctx, cont = ids[:, start:start + context], ids[:, start + context:start + context + scored]
+
+    def logprobs(cache):
+        with torch.no_grad():
+            first = model(ctx, past_key_values=cache, use_cache=True).logits[:, -1:]
+            rest = model(cont[:, :-1], past_key_values=cache, use_cache=True).logits
+        return torch.cat([first, rest], 1)[0].double().log_softmax(-1)
+
+    ref, got = logprobs(DynamicCache(config=model.config)), logprobs(ks.make_cache(model, "tada", profile=str(path)))
+    kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
+    assert kl > 1e-6  # a 0.6 budget puts some layer under 16 bits
+    return kl
+
+
+def test_a_target_that_16_bits_meet_is_refused_before_any_text_or_measurement(monkeypatch, real_model):
+    import kvshrink.calibrate as cal
+    import kvshrink.eval.corpus as corpus
+
+    def untouched(*_, **__):
+        raise AssertionError("calibration read text or measured a KL for a target 16 bits already meet")
+
+    monkeypatch.setattr(corpus, "pydoc_text", untouched)
+    monkeypatch.setattr(corpus, "calibration_text", untouched, raising=False)
+    monkeypatch.setattr(cal, "Scorer", untouched)
+    tok = real_model[1]
+    model = tiny_llama(vocab_size=len(tok), head_dim=32, num_hidden_layers=3)
+    kw = dict(tokenizer=tok, budget_context=256, options={"group": 8, "window": 8, "sinks": 0}, progress=False)
+    with pytest.raises(ValueError, match=r"--target-ratio 3: 16 bits on every layer already meet it \(\d+ bytes, "
+                                         r"1\.000 of a 16-bit cache at 256 tokens"):
+        calibrate(model, target_ratio=3, **kw)
+    for target in (dict(target_ratio=1.0), dict(target_bytes=10**9), dict(target_bits=16, bits=(2, 4, 16))):
+        with pytest.raises(ValueError, match="nothing to calibrate"):
+            calibrate(model, **target, **kw)
+    with pytest.raises(AssertionError, match="read text or measured"):  # just under the 16-bit share: it calibrates
+        calibrate(model, target_ratio=0.99, **kw)
+
+
 def test_calibrate_on_a_tiny_model_writes_a_profile_within_budget(tmp_path, real_model):
     tok = real_model[1]
     model = tiny_llama(vocab_size=len(tok), head_dim=32, num_hidden_layers=3)
@@ -109,7 +156,10 @@ def test_calibrate_on_a_tiny_model_writes_a_profile_within_budget(tmp_path, real
                             samples=1, context=96, scored=8, text=text, output=out,
                             options={"group": 8, "window": 8, "sinks": 0}, progress=False)
         assert profile.predicted_ratio <= 0.6 and load_profile(out).layers == profile.layers
-        assert profile.calibration["kl"] >= 0 and profile.calibration["chosen"] in ("greedy", "random", "greedy+random")
+        cal = profile.calibration
+        assert cal["chosen"] in ("greedy", "random", "greedy+random")
+        assert cal["kl"] == min(cal[name]["kl"] for name in ("greedy", "random") if name in cal)
+        assert cal["kl"] == pytest.approx(_kl_of_profile(model, tok, text, out, context=96, scored=8), rel=1e-3)
         _, ratio = profile_ratio(model, profile, 256)
         assert ratio == pytest.approx(profile.predicted_ratio)
     with pytest.raises(ValueError, match="exactly one target"):

@@ -149,12 +149,60 @@ def test_method_label_shortens_paths_only():
         "dynakv:profile=d,levels=r64b4/r32b4,exact_layers=0/1"
 
 
+def test_kl_task_computes_the_divergence_of_known_distributions():
+    """KL(reference || method) averaged over positions, on two positions whose divergence is known in closed form."""
+    import math
+
+    from kvshrink.eval.tasks.kl import KLDivergence
+
+    ref = torch.tensor([[0.6, 0.4], [0.25, 0.75]]).log()
+    got = torch.tensor([[0.1, 0.9], [0.25, 0.75]]).log()
+
+    class Env:
+        def logprobs(self, spec, context, seed):
+            return (ref if spec is None else got), {"nbytes": 1}
+
+    metrics, memory = KLDivergence().run(Env(), "m", 8, 0)
+    first = 0.6 * math.log(0.6 / 0.1) + 0.4 * math.log(0.4 / 0.9)  # 0.7507; the second position is identical: 0
+    assert metrics["kl"] == pytest.approx(first / 2, rel=1e-6) and metrics["kl_max"] == pytest.approx(first, rel=1e-6)
+    assert metrics["top1"] == 0.5 and metrics["positions"] == 2 and memory == {"nbytes": 1}
+
+
 def test_quanto_baseline_runs_through_the_same_tasks(tiny, tokenizer):
+    import random
+
+    from transformers import DynamicCache
+
+    from kvshrink.eval.baselines import make_baseline_cache
+
     pytest.importorskip("optimum.quanto")
     records = _eval(tiny, tokenizer, ["hf-quanto:bits=4,residual=32"], tasks=["kl"])
     m = records[0]["memory"]
-    assert 0 < m["nbytes"] < m["fp16_nbytes"] * 2 and m["tokens"] == 96 + 11
-    assert records[0]["metrics"]["kl"] >= 0
+    # quanto quantizes the 96 prefill tokens (4-bit codes, an fp32 scale and shift per group of 64 values) and keeps
+    # the 11 tokens decoded since in its fp32 residual; per layer, for keys and for values:
+    heads, dim, layers = tiny.config.num_key_value_heads, tiny.config.head_dim, tiny.config.num_hidden_layers
+    quantized = 96 * heads * dim
+    per_tensor = quantized // 2 + quantized // 64 * 2 * 4 + 11 * heads * dim * 4
+    assert m["tokens"] == 96 + 11 and m["fp16_nbytes"] == layers * 2 * 107 * heads * dim * 2
+    assert m["nbytes"] == layers * 2 * per_tensor and m["ratio"] == pytest.approx(m["nbytes"] / m["fp16_nbytes"])
+    # the recorded KL equals one computed here, step by step through a fresh quanto cache and a DynamicCache
+    ids = tokenizer(TEXT, return_tensors="pt", add_special_tokens=False).input_ids
+    start = random.Random("text:0:96").randrange(0, ids.shape[1] - 108 + 1)
+    window = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids[:, start + 1:start + 108]], 1)
+
+    def logprobs(cache):
+        rows = []
+        with torch.no_grad():
+            out = tiny(window[:, :96], past_key_values=cache, use_cache=True)
+            for i in range(96, 108):
+                rows.append(out.logits[0, -1].double().log_softmax(-1))
+                out = tiny(window[:, i:i + 1], past_key_values=cache, use_cache=True)
+        return torch.stack(rows)
+
+    ref = logprobs(DynamicCache(config=tiny.config))
+    got = logprobs(make_baseline_cache(tiny, "hf-quanto:bits=4,residual=32"))
+    kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
+    assert kl > 1e-5 and records[0]["metrics"]["kl"] == pytest.approx(kl, rel=1e-3)
 
 
 def test_passkey_task_separates_full_from_a_corrupted_cache(real_model, corrupt_method):
@@ -174,7 +222,11 @@ def test_bench_pairs_each_method_with_the_plain_cache(tiny, tokenizer, tmp_path)
     (run,) = result["runs"]
     assert run["reference"]["cache_nbytes"] > run["method_run"]["cache_nbytes"] > 0
     assert run["cache_bytes_ratio"] == run["method_run"]["cache_nbytes"] / run["reference"]["cache_nbytes"]
-    assert run["decode_speed_ratio"] > 0 and run["prefill_time_ratio"] > 0
+    ref, got = run["reference"], run["method_run"]
+    for r in (ref, got):  # 3 decoded tokens in the measured decode time
+        assert r["decode_tokens_per_s"] == pytest.approx(3 / r["decode_s"])
+    assert run["decode_speed_ratio"] == pytest.approx(ref["decode_s"] / got["decode_s"])
+    assert run["prefill_time_ratio"] == pytest.approx(got["prefill_s"] / ref["prefill_s"])
     js, md = write_bench(result, tmp_path)
     assert json.loads(js.read_text())["runs"][0]["method"] == "kivi:bits=2,window=16,group=16"
     assert "`kivi:bits=2,window=16,group=16`" in md.read_text()

@@ -332,12 +332,13 @@ def calibrate(
         raise ValueError("a loaded model needs its tokenizer: calibrate(model, tokenizer=tok, ...)")
     refuse_sharded(model, "calibration")
     n_layers, kv_heads, _ = _geometry(model)
+    if target_ratio is not None and not 0 < target_ratio:
+        raise ValueError(f"target_ratio must be > 0, got {target_ratio}")
+    _refuse_lossless_target(model, base, n_layers, budget_context, target_ratio, target_bytes, target_bits)
     opts = _options(kv_heads, sorted(set(bits)), rotation)
     start = time.perf_counter()
     costs = ByteModel(model, base, opts, budget_context)
     if target_ratio is not None:
-        if not 0 < target_ratio:
-            raise ValueError(f"target_ratio must be > 0, got {target_ratio}")
         budget = int(target_ratio * costs.fp16)
     elif target_bytes is not None:
         budget = int(target_bytes)
@@ -403,6 +404,25 @@ def calibrate(
     if output is not None:
         profile.save(output)
     return profile
+
+
+def _refuse_lossless_target(model, base: dict[str, Any], n_layers: int, budget_context: int,
+                            target_ratio: float | None, target_bytes: int | None, target_bits: float | None) -> None:
+    """Refuse, before any text is read or any KL measured, a target that 16 bits on every layer already meet (the
+    window and sinks counted): there is nothing to choose, and a ratio of 3 is more likely a slip for 0.3."""
+    sixteen = ByteModel(model, base, [Option(16)], budget_context)  # random tensors through the cache: milliseconds
+    lossless = sixteen.total({(i, t): Option(16) for i in range(n_layers) for t in (0, 1)})
+    if target_ratio is not None:
+        budget, asked = int(target_ratio * sixteen.fp16), f"--target-ratio {target_ratio:g}"
+    elif target_bytes is not None:
+        budget, asked = int(target_bytes), f"--target-bytes {int(target_bytes)}"
+    else:
+        budget, asked = (lossless if target_bits == 16 else -1), f"--target-bits {target_bits:g}"
+    if budget >= lossless:
+        raise ValueError(
+            f"{asked}: 16 bits on every layer already meet it ({lossless} bytes, {lossless / sixteen.fp16:.3f} of a "
+            f"16-bit cache at {budget_context} tokens, window and sinks included), so there is nothing to calibrate: "
+            f"use the uncompressed cache (method full), or give a target below that share, e.g. --target-ratio 0.27")
 
 
 def _calibrate_bases(model, tokenizer, method, given, samples, context, text, output, progress,
