@@ -1,7 +1,8 @@
 """`kvshrink calibrate`: choose bits (centering, rotation) per layer for keys and values under a memory budget.
 
 Score of an allocation: the mean KL divergence of next-token distributions against the uncompressed cache over
-calibration text that evaluation never uses (the first 80% of the embedded corpus), measured through the cache:
+calibration text that no evaluation prompt is built from (standard-library docstrings,
+`eval.corpus.calibration_text()`; before that split, the pydoc corpus's first 80%), measured through the cache:
 the context is prefilled and stored compressed, then the scored tokens run as one forward pass over the stored
 past (`score_continuation_chunked`; step-by-step decoding would make calibration ~10x slower for the same ranking).
 
@@ -111,6 +112,24 @@ class ByteModel:
         return sum(self.fixed) + sum(self.cost[(i, t, o)] for (i, t), o in alloc.items())
 
 
+def calibration_windows(ids: torch.Tensor, samples: int, context: int, scored: int,
+                        seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(context ids, scored ids) of each calibration window: one window of `context + scored` tokens at a
+    seed-chosen place in each of `samples` equal stretches of the text's ids [1, N]."""
+    need = context + scored
+    if ids.shape[1] < need * samples:
+        raise ValueError(f"the calibration text has {ids.shape[1]} tokens; {samples} samples of {need} need "
+                         f"{need * samples}")
+    rng = random.Random(seed)
+    stride = ids.shape[1] // samples
+    out = []
+    for s in range(samples):
+        start = s * stride + rng.randrange(0, stride - need + 1)
+        window = ids[:, start:start + need]
+        out.append((window[:, :context], window[:, context:]))
+    return out
+
+
 class Scorer:
     """Mean KL(reference || allocation) over calibration samples, through the cache."""
 
@@ -122,17 +141,7 @@ class Scorer:
         self.model, self.base = model, base
         self._score = score_continuation_chunked
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-        need = context + scored
-        if ids.shape[1] < need * samples:
-            raise ValueError(f"the calibration text has {ids.shape[1]} tokens; {samples} samples of {need} need "
-                             f"{need * samples}")
-        rng = random.Random(seed)
-        stride = ids.shape[1] // samples
-        self.samples = []
-        for s in range(samples):
-            start = s * stride + rng.randrange(0, stride - need + 1)
-            window = ids[:, start:start + need]
-            self.samples.append((window[:, :context], window[:, context:]))
+        self.samples = calibration_windows(ids, samples, context, scored, seed)
         # Every allocation attends over the exact prompt during the prefill (tada stores its codes only after), so
         # the prefill is the same for all of them: run each sample's context once, record it, and build each
         # allocation's cache from the record (`eval.prefill.replay`); only the scored continuation runs per
@@ -227,6 +236,25 @@ def _repair(alloc, costs: ByteModel, options: list[Option], budget: int, rng: ra
         alloc[item] = o
 
 
+_LEGACY = ("the pydoc corpus's first 80% (before the calibration/evaluation split; "
+           "eval.corpus.legacy_calibration_text())")
+
+
+def _text_source(text: str | None) -> dict[str, str]:
+    """What a calibration record names as its text."""
+    from .eval.corpus import CALIBRATION_SOURCE
+
+    return {"text": CALIBRATION_SOURCE if text is None else "text given to calibrate()"}
+
+
+def _calibrated_on(cal: dict[str, Any]) -> str:
+    """The digest of the text a profile was calibrated on; profiles written before texts were recorded read the
+    pydoc corpus's first 80%."""
+    from .eval.corpus import legacy_calibration_text, text_digest
+
+    return cal.get("text_sha256") or text_digest(legacy_calibration_text())
+
+
 def _reuse_sensitivity(path, model, report, base, means) -> dict[tuple[int, int, str], float]:
     """Sensitivities measured by an earlier calibration with the same model and settings."""
     from .profile import ProfileError, load_profile
@@ -238,6 +266,9 @@ def _reuse_sensitivity(path, model, report, base, means) -> dict[tuple[int, int,
         if cal.get(key) != report[key]:
             raise ProfileError(f"profile {path} was calibrated with {key}={cal.get(key)!r}, this run uses "
                                f"{report[key]!r}: its sensitivities do not apply")
+    if _calibrated_on(cal) != report["text_sha256"]:
+        raise ProfileError(f"profile {path} was calibrated on other text ({cal.get('text', _LEGACY)}) than this "
+                           f"run ({report['text']}): its sensitivities do not apply")
     if old.options != base:
         raise ProfileError(f"profile {path} was calibrated with options {old.options}, this run uses {base}")
     raw = (cal.get("greedy") or {}).get("sensitivity")
@@ -298,7 +329,7 @@ def calibrate(
     """
     from tqdm.auto import tqdm
 
-    from .eval.corpus import pydoc_text, split
+    from .eval.corpus import calibration_text, text_digest
     from .methods import build_method
     from .models import load_model
 
@@ -346,13 +377,14 @@ def calibrate(
         if target_bits not in bits:
             raise ValueError(f"target_bits must be one of the allowed bits {tuple(bits)}, got {target_bits}")
         budget = costs.total({(i, t): Option(int(target_bits)) for i in range(n_layers) for t in (0, 1)})
-    text = text if text is not None else split(pydoc_text())[0]
+    source = _text_source(text)
+    text = text if text is not None else calibration_text()
     scorer = Scorer(model, tokenizer, text, base, samples, context, scored, seed, share_prefill)
     items = [(i, t) for i in range(n_layers) for t in (0, 1)]
     rng = random.Random(seed)
     report: dict[str, Any] = {"budget_bytes": budget, "budget_context": budget_context, "fp16_bytes": costs.fp16,
                               "samples": samples, "context": context, "scored": scored, "seed": seed,
-                              "shared_prefill": share_prefill}
+                              "shared_prefill": share_prefill, **source, "text_sha256": text_digest(text)}
     results = []
 
     if search in ("greedy", "both"):
@@ -428,7 +460,7 @@ def _refuse_lossless_target(model, base: dict[str, Any], n_layers: int, budget_c
 def _calibrate_bases(model, tokenizer, method, given, samples, context, text, output, progress,
                      key_space) -> Profile:
     from .bases import bases_profile
-    from .eval.corpus import pydoc_text, split
+    from .eval.corpus import calibration_text, text_digest
     from .models import load_model
 
     if given:
@@ -438,10 +470,12 @@ def _calibrate_bases(model, tokenizer, method, given, samples, context, text, ou
         model, tokenizer = load_model(model)
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer: calibrate(model, tokenizer=tok, ...)")
-    text = text if text is not None else split(pydoc_text())[0]
+    source = _text_source(text)
+    text = text if text is not None else calibration_text()
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     profile = bases_profile(model, ids, method=method, samples=samples, context=context, key_space=key_space,
                             progress=progress)
+    profile.calibration.update({**source, "text_sha256": text_digest(text)})
     if output is not None:
         profile.save(output)
     return profile

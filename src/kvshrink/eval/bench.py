@@ -78,7 +78,7 @@ def bench(
     from tqdm.auto import tqdm
 
     from ..models import load_model
-    from .corpus import pydoc_text, split
+    from .corpus import heldout_text
     from .runner import Env, check_spec, environment, split_specs
 
     specs = [check_spec(s) for s in (split_specs(methods) if isinstance(methods, str) else methods)]
@@ -89,7 +89,7 @@ def bench(
         model_name = model_name or model
         model, tokenizer = load_model(model, dtype=None if dtype == "auto" else dtype)
     model_name = model_name or getattr(model.config, "name_or_path", "")
-    text_ids = tokenizer(split(pydoc_text())[1], return_tensors="pt", add_special_tokens=False).input_ids
+    text_ids = tokenizer(heldout_text(), return_tensors="pt", add_special_tokens=False).input_ids
     env = Env(model, tokenizer, "")
     rows = []
     cells = [(c, r, s) for c in contexts for r in range(repeats) for s in specs]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .corpus import pydoc_text, split
+from .corpus import heldout_text
 from .memory import PeakMemory, rss, trim
 
 INSTRUCTIONS = (
@@ -43,7 +43,7 @@ def make_conversation(turns: int = 20, passage_chars: int = 400, seed: int = 0) 
     """`turns` user messages: a passage of the embedded corpus's held-out part and an instruction each."""
     if turns < 1 or passage_chars < 20:
         raise ValueError(f"turns must be >= 1 and passage_chars >= 20, got {turns} and {passage_chars}")
-    text = split(pydoc_text())[1]
+    text = heldout_text()
     rng = random.Random(f"conversation:{seed}")
     out = []
     for i in range(turns):

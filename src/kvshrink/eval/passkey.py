@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .corpus import pydoc_text
+from .corpus import evaluation_text
 
 QUESTION = "What is the pass key? Answer with the number only."
 
@@ -31,7 +31,7 @@ def passkey_prompt(tokenizer, context_tokens: int = 2000, depth: float = 0.5, se
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
     needle = f"\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
-    text = pydoc_text()
+    text = evaluation_text()
     filler_ids = tokenizer(text[rng.randint(0, len(text) // 2):][:context_tokens * 8], add_special_tokens=False).input_ids
     budget = context_tokens - len(tokenizer(needle + QUESTION, add_special_tokens=False).input_ids) - 16
     filler_ids = filler_ids[:max(budget, 0)]

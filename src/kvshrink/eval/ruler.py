@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .corpus import pydoc_text
+from .corpus import evaluation_text
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER: 40 depths from 0 to 100%
@@ -114,14 +114,14 @@ def family(task: str) -> str:
 @functools.lru_cache(maxsize=1)
 def corpus_words() -> tuple[str, ...]:
     """Distinct lower-case words of 4-9 letters in the embedded corpus, sorted (a few thousand)."""
-    return tuple(sorted(set(re.findall(r"\b[a-z]{4,9}\b", pydoc_text()))))
+    return tuple(sorted(set(re.findall(r"\b[a-z]{4,9}\b", evaluation_text()))))
 
 
 @functools.lru_cache(maxsize=1)
 def corpus_sentences() -> tuple[str, ...]:
     """The embedded corpus as sentences (whitespace collapsed), in corpus order; sentences of more than 24 words
     (code listings, tables) are cut into pieces of at most 24 words, so a prompt can be sized finely."""
-    flat = re.sub(r"\s+", " ", pydoc_text())
+    flat = re.sub(r"\s+", " ", evaluation_text())
     out = []
     for sentence in re.split(r"(?<=[.!?])\s+", flat):
         words = sentence.split()

@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from .baselines import baseline_memory, is_baseline, make_baseline_cache, parse_baseline
-from .corpus import pydoc_text, split
+from .corpus import heldout_text
 from .prefill import PrefillRecord, record_prefill, replay, replayable
 from .scoring import continue_greedy, continue_scores, stop_tokens
 from .tasks import get_task
@@ -316,7 +316,7 @@ def evaluate(
         raise ValueError("a loaded model needs its tokenizer: evaluate(model, tokenizer=tok, ...)")
     model_name = model_name or getattr(model.config, "name_or_path", "") or type(model).__name__
     if text is None:
-        text = split(pydoc_text())[1]
+        text = heldout_text()
         corpus = corpus or "pydoc_data.topics (held-out last 20%)"
     corpus = corpus or "user text"
     settings = {"continuation": continuation, "match_tokens": match_tokens, "depths": list(depths),
