@@ -13,6 +13,8 @@ shows the rank cut alone.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--queries", type=int, default=64)
     ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--json", type=Path, help="also write the table here, as the record behind the docs' figures")
     args = ap.parse_args()
     AttentionInterface.register("capture_queries", _capture)
     model, tok = load_model(args.model)
@@ -69,6 +72,8 @@ def main() -> None:
     print(f"{args.model}: KL(exact || coded keys) of the attention of the last {n} of {t} queries, rank {args.rank}")
     print("| layer | " + " | ".join(s[0] for s in settings) + " |")
     print("|---" * (len(settings) + 1) + "|")
+    record = {"model": args.model, "bases": args.bases, "context": t, "queries": n, "rank": args.rank,
+              "settings": [s[0] for s in settings], "kl_by_layer": {}}
     for i in (int(x) for x in args.layers.split(",")):
         kb, ks, _, _ = layer_bases(profile, i, False, args.bases)
         keys = cache.layers[i].keys[0].float()
@@ -84,6 +89,9 @@ def main() -> None:
             got = logp(coded_keys(keys, kb, ks, args.rank, bits, center))
             row.append((ref.exp() * (ref - got)).nan_to_num().sum(-1).mean().item())
         print(f"| {i} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
+        record["kl_by_layer"][str(i)] = row
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ what tells the tokens apart: the code is spent on the offset.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 
@@ -26,6 +28,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--bits", type=int, default=3, choices=(2, 3, 4))
     ap.add_argument("--layers", default="0,1,2,14,26,27")
+    ap.add_argument("--json", type=Path, help="also write the table here, as the record behind the docs' figures")
     args = ap.parse_args()
     from transformers import DynamicCache
 
@@ -37,6 +40,7 @@ def main() -> None:
     print(f"{args.model}, {ids.shape[1]} tokens, {args.bits}-bit rotated codes")
     print("| layer | head | mean norm / token-to-token norm | code error / token-to-token norm |")
     print("|---|---|---|---|")
+    record = {"model": args.model, "tokens": ids.shape[1], "bits": args.bits, "rows": []}
     for layer in (int(x) for x in args.layers.split(",")):
         k = cache.layers[layer].keys.float()[0]  # heads, tokens, head_dim
         spread = (k - k.mean(1, keepdim=True)).norm(dim=-1).mean(-1)
@@ -47,6 +51,9 @@ def main() -> None:
         error = (rec - k).norm(dim=-1).mean(-1) / spread
         for h in range(k.shape[0]):
             print(f"| {layer} | {h} | {offset[h]:.2f} | {error[h]:.3f} |")
+            record["rows"].append({"layer": layer, "head": h, "offset": offset[h].item(), "error": error[h].item()})
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

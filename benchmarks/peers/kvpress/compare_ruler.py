@@ -7,12 +7,15 @@ Run with kvshrink's environment:
 
 kvpress's answers (`results-ruler-<model>.jsonl`) are scored with kvshrink's `string_match_all` against the
 references of the prompts in the inputs file; kvshrink's rows are its eval records for the same model, contexts and
-seeds. Prints one markdown table: per-task means, their average, and the prompts each row covers.
+seeds. Prints one markdown table: per-task means, their average with its 95% bootstrap interval, the difference
+from kvpress's own uncompressed row in points (paired by prompt, with its interval; the bootstrap is
+`benchmarks/ruler_table.py`'s), and the prompts each row covers.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from jsonl import records
 from kvshrink.eval.ruler import TASKS, string_match_all
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent.parent))
+from ruler_table import interval, prompt_order, resamples  # noqa: E402
 
 
 def main() -> None:
@@ -30,28 +35,43 @@ def main() -> None:
     args = ap.parse_args()
     inputs = json.loads(Path(args.inputs).read_text())
     refs = {(p["task"], p["context"], p["seed"]): p["references"] for p in inputs["prompts"]}
-    scores: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    scores: dict[tuple[str, int], dict[tuple[str, int], float]] = defaultdict(dict)
     theirs = Path(args.theirs) if args.theirs else HERE / f"results-ruler-{inputs['model']}.jsonl"
     for r in records(theirs):
         key = (r["task"], r["context"], r["seed"])
         if key in refs:
             label = "kvpress full" if r["press"] == "full" else f"kvpress {r['press']} (keeps {r['budget']:g})"
-            scores[(label, r["context"])][r["task"]].append(string_match_all(r["answer"], refs[key]))
+            scores[(label, r["context"])][(r["task"], r["seed"])] = string_match_all(r["answer"], refs[key])
     if args.ours:
         for r in records(Path(args.ours)):
             key = (r.get("task"), r.get("context"), r.get("seed"))
             if r.get("model") == inputs["model"] and key in refs:
-                scores[(f"kvshrink `{r['method']}`", r["context"])][r["task"]].append(r["metrics"][r["task"]])
-    tasks = [t for t in TASKS if any(t in v for v in scores.values())]
-    head = ["row", "context", *tasks, "avg", "prompts"]
+                scores[(f"kvshrink `{r['method']}`", r["context"])][(r["task"], r["seed"])] = r["metrics"][r["task"]]
+    tasks = [t for t in TASKS if any(t == task for v in scores.values() for task, _ in v)]
+    head = ["row", "context", *tasks, "avg [95% interval]", "vs full, points [95% interval]", "prompts"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (label, context), by_task in sorted(scores.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        means = [sum(v) / len(v) for t in tasks if (v := by_task.get(t))]
-        cells = [f"{sum(by_task[t]) / len(by_task[t]):.2f}" if by_task.get(t) else "" for t in tasks]
-        n = sum(len(v) for v in by_task.values())
-        lines.append("| " + " | ".join([label, str(context), *cells, f"{sum(means) / len(means):.3f}", str(n)]) + " |")
+    for (label, context), cells in sorted(scores.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        keys = prompt_order(cells)
+        by_task: dict[str, list[float]] = defaultdict(list)
+        for task, seed in keys:
+            by_task[task].append(cells[(task, seed)])
+        means = {t: sum(v) / len(v) for t, v in by_task.items()}
+        avg = sum(means.values()) / len(means)
+        lo, hi = interval([cells[k] for k in keys], resamples(len(keys)))
+        full = scores.get(("kvpress full", context), {})
+        paired = [k for k in keys if k in full]
+        ref: dict[str, list[float]] = defaultdict(list)
+        for task, seed in paired:
+            ref[task].append(full[(task, seed)])
+        delta = ""
+        if paired:
+            d = avg - sum(sum(v) / len(v) for v in ref.values()) / len(ref)
+            dlo, dhi = interval([cells[k] - full[k] for k in paired], resamples(len(paired)))
+            delta = f"{100 * d:+.1f} [{100 * dlo:+.1f}, {100 * dhi:+.1f}]"
+        row = [f"{means[t]:.2f}" if t in means else "" for t in tasks]
+        lines.append("| " + " | ".join([label, str(context), *row, f"{avg:.3f} [{lo:.3f}, {hi:.3f}]", delta,
+                                        str(len(keys))]) + " |")
     print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()

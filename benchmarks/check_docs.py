@@ -1,0 +1,414 @@
+"""Recompute the README's and the docs' headline tables from the committed records; exit 1 on any difference.
+
+    .venv/bin/python benchmarks/check_docs.py                       # README.md and docs/ of this checkout
+    .venv/bin/python benchmarks/check_docs.py --readme /tmp/README.md --docs /tmp/docs
+
+A checked table is the markdown table right after a line `<!-- check_docs: NAME -->`; NAME says in TABLES below
+which records it comes from and how its rows map to records. Every cell whose column this script knows is
+recomputed and compared as text (the figures as the docs print them); cells of other columns (notes, labels) are
+not. Differing cells are printed one per line, with the document, table, row and column.
+
+Independent of the code that made the tables: it imports no kvshrink code (nor ruler_table.py) and reads the
+records with `json` alone. Everything is recomputed here: which records count (at a context, the last record of a
+cell wins), the prompts a table's rows share, shares, per-task means and averages, the bootstrap intervals
+(splitmix64 from seed 0, 2,000 resamples of the prompts, the 51st and 1,950th sorted means: ruler_table.py's
+documented procedure, reimplemented), RULER's string_match_all for the kvpress peer's answers, and the held-out
+metrics (Δppl as the mean of the per-seed changes, KL as the mean over seeds, passkeys found over asked).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
+         "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
+SHORT = dict(zip(("s1", "s2", "s3", "mk1", "mk2", "mk3", "mv", "mq", "vt", "cwe", "fwe"), TASKS))
+QWEN_RULER = "benchmarks/results/eval-ruler-qwen.jsonl"
+KVPRESS = ("benchmarks/peers/kvpress/results-ruler-qwen2.5-coder-1.5b.jsonl",
+           "benchmarks/peers/kvpress/ruler-qwen2.5-coder-1.5b.json")
+P = "benchmarks/profiles/qwen2.5-coder-1.5b"
+T = "benchmarks/results/bases-qwen-tale-4k.json"
+D = "benchmarks/results/bases-qwen-dynakv-4k.json"
+
+#: name -> what the table holds. kind "ruler": rows of RULER records (`rows`: row label -> method, or None when
+#: each label is the method's short label); kind "heldout": rows of ppl / kl / passkey records
+TABLES: dict[str, dict] = {
+    "readme-qwen-headline": {"doc": "README.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096, "rows": {
+        "`full`": "full",
+        "`kivi:bits=4`": "kivi:bits=4",
+        "`kivi:bits=2`": "kivi:bits=2",
+        "`tada`, calibrated at 0.20 with rotation allowed": f"tada:profile={P}-tada-rotate-0.20.json",
+        "`tada`, calibrated at 0.20, groups of 64, no rotation": f"tada:profile={P}-tada-g64-0.20.json",
+        "`snapkv:budget=0.25`": "snapkv:budget=0.25",
+        "transformers `QuantizedCache` (quanto, 4-bit)": "hf-quanto:bits=4"}},
+    "readme-seed-claims": {"doc": "README.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096, "rows": {
+        "`full`": "full",
+        "`tada` profile 0.27": f"tada:profile={P}-tada-0.27.json",
+        "`tada` profile 0.27 (rotation allowed)": f"tada:profile={P}-tada-rotate-0.27.json",
+        "`tada` profile 0.20 (rotation allowed)": f"tada:profile={P}-tada-rotate-0.20.json",
+        "`tada` profile 0.15 (rotation allowed)": f"tada:profile={P}-tada-rotate-0.15.json",
+        "`kivi:bits=2`": "kivi:bits=2",
+        "`tale`, layers 0-1 exact":
+            f"tale:profile={T},target_ratio=0.082,levels=r64b4/r32b4/r16b4/r8b4,exact_layers=0/1",
+        "`dynakv`, layers 0-1 exact":
+            f"dynakv:profile={D},target_ratio=0.063,levels=r128b4/r64b4/r32b4/r16b4,exact_layers=0/1",
+        "`dynakv` + SnapKV (`keep=0.5`)":
+            f"dynakv:profile={D},target_ratio=0.03,levels=r64b4/r32b4/r16b4/r8b4,keep=0.5,pool=7,exact_layers=0/1",
+        "`snapkv:budget=0.25`": "snapkv:budget=0.25",
+        "`snapkv:budget=0.125`": "snapkv:budget=0.125",
+        "`snapkv:budget=0.1`": "snapkv:budget=0.1",
+        "`snapkv:budget=0.055`": "snapkv:budget=0.055",
+        "`h2o:budget=0.25` (sum)": "h2o:budget=0.25",
+        "`h2o:budget=0.25,score=normalized`": "h2o:budget=0.25,score=normalized",
+        "`tova:budget=0.25`": "tova:budget=0.25",
+        "`streamingllm:budget=0.25`": "streamingllm:budget=0.25",
+        "`mixed:budget=0.25` (snapkv, rotated low tier)": "mixed:budget=0.25,policy=snapkv,codec=rotated",
+        "`kvdirect` (scheme=layer)": "kvdirect",
+        "transformers quanto 4-bit": "hf-quanto:bits=4",
+        "transformers quanto 2-bit": "hf-quanto:bits=2",
+        "kvpress SnapKV 0.25": "kvpress:snapkv:0.25",
+        "kvpress SnapKV 0.125": "kvpress:snapkv:0.125",
+        "kvpress observed-attention H2O 0.25": "kvpress:h2o:0.25",
+        "kvpress ExpectedAttention 0.25": "kvpress:expected_attention:0.25"},
+        # quanto was run on one 16k task only (niah_single_1): the table leaves its 16k cells empty
+        "left_out": {16384: ["hf-quanto:bits=4"]}},
+    "readme-smollm2": {"doc": "README.md", "kind": "heldout", "context": 2048, "rows": {
+        "`full`": ("benchmarks/results/eval-rotation-smollm2.jsonl", "full"),
+        "`tada`, calibrated profile at 0.27 (the default of `kvshrink run`)":
+            ("benchmarks/results/eval-rotation-smollm2.jsonl", "tada:profile=smollm2-135m-tada-0.27"),
+        "`tada`, calibrated at 0.27 with rotation allowed":
+            ("benchmarks/results/eval-rotation-smollm2.jsonl",
+             "tada:profile=/work/main/benchmarks/profiles/smollm2-135m-tada-rotate-0.27.json"),
+        "`tada`, calibrated at 0.20 with rotation allowed":
+            ("benchmarks/results/eval-rotation-smollm2.jsonl",
+             "tada:profile=/work/main/benchmarks/profiles/smollm2-135m-tada-rotate-0.20.json"),
+        "`kivi:bits=4`": ("benchmarks/results/eval-smollm2.jsonl", "kivi:bits=4"),
+        "`kivi:bits=2`": ("benchmarks/results/eval-rotation-smollm2.jsonl", "kivi:bits=2"),
+        "`snapkv:budget=0.25` (KL at 2k, 3 passkeys)": ("benchmarks/results/eval-eviction.jsonl", "snapkv:budget=0.25"),
+        "kvpress's SnapKV at the same budget (its own environment)":
+            ("benchmarks/peers/kvpress/results-kvpress.jsonl", "kvpress:snapkv:0.25"),
+    }},
+    "seed-claims-4k": {"doc": "docs/seed-claims.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096},
+    "seed-claims-16k": {"doc": "docs/seed-claims.md", "kind": "ruler", "records": QWEN_RULER, "context": 16384},
+    "seed-claims-peers": {"doc": "docs/seed-claims.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096,
+                          "rows": {"kvpress full": "kvpress:full:1",
+                                   "kvpress expected_attention (keeps 0.25)": "kvpress:expected_attention:0.25",
+                                   "kvpress h2o (keeps 0.125)": "kvpress:h2o:0.125",
+                                   "kvpress h2o (keeps 0.25)": "kvpress:h2o:0.25",
+                                   "kvpress snapkv (keeps 0.125)": "kvpress:snapkv:0.125",
+                                   "kvpress snapkv (keeps 0.25)": "kvpress:snapkv:0.25"}},
+    "rotation-44": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096},
+    "rotation-22": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096},
+    "rotation-16k": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 16384},
+}
+MARK = re.compile(r"<!--\s*check_docs:\s*([\w-]+)\s*-->")
+
+
+# -- records -----------------------------------------------------------------------------------------------------
+def read_jsonl(path: Path) -> list[dict]:
+    """Every parseable line of a JSONL file (a line cut by an interrupted write is left out)."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def short_label(method: str) -> str:
+    """A method spec as ruler_table.py labels it: each `profile=` path cut to its file name without `.json`."""
+    name, sep, opts = method.partition(":")
+    items = []
+    for item in opts.split(",") if opts else []:
+        key, eq, value = item.partition("=")
+        if key == "profile" and eq:
+            value = value.rsplit("/", 1)[-1]
+            value = value[:-5] if value.endswith(".json") else value
+        items.append(key + eq + value)
+    return name + sep + ",".join(items)
+
+
+def ruler_cells(path: str, context: int) -> dict[str, dict[tuple[str, int], dict]]:
+    """method -> (task, seed) -> {score, share, seconds}: the last record of each cell at `context`."""
+    cells: dict[str, dict[tuple[str, int], dict]] = {}
+    for r in read_jsonl(ROOT / path):
+        if r.get("context") != context or r.get("task") not in TASKS:
+            continue
+        cells.setdefault(r["method"], {})[(r["task"], r["seed"])] = {
+            "score": r["metrics"][r["task"]], "share": r["memory"]["ratio"],
+            "seconds": r["seconds"] - (r.get("shared_prefill_seconds") or 0.0)}
+    return cells
+
+
+def match_all(answer: str, references: list[str]) -> float:
+    """RULER's string_match_all: the share of references found, case-insensitively, in the cleaned answer."""
+    text = re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", answer or "").strip().lower()
+    return sum(ref.lower() in text for ref in references) / len(references)
+
+
+def kvpress_cells(context: int) -> dict[str, dict[tuple[str, int], dict]]:
+    """'kvpress:<press>:<budget>' -> (task, seed) -> {score, share}: kvpress's answers scored here."""
+    answers, inputs = KVPRESS
+    refs = {(p["task"], p["context"], p["seed"]): p["references"]
+            for p in json.loads((ROOT / inputs).read_text())["prompts"]}
+    cells: dict[str, dict[tuple[str, int], dict]] = {}
+    for r in read_jsonl(ROOT / answers):
+        key = (r["task"], r["context"], r["seed"])
+        if r["context"] == context and key in refs:
+            cells.setdefault(f"kvpress:{r['press']}:{r['budget']:g}", {})[(r["task"], r["seed"])] = {
+                "score": match_all(r["answer"], refs[key]), "share": r["budget"], "seconds": None}
+    return cells
+
+
+# -- the bootstrap ------------------------------------------------------------------------------------------------
+def draws(n: int, count: int = 2000, seed: int = 0) -> list[list[int]]:
+    """`count` resamples of n indices, each index the next splitmix64 output modulo n."""
+    mask = (1 << 64) - 1
+    state, out = seed, []
+    for _ in range(count):
+        row = []
+        for _ in range(n):
+            state = (state + 0x9E3779B97F4A7C15) & mask
+            z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & mask
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+            row.append((z ^ (z >> 31)) % n)
+        out.append(row)
+    return out
+
+
+def percentile_interval(values: list[float], resampled: list[list[int]]) -> tuple[float, float]:
+    means = sorted(sum(values[i] for i in row) / len(values) for row in resampled)
+    k = len(means) // 40
+    return means[k], means[-1 - k]
+
+
+# -- expected cells ---------------------------------------------------------------------------------------------
+class RulerTable:
+    """The figures of a RULER table's rows: each row over the prompts every kvshrink row of the table has."""
+
+    def __init__(self, records: str, context: int, methods: list[str]):
+        ours, peers = ruler_cells(records, context), kvpress_cells(context)
+        self.cells = {m: (peers if m.startswith("kvpress:") else ours).get(m) for m in methods}
+        have = [set(c) for m, c in self.cells.items() if c and not m.startswith("kvpress:")]
+        have = have or [set(c) for c in self.cells.values() if c]
+        self.prompts = sorted(set.intersection(*have), key=lambda k: (TASKS.index(k[0]), k[1])) if have else []
+        self.full = ours.get("full", {})
+        self.peer_full = peers.get("kvpress:full:1", {})  # a peer's rows are compared with its own full cache
+        self._draws: dict[int, list[list[int]]] = {}
+
+    def _resampled(self, n: int) -> list[list[int]]:
+        if n not in self._draws:
+            self._draws[n] = draws(n)
+        return self._draws[n]
+
+    def row(self, method: str) -> dict | None:
+        cells = self.cells.get(method)
+        if not cells:
+            return None
+        keys = [k for k in self.prompts if k in cells]
+        tasks: dict[str, list[float]] = {}
+        for task, seed in keys:
+            tasks.setdefault(task, []).append(cells[(task, seed)]["score"])
+        means = {t: sum(v) / len(v) for t, v in tasks.items()}
+        avg = sum(means.values()) / len(means)
+        out = {"n": len(keys), "means": means, "avg": avg,
+               "avg_ci": percentile_interval([cells[k]["score"] for k in keys], self._resampled(len(keys))),
+               "share": sum(cells[k]["share"] for k in keys) / len(keys)}
+        if all(cells[k]["seconds"] is not None for k in keys):
+            out["seconds"] = sum(cells[k]["seconds"] for k in keys) / len(keys)
+        full = self.peer_full if method.startswith("kvpress:") else self.full
+        paired = [k for k in keys if k in full]
+        if paired:
+            ref: dict[str, list[float]] = {}
+            for task, seed in paired:
+                ref.setdefault(task, []).append(full[(task, seed)]["score"])
+            ref_avg = sum(sum(v) / len(v) for v in ref.values()) / len(ref)
+            diffs = [cells[k]["score"] - full[k]["score"] for k in paired]
+            out["delta"] = avg - ref_avg
+            out["delta_ci"] = percentile_interval(diffs, self._resampled(len(paired)))
+        return out
+
+
+def ruler_cell(column: str, row: dict | None, by_context: dict[int, dict | None], method: str) -> str | None:
+    """The text a RULER table shows in `column` for a row (None: a column this script does not check)."""
+    col = column.strip().strip("`")
+    m = re.search(r"\b(\d+)k\b", col)
+    if m:
+        row = by_context.get(int(m.group(1)) * 1024)
+        col = re.sub(r"\s*\b\d+k\b", "", col)
+    if col.startswith("prompts") and "/" in col:
+        return " / ".join(str(r["n"]) for r in by_context.values() if r)
+    if row is None:
+        return ""
+    name = SHORT.get(col, col)
+    if name in TASKS:
+        return f"{row['means'][name]:.2f}" if name in row["means"] else ""
+    if col == "share":
+        return f"{row['share']:g}" if method.startswith("kvpress:") else f"{row['share']:.3f}"
+    if col in ("RULER avg [95% interval]", "avg [95% interval]"):
+        lo, hi = row["avg_ci"]
+        return f"{row['avg']:.3f} [{lo:.3f}, {hi:.3f}]"
+    if col in ("RULER avg", "avg"):
+        return f"{row['avg']:.3f}"
+    if col.startswith("vs full") and col.endswith("[95% interval]"):
+        if "delta" not in row:
+            return ""
+        lo, hi = row["delta_ci"]
+        return f"{100 * row['delta']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    if col.startswith("s/prompt"):
+        return f"{row['seconds']:.1f}" if "seconds" in row else ""
+    if col == "prompts":
+        return str(row["n"])
+    return None
+
+
+def heldout_records(path: str, method: str, context: int) -> dict[str, list[dict]]:
+    """task -> one {share, metrics} per seed (seed order) of a method's held-out records at `context`; a kvpress
+    peer's records ('kvpress:<press>:<budget>') are read in their own format, which holds no bytes."""
+    cells = {}
+    for r in read_jsonl(ROOT / path):
+        if r.get("context") != context or r.get("task") not in ("ppl", "kl", "passkey"):
+            continue
+        if method.startswith("kvpress:"):
+            if f"kvpress:{r['press']}:{r['budget']:g}" == method:
+                answers = [{"correct": i < r["correct"]} for i in range(r.get("prompts", 0))]
+                cells[(r["task"], r.get("seed", 0))] = {"share": None, "metrics": {**r, "answers": answers}}
+        elif r.get("method") == method:
+            cells[(r["task"], r["seed"])] = {"share": r["memory"]["ratio"], "metrics": r["metrics"]}
+    return {t: [v for (task, _), v in sorted(cells.items(), key=lambda kv: kv[0][1]) if task == t]
+            for t in ("ppl", "kl", "passkey")}
+
+
+def heldout_cell(column: str, path: str, method: str, context: int) -> str | None:
+    """Share (the mean over the method's records at `context`, as `kvshrink eval` tabulates it), Δppl, KL or
+    passkeys found of one method at `context`."""
+    by_task = heldout_records(path, method, context)
+    col = column.strip()
+    if col == "share":
+        shares = [r["share"] for recs in by_task.values() for r in recs if r["share"] is not None]
+        if not shares:
+            return ""
+        share = sum(shares) / len(shares)
+        return f"{share:.3f}" + (" (fp32)" if share > 1.5 else "")
+    if col == "Δppl":
+        v = [r["metrics"]["ppl_change"] for r in by_task["ppl"]]
+        return f"{100 * sum(v) / len(v):+.2f}%" if v else ""
+    if col == "KL":
+        v = [r["metrics"]["kl"] for r in by_task["kl"]]
+        return f"{sum(v) / len(v):.4f}" if v else ""
+    if col == "passkey":
+        found = sum(sum(bool(a["correct"]) for a in r["metrics"]["answers"]) for r in by_task["passkey"])
+        asked = sum(len(r["metrics"]["answers"]) for r in by_task["passkey"])
+        return f"{found}/{asked}" if asked else ""
+    return None
+
+
+# -- documents --------------------------------------------------------------------------------------------------
+def tables_in(text: str) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """name -> (header cells, body rows' cells) of every table after a check_docs marker."""
+    lines = text.splitlines()
+    out = {}
+    for i, line in enumerate(lines):
+        m = MARK.search(line)
+        if not m:
+            continue
+        j = i + 1
+        while j < len(lines) and not lines[j].startswith("|"):
+            j += 1
+        block = []
+        while j < len(lines) and lines[j].startswith("|"):
+            block.append([c.strip() for c in lines[j].strip().strip("|").split("|")])
+            j += 1
+        out[m.group(1)] = (block[0], block[2:]) if len(block) > 2 else ([], [])
+    return out
+
+
+def check(readme: Path, docs: Path) -> list[str]:
+    """Every difference between the checked tables and the records, as lines to print."""
+    problems = []
+    texts: dict[str, dict] = {}
+    for name, spec in TABLES.items():
+        doc = spec["doc"]
+        path = readme if doc == "README.md" else docs / Path(doc).name
+        if doc not in texts:
+            texts[doc] = tables_in(path.read_text(encoding="utf-8"))
+        if name not in texts[doc]:
+            problems.append(f"{path}: no table marked <!-- check_docs: {name} -->")
+            continue
+        header, body = texts[doc][name]
+        problems += [f"{path}: table {name}, {p}" for p in check_table(spec, header, body)]
+    return problems
+
+
+def row_label(cell: str) -> str:
+    """A row's first cell without the links it carries ("... ([rotation](docs/rotation.md#...))")."""
+    return re.sub(r"\s*\(\[[^\]]*\]\([^)]*\)\)", "", cell).strip()
+
+
+def check_table(spec: dict, header: list[str], body: list[list[str]]) -> list[str]:
+    problems = []
+    body = [[row_label(row[0]), *row[1:]] for row in body]
+    labels = [row[0] for row in body]
+    if spec["kind"] == "heldout":
+        for row in body:
+            if row[0] not in spec["rows"]:
+                problems.append(f"row {row[0]}: not a row this script knows")
+                continue
+            path, method = spec["rows"][row[0]]
+            for col, got in zip(header[1:], row[1:]):
+                want = heldout_cell(col, path, method, spec["context"])
+                if want is not None and want != got:
+                    problems.append(f"row {row[0]}, column {col!r}: the doc says {got!r}, the records {want!r}")
+        return problems
+    if spec.get("rows"):
+        unknown = [label for label in labels if label not in spec["rows"]]
+        problems += [f"row {label}: not a row this script knows" for label in unknown]
+        methods = {label: spec["rows"][label] for label in labels if label in spec["rows"]}
+    else:
+        known = set(ruler_cells(spec["records"], spec["context"]))
+        methods = {}
+        for label in labels:
+            hits = [m for m in known if f"`{short_label(m)}`" == label]
+            if len(hits) != 1:
+                problems.append(f"row {label}: {len(hits)} recorded methods carry this label")
+            else:
+                methods[label] = hits[0]
+    contexts = sorted({spec["context"]} | {int(m.group(1)) * 1024 for c in header
+                                              for m in [re.search(r"\b(\d+)k\b", c)] if m})
+    left_out = spec.get("left_out", {})
+    by_ctx = {c: RulerTable(spec["records"], c, [m for m in methods.values() if m not in left_out.get(c, ())])
+              for c in contexts}
+    for row in body:
+        method = methods.get(row[0])
+        if method is None:
+            continue
+        rows = {c: None if method in left_out.get(c, ()) else t.row(method) for c, t in by_ctx.items()}
+        for col, got in zip(header[1:], row[1:]):
+            want = ruler_cell(col, rows[spec["context"]], rows, method)
+            if want is not None and want != got:
+                problems.append(f"row {row[0]}, column {col!r}: the doc says {got!r}, the records {want!r}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs")
+    args = ap.parse_args(argv)
+    problems = check(args.readme, args.docs)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{len(problems)} cell(s) differ from the records")
+        return 1
+    print(f"{len(TABLES)} tables equal to their records")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
