@@ -33,6 +33,7 @@ KVPRESS = ("benchmarks/peers/kvpress/results-ruler-qwen2.5-coder-1.5b.jsonl",
 P = "benchmarks/profiles/qwen2.5-coder-1.5b"
 T = "benchmarks/results/bases-qwen-tale-4k.json"
 D = "benchmarks/results/bases-qwen-dynakv-4k.json"
+ROT_SMOL = "benchmarks/results/eval-rotation-smollm2.jsonl"
 
 #: name -> what the table holds. kind "ruler": rows of RULER records (`rows`: row label -> method, or None when
 #: each label is the method's short label); kind "heldout": rows of ppl / kl / passkey records
@@ -104,6 +105,23 @@ TABLES: dict[str, dict] = {
     "rotation-44": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096},
     "rotation-22": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096},
     "rotation-16k": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 16384},
+    "rotation-smollm2": {"doc": "docs/rotation.md", "kind": "heldout", "context": 2048, "rows": {
+        "`full` (fp32)": (ROT_SMOL, "full"),
+        "`tada`, rotation allowed, calibrated at 0.27":
+            (ROT_SMOL, "tada:profile=/work/main/benchmarks/profiles/smollm2-135m-tada-rotate-0.27.json"),
+        "`tada`, shipped 0.27 profile (no rotation)": (ROT_SMOL, "tada:profile=smollm2-135m-tada-0.27"),
+        "`turboquant:bits=3` (Lloyd-Max both, 32-token window, 4 sinks)": (ROT_SMOL, "turboquant:bits=3"),
+        "`kivi:bits=2`": (ROT_SMOL, "kivi:bits=2"),
+        "`tada`, group 64 (no rotation), calibrated at 0.20":
+            (ROT_SMOL, "tada:profile=/work/main/benchmarks/profiles/smollm2-135m-tada-g64-0.20.json"),
+        "`tada`, rotation allowed, calibrated at 0.20":
+            (ROT_SMOL, "tada:profile=/work/main/benchmarks/profiles/smollm2-135m-tada-rotate-0.20.json"),
+        **{f"`{m}`": (ROT_SMOL, m) for m in ("turboquant:bits=2", "turboquant:preset=turboquant_k8v4",
+                                             "turboquant:preset=turboquant_4bit_nc",
+                                             "turboquant:preset=turboquant_k3v4_nc",
+                                             "turboquant:preset=turboquant_3bit_nc")}}},
+    "rotation-qwen-heldout": {"doc": "docs/rotation.md", "kind": "heldout", "context": 4096,
+                              "records": "benchmarks/results/eval-rotation-qwen.jsonl"},
 }
 MARK = re.compile(r"<!--\s*check_docs:\s*([\w-]+)\s*-->")
 
@@ -293,14 +311,19 @@ def heldout_cell(column: str, path: str, method: str, context: int) -> str | Non
         shares = [r["share"] for recs in by_task.values() for r in recs if r["share"] is not None]
         if not shares:
             return ""
-        share = sum(shares) / len(shares)
-        return f"{share:.3f}" + (" (fp32)" if share > 1.5 else "")
+        return f"{sum(shares) / len(shares):.3f}"
     if col == "Δppl":
         v = [r["metrics"]["ppl_change"] for r in by_task["ppl"]]
         return f"{100 * sum(v) / len(v):+.2f}%" if v else ""
     if col == "KL":
         v = [r["metrics"]["kl"] for r in by_task["kl"]]
         return f"{sum(v) / len(v):.4f}" if v else ""
+    if col == "top-1":
+        v = [r["metrics"]["top1"] for r in by_task["kl"]]
+        return f"{sum(v) / len(v):.3f}" if v else ""
+    if col == "ppl":
+        v = [r["metrics"]["ppl"] for r in by_task["ppl"]]
+        return f"{sum(v) / len(v):.3f}" if v else ""
     if col == "passkey":
         found = sum(sum(bool(a["correct"]) for a in r["metrics"]["answers"]) for r in by_task["passkey"])
         asked = sum(len(r["metrics"]["answers"]) for r in by_task["passkey"])
@@ -355,13 +378,16 @@ def check_table(spec: dict, header: list[str], body: list[list[str]]) -> list[st
     body = [[row_label(row[0]), *row[1:]] for row in body]
     labels = [row[0] for row in body]
     if spec["kind"] == "heldout":
+        rows = spec.get("rows") or {f"`{short_label(r['method'])}`": (spec["records"], r["method"])
+                                    for r in read_jsonl(ROOT / spec["records"])}
         for row in body:
-            if row[0] not in spec["rows"]:
+            if row[0] not in rows:
                 problems.append(f"row {row[0]}: not a row this script knows")
                 continue
-            path, method = spec["rows"][row[0]]
+            path, method = rows[row[0]]
             for col, got in zip(header[1:], row[1:]):
                 want = heldout_cell(col, path, method, spec["context"])
+                got = re.sub(r"\s*\([^)]*\)$", "", got)  # a note after the figure: "2.000 (fp32)"
                 if want is not None and want != got:
                     problems.append(f"row {row[0]}, column {col!r}: the doc says {got!r}, the records {want!r}")
         return problems
