@@ -40,7 +40,8 @@ def _alter(path: Path, old: str, new: str) -> None:
 
 
 @pytest.mark.parametrize("where, old, new, named", [
-    ("README.md", "| `kivi:bits=4` | 0.321 | 0.852 [0.772, 0.923] |", "| `kivi:bits=4` | 0.321 | 0.862 [0.772, 0.923] |",
+    ("README.md", "| `kivi:bits=4` | 0.321 | 0.852 [0.772, 0.923] |",
+     "| `kivi:bits=4` | 0.321 | 0.862 [0.772, 0.923] |",
      "row `kivi:bits=4`, column 'RULER avg [95% interval]': the doc says '0.862 [0.772, 0.923]', the records "
      "'0.852 [0.772, 0.923]'"),
     ("README.md", "| 0.263 | +0.35% | 0.0036 | 6/6 |", "| 0.263 | +0.53% | 0.0036 | 6/6 |",
