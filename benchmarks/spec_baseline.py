@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     if args.check:
         old = json.loads(Path(args.check).read_text())
-        args.model, args.context, args.new = old["model"], old["context"], old["new"]
+        args.model, args.context, args.new = old["model"], old.get("request", old["context"]), old["new"]
     model, ids, cal = load(args.model, args.context)
     with tempfile.TemporaryDirectory() as tmp:
         files = bases_files(model, cal, Path(tmp))
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
             return 1 if bad else 0
         out = Path(args.output)
         data = json.loads(out.read_text()) if out.exists() else {
-            "model": args.model, "context": int(ids.shape[1]), "new": args.new, "records": {}}
+            "model": args.model, "request": args.context, "context": int(ids.shape[1]), "new": args.new, "records": {}}
         for spec in specs_for(args.model):
             if spec in data["records"] or (args.only and args.only not in spec):
                 continue
