@@ -34,6 +34,25 @@ P = "benchmarks/profiles/qwen2.5-coder-1.5b"
 T = "benchmarks/results/bases-qwen-tale-4k.json"
 D = "benchmarks/results/bases-qwen-dynakv-4k.json"
 ROT_SMOL = "benchmarks/results/eval-rotation-smollm2.jsonl"
+LOWRANK_1K = "benchmarks/results/eval-lowrank-qwen-1k.jsonl"
+
+#: docs/seed-claims.md's 1k low-rank perplexities: row label -> (records, method)
+_LOWRANK_1K = {
+    "`full`": "full",
+    "`tale:levels=r128b16,target_ratio=1.01` (full rank, fp16 coefficients)":
+        "tale:profile=$T,levels=r128b16,target_ratio=1.01",
+    "`tale:levels=r64b16,target_ratio=0.51` (rank cut only)": "tale:profile=$T,levels=r64b16,target_ratio=0.51",
+    "`tale:levels=r16b16,target_ratio=0.2`": "tale:profile=$T,levels=r16b16,target_ratio=0.2",
+    "`tale:levels=r64b8,target_ratio=0.3`": "tale:profile=$T,levels=r64b8,target_ratio=0.3",
+    "`tale:levels=r64b4,target_ratio=0.2`": "tale:profile=$T,levels=r64b4,target_ratio=0.2",
+    "`tale:target_ratio=0.082,levels=r64b4/r32b4/r16b4/r8b4`":
+        "tale:profile=$T,target_ratio=0.082,levels=r64b4/r32b4/r16b4/r8b4",
+    "the same, `mean=channel`": "tale:profile=$T,target_ratio=0.082,levels=r64b4/r32b4/r16b4/r8b4,mean=channel",
+    "the same, `exact_layers=0/1`":
+        "tale:profile=$T,target_ratio=0.082,levels=r64b4/r32b4/r16b4/r8b4,exact_layers=0/1",
+    "`dynakv:target_ratio=0.063,levels=r128b4/r64b4/r32b4/r16b4,exact_layers=0/1`":
+        "dynakv:profile=$D,target_ratio=0.063,levels=r128b4/r64b4/r32b4/r16b4,exact_layers=0/1"}
+LOWRANK_1K_ROWS = {label: (LOWRANK_1K, m.replace("$T", T).replace("$D", D)) for label, m in _LOWRANK_1K.items()}
 
 #: name -> what the table holds. kind "ruler": rows of RULER records (`rows`: row label -> method, or None when
 #: each label is the method's short label); kind "heldout": rows of ppl / kl / passkey records
@@ -105,6 +124,8 @@ TABLES: dict[str, dict] = {
     "rotation-44": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096},
     "rotation-22": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096},
     "rotation-16k": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 16384},
+    "seed-claims-lowrank-1k": {"doc": "docs/seed-claims.md", "kind": "heldout", "context": 1024,
+                               "ppl_format": "short", "rows": LOWRANK_1K_ROWS},
     "rotation-smollm2": {"doc": "docs/rotation.md", "kind": "heldout", "context": 2048, "rows": {
         "`full` (fp32)": (ROT_SMOL, "full"),
         "`tada`, rotation allowed, calibrated at 0.27":
@@ -302,7 +323,7 @@ def heldout_records(path: str, method: str, context: int) -> dict[str, list[dict
             for t in ("ppl", "kl", "passkey")}
 
 
-def heldout_cell(column: str, path: str, method: str, context: int) -> str | None:
+def heldout_cell(column: str, path: str, method: str, context: int, ppl_format: str = "long") -> str | None:
     """Share (the mean over the method's records at `context`, as `kvshrink eval` tabulates it), Δppl, KL or
     passkeys found of one method at `context`."""
     by_task = heldout_records(path, method, context)
@@ -321,9 +342,12 @@ def heldout_cell(column: str, path: str, method: str, context: int) -> str | Non
     if col == "top-1":
         v = [r["metrics"]["top1"] for r in by_task["kl"]]
         return f"{sum(v) / len(v):.3f}" if v else ""
-    if col == "ppl":
+    if col == "ppl":  # "long": 3 decimals; "short": 2 decimals, thousands as whole numbers with commas
         v = [r["metrics"]["ppl"] for r in by_task["ppl"]]
-        return f"{sum(v) / len(v):.3f}" if v else ""
+        if not v:
+            return ""
+        ppl = sum(v) / len(v)
+        return f"{ppl:.3f}" if ppl_format == "long" else f"{ppl:,.0f}" if ppl >= 1000 else f"{ppl:.2f}"
     if col == "passkey":
         found = sum(sum(bool(a["correct"]) for a in r["metrics"]["answers"]) for r in by_task["passkey"])
         asked = sum(len(r["metrics"]["answers"]) for r in by_task["passkey"])
@@ -386,7 +410,7 @@ def check_table(spec: dict, header: list[str], body: list[list[str]]) -> list[st
                 continue
             path, method = rows[row[0]]
             for col, got in zip(header[1:], row[1:]):
-                want = heldout_cell(col, path, method, spec["context"])
+                want = heldout_cell(col, path, method, spec["context"], spec.get("ppl_format", "long"))
                 got = re.sub(r"\s*\([^)]*\)$", "", got)  # a note after the figure: "2.000 (fp32)"
                 if want is not None and want != got:
                     problems.append(f"row {row[0]}, column {col!r}: the doc says {got!r}, the records {want!r}")
