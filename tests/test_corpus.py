@@ -75,7 +75,10 @@ def test_the_check_finds_a_shared_passage_where_there_is_one(tok, prompts):
 
 def test_evaluation_prompts_are_those_of_the_committed_records(tok):
     """Digests of prompts built before the split (SmolLM2's tokenizer): changing the evaluation text would change
-    the prompts every committed RULER and passkey record was measured on."""
+    the prompts every committed RULER and passkey record was measured on. The records were made on Python 3.11.7,
+    whose `pydoc_data.topics` this corpus is; another Python's topics make other prompts (and other records)."""
+    if hashlib.sha256(pydoc_text().encode()).hexdigest()[:16] != "51b1297815978658":
+        pytest.skip("this Python's pydoc_data.topics is not the corpus the committed records were built from")
     h = hashlib.sha256()
     for task in ESSAY_TASKS:
         for seed in (0, 1):
