@@ -70,6 +70,15 @@ def test_prepared_dir_links_the_model_and_writes_a_custom_generate(tiny_dir, tmp
     assert sorted(p.name for p in (tmp_path / "serve").iterdir()) == sorted([served.path.name, other.path.name])
 
 
+def test_prepare_only_prints_the_directory_for_transformers_serve(tiny_dir, tmp_path, capsys):
+    assert main(["serve", "--model", str(tiny_dir), "--method", "kivi:bits=4", "--prepare-only",
+                 "--dir", str(tmp_path / "serve")]) == 0
+    out, err = capsys.readouterr()
+    path = Path(out.strip())
+    assert path.parent == tmp_path / "serve" and (path / "custom_generate" / "generate.py").is_file()
+    assert f"transformers serve {path} --trust-remote-code" in err
+
+
 def _ids():
     return torch.tensor([[1, 5, 9, 23, 42, 17, 8, 64, 3, 11, 7, 30]])
 

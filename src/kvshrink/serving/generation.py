@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import time
 from typing import Any, Callable
 
 from .ledger import LEDGER
@@ -80,6 +81,7 @@ def _own_config(model: Any, kwargs: dict[str, Any]) -> str | None:
 def generate_with_cache(model: Any, *args: Any, spec: str, profile: str | None = None, **kwargs: Any):
     """`type(model).generate(model, *args, **kwargs)` with a new kvshrink cache built by `spec` (or `profile`) as
     `past_key_values`, unless the caller passed a cache of its own. Logs the memory report of the call."""
+    start = time.perf_counter()
     request_id = _own_config(model, kwargs)
     cache = kwargs.get("past_key_values")
     if cache is None:
@@ -90,8 +92,8 @@ def generate_with_cache(model: Any, *args: Any, spec: str, profile: str | None =
             log.info("request %s: the caller's own cache (%s), no report", request_id, type(cache).__name__)
             return
         summary = report_summary(spec, cache.memory_report())
-        log.info("request %s: %s, %d tokens in %d bytes (%.3f of fp16)", request_id or "-", spec,
-                 summary["tokens"], summary["nbytes"], summary["ratio"])
+        log.info("request %s: %s, %d tokens in %d bytes (%.3f of fp16), generated in %.2f s", request_id or "-",
+                 spec, summary["tokens"], summary["nbytes"], summary["ratio"], time.perf_counter() - start)
         if request_id is not None:
             LEDGER.put(request_id, summary)
 
