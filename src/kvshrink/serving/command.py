@@ -42,7 +42,8 @@ def serve(model: str, method: str | None = None, profile: str | None = None, hos
           continuous_batching: bool = False, log_level: str = "info") -> None:
     """Serve `model` with kvshrink's cache on http://host:port/v1/chat/completions until interrupted."""
     from ..models import default_dtype
-    from .server import build_app, configure_logging, require_serving, run
+    from .generation import configure_logging
+    from .server import build_app, require_serving, run
 
     require_serving()
     served = prepare(model, method, profile, root, continuous_batching)

@@ -12,12 +12,29 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import sys
 import time
 from typing import Any, Callable
 
 from .ledger import LEDGER
 
 log = logging.getLogger("kvshrink.serve")
+
+def configure_logging(level: str | None = None) -> None:
+    """Print kvshrink's per-request reports on stderr, under `kvshrink serve` or any server that loads a served
+    directory (transformers' and uvicorn's loggers have their own handlers). `level` sets the level; without it an
+    unset level becomes INFO."""
+    logger = logging.getLogger("kvshrink")
+    if not any(getattr(h, "_kvshrink", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     kvshrink: %(message)s"))
+        handler._kvshrink = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    if level is not None:
+        logger.setLevel(level.upper())
+    elif logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
 
 #: the attribute of the generation config that carries the server's request id into `generate`
 REQUEST_ATTR = "kvshrink_request_id"

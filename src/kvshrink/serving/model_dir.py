@@ -27,8 +27,9 @@ _TEMPLATE = '''"""kvshrink: a fresh compressed KV cache for every generate() cal
 Written by `kvshrink serve`; transformers loads it as the model's `generate` when the directory is loaded with
 trust_remote_code. Method: {spec}
 """
-from kvshrink.serving.generation import generate_with_cache
+from kvshrink.serving.generation import configure_logging, generate_with_cache
 
+configure_logging()  # each request's cache report on stderr, whichever server loads this
 SPEC = {spec!r}
 PROFILE = {profile!r}
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,13 +91,3 @@ def run(app: App, host: str = "127.0.0.1", port: int = 8000, log_level: str = "i
     if not server.started:  # uvicorn logs why (port taken, ...) and returns
         raise ServeError(f"the server did not start on {host}:{port} (see the log above)")
 
-
-def configure_logging(level: str = "info") -> None:
-    """Print kvshrink's per-request reports on stderr (transformers' and uvicorn's loggers have their own)."""
-    logger = logging.getLogger("kvshrink")
-    if not any(getattr(h, "_kvshrink", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s:     kvshrink: %(message)s"))
-        handler._kvshrink = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-    logger.setLevel(level.upper())
