@@ -218,10 +218,15 @@ def test_shipped_profiles_load_by_name_and_run_uses_the_best(real_model):
         load_profile("smollm2-135m-tada-0.01")
     args = argparse.Namespace(method="best", model="smollm2-135m", bits=None, group=None, window=None, sinks=None,
                               profile=None, option=None)
-    assert _method_spec(args) == ("tada", {"profile": "smollm2-135m-tada-0.27"})
+    assert _method_spec(args) == "tada:profile=smollm2-135m-tada-0.27"
     args = argparse.Namespace(method="best", model="gemma3-270m", bits=None, group=None, window=None, sinks=None,
                               profile=None, option=None)
-    assert _method_spec(args) == ("kivi", {"bits": 4})
+    assert _method_spec(args) == "kivi:bits=4"
+    args.profile = "smollm2-135m-tada-0.27"  # a profile alone builds what it describes
+    assert _method_spec(args) == "tada:profile=smollm2-135m-tada-0.27"
+    args.profile, args.method, args.bits = None, "tova:budget=0.5 + turboquant", 3  # shortcuts go to the codec side
+    assert _method_spec(args) == "tova:budget=0.5 + turboquant:bits=3"
+    args.bits = None
     args.method, args.bits = "best", 2
     with pytest.raises(ValueError, match="--bits need a method"):
         _method_spec(args)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import kvshrink as ks
-from kvshrink.codecs.quant import QuantSpec, QuantStore
-from kvshrink.codecs.rotation import RotationSpec
+from kvshrink.codecs.quant import GroupCodec
+from kvshrink.codecs.store import PagedStore
+from kvshrink.codecs.rotation import RotationCodec
 from kvshrink.kernels import cpu, reference
 
 from conftest import greedy, logits_through, tiny_gemma3, tiny_llama
@@ -22,7 +23,7 @@ needs_kernel = pytest.mark.skipif(WHY is not None, reason=f"the CPU kernel is un
 
 
 def _stores(b, hkv, t, d, kspec, vspec, seed):
-    k, v = QuantStore(kspec, "keys"), QuantStore(vspec, "values")
+    k, v = PagedStore(kspec, "keys"), PagedStore(vspec, "values")
     g = torch.Generator().manual_seed(seed)
     if t:
         k.append(torch.randn(b, hkv, t, d, generator=g) + torch.randn(1, 1, 1, d, generator=g) * 2)
@@ -74,8 +75,8 @@ CASES = [
 def test_cpu_kernel_matches_reference(bits, layout, d, hq, hkv, stored, exact, qn, masked, dtype):
     key_axis, value_axis, center = layout
     group = 32 if d % 32 == 0 else (12 if d == 36 else 8)
-    kspec = QuantSpec(bits, group if key_axis == "token" else 32, key_axis, center)
-    vspec = QuantSpec(bits, group if value_axis == "token" else 32, value_axis, center)
+    kspec = GroupCodec(bits, group if key_axis == "token" else 32, key_axis, center)
+    vspec = GroupCodec(bits, group if value_axis == "token" else 32, value_axis, center)
     q, k, v, ek, ev, index, sinks, mask = _problem(2, hq, hkv, d, stored, exact, qn, kspec, vspec, masked, dtype)
     # the reference in float32 from the same (possibly bf16) inputs; the kernel rounds its float32 result once
     want = reference.packed_attention(q.float(), k, v, ek.float(), ev.float(), index, sinks, mask=mask, scaling=0.3)
@@ -87,8 +88,8 @@ def test_cpu_kernel_matches_reference(bits, layout, d, hq, hkv, stored, exact, q
 
 @needs_kernel
 def test_work_split_does_not_change_the_result():
-    q, k, v, ek, ev, index, sinks, _ = _problem(1, 6, 2, 128, 1024, 8, 1, QuantSpec(2, 32, "channel", "head"),
-                                                QuantSpec(2, 32, "token", "head"), False, torch.float32)
+    q, k, v, ek, ev, index, sinks, _ = _problem(1, 6, 2, 128, 1024, 8, 1, GroupCodec(2, 32, "channel", "head"),
+                                                GroupCodec(2, 32, "token", "head"), False, torch.float32)
     outs = [cpu.packed_attention(q, k, v, ek, ev, index, sinks, block_tokens=n) for n in (64, 320, 4096, None)]
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], atol=1e-6, rtol=1e-5)
@@ -96,8 +97,8 @@ def test_work_split_does_not_change_the_result():
 
 @needs_kernel
 def test_fully_masked_rows_give_zeros_like_the_reference():
-    q, k, v, ek, ev, index, sinks, _ = _problem(2, 4, 2, 64, 64, 4, 2, QuantSpec(4, 32, "channel"),
-                                                QuantSpec(4, 32, "token"), False, torch.float32)
+    q, k, v, ek, ev, index, sinks, _ = _problem(2, 4, 2, 64, 64, 4, 2, GroupCodec(4, 32, "channel"),
+                                                GroupCodec(4, 32, "token"), False, torch.float32)
     mask = torch.ones(2, 1, 2, 68, dtype=torch.bool)
     mask[1, :, 0] = False  # the second sequence's first query sees nothing
     got = cpu.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask)
@@ -108,11 +109,11 @@ def test_fully_masked_rows_give_zeros_like_the_reference():
 
 @needs_kernel
 def test_cpu_kernel_reads_the_codes_it_is_given():
-    q, k, v, ek, ev, index, sinks, _ = _problem(1, 4, 2, 64, 64, 0, 1, QuantSpec(2, 32, "channel"),
-                                                QuantSpec(2, 32, "token"), False, torch.float32)
+    q, k, v, ek, ev, index, sinks, _ = _problem(1, 4, 2, 64, 64, 0, 1, GroupCodec(2, 32, "channel"),
+                                                GroupCodec(2, 32, "token"), False, torch.float32)
     before = cpu.packed_attention(q, k, v, ek, ev, index, sinks)
-    v.codes[0, 1, 40] ^= 0xFF
-    k.codes[0, 0, 1, 3] ^= 0x0F
+    v.pages[0]["codes"][0, 1, 40] ^= 0xFF
+    k.pages[0]["codes"][0, 0, 1, 3] ^= 0x0F
     after = cpu.packed_attention(q, k, v, ek, ev, index, sinks)
     assert (after - before).abs().max() > 1e-3
     torch.testing.assert_close(after, reference.packed_attention(q, k, v, ek, ev, index, sinks), atol=3e-5,
@@ -129,7 +130,7 @@ def test_tiny_llama_decodes_the_same_through_the_cpu_kernel(method, chunk):
     opts = dict(bits=4, group=16, window=8, sinks=2)
     want, want_tok = logits_through(model, ids, ks.make_cache(model, method, kernel="torch", **opts), 12, chunk, mask)
     cache = ks.make_cache(model, method, kernel="cpu", **opts)
-    assert all(layer.kernels == "cpu" for layer in cache.layers)
+    assert all(layer.backend == "cpu" for layer in cache.layers)
     assert model.config._attn_implementation == "kvshrink"
     got, got_tok = logits_through(model, ids, cache, 12, chunk, mask)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -152,13 +153,13 @@ def test_rotation_layers_fall_back_to_the_pytorch_path_and_say_so():
     model = tiny_llama()
     ids = torch.randint(2, 90, (1, 40), generator=torch.Generator().manual_seed(3))
     opts = dict(bits=4, group=16, window=4, sinks=0, mean="none", rotate="keys")
-    with pytest.warns(UserWarning, match=r"decodes layer\(s\) \[0, 1\] with the PyTorch path .*rotation codecs"):
+    with pytest.warns(UserWarning, match=r"decodes layer\(s\) \[0, 1\] with the PyTorch path .*no CPU kernel"):
         cache = ks.make_cache(model, "tada", kernel="cpu", **opts)
-    assert not any(layer.kernels for layer in cache.layers)
+    assert not any(layer.backend != "torch" for layer in cache.layers)
     assert torch.equal(greedy(model, ids, cache, n=8),
                        greedy(model, ids, ks.make_cache(model, "tada", kernel="torch", **opts), n=8))
-    assert "rotation codecs" in cpu.unsupported(RotationSpec(4), 64)
-    assert cpu.unsupported(QuantSpec(3, 32, "channel", "head"), 64) is None
+    assert "rotated codec has no CPU kernel" in cpu.unsupported(RotationCodec(4), 64)
+    assert cpu.unsupported(GroupCodec(3, 32, "channel", "head"), 64) is None
 
 
 def test_kernel_option_errors_name_cpu():
@@ -168,9 +169,9 @@ def test_kernel_option_errors_name_cpu():
     with pytest.raises(ValueError, match="kernel='cpu' cannot be used: make_cache was given a config"):
         ks.make_cache(model.config, "kivi", kernel="cpu", group=16)
     auto = ks.make_cache(model, "kivi", group=16)  # auto on the CPU: the CPU kernel
-    assert all(layer.kernels == "cpu" for layer in auto.layers)
+    assert all(layer.backend == "cpu" for layer in auto.layers)
     from_config = ks.make_cache(model.config, "kivi", group=16)  # a config cannot switch attention: PyTorch path
-    assert not any(layer.kernels for layer in from_config.layers)
+    assert not any(layer.backend != "torch" for layer in from_config.layers)
 
 
 @pytest.fixture
@@ -187,7 +188,7 @@ def test_auto_without_the_extension_takes_the_pytorch_path_with_the_warning(no_e
     model = tiny_llama()
     with pytest.warns(UserWarning, match="CPU attention kernel is unavailable"):
         cache = ks.make_cache(model, "kivi", group=16)
-    assert not any(layer.kernels for layer in cache.layers)
+    assert not any(layer.backend != "torch" for layer in cache.layers)
 
 
 def test_unavailable_extension_falls_back_with_one_warning(no_extension):
@@ -196,15 +197,15 @@ def test_unavailable_extension_falls_back_with_one_warning(no_extension):
     opts = dict(bits=4, group=16, window=4, sinks=2)
     with pytest.warns(UserWarning, match=r"CPU attention kernel is unavailable \(simulated: no C\+\+ compiler\)"):
         cache = ks.make_cache(model, "tada", kernel="cpu", **opts)
-    assert not any(layer.kernels for layer in cache.layers)
+    assert not any(layer.backend != "torch" for layer in cache.layers)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         again = ks.make_cache(model, "kivi", kernel="cpu", **opts)
-        q, k, v, ek, ev, index, sinks, mask = _problem(1, 6, 2, 64, 64, 4, 1, QuantSpec(2, 32, "channel"),
-                                                       QuantSpec(2, 32, "token"), True, torch.float32)
+        q, k, v, ek, ev, index, sinks, mask = _problem(1, 6, 2, 64, 64, 4, 1, GroupCodec(2, 32, "channel"),
+                                                       GroupCodec(2, 32, "token"), True, torch.float32)
         direct = cpu.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask)
     assert not [w for w in seen if "CPU attention kernel" in str(w.message)]  # warned once per process
-    assert not any(layer.kernels for layer in again.layers)
+    assert not any(layer.backend != "torch" for layer in again.layers)
     torch.testing.assert_close(direct, reference.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask))
     want = greedy(model, ids, ks.make_cache(model, "tada", kernel="torch", **opts), n=8)
     assert torch.equal(greedy(model, ids, cache, n=8), want)

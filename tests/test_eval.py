@@ -10,8 +10,10 @@ from kvshrink.cache import FullLayer
 from kvshrink.eval import runner
 from kvshrink.eval.bench import bench, parse_length, write_bench
 from kvshrink.eval.corpus import pydoc_text, split
-from kvshrink.eval.results import method_label, plot_results, results_table, summarize
-from kvshrink.eval.runner import evaluate, load_records, split_specs
+from kvshrink.eval.results import plot_results, results_table, summarize
+from kvshrink.spec import label as method_label
+from kvshrink.eval.runner import evaluate, load_records
+from kvshrink.spec import split_specs
 from kvshrink.methods.base import METHODS, Method, register
 
 from conftest import tiny_llama

@@ -1,6 +1,8 @@
 """Eviction methods (streamingllm, h2o, snapkv, tova) and evict-to-low-bits (mixed)."""
 import math
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import greedy, tiny_gemma3, tiny_llama
@@ -83,21 +85,26 @@ def test_tova_keeps_the_same_tokens_in_every_head_and_h2o_need_not():
     assert not torch.equal(h2o.layers[0].positions[:, 0], h2o.layers[0].positions[:, 1])
 
 
+def _ctx(old, received, positions, prefill):
+    """What a policy reads of a layer's attention call (the fields of `ScoreContext` these policies use)."""
+    return SimpleNamespace(old=old, received=received, positions=positions, prefill=prefill)
+
+
 def test_policies_score_as_their_papers_say():
     received = {"all": torch.tensor([[[1.0, 2.0, 3.0]]]), "observed": torch.tensor([[[0.0, 5.0, 0.0]]]),
                 "last": torch.tensor([[[3.0, 1.0, 2.0]]])}
     old = torch.tensor([[[10.0, 0.0, 0.0]]])
     pos = torch.tensor([[[0, 1, 2]]])
-    assert get_policy("h2o").score(old, received, pos, False).tolist() == [[[11.0, 2.0, 3.0]]]
-    assert get_policy("tova").score(old, received, pos, False).tolist() == [[[3.0, 1.0, 2.0]]]
-    assert get_policy("streamingllm").score(old, received, pos, False).tolist() == [[[0.0, 1.0, 2.0]]]
-    assert get_policy("snapkv").score(old, received, pos, True).tolist() == [[[5.0, 5.0, 5.0]]]  # pooled
-    assert get_policy("snapkv").score(old, received, pos, False) is old  # decoding leaves the scores
-    with pytest.raises(ValueError, match="unknown eviction policy 'lru'"):
+    assert get_policy("h2o").score(_ctx(old, received, pos, False)).tolist() == [[[11.0, 2.0, 3.0]]]
+    assert get_policy("tova").score(_ctx(old, received, pos, False)).tolist() == [[[3.0, 1.0, 2.0]]]
+    assert get_policy("streamingllm").score(_ctx(old, received, pos, False)).tolist() == [[[0.0, 1.0, 2.0]]]
+    assert get_policy("snapkv").score(_ctx(old, received, pos, True)).tolist() == [[[5.0, 5.0, 5.0]]]  # pooled
+    assert get_policy("snapkv").score(_ctx(old, received, pos, False)) is old  # decoding leaves the scores
+    with pytest.raises(ValueError, match="unknown token policy 'lru'"):
         get_policy("lru")
     # normalised H2O accumulates the same sums but ranks by the mean over the queries that saw each token
     norm = get_policy("h2o_norm")
-    sums = norm.score(old, received, pos, False)
+    sums = norm.score(_ctx(old, received, pos, False))
     assert sums.tolist() == [[[11.0, 2.0, 3.0]]]
     assert torch.allclose(norm.rank(sums, pos, seen=3), torch.tensor([[[11.0 / 3, 1.0, 3.0]]]))
     assert get_policy("h2o").rank(sums, pos, seen=3) is sums
@@ -138,7 +145,7 @@ def test_mixed_keeps_every_token_and_spends_its_budget():
     centred = ks.make_cache(model, "mixed:policy=h2o,budget=0.5,bits=2,group=8,mean=channel")
     greedy(model, ids, centred, n=10)
     layer = centred.layers[0]
-    assert layer.low_keys.channel_mean is not None and layer.low_keys.channel_mean.shape == (1, 2, 1, 16)
+    assert layer.low_keys.state["channel_mean"].shape == (1, 2, 1, 16)
     assert centred.memory_report()["by_part"]["means"] > 0
     rotated = ks.make_cache(model, "mixed:policy=h2o,budget=0.5,bits=2,codec=rotated")
     greedy(model, ids, rotated, n=10)
@@ -155,7 +162,7 @@ def test_eviction_options_are_checked():
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"budget must be in \(0, 1\]"):
         ks.make_cache(model, "h2o:budget=1.5")
-    with pytest.raises(ValueError, match="unknown eviction policy 'lru'"):
+    with pytest.raises(ValueError, match="unknown token policy 'lru'"):
         ks.make_cache(model, "mixed:policy=lru")
     with pytest.raises(ValueError, match="mixed: mean must be 'none' or 'channel', got 'head'"):
         ks.make_cache(model, "mixed:mean=head")

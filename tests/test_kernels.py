@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import kvshrink as ks
-from kvshrink.codecs.quant import QuantSpec, QuantStore, encode_block
+from kvshrink.codecs.quant import GroupCodec, encode_block
+from kvshrink.codecs.store import PagedStore
 
 from conftest import greedy, logits_through, tiny_gemma3, tiny_llama
 
@@ -62,7 +63,7 @@ QUANT_CASES = [
 def test_quantize_pack_matches_reference_bit_for_bit(bits, axis, group, center, d, dtype, kind):
     heads, tokens = (3, 64) if d < 256 else (1, 32)
     x = _block((2, heads, tokens, d), dtype, seed=bits * 7 + d, kind=kind)
-    spec = QuantSpec(bits, group, axis, center)
+    spec = GroupCodec(bits, group, axis, center)
     cm = x.float().mean(2, keepdim=True).half() if center == "channel" else None
     want = reference.quantize_pack(x, spec, cm)
     got = kernels.quantize_pack(x, spec, cm)
@@ -73,7 +74,7 @@ def test_quantize_pack_matches_reference_bit_for_bit(bits, axis, group, center, 
 def test_quantize_pack_reports_fp16_overflow_like_the_reference():
     x = torch.full((1, 2, 16, 64), 1e5).to(DEV)
     x[:, :, :, 0] = -1e5
-    spec = QuantSpec(4, 32, "token", "none")
+    spec = GroupCodec(4, 32, "token", "none")
     with pytest.raises(ValueError, match="fp16 range"):
         encode_block(x, spec)
     with pytest.raises(ValueError, match="fp16 range"):
@@ -81,15 +82,15 @@ def test_quantize_pack_reports_fp16_overflow_like_the_reference():
 
 
 def test_unsupported_layouts_are_named():
-    assert "power of two" in kernels.unsupported(QuantSpec(4, 32), 96)
-    assert "multiple of 8" in kernels.unsupported(QuantSpec(3, 4, "token"), 64)
-    assert kernels.unsupported(QuantSpec(2, 32, "channel"), 64) is None
+    assert "power of two" in kernels.unsupported(GroupCodec(4, 32), 96)
+    assert "multiple of 8" in kernels.unsupported(GroupCodec(3, 4, "token"), 64)
+    assert kernels.unsupported(GroupCodec(2, 32, "channel"), 64) is None
     with pytest.raises(ValueError, match="head_dim must be a power of two"):
-        kernels.quantize_pack(torch.zeros(1, 1, 4, 96, device=DEV), QuantSpec(4, 32))
+        kernels.quantize_pack(torch.zeros(1, 1, 4, 96, device=DEV), GroupCodec(4, 32))
 
 
 def _stores(b, hkv, t, d, kspec, vspec, seed):
-    ks_, vs_ = QuantStore(kspec, "keys"), QuantStore(vspec, "values")
+    ks_, vs_ = PagedStore(kspec, "keys"), PagedStore(vspec, "values")
     g = torch.Generator().manual_seed(seed)
     if t:
         ks_.append((torch.randn(b, hkv, t, d, generator=g) + torch.randn(1, 1, 1, d, generator=g) * 2).to(DEV))
@@ -115,8 +116,8 @@ ATTN_CASES = [
 @pytest.mark.parametrize("masked", [False, True])
 def test_packed_attention_matches_reference(bits, kcfg, vcfg, d, hq, hkv, stored, exact, qn, masked):
     b, sinks = 2, min(2, exact)
-    ks_, vs_ = _stores(b, hkv, stored, d, QuantSpec(bits, kcfg[1], kcfg[0], kcfg[2]),
-                       QuantSpec(bits, vcfg[1], vcfg[0], vcfg[2]), seed=stored + d)
+    ks_, vs_ = _stores(b, hkv, stored, d, GroupCodec(bits, kcfg[1], kcfg[0], kcfg[2]),
+                       GroupCodec(bits, vcfg[1], vcfg[0], vcfg[2]), seed=stored + d)
     g = torch.Generator().manual_seed(d + qn)
     ek = torch.randn(b, hkv, exact, d, generator=g).to(DEV)
     ev = torch.randn(b, hkv, exact, d, generator=g).to(DEV)
@@ -134,19 +135,19 @@ def test_packed_attention_matches_reference(bits, kcfg, vcfg, d, hq, hkv, stored
 
 def test_packed_attention_reads_the_codes_it_is_given():
     """A corrupted code byte must change the kernel's output exactly as it changes the reference's."""
-    ks_, vs_ = _stores(1, 2, 64, 64, QuantSpec(2, 32, "channel", "none"), QuantSpec(2, 32, "token", "none"), 3)
+    ks_, vs_ = _stores(1, 2, 64, 64, GroupCodec(2, 32, "channel", "none"), GroupCodec(2, 32, "token", "none"), 3)
     q = torch.randn(1, 4, 1, 64).to(DEV)
     ek = ev = torch.zeros(1, 2, 0, 64, device=DEV)
     index = torch.zeros(0, dtype=torch.int32)
     before = kernels.packed_attention(q, ks_, vs_, ek, ev, index, 0)
-    vs_.codes[0, 1, 40] ^= 0xFF
+    vs_.pages[0]["codes"][0, 1, 40] ^= 0xFF
     after = kernels.packed_attention(q, ks_, vs_, ek, ev, index, 0)
     assert (after - before).abs().max() > 1e-3
     torch.testing.assert_close(after, reference.packed_attention(q, ks_, vs_, ek, ev, index, 0), atol=2e-5, rtol=1e-4)
 
 
 def test_packed_attention_splits_do_not_change_the_result():
-    ks_, vs_ = _stores(1, 1, 192, 64, QuantSpec(4, 32, "channel", "head"), QuantSpec(4, 32, "token", "head"), 5)
+    ks_, vs_ = _stores(1, 1, 192, 64, GroupCodec(4, 32, "channel", "head"), GroupCodec(4, 32, "token", "head"), 5)
     q = torch.randn(1, 3, 1, 64).to(DEV)
     ek = ev = torch.randn(1, 1, 4, 64).to(DEV)
     index = torch.tensor([0, 193, 194, 195])
@@ -165,7 +166,7 @@ def test_tiny_llama_decodes_the_same_through_the_kernels(chunk):
     ref_cache = ks.make_cache(model, "tada", kernel="torch", **opts)
     want, want_tok = logits_through(model, ids, ref_cache, 12, chunk, mask)
     cache = ks.make_cache(model, "tada", kernel="triton", **opts)
-    assert all(layer.kernels for layer in cache.layers)
+    assert all(layer.backend == "triton" for layer in cache.layers)
     assert model.config._attn_implementation == "kvshrink"
     got, got_tok = logits_through(model, ids, cache, 12, chunk, mask)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -191,7 +192,7 @@ def test_kernel_option_errors_are_clear():
     with pytest.raises(ValueError, match="layer 0 values: per-token groups"):
         ks.make_cache(model, "tada", kernel="triton", bits=3, value_group=4, group=16)
     auto = ks.make_cache(model, "tada", group=16)  # a CPU model: auto takes the CPU kernel, not Triton
-    assert not any(layer.kernels is True or layer.kernels == "triton" for layer in auto.layers)
+    assert not any(layer.backend == "triton" for layer in auto.layers)
 
 
 def test_kernel_path_refuses_non_finite_values_before_compressing_them():

@@ -27,9 +27,10 @@ def _requests(n=3, context_chars=3000):
 
 def test_method_args_from_model_args():
     extra = {"bits": "2", "group": "16", "batch_size": 1}
-    assert method_spec("kivi", extra) == ("kivi", {"bits": 2, "group": 16})
+    assert method_spec("kivi", extra) == "kivi:bits=2,group=16"
     assert extra == {"batch_size": 1}  # what is not a method option stays for lm-eval
-    assert method_spec("tada:bits=2;mean=channel", {}) == ("tada", {"bits": 2, "mean": "channel"})
+    assert method_spec("tada:bits=2;mean=channel", {}) == "tada:bits=2,mean=channel"
+    assert method_spec("snapkv:budget=0.25 + tada", {"bits": "3"}) == "snapkv:budget=0.25 + tada:bits=3"
     with pytest.raises(ValueError, match="unknown method 'zip'"):
         method_spec("zip", {})
 

@@ -11,7 +11,7 @@ from kvshrink import attention
 from kvshrink.bases import bases_profile
 from kvshrink.codecs.lowrank import DROP, Level, LevelStore, energy, fit_basis, level_token_bytes, parse_levels
 from kvshrink.codecs.packing import packed_size
-from kvshrink.latent import LatentLayer
+from kvshrink.layers import LatentLayer
 from kvshrink.layers.full import FullLayer
 from kvshrink.policies.significance import assign_levels, level_counts, level_fractions
 from kvshrink.profile import ProfileError, load_profile

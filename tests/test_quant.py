@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from kvshrink.codecs.quant import QuantSpec, QuantStore, dequantize, quantize
+from kvshrink.codecs.quant import GroupCodec, dequantize, quantize
+from kvshrink.codecs.store import PagedStore
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -34,13 +35,13 @@ def test_fp16_overflow_is_an_error():
 
 def test_spec_validation_names_the_value():
     with pytest.raises(ValueError, match=r"bits must be one of \(2, 3, 4, 8, 16\), got 5"):
-        QuantSpec(bits=5)
+        GroupCodec(bits=5)
     with pytest.raises(ValueError, match="axis must be one of"):
-        QuantSpec(axis="diagonal")
+        GroupCodec(axis="diagonal")
     with pytest.raises(ValueError, match="center must be one of"):
-        QuantSpec(center="median")
+        GroupCodec(center="median")
     with pytest.raises(ValueError, match="group=48 does not divide head_dim=64"):
-        QuantSpec(group=48).check_head_dim(64, "layer 3 keys")
+        GroupCodec(group=48).check_head_dim(64, "layer 3 keys")
 
 
 def _kv(seed=0, b=2, h=3, t=64, d=16):
@@ -55,29 +56,30 @@ def _kv(seed=0, b=2, h=3, t=64, d=16):
 @pytest.mark.parametrize("center", ["none", "head", "channel"])
 def test_store_roundtrip_error(axis, center):
     x = _kv()
-    store = QuantStore(QuantSpec(bits=8, group=8, axis=axis, center=center))
+    store = PagedStore(GroupCodec(bits=8, group=8, axis=axis, center=center))
     store.append(x[:, :, :32])
     store.append(x[:, :, 32:])
     y = store.decode(torch.float32)
     assert y.shape == x.shape and store.tokens == 64
     assert (y - x).abs().max() < 0.1
-    store4 = QuantStore(QuantSpec(bits=2, group=8, axis=axis, center=center))
+    store4 = PagedStore(GroupCodec(bits=2, group=8, axis=axis, center=center))
     store4.append(x)
     assert (store4.decode(torch.float32) - x).abs().mean() > (y - x).abs().mean()  # fewer bits, more error
 
 
 def test_head_mean_stores_one_vector_per_token_and_is_exact_at_16_bits():
     x = _kv()
-    store = QuantStore(QuantSpec(bits=16, center="head"))
+    store = PagedStore(GroupCodec(bits=16, center="head"))
     store.append(x)
-    assert store.head_mean.shape == (2, 1, 64, 16) and store.head_mean.dtype == torch.float16
+    mean = store.field("head_mean")
+    assert mean.shape == (2, 1, 64, 16) and mean.dtype == torch.float16
     assert torch.allclose(store.decode(torch.float32), x, atol=1e-2)
-    assert set(store.parts()) == {"codes", "scales", "means"} and store.parts()["means"]
+    assert set(store.parts()) == {"codes", "means"}  # fp16 values carry no scales
 
 
 def test_channel_mean_helps_per_token_groups_with_offsets():
     x = _kv()
-    plain, centred = (QuantStore(QuantSpec(bits=2, group=16, axis="token", center=c)) for c in ("none", "channel"))
+    plain, centred = (PagedStore(GroupCodec(bits=2, group=16, axis="token", center=c)) for c in ("none", "channel"))
     plain.append(x)
     centred.append(x)
     err = lambda s: (s.decode(torch.float32) - x).pow(2).mean()  # noqa: E731
@@ -85,7 +87,7 @@ def test_channel_mean_helps_per_token_groups_with_offsets():
 
 
 def test_channel_axis_needs_whole_groups_and_drop_front():
-    store = QuantStore(QuantSpec(bits=4, group=8, axis="channel"), name="layer 0 keys")
+    store = PagedStore(GroupCodec(bits=4, group=8, axis="channel"), name="layer 0 keys")
     with pytest.raises(ValueError, match="layer 0 keys: 12 tokens is not a multiple"):
         store.append(_kv(t=12))
     x = _kv(t=32)

@@ -7,7 +7,8 @@ from conftest import greedy, tiny_gemma3, tiny_llama
 from transformers import DynamicCache
 
 import kvshrink as ks
-from kvshrink.cache import RotatedLayer
+from kvshrink.codecs.store import PagedStore
+from kvshrink.layers import ComposedLayer
 from kvshrink.codecs import rotation as rot
 from kvshrink.codecs.packing import packed_size
 
@@ -33,11 +34,11 @@ def test_bad_rotation_inputs():
     with pytest.raises(ValueError, match="seed must be an int"):
         rot.signs("1", 0, 2, 64)
     with pytest.raises(ValueError, match="quantizer must be one of"):
-        rot.RotationSpec(quantizer="polar")
+        rot.RotationCodec(quantizer="polar")
     with pytest.raises(ValueError, match="bits must be one of"):
-        rot.RotationSpec(bits=5)
+        rot.RotationCodec(bits=5)
     with pytest.raises(ValueError, match="lloydmax' takes bits 2, 3 or 4"):
-        rot.RotationSpec(bits=8)
+        rot.RotationCodec(bits=8)
     with pytest.raises(ValueError, match="turboquant: bits must be one of"):
         ks.make_cache(tiny_llama(), "turboquant:bits=5")
     with pytest.raises(ValueError, match="preset must be one of"):
@@ -63,8 +64,8 @@ def test_lloyd_max_codebooks_reproduce_the_known_gaussian_mse(bits):
                                   dict(bits=4, quantizer="uniform", group=32), dict(bits=8, quantizer="fp8"),
                                   dict(bits=8, quantizer="fp8", rotate=False), dict(bits=16)])
 def test_the_store_counts_packed_bytes_and_decodes_close(spec):
-    s = rot.RotationSpec(layer=3, **spec)
-    store = s.make_store("keys")
+    s = rot.RotationCodec(layer=3, **spec)
+    store = PagedStore(s, "keys")
     x = torch.randn(1, 2, 40, 128) * 3
     x[..., 5] += 40  # an outlier channel
     store.append(x[:, :, :24])
@@ -112,7 +113,8 @@ def test_attention_without_inverse_rotation_equals_decode_then_attend(spec):
                 rows.append(out.logits[0, -1])
         logits[attention] = torch.stack(rows)
         if attention == "rotated":
-            assert any(isinstance(layer, RotatedLayer) and layer.key_store.tokens for layer in cache.layers)
+            assert any(isinstance(layer, ComposedLayer) and layer.backend == "rotated" and layer.key_store.tokens
+                       for layer in cache.layers)
     assert torch.allclose(logits["rotated"], logits["decode"], atol=1e-4, rtol=1e-4)
 
 
@@ -133,7 +135,7 @@ def test_presets_have_vllm_byte_layouts():
 
 
 def test_tada_rotation_option_and_profile_choice(tmp_path):
-    from kvshrink.codecs.rotation import RotatedStore
+    from kvshrink.codecs.rotation import RotationCodec
     from kvshrink.profile import LayerChoice, Profile, ProfileError, fingerprint, load_profile
 
     model = tiny_llama(head_dim=32)
@@ -141,7 +143,7 @@ def test_tada_rotation_option_and_profile_choice(tmp_path):
     cache = ks.make_cache(model, "tada:bits=4,rotate=values,mean=none,group=8,window=4")
     greedy(model, ids, cache, n=4)
     layer = cache.layers[0]
-    assert isinstance(layer.value_store, RotatedStore) and not isinstance(layer.key_store, RotatedStore)
+    assert isinstance(layer.value_store.codec, RotationCodec) and not isinstance(layer.key_store.codec, RotationCodec)
     assert layer.value_store.tokens > 0
     with pytest.raises(ValueError, match="rotation needs bits in"):
         ks.make_cache(model, "tada:bits=4,rotate=keys,mean=head")
@@ -155,8 +157,8 @@ def test_tada_rotation_option_and_profile_choice(tmp_path):
     assert loaded.layers == choices
     cache = ks.make_cache(model, f"tada:profile={path}")
     greedy(model, ids, cache, n=4)
-    assert isinstance(cache.layers[0].key_store, RotatedStore)
-    assert not isinstance(cache.layers[1].key_store, RotatedStore)
+    assert isinstance(cache.layers[0].key_store.codec, RotationCodec)
+    assert not isinstance(cache.layers[1].key_store.codec, RotationCodec)
     import json
 
     raw = json.loads(path.read_text())

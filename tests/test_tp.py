@@ -16,8 +16,9 @@ from conftest import tiny_llama
 
 import kvshrink as ks
 from kvshrink.bases import bases_profile, rank_bases
-from kvshrink.codecs.quant import QuantSpec
-from kvshrink.codecs.rotation import RotationSpec, signs
+from kvshrink.codecs.quant import GroupCodec
+from kvshrink.codecs.store import PagedStore
+from kvshrink.codecs.rotation import RotationCodec, signs
 from kvshrink.distributed import HeadShard, TensorParallelError, head_shard
 
 needs_gloo = pytest.mark.skipif(
@@ -65,24 +66,25 @@ def test_without_tensor_parallelism_nothing_is_sharded():
 
 def test_a_rank_stores_its_heads_with_the_head_mean_of_every_head():
     x = torch.randn(1, 4, 32, 16, generator=torch.Generator().manual_seed(0)) * 3
-    one = QuantSpec(2, 16, "token", "head").make_store("keys")
+    one = PagedStore(GroupCodec(2, 16, "token", "head"), "keys")
     one.append(x)
-    mine = QuantSpec(2, 16, "token", "head").make_store("keys")
+    mine = PagedStore(GroupCodec(2, 16, "token", "head"), "keys")
     mine.shard = Peers(x)
     mine.append(x[:, 2:])
-    assert torch.equal(mine.head_mean, one.head_mean)
-    assert torch.equal(mine.codes, one.codes[:, 2:]) and torch.equal(mine.scale, one.scale[:, 2:])
+    assert torch.equal(mine.field("head_mean"), one.field("head_mean"))
+    assert torch.equal(mine.field("codes"), one.field("codes")[:, 2:])
+    assert torch.equal(mine.field("scale"), one.field("scale")[:, 2:])
     assert torch.equal(mine.decode(torch.float32), one.decode(torch.float32)[:, 2:])
-    own = QuantSpec(2, 16, "token", "head", "rank").make_store("keys")  # the rank's own heads: another mean
+    own = PagedStore(GroupCodec(2, 16, "token", "head", "rank"), "keys")  # the rank's own heads: another mean
     own.shard = mine.shard
     own.append(x[:, 2:])
-    assert not torch.allclose(own.head_mean.float(), one.head_mean.float(), atol=0.1)
+    assert not torch.allclose(own.field("head_mean").float(), one.field("head_mean").float(), atol=0.1)
 
 
 def test_a_rank_rotates_its_heads_as_one_process_does_and_slices_their_bases():
-    store = RotationSpec(3, layer=1).make_store("values")
+    store = PagedStore(RotationCodec(3, layer=1), "values")
     store.shard = Peers(torch.zeros(1, 4, 1, 16))
-    assert torch.equal(store.signs(2, 16), signs(0, 1, 4, 16)[2:])
+    assert torch.equal(store.codec.signs(store, 2, 16), signs(0, 1, 4, 16)[2:])
     kb, ks_, vb, vs = (torch.randn(4, 16, 16), torch.rand(4, 16), torch.randn(4, 16, 16), torch.rand(4, 16))
     shard = Peers(torch.zeros(1, 4, 1, 16))
     assert all(torch.equal(a, b[2:]) for a, b in zip(rank_bases((kb, ks_, vb, vs), shard, False), (kb, ks_, vb, vs)))
@@ -157,10 +159,9 @@ def test_every_method_family_keeps_the_single_process_tokens_on_every_rank(run):
 
 
 def _single_probe(cache, name: str) -> torch.Tensor:
-    obj = cache.layers[-1]
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj.float()
+    from tp_worker import lookup
+
+    return lookup(cache.layers[-1], name).float()
 
 
 @needs_gloo

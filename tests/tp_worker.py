@@ -23,12 +23,22 @@ def probe(cache) -> dict:
     for the test to compare with a single process's."""
     out = {}
     for name in PROBES:
-        obj = cache.layers[-1]
-        for part in name.split("."):
-            obj = getattr(obj, part, None)
+        obj = lookup(cache.layers[-1], name)
         if isinstance(obj, torch.Tensor):
             out[name] = obj.float().tolist()
     return out
+
+
+def lookup(layer, name: str):
+    """A layer's attribute by dotted path; a store's declared field (`key_store.head_mean`) over all its pages."""
+    obj = layer
+    for part in name.split("."):
+        field = getattr(obj, "field", None)
+        if callable(field) and getattr(obj, "layout", None) is not None:
+            obj = field(part) if part in {f.name for f in obj.layout.growing} else None
+        else:
+            obj = getattr(obj, part, None)
+    return obj
 
 
 def generate(model, cache, ids: torch.Tensor, new_tokens: int) -> list[int]:

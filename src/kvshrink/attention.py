@@ -1,9 +1,12 @@
 """kvshrink's attention function, registered with transformers' attention interface under the name "kvshrink".
 
-Cache layers that attend over their own compressed storage (`LatentLayer`: scores in the low-rank latent space)
-announce themselves in `update()`; the attention call of the same layer that follows is then answered by the
-layer (or, when its `attend` returns None, only observed by it and answered by SDPA: an evicting layer's prefill). Every other layer (the `full` cache, quantized layers, sliding-window layers) gets transformers' own SDPA
-attention unchanged, so a model switched to "kvshrink" computes exactly what it computed with "sdpa".
+Cache layers that attend over their own compressed storage (codes read by a kernel, rotated codes, scored
+eviction, low-rank coefficients) announce themselves in `update()`; the attention call that then receives the
+tensor that `update()` returned is answered by the layer (or, when its `attend` returns None, only observed by it
+and answered by SDPA: an evicting layer's prefill). The hand-off is keyed by that tensor's identity, so two caches
+generating at once, in two threads or one, each get their own layer's answer. Every other layer (the `full` cache,
+quantized layers read by SDPA, sliding-window layers) gets transformers' own SDPA attention unchanged, so a model
+switched to "kvshrink" computes exactly what it computed with "sdpa".
 """
 from __future__ import annotations
 
@@ -17,22 +20,33 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "kvshrink"
-_state = threading.local()
+_state = threading.local()  # only the prefill observer (evaluation) lives here; the hand-off below does not
+_lock = threading.Lock()
+#: update() -> attention hand-offs, keyed by the identity of the key tensor the cache layer returned: the attention
+#: call that receives exactly that tensor is that layer's, whichever cache, thread or model it runs in
+_pending: dict[int, tuple[Any, torch.Tensor]] = {}
 
 
 def announce(layer: Any, returned_keys: torch.Tensor) -> None:
-    """Called by a layer's `update()`: the attention call that receives `returned_keys` is the layer's to answer."""
-    pending = getattr(_state, "pending", None)
-    if pending is None:
-        pending = _state.pending = {}
-    pending[layer.layer_idx] = (layer, returned_keys)
+    """Called by a layer's `update()`: the attention call that receives `returned_keys` is the layer's to answer.
+    A layer's earlier announcement that was never claimed (an abandoned step) is withdrawn."""
+    with _lock:
+        old = getattr(layer, "_announced", None)
+        if old is not None:
+            _pending.pop(old, None)
+        _pending[id(returned_keys)] = (layer, returned_keys)  # the tensor is held, so its id is not reused
+        layer._announced = id(returned_keys)
 
 
 def claim(layer_idx: int, keys: torch.Tensor) -> Any | None:
-    """The layer whose `update()` returned exactly `keys` (an announcement left by an abandoned step never matches)."""
-    pending = getattr(_state, "pending", None)
-    entry = None if pending is None else pending.pop(layer_idx, None)
-    return entry[0] if entry is not None and entry[1] is keys else None
+    """The layer whose `update()` returned exactly `keys` (identity, not equality), or None."""
+    with _lock:
+        entry = _pending.get(id(keys))
+        if entry is None or entry[1] is not keys or entry[0].layer_idx != layer_idx:
+            return None
+        del _pending[id(keys)]
+        entry[0]._announced = None
+        return entry[0]
 
 
 class SelfAttending:

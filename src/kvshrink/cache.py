@@ -1,36 +1,36 @@
 """CompressedCache: a transformers `Cache` made of per-layer layers that report the bytes they hold.
 
-The layers live in `kvshrink.layers`, one module per family (`full`, `windowed`, `evicting`, `latent`, `residual`,
-on the shared `base`); the full and windowed ones are re-exported here, where they used to be defined.
+The layers live in `kvshrink.layers` (the generic `composed` layer, `full`, `latent`, `residual`, on `base`).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .layers.base import PARTS, _BatchOps, _nbytes, _Reporting  # noqa: F401  (old homes of these names)
-from .layers.full import FullLayer, FullSlidingLayer  # noqa: F401
-from .layers.windowed import RotatedLayer, WindowedLayer  # noqa: F401
+from .codecs.base import PARTS
+from .cachefile import save_cache
+from .layers.base import _nbytes, _Reporting
 
 
 class CompressedCache(Cache):
     """A transformers `Cache` whose layers report the bytes they really hold."""
 
-    def __init__(self, layers: list[CacheLayerMixin], method: str = "custom", options: dict | None = None):
+    def __init__(self, layers: list[CacheLayerMixin], method: str = "custom", options: dict | None = None,
+                 spec: str | None = None):
         for i, layer in enumerate(layers):
             if not isinstance(layer, _Reporting):
                 raise TypeError(f"layer {i}: {type(layer).__name__} does not report its bytes (not a kvshrink layer)")
         super().__init__(layers=layers)
         self.method = method
         self.options = dict(options or {})
+        self.spec = spec or method  # the canonical spec string that rebuilds this cache (`make_cache(model, spec)`)
         self.fingerprint: dict[str, Any] | None = None  # of the model it was made for (set by make_cache)
         self.shard = None  # this rank's KV heads under tensor parallelism (set by make_cache), None otherwise
 
-    def save(self, path) -> "Path":
+    def save(self, path) -> Path:
         """Write this cache to a safetensors file (atomically); `kvshrink.load_cache(path, model)` resumes it."""
-        from .persist import save_cache
-
         return save_cache(self, path)
 
     def nbytes(self) -> int:

@@ -29,11 +29,14 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache
 
+from .codecs.base import BIT_WIDTHS
 from .distributed import refuse_sharded
 from .models import head_dim_of
 from .profile import ROTATABLE_BITS, LayerChoice, Profile, fingerprint
 
-BITS = (2, 3, 4, 8, 16)
+BITS = BIT_WIDTHS["uniform"]
+#: the widths calibration chooses among by default (16 bits is the fallback every budget allows)
+CHOICES = tuple(b for b in BITS if b != 16)
 
 
 @dataclass(frozen=True)
@@ -299,7 +302,7 @@ def calibrate(
     samples: int | None = None,
     context: int | None = None,
     scored: int = 32,
-    bits: Sequence[int] = (2, 3, 4, 8),
+    bits: Sequence[int] = CHOICES,
     options: dict[str, Any] | None = None,
     text: str | None = None,
     seed: int = 0,

@@ -9,40 +9,34 @@ import time
 from typing import Sequence
 
 
-#: what `kvshrink run` uses when no method is named: the best measured recipe for the model
-BEST = {"smollm2-135m": "tada:profile=smollm2-135m-tada-0.27"}
-FALLBACK = "kivi:bits=4"
+from .defaults import best_spec
 
 
-def _method_spec(args: argparse.Namespace) -> tuple[str, dict]:
-    from .methods import get_method, parse_spec
+def _method_spec(args: argparse.Namespace) -> str:
+    """The canonical spec of `--method` (a spec, a composition 'POLICY + CODEC', or 'best': the best measured recipe
+    for the model), `--profile` (alone: whatever the profile builds; with a method: its profile option) and the
+    option shortcuts, which go to the method (to the CODEC side of a composition)."""
+    from .methods import with_options
+    from .profile import load_profile
 
-    if args.method == "best":
-        given = [f"--{k}" for k in ("bits", "group", "window", "sinks", "profile", "option") if getattr(args, k, None)]
-        if given:
-            raise ValueError(f"{', '.join(given)} need a method: give --method (e.g. --method tada)")
-        args.method = BEST.get(args.model, FALLBACK)
-    name, options = parse_spec(args.method)
-    if getattr(args, "profile", None):
-        if name not in ("tada", "tale", "dynakv", "lowrank"):
-            raise ValueError(f"--profile is for methods tada, tale, dynakv and lowrank, not {name!r}")
-        options["profile"] = args.profile
-    shortcuts = {k: getattr(args, k) for k in ("bits", "group", "window", "sinks") if getattr(args, k) is not None}
-    extra = {}
+    shortcuts = [(k, getattr(args, k)) for k in ("bits", "group", "window", "sinks") if getattr(args, k, None) is not None]
+    extra = []
     for item in args.option or []:
         key, eq, raw = item.partition("=")
         if not eq:
             raise ValueError(f"--option {item!r} must be written key=value")
-        extra[key] = raw
-    if extra:
-        _, parsed = parse_spec(name + ":" + ",".join(f"{k}={v}" for k, v in extra.items()))
-        options.update(parsed)
-    fields = {o["name"] for o in __import__("kvshrink").method_options(get_method(name))}
-    for key, value in shortcuts.items():
-        if key not in fields:
-            raise ValueError(f"method {name!r} has no option {key!r} (given as --{key}); its options: {', '.join(sorted(fields)) or 'none'}")
-        options[key] = value
-    return name, options
+        extra.append((key.strip(), raw.strip()))
+    profile = getattr(args, "profile", None)
+    if args.method == "best":
+        if shortcuts or extra:
+            given = [f"--{k}" for k, _ in shortcuts] + (["--option"] if extra else [])
+            raise ValueError(f"{', '.join(given)} need a method: give --method (e.g. --method tada)")
+        method = f"{load_profile(profile).method}:profile={profile}" if profile else best_spec(args.model)
+    else:
+        method = args.method
+        if profile:
+            extra.append(("profile", profile))
+    return with_options(method, shortcuts + extra)
 
 
 def _prompt_ids(args, tok):
@@ -69,12 +63,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     import kvshrink as ks
     from .report import memory_table
 
-    name, options = _method_spec(args)
-    method = ks.build_method(name, **options)
+    spec = _method_spec(args)
+    method = ks.build_method(spec)
+    name = method.label()
     print(f"loading {args.model} ...", file=sys.stderr)
     model, tok = ks.load_model(args.model, dtype=args.dtype)
     ids, what = _prompt_ids(args, tok)
-    print(f"model: {args.model}   method: {name} {options}   prompt: {what}")
+    print(f"model: {args.model}   method: {spec}   prompt: {what}")
 
     def generate(cache):
         start = time.perf_counter()
@@ -112,9 +107,11 @@ def _ints(text: str, what: str) -> list[int]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.results import plot_results, results_table
-    from .eval.runner import evaluate, split_specs
+    from .eval.runner import evaluate
+    from .methods import with_options
+    from .spec import split_specs
 
-    methods = split_specs(args.methods) + [f"tada:profile={p}" for p in args.profile] \
+    methods = split_specs(args.methods) + [with_options("tada", [("profile", p)]) for p in args.profile] \
         + (split_specs(args.baseline) if args.baseline else [])
     text = None
     if args.text_file:
@@ -195,18 +192,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import METHODS, method_options
+def _list_recipes(table: dict) -> int:
+    from .options import options_of
     from .report import markdown_table
 
-    for name in sorted(METHODS):
-        cls = METHODS[name]
+    for name in sorted(table):
+        cls = table[name]
         print(f"{name}: {cls.summary}")
-        opts = method_options(cls)
+        opts = options_of(cls)
         if opts:
             print(markdown_table(["option", "type", "default", "meaning"],
                                  [[o["name"], o["type"], o["default"], o["help"]] for o in opts]))
         print()
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import METHODS
+
+    return _list_recipes(METHODS)
+
+
+def cmd_codecs(args: argparse.Namespace) -> int:
+    from .codecs import BIT_WIDTHS, CODECS
+
+    _list_recipes(CODECS)
+    print("bit widths by number format: " + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in BIT_WIDTHS.items()))
+    print("a codec is the CODEC side of 'POLICY + CODEC' (e.g. 'snapkv:budget=0.25 + grouped:bits=4,axis=token'); "
+          "the storing methods kivi, tada and turboquant choose codecs per layer")
     return 0
 
 
@@ -237,15 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default="smollm2-135m",
                      help="embedded name (smollm2-135m, gemma3-270m, qwen2.5-coder-1.5b), path or hub id")
     run.add_argument("--method", default="best",
-                     help="method spec, e.g. 'kivi:bits=2,group=32' (see `kvshrink methods`); default 'best': the "
-                          "best measured recipe for the model (SmolLM2: tada with the shipped profile calibrated "
-                          "at 0.27 of fp16; other models: kivi:bits=4)")
+                     help="method spec, e.g. 'kivi:bits=2,group=32' (see `kvshrink methods`), or a token policy "
+                          "composed with a codec, 'POLICY + CODEC', e.g. 'tova:budget=0.5 + turboquant' (see `kvshrink "
+                          "codecs`); default 'best': the best measured recipe for the model (SmolLM2: tada with the "
+                          "shipped profile calibrated at 0.27 of fp16; other models: kivi:bits=4)")
     run.add_argument("--bits", type=int, help="shortcut for the method's bits option")
     run.add_argument("--group", type=int, help="shortcut for the method's group option")
     run.add_argument("--window", type=int, help="shortcut for the method's window option")
     run.add_argument("--sinks", type=int, help="shortcut for the method's sinks option")
     run.add_argument("-O", "--option", action="append", metavar="KEY=VALUE", help="any other method option")
-    run.add_argument("--profile", help="profile from `kvshrink calibrate` (tada: per-layer bits; tale, dynakv, lowrank: bases)")
+    run.add_argument("--profile", help="profile from `kvshrink calibrate` (a path or a shipped name): alone, it builds "
+                                       "whatever the profile describes; with --method, it is that method's profile")
     run.add_argument("--prompt", help="prompt text (default: a generated passkey-retrieval prompt)")
     run.add_argument("--prompt-file", help="read the prompt from this file")
     run.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
@@ -334,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list the methods with their options and defaults")
     methods.set_defaults(func=cmd_methods)
+    codecs = sub.add_parser("codecs", help="list the codecs (how stored tokens are coded) with their options")
+    codecs.set_defaults(func=cmd_codecs)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible endpoint (transformers' server) answering through a "
                                       "fresh kvshrink cache per request; see docs/serve.md")

@@ -30,18 +30,21 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("kvshrink.lmeval needs lm-evaluation-harness: pip install 'kvshrink[lmeval]'") from e
 
 from .eval.scoring import continue_scores
-from .methods import build_method, get_method, parse_spec
+from .methods import build_method, with_options
 
 
-def method_spec(method: str, extra: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(name, options) from `method` ('kivi', 'kivi:bits=2;group=32') and further model_args that are options."""
-    name, options = parse_spec(str(method).replace(";", ","))
-    fields = {f.name for f in dataclasses.fields(get_method(name))}
-    for key in list(extra):
-        if key in fields:
-            _, parsed = parse_spec(f"{name}:{key}={extra.pop(key)}")
-            options.update(parsed)
-    return name, options
+def method_spec(method: str, extra: dict[str, Any], profile: str | None = None) -> str:
+    """The canonical spec of `method` ('kivi', 'kivi:bits=2;group=32', 'snapkv:budget=0.25 + tada' - `;` for `,`
+    since lm-eval splits model_args at commas), with the further model_args that are options of its last part
+    (the method, or the CODEC side of a composition) and `profile`; those args are taken out of `extra`."""
+    spec = str(method).replace(";", ",")
+    last = build_method(spec)
+    last = getattr(last, "storing", last)  # a composition: options go to the codec side
+    fields = {f.name for f in dataclasses.fields(getattr(last, "codec", last))}
+    given = [(key, extra.pop(key)) for key in list(extra) if key in fields]
+    if profile:
+        given.append(("profile", str(profile)))
+    return with_options(spec, given)
 
 
 @register_model("kvshrink")
@@ -52,14 +55,11 @@ class KVShrinkLM(HFLM):
                  dtype: str = "auto", device: str = "cpu", **kwargs: Any):
         from .models import load_model
 
-        name, options = method_spec(method, kwargs)
-        if profile:
-            options["profile"] = str(profile)
-        self.kv_method = build_method(name, **options)  # bad names and options fail before the model loads
+        self.kv_spec = method_spec(method, kwargs, profile)
+        self.kv_method = build_method(self.kv_spec)  # bad names and options fail before the model loads
         model, tokenizer = load_model(str(pretrained), dtype=None if dtype in (None, "auto") else dtype,
                                       device=device)
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", device=device, **kwargs)
-        self.kv_spec = f"{name}:{','.join(f'{k}={v}' for k, v in options.items())}" if options else name
 
     def make_cache(self):
         return self.kv_method.make_cache(self.model)

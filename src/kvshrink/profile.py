@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .codecs.base import BIT_WIDTHS
 from .codecs.quant import CENTERS, QUANT_BITS
 from .io import atomic_write_text
 from .models import head_dim_of
@@ -26,7 +27,7 @@ from .models import head_dim_of
 FORMAT = "kvshrink-profile"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
-ROTATABLE_BITS = (2, 3, 4)
+ROTATABLE_BITS = BIT_WIDTHS["lloydmax"]  # a profile's rotated layers use the Lloyd-Max codes
 _CONFIG_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "hidden_size", "intermediate_size", "vocab_size", "rope_theta", "sliding_window", "layer_types",
                 "rms_norm_eps", "max_position_embeddings")

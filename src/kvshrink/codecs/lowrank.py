@@ -17,10 +17,12 @@ packed tensor, so a lower rank costs fewer bytes, never zero padding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .quant import QUANT_BITS, QuantSpec, QuantStore
+from .quant import QUANT_BITS, GroupCodec
+from .store import PagedStore
 
 
 def fit_basis(gram: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +60,8 @@ class Level:
     def dropped(self) -> bool:
         return self.rank == 0
 
-    def spec(self, group: int, center: str = "none") -> QuantSpec:
-        return QuantSpec(self.bits, min(group, self.rank), "token", center)
+    def spec(self, group: int, center: str = "none") -> GroupCodec:
+        return GroupCodec(self.bits, min(group, self.rank), "token", center)
 
 
 DROP = Level(0, 0)
@@ -117,12 +119,12 @@ class LevelStore:
         self.levels, self.group, self.name, self.center = levels, group, name, center
         # a dropped level stores nothing: its tokens are known only by the level map; with center="channel" each
         # level's store subtracts its own per-coefficient mean, taken over the first block it stores
-        self.stores = [None if lv.dropped else QuantStore(lv.spec(group, center if lv.bits != 16 else "none"),
+        self.stores = [None if lv.dropped else PagedStore(lv.spec(group, center if lv.bits != 16 else "none"),
                                                           f"{name} level {i} (rank {lv.rank})")
                        for i, lv in enumerate(levels)]
 
     @property
-    def _held(self) -> list[QuantStore]:
+    def _held(self) -> list[PagedStore]:
         return [s for s in self.stores if s is not None]
 
     @property
@@ -187,6 +189,27 @@ class LevelStore:
     def map_batch(self, fn) -> None:
         for store in self._held:
             store.map_batch(fn)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Each level's store's declared state, under `level.<i>.`."""
+        tensors: dict[str, torch.Tensor] = {}
+        counts: dict[str, Any] = {"levels": []}
+        for i, store in enumerate(self.stores):
+            if store is None:
+                counts["levels"].append(None)
+                continue
+            own, c = store.state_dict()
+            tensors.update({f"level.{i}.{k}": t for k, t in own.items()})
+            counts["levels"].append(c)
+        return tensors, counts
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], counts: dict[str, Any]) -> None:
+        if len(counts["levels"]) != len(self.stores):
+            raise ValueError(f"{self.name}: {len(counts['levels'])} levels saved, {len(self.stores)} rebuilt")
+        for i, (store, c) in enumerate(zip(self.stores, counts["levels"])):
+            if store is not None:
+                prefix = f"level.{i}."
+                store.load_state_dict({k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}, c)
 
     def drop_front(self, counts: list[int]) -> None:
         """Forget the oldest `counts[l]` tokens of each level."""

@@ -1,22 +1,20 @@
-"""Asymmetric group quantization with packed codes, optional mean-centering, and a growing store of it.
+"""Asymmetric group quantization with packed codes and optional mean-centring: the `grouped` codec (KIVI, TaDA).
 
-Pure functions (`quantize`, `dequantize`) work on groups laid along the last dimension. `QuantStore` holds the
-quantized tokens of one tensor (the keys or the values) of one layer and appends blocks of tokens to it.
+Pure functions (`quantize`, `dequantize`, `encode_block`) work on groups laid along the last dimension; `GroupCodec`
+declares the layout a store holds them in and encodes / decodes blocks of tokens.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 
-from .packing import pack, unpack
+from ..options import option
+from .base import BIT_WIDTHS, Codec, Field, Layout, register_codec
+from .packing import pack, packed_size, unpack
 
-if TYPE_CHECKING:
-    from ..distributed import HeadShard
-
-QUANT_BITS = (2, 3, 4, 8, 16)
+QUANT_BITS = BIT_WIDTHS["uniform"]
 AXES = ("token", "channel")
 CENTERS = ("none", "head", "channel")
 MEAN_HEADS = ("all", "rank")
@@ -58,9 +56,10 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     return torch.addcmul(zero.float(), unpack(packed, bits, n).float(), scale.float())
 
 
+@register_codec
 @dataclass(frozen=True)
-class QuantSpec:
-    """How one tensor (keys or values) of one layer is quantized.
+class GroupCodec(Codec):
+    """Asymmetric group quantization (KIVI, TaDA): codes packed, an fp16 scale and minimum per group.
 
     bits: code width (16 keeps fp16 values, no codes). group: elements sharing one scale and zero point.
     axis: "token" puts a group along the channels of one token; "channel" along `group` tokens of one channel (KIVI
@@ -71,13 +70,18 @@ class QuantSpec:
     different codec); the same without tensor parallelism.
     """
 
-    bits: int = 4
-    group: int = 32
-    axis: str = "token"
-    center: str = "none"
-    mean_heads: str = "all"
+    name = "grouped"
+    summary = "asymmetric group codes, fp16 scale and zero per group, optional mean-centring (KIVI, TaDA)"
+    backends = {"cpu": ("torch", "cpu"), "cuda": ("torch", "triton")}
 
-    def __post_init__(self) -> None:
+    bits: int = option(4, f"code width: {', '.join(map(str, QUANT_BITS))} (16 = fp16 values, no codes)")
+    group: int = option(32, "elements sharing one fp16 scale and zero point (tokens for per-channel groups)")
+    axis: str = option("token", "groups run along the channels of one 'token' or along tokens of one 'channel'")
+    center: str = option("none", "subtracted before coding: 'none', 'head' (per-token mean over KV heads, fp16) or "
+                                 "'channel' (per-head channel mean of the first block, fp16)")
+    mean_heads: str = option("all", "under tensor parallelism, the heads center=head averages: 'all' or 'rank'")
+
+    def validate(self) -> None:
         if self.bits not in QUANT_BITS:
             raise ValueError(f"bits must be one of {QUANT_BITS}, got {self.bits!r}")
         if not isinstance(self.group, int) or self.group < 1:
@@ -94,8 +98,28 @@ class QuantSpec:
         """Tokens that must be appended or dropped together (a per-channel group spans `group` tokens)."""
         return self.group if self.axis == "channel" and self.bits != 16 else 1
 
-    def make_store(self, name: str) -> "QuantStore":
-        return QuantStore(self, name)
+    @property
+    def lossless(self) -> bool:
+        return False
+
+    def layout(self, head_dim: int) -> Layout:
+        d, g, bits = head_dim, self.group, self.bits
+        if bits == 16:
+            fields = [Field("codes", torch.float16, (d,), "codes")]
+        elif self.axis == "token":
+            fields = [Field("codes", torch.uint8, (d // g, packed_size(g, bits)), "codes"),
+                      Field("scale", torch.float16, (d // g, 1), "scales"),
+                      Field("zero", torch.float16, (d // g, 1), "scales")]
+        else:
+            fields = [Field("codes", torch.uint8, (g, packed_size(d, bits)), "codes", tokens=g),
+                      Field("scale", torch.float16, (1, d), "scales", tokens=g),
+                      Field("zero", torch.float16, (1, d), "scales", tokens=g)]
+        if self.center == "head":
+            fields.append(Field("head_mean", torch.float16, (d,), "means", shared_heads=True))
+        elif self.center == "channel":
+            fields.append(Field("channel_mean", torch.float16, (1, d), "means", tokens=0))
+        params = (("bits", bits), ("group", g), ("axis", self.axis), ("center", self.center))
+        return Layout("grouped", params, tuple(fields), self.tokens_per_unit)
 
     def describe(self) -> str:
         scope = " (rank's heads)" if self.center == "head" and self.mean_heads == "rank" else ""
@@ -107,6 +131,36 @@ class QuantSpec:
                 f"{name}: group={self.group} does not divide head_dim={head_dim}; per-token groups run along the "
                 f"channels, so choose a divisor of {head_dim}"
             )
+
+    def encode(self, x: torch.Tensor, store) -> dict[str, torch.Tensor]:
+        if self.center == "channel" and "channel_mean" not in store.state:
+            store.state["channel_mean"] = _to_fp16(x.float().mean(2, keepdim=True), "the channel mean")
+        encode = store.encoder or encode_block
+        if self.center == "head" and self.mean_heads == "all" and store.shard is not None:
+            # the same float operations as one process over all heads; the kernels take no outside mean
+            every = store.shard.gather_heads(x).float()
+            encode = partial(encode_block, mean=_to_fp16(head_mean(every), "the head mean"))
+        codes, scale, zero, mean = encode(x, self, store.state.get("channel_mean"))
+        out = {"codes": codes}
+        if scale is not None:
+            out["scale"], out["zero"] = scale, zero
+        if mean is not None:
+            out["head_mean"] = mean
+        return out
+
+    def decode(self, fields: dict[str, torch.Tensor], store) -> torch.Tensor:
+        codes = fields["codes"]
+        if self.bits == 16:
+            x = codes.float()
+        else:
+            d = store.head_dim
+            g = dequantize(codes, fields["scale"], fields["zero"], self.bits, self.group if self.axis == "token" else d)
+            x = g.reshape(g.shape[0], g.shape[1], -1, d)
+        if "head_mean" in fields:
+            x = x + fields["head_mean"].float()
+        if "channel_mean" in store.state:
+            x = x + store.state["channel_mean"].float()
+        return x
 
 
 def head_mean(x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +182,7 @@ def _to_fp16(x: torch.Tensor, what: str) -> torch.Tensor:
     return h
 
 
-def encode_block(x: torch.Tensor, spec: "QuantSpec", channel_mean: torch.Tensor | None = None,
+def encode_block(x: torch.Tensor, spec: "GroupCodec", channel_mean: torch.Tensor | None = None,
                  mean: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """One block of tokens x [B, H, T, D] as a store holds it: (codes, scale, zero, head mean).
@@ -161,104 +215,3 @@ def encode_block(x: torch.Tensor, spec: "QuantSpec", channel_mean: torch.Tensor 
         groups, dim = x.reshape(b, h, t // spec.group, spec.group, d), -2
     codes, scale, zero = quantize(groups, spec.bits, dim)
     return codes, scale, zero, m
-
-
-class QuantStore:
-    """The quantized tokens of one tensor of one layer, shaped [batch, heads, tokens, head_dim] when decoded."""
-
-    def __init__(self, spec: QuantSpec, name: str = "tensor"):
-        self.spec = spec
-        self.name = name
-        self.tokens = 0
-        self.head_dim = 0
-        self.codes: torch.Tensor | None = None
-        self.scale: torch.Tensor | None = None
-        self.zero: torch.Tensor | None = None
-        self.head_mean: torch.Tensor | None = None  # [B, 1, T, D] fp16, center="head"
-        self.channel_mean: torch.Tensor | None = None  # [B, H, 1, D] fp16, center="channel"
-        # what turns a block into codes: `encode_block` (PyTorch) or a kernel with the same contract and output
-        self.encoder = None
-        # the global KV heads held under tensor parallelism (set by the layer): center="head" with mean_heads="all"
-        # gathers the other ranks' heads of each block to take the mean over all of them
-        self.shard: HeadShard | None = None
-
-    def _fp16(self, x: torch.Tensor, what: str) -> torch.Tensor:
-        return _to_fp16(x, f"{self.name}: {what}")
-
-    def append(self, x: torch.Tensor) -> None:
-        """Quantize and store a block of tokens x [B, H, T, D]; T must be a multiple of `tokens_per_unit`."""
-        spec = self.spec
-        t = x.shape[2]
-        if t % spec.tokens_per_unit:
-            raise ValueError(f"{self.name}: {t} tokens is not a multiple of the group of {spec.tokens_per_unit} tokens")
-        if t == 0:
-            return
-        spec.check_head_dim(x.shape[-1], self.name)
-        if spec.center == "channel" and self.channel_mean is None:
-            self.channel_mean = self._fp16(x.float().mean(2, keepdim=True), "the channel mean")
-        encode = self.encoder or encode_block
-        if spec.center == "head" and spec.mean_heads == "all" and self.shard is not None:
-            # the same float operations as one process over all heads; the kernels take no outside mean
-            every = self.shard.gather_heads(x).float()
-            encode = partial(encode_block, mean=self._fp16(head_mean(every), "the head mean"))
-        try:
-            codes, scale, zero, mean = encode(x, spec, self.channel_mean)
-        except ValueError as e:
-            raise ValueError(f"{self.name}: {e}") from None
-        self.head_dim = x.shape[-1]
-        self.codes = codes if self.codes is None else torch.cat([self.codes, codes], 2)
-        if scale is not None:
-            self.scale = scale if self.scale is None else torch.cat([self.scale, scale], 2)
-            self.zero = zero if self.zero is None else torch.cat([self.zero, zero], 2)
-        if mean is not None:
-            self.head_mean = mean if self.head_mean is None else torch.cat([self.head_mean, mean], 2)
-        self.tokens += t
-
-    def decode(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """All stored tokens, dequantized to [B, H, T, D] in `dtype`; None when empty."""
-        if self.tokens == 0:
-            return None
-        spec = self.spec
-        if spec.bits == 16:
-            x = self.codes.float()
-        else:
-            n = spec.group if spec.axis == "token" else self.head_dim
-            g = dequantize(self.codes, self.scale, self.zero, spec.bits, n)
-            x = g.reshape(g.shape[0], g.shape[1], self.tokens, -1)
-        if self.head_mean is not None:
-            x = x + self.head_mean.float()
-        if self.channel_mean is not None:
-            x = x + self.channel_mean.float()
-        return x.to(dtype)
-
-    def parts(self) -> dict[str, list[torch.Tensor]]:
-        """The tensors held, by part of the memory report."""
-        out: dict[str, list[torch.Tensor]] = {"codes": [], "scales": [], "means": []}
-        for part, t in (("codes", self.codes), ("scales", self.scale), ("scales", self.zero),
-                        ("means", self.head_mean), ("means", self.channel_mean)):
-            if t is not None:
-                out[part].append(t)
-        return out
-
-    def map_batch(self, fn) -> None:
-        """Apply `fn` (a function of a batch-first tensor) to every held tensor: beam reorder, batch selection."""
-        for attr in ("codes", "scale", "zero", "head_mean", "channel_mean"):
-            t = getattr(self, attr)
-            if t is not None:
-                setattr(self, attr, fn(t))
-
-    def drop_front(self, n: int) -> None:
-        """Forget the oldest `n` tokens (a multiple of `tokens_per_unit`)."""
-        if n <= 0:
-            return
-        unit = self.spec.tokens_per_unit
-        if n % unit or n > self.tokens:
-            raise ValueError(f"{self.name}: cannot drop {n} of {self.tokens} tokens in units of {unit}")
-        # clone: a slice would keep the whole old storage alive behind a smaller numel
-        self.codes = self.codes[:, :, n // unit:].clone()
-        if self.scale is not None:
-            self.scale = self.scale[:, :, n // unit:].clone()
-            self.zero = self.zero[:, :, n // unit:].clone()
-        if self.head_mean is not None:
-            self.head_mean = self.head_mean[:, :, n:].clone()
-        self.tokens -= n

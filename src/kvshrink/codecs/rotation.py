@@ -24,11 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import pack, unpack
-from .quant import QuantSpec, QuantStore
+from ..options import option
+from .base import BIT_WIDTHS, Codec, Field, Layout, register_codec
+from .packing import pack, packed_size, unpack
+from .quant import GroupCodec, dequantize, encode_block
 
 QUANTIZERS = ("lloydmax", "uniform", "fp8")
-ROTATED_BITS = (2, 3, 4, 8, 16)
+ROTATED_BITS = BIT_WIDTHS["uniform"]
 NORM_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 #: mean squared error of the Lloyd-Max quantizer of a unit Gaussian (Max 1960), for tests and docs
 GAUSSIAN_LLOYD_MAX_MSE = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497}
@@ -124,43 +126,47 @@ def lloydmax_decode(codes: torch.Tensor, bits: int, d: int) -> torch.Tensor:
     return c.to(codes.device)[codes.long()] / math.sqrt(d)
 
 
-# -- the spec and the store --------------------------------------------------------------------------------------------
+# -- the codec ---------------------------------------------------------------------------------------------------
+@register_codec
 @dataclass(frozen=True)
-class RotationSpec:
+class RotationCodec(Codec):
     """How one tensor (keys or values) of one layer is rotated and quantized.
 
     bits: 2, 3, 4 (or 8 with 'uniform'/'fp8'; 16 keeps rotated fp16 values). quantizer: 'lloydmax', 'uniform'
     (per-token groups of `group` rotated channels), 'fp8'. rotate: False quantizes without the rotation (fp8 keys).
     norm: dtype of the kept norms/scales. norm_correction: keep ||x|| / ||decoded unit vector||.
-    seed, layer: which rotation.
+    seed, layer: which rotation (a layer's builder sets `layer`).
     """
 
-    bits: int = 4
-    quantizer: str = "lloydmax"
-    group: int = 32
-    rotate: bool = True
-    norm: str = "float16"
-    norm_correction: bool = True
-    seed: int = 0
-    layer: int = 0
+    name = "rotated"
+    summary = "randomized Hadamard rotation, then Lloyd-Max / uniform / fp8 codes per token (TurboQuant, PolarQuant)"
 
-    axis = "token"  # what the layer's report and block logic read (rotated stores are per token)
+    bits: int = option(4, "code width: 2, 3, 4 (lloydmax); 2-8 (uniform); 8 (fp8); 16 = rotated fp16 values")
+    quantizer: str = option("lloydmax", f"scalar quantizer of the rotated coordinates: {', '.join(QUANTIZERS)}")
+    group: int = option(32, "rotated channels per uniform group (quantizer=uniform)")
+    rotate: bool = option(True, "rotate before coding (False: fp8 keys as vLLM stores them)")
+    norm: str = option("float16", "dtype of the kept norms / scales: float16 or float32")
+    norm_correction: bool = option(True, "keep ||x|| / ||decoded direction|| so decoded vectors keep their norm")
+    seed: int = option(0, "seed of the rotation's random signs (nothing else is stored for it)")
+    layer: int = option(0, "layer index mixed into the seed (set by the layer's builder)")
+
+    axis = "token"  # what reports read (rotated codes are per token)
     center = "none"
-    tokens_per_unit = 1
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        allowed = ROTATED_BITS if self.quantizer != "lloydmax" else (*BIT_WIDTHS["lloydmax"], 16)
         if self.bits not in ROTATED_BITS:
             raise ValueError(f"bits must be one of {ROTATED_BITS}, got {self.bits!r}")
-        if self.quantizer == "fp8" and self.bits != 8:
+        if self.quantizer == "fp8" and self.bits not in BIT_WIDTHS["fp8"]:
             raise ValueError(f"quantizer 'fp8' stores 8 bits, got bits={self.bits}")
-        if self.quantizer == "lloydmax" and self.bits == 8:
-            raise ValueError("quantizer 'lloydmax' takes bits 2, 3 or 4 (8 bits: use 'uniform' or 'fp8')")
+        if self.bits not in allowed:
+            *most, last = BIT_WIDTHS["lloydmax"]
+            raise ValueError(f"quantizer 'lloydmax' takes bits {', '.join(map(str, most))} or {last} "
+                             "(8 bits: use 'uniform' or 'fp8')")
         if self.norm not in NORM_DTYPES:
             raise ValueError(f"norm must be one of {', '.join(NORM_DTYPES)}, got {self.norm!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
         if not isinstance(self.group, int) or self.group < 1:
             raise ValueError(f"group must be a positive integer, got {self.group!r}")
 
@@ -173,131 +179,100 @@ class RotationSpec:
         if self.quantizer == "uniform" and self.bits != 16 and head_dim % self.group:
             raise ValueError(f"{name}: group={self.group} does not divide head_dim={head_dim}")
 
-    def make_store(self, name: str) -> "RotatedStore":
-        return RotatedStore(self, name)
-
     def describe(self) -> str:
         what = {"lloydmax": "Lloyd-Max", "uniform": f"uniform g{self.group}", "fp8": "fp8"}[self.quantizer]
         return f"{'rotated ' if self.rotate else ''}{what}{' nc' if self.norm_correction else ''}"
 
+    @property
+    def _inner(self) -> GroupCodec:
+        """The grouped codes of quantizer='uniform' (over the rotated vectors)."""
+        return GroupCodec(self.bits, self.group, "token", "none")
 
-class RotatedStore:
-    """The rotated, quantized tokens of one tensor of one layer; `decode` gives them back unrotated, and
-    `decode_rotated` in the rotated space (what attention without inverse rotation reads)."""
+    def layout(self, head_dim: int) -> Layout:
+        d = head_dim
+        norm = NORM_DTYPES[self.norm]
+        if self.bits == 16:
+            fields = (Field("codes", torch.float16, (d,), "codes"),)
+        elif self.quantizer == "uniform":
+            fields = self._inner.layout(d).fields
+        elif self.quantizer == "fp8":
+            fields = (Field("codes", torch.uint8, (d,), "codes"), Field("norms", norm, (1,), "scales"))
+        else:
+            fields = (Field("codes", torch.uint8, (packed_size(d, self.bits),), "codes"),
+                      Field("norms", norm, (1,), "scales"))
+        params = (("bits", self.bits), ("quantizer", self.quantizer), ("group", self.group),
+                  ("rotate", self.rotate), ("seed", self.seed), ("layer", self.layer))
+        return Layout("rotated", params, fields)
 
-    def __init__(self, spec: RotationSpec, name: str = "tensor"):
-        self.spec, self.name = spec, name
-        self.tokens = 0
-        self.head_dim = 0
-        self.codes: torch.Tensor | None = None  # [B, H, T, packed bytes] (uniform: QuantStore holds them)
-        self.norms: torch.Tensor | None = None  # [B, H, T, 1]
-        # uniform codes live in a grouped store of the rotated vectors
-        self.inner = QuantStore(QuantSpec(spec.bits, spec.group, "token", "none"), name) \
-            if spec.quantizer == "uniform" and spec.bits != 16 else None
-        self._signs: torch.Tensor | None = None
-        self.shard = None  # the global KV heads held under tensor parallelism (set by the layer)
-
-    def signs(self, heads: int, d: int) -> torch.Tensor:
-        """The signs of the `heads` heads held; under tensor parallelism the rows of this rank's global heads, so
-        every head is rotated as in one process."""
-        if self._signs is None or self._signs.shape != (heads, d):
-            shard = self.shard
+    # -- the rotation of a store's heads ------------------------------------------------------------------------
+    def signs(self, store, heads: int, d: int) -> torch.Tensor:
+        """The signs of the `heads` heads a store holds; under tensor parallelism the rows of its rank's global
+        heads, so every head is rotated as in one process."""
+        key = ("signs", heads, d)
+        if key not in store.cache:
+            shard = store.shard
             if shard is not None and heads == shard.heads:
-                every = signs(self.spec.seed, self.spec.layer, shard.total, d)
-                self._signs = every[shard.start:shard.stop].clone()
+                store.cache[key] = signs(self.seed, self.layer, shard.total, d)[shard.start:shard.stop].clone()
             else:
-                self._signs = signs(self.spec.seed, self.spec.layer, heads, d)
-        return self._signs
+                store.cache[key] = signs(self.seed, self.layer, heads, d)
+        return store.cache[key]
 
-    def to_rotated(self, x: torch.Tensor) -> torch.Tensor:
+    def to_rotated(self, x: torch.Tensor, store) -> torch.Tensor:
         """x [B, H, T, d] in the rotated space (float32)."""
         x = x.float()
-        return rotate(x, self.signs(x.shape[1], x.shape[-1])) if self.spec.rotate else x
+        return rotate(x, self.signs(store, x.shape[1], x.shape[-1])) if self.rotate else x
 
-    def from_rotated(self, y: torch.Tensor) -> torch.Tensor:
-        return unrotate(y.float(), self.signs(y.shape[1], y.shape[-1])) if self.spec.rotate else y.float()
+    def from_rotated(self, y: torch.Tensor, store) -> torch.Tensor:
+        return unrotate(y.float(), self.signs(store, y.shape[1], y.shape[-1])) if self.rotate else y.float()
 
-    def append(self, x: torch.Tensor) -> None:
-        """Rotate, quantize and store a block of tokens x [B, H, T, d]."""
-        if x.shape[2] == 0:
-            return
-        spec = self.spec
-        spec.check_head_dim(x.shape[-1], self.name)
+    # -- coding ---------------------------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, store) -> dict[str, torch.Tensor]:
         if not torch.isfinite(x).all():
-            raise ValueError(f"{self.name}: non-finite values cannot be stored")
-        self.head_dim = x.shape[-1]
-        y = self.to_rotated(x)
-        norm_dtype = NORM_DTYPES[spec.norm]
-        if spec.bits == 16:
-            codes, norms = y.half(), None
-        elif spec.quantizer == "uniform":
-            self.inner.append(y)
-            self.tokens += x.shape[2]
-            return
-        elif spec.quantizer == "fp8":
+            raise ValueError("non-finite values cannot be stored")
+        d = x.shape[-1]
+        y = self.to_rotated(x, store)
+        norm_dtype = NORM_DTYPES[self.norm]
+        if self.bits == 16:
+            return {"codes": y.half()}
+        if self.quantizer == "uniform":
+            codes, scale, zero, _ = encode_block(y.reshape(*y.shape[:3], d), self._inner)
+            return {"codes": codes, "scale": scale, "zero": zero}
+        if self.quantizer == "fp8":
             amax = y.abs().amax(-1, keepdim=True)
             scale = (amax / 448.0).clamp_min(1e-30).to(norm_dtype)
             codes = (y / scale.float()).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
-            norms = scale
-        else:
-            n = y.norm(dim=-1, keepdim=True)
-            u = y / n.clamp_min(1e-30)
-            raw = lloydmax_encode(u, spec.bits)
-            if spec.norm_correction:
-                back = lloydmax_decode(raw, spec.bits, self.head_dim).norm(dim=-1, keepdim=True)
-                n = n / back.clamp_min(1e-30)
-            codes, norms = pack(raw, spec.bits), n.to(norm_dtype)
-            if not torch.isfinite(norms).all():
-                raise ValueError(f"{self.name}: a vector norm exceeds the {spec.norm} range")
-        self.codes = codes if self.codes is None else torch.cat([self.codes, codes], 2)
-        if norms is not None:
-            self.norms = norms if self.norms is None else torch.cat([self.norms, norms], 2)
-        self.tokens += x.shape[2]
+            return {"codes": codes, "norms": scale}
+        n = y.norm(dim=-1, keepdim=True)
+        u = y / n.clamp_min(1e-30)
+        raw = lloydmax_encode(u, self.bits)
+        if self.norm_correction:
+            back = lloydmax_decode(raw, self.bits, d).norm(dim=-1, keepdim=True)
+            n = n / back.clamp_min(1e-30)
+        norms = n.to(norm_dtype)
+        if not torch.isfinite(norms).all():
+            raise ValueError(f"a vector norm exceeds the {self.norm} range")
+        return {"codes": pack(raw, self.bits), "norms": norms}
 
-    def decode_rotated(self) -> torch.Tensor | None:
-        """All stored tokens in the rotated space, float32 [B, H, T, d]; None when empty."""
-        if self.tokens == 0:
-            return None
-        spec, d = self.spec, self.head_dim
-        if spec.bits == 16:
-            return self.codes.float()
-        if spec.quantizer == "uniform":
-            return self.inner.decode(torch.float32)
-        if spec.quantizer == "fp8":
-            return self.codes.view(torch.float8_e4m3fn).float() * self.norms.float()
-        return lloydmax_decode(unpack(self.codes, spec.bits, d), spec.bits, d) * self.norms.float()
+    def decode_rotated(self, fields: dict[str, torch.Tensor], store) -> torch.Tensor:
+        """Tokens in the rotated space, float32 [B, H, T, d]."""
+        d = store.head_dim
+        codes = fields["codes"]
+        if self.bits == 16:
+            return codes.float()
+        if self.quantizer == "uniform":
+            g = dequantize(codes, fields["scale"], fields["zero"], self.bits, self.group)
+            return g.reshape(g.shape[0], g.shape[1], -1, d)
+        if self.quantizer == "fp8":
+            return codes.view(torch.float8_e4m3fn).float() * fields["norms"].float()
+        return lloydmax_decode(unpack(codes, self.bits, d), self.bits, d) * fields["norms"].float()
 
-    def decode(self, dtype: torch.dtype) -> torch.Tensor | None:
-        y = self.decode_rotated()
-        return None if y is None else self.from_rotated(y).to(dtype)
+    def decode(self, fields: dict[str, torch.Tensor], store) -> torch.Tensor:
+        return self.from_rotated(self.decode_rotated(fields, store), store)
 
-    def parts(self) -> dict[str, list[torch.Tensor]]:
-        if self.inner is not None:
-            return self.inner.parts()
-        out: dict[str, list[torch.Tensor]] = {"codes": [], "scales": [], "means": []}
-        if self.codes is not None:
-            out["codes"].append(self.codes)
-        if self.norms is not None:
-            out["scales"].append(self.norms)
-        return out
 
-    def map_batch(self, fn) -> None:
-        if self.inner is not None:
-            self.inner.map_batch(fn)
-        for attr in ("codes", "norms"):
-            t = getattr(self, attr)
-            if t is not None:
-                setattr(self, attr, fn(t))
-
-    def drop_front(self, n: int) -> None:
-        if n <= 0:
-            return
-        if n > self.tokens:
-            raise ValueError(f"{self.name}: cannot drop {n} of {self.tokens} tokens")
-        if self.inner is not None:
-            self.inner.drop_front(n)
-        else:
-            self.codes = self.codes[:, :, n:].clone()
-            if self.norms is not None:
-                self.norms = self.norms[:, :, n:].clone()
-        self.tokens -= n
+def decode_rotated(store) -> torch.Tensor | None:
+    """Every token of a rotation-codec store in the rotated space (float32 [B, H, T, d]); None when empty."""
+    if not store.pages:
+        return None
+    parts = [store.codec.decode_rotated(p, store) for p in store.pages]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)

@@ -79,7 +79,8 @@ def bench(
 
     from ..models import load_model
     from .corpus import heldout_text
-    from .runner import Env, check_spec, environment, split_specs
+    from ..spec import split_specs
+    from .runner import Env, check_spec, environment
 
     specs = [check_spec(s) for s in (split_specs(methods) if isinstance(methods, str) else methods)]
     contexts = [parse_length(c) for c in contexts]

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from ..io import temp_beside
 from ..report import markdown_table
+from ..spec import label
 from .tasks import columns
 
 
@@ -41,20 +42,6 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[metric] = sum(values) / len(values)
         rows.append(row)
     return rows
-
-
-def method_label(method: str) -> str:
-    """A method spec as a plot label: `profile=` paths shortened to the file's stem, so that
-    `tada:profile=benchmarks/profiles/m-tada-0.20.json` reads `tada:profile=m-tada-0.20`; other values stay whole
-    ('/' also joins `levels` and `exact_layers`)."""
-    name, sep, opts = method.partition(":")
-    parts = []
-    for item in opts.split(",") if opts else []:
-        key, eq, value = item.partition("=")
-        if eq and key == "profile":
-            value = Path(value).name.removesuffix(".json")
-        parts.append(f"{key}{eq}{value}")
-    return name + sep + ",".join(parts)
 
 
 def results_table(records: Sequence[dict[str, Any]]) -> str:
@@ -95,7 +82,7 @@ def plot_results(records: Sequence[dict[str, Any]], path: str | Path, title: str
                 ax.scatter(r["bytes_per_token"], r[metric], marker="*" if is_full else markers[ci % len(markers)],
                            s=160 if is_full else 40, color="black" if is_full else f"C{ci}",
                            label=f"context {context}" if r is pts[0] and len(contexts) > 1 else None, zorder=3)
-                ax.annotate(method_label(r["method"]), (r["bytes_per_token"], r[metric]), fontsize=6, xytext=(3, 3),
+                ax.annotate(label(r["method"]), (r["bytes_per_token"], r[metric]), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")
                 if is_full:
                     ax.axhline(r[metric], color="grey", lw=0.8, ls="--", zorder=1)

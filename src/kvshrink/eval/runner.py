@@ -6,6 +6,7 @@ transformers' `DynamicCache` on the same inputs.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -19,6 +20,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from transformers import DynamicCache
 
+from ..methods import build_method, canonical_spec
+from ..spec import split_specs
 from .baselines import baseline_memory, is_baseline, make_baseline_cache, parse_baseline
 from .corpus import heldout_text
 from .prefill import PrefillRecord, record_prefill, replay, replayable
@@ -30,28 +33,6 @@ DEFAULT_TASKS = ("ppl", "kl", "match", "passkey")
 DEFAULT_CONTEXTS = (2048,)
 DEFAULT_SEEDS = (0,)
 RECORD_VERSION = 1
-
-
-def split_specs(text: str | Sequence[str]) -> list[str]:
-    """'full,kivi:bits=2,group=32,tada:bits=4' -> ['full', 'kivi:bits=2,group=32', 'tada:bits=4'].
-
-    A comma starts a new spec unless the next item is a bare key=value, which belongs to the spec before it.
-    """
-    items = [text] if isinstance(text, str) else list(text)
-    specs: list[str] = []
-    for chunk in items:
-        for item in (s.strip() for s in chunk.split(",")):
-            if not item:
-                continue
-            if "=" in item and ":" not in item:
-                if not specs:
-                    raise ValueError(f"method list {chunk!r}: option {item!r} comes before any method name")
-                specs[-1] += ("," if ":" in specs[-1] else ":") + item
-            else:
-                specs.append(item)
-    if not specs:
-        raise ValueError("the method list is empty")
-    return specs
 
 
 def expand_tasks(tasks: Iterable[str] | str) -> list[str]:
@@ -69,14 +50,23 @@ def expand_tasks(tasks: Iterable[str] | str) -> list[str]:
 
 
 def check_spec(spec: str) -> str:
-    """Validate a method or baseline spec early (unknown names and options fail before any model runs)."""
-    from ..methods import build_method
-
+    """Validate a method or baseline spec early (unknown names and options fail before any model runs); the
+    canonical spelling of a kvshrink spec, which records key on."""
     if is_baseline(spec):
         parse_baseline(spec)
-    else:
-        build_method(spec)
-    return spec.strip()
+        return spec.strip()
+    build_method(spec)
+    return canonical_spec(spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _canonical(spec: str) -> str:
+    """A record's spec spelled canonically (records written before canonical spelling, or by baselines, as they are
+    when they no longer parse)."""
+    try:
+        return canonical_spec(spec)
+    except (ValueError, TypeError):
+        return spec
 
 
 def cache_memory(cache, config) -> dict[str, Any]:
@@ -209,7 +199,7 @@ def environment() -> dict[str, Any]:
     """Library versions and machine, recorded with every result."""
     import transformers
 
-    from .. import __version__
+    from ..version import __version__
 
     return {
         "kvshrink": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -220,7 +210,8 @@ def environment() -> dict[str, Any]:
 
 
 def record_key(r: dict[str, Any]) -> tuple:
-    return (r["model"], r["corpus"], r["method"], r["task"], r["context"], r["seed"], _freeze(r["settings"]))
+    return (r["model"], r["corpus"], _canonical(r["method"]), r["task"], r["context"], r["seed"],
+            _freeze(r["settings"]))
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:

@@ -21,9 +21,11 @@ from functools import lru_cache
 import torch
 
 from ..codecs.packing import packed_size
-from ..codecs.quant import QuantSpec, QuantStore, _FP16_MAX
+from ..codecs.base import BIT_WIDTHS
+from ..codecs.quant import _FP16_MAX, GroupCodec
+from ..codecs.store import PagedStore
 
-KERNEL_BITS = (2, 3, 4, 8, 16)
+KERNEL_BITS = BIT_WIDTHS["uniform"]
 MAX_QUERY_TOKENS = 16  # decode steps with at most this many query tokens go to the kernel; longer ones (prefill) to SDPA
 _CENTERS = {"none": 0, "head": 1, "channel": 2}
 _LOG2E = 1.4426950408889634
@@ -44,10 +46,10 @@ def usable_on(device: torch.device) -> bool:
     return available() and (torch.device(device).type == "cuda" or interpreting())
 
 
-def unsupported(spec: QuantSpec, head_dim: int) -> str | None:
-    """Why the kernels cannot serve this store layout, or None when they can."""
-    if not isinstance(spec, QuantSpec):
-        return f"{type(spec).__name__} stores (rotation codecs) have no kernel yet"
+def unsupported(spec, head_dim: int) -> str | None:
+    """Why the kernels cannot serve this codec's layout, or None when they can (they read the `grouped` layout)."""
+    if not isinstance(spec, GroupCodec):
+        return f"the {getattr(spec, 'name', type(spec).__name__)} codec has no GPU kernel yet"
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head_dim must be a power of two >= 16 for the kernels, got {head_dim}"
     if spec.bits not in KERNEL_BITS:
@@ -78,7 +80,7 @@ def _check_device(t: torch.Tensor, what: str) -> None:
         raise RuntimeError(f"{what} is on {t.device}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
 
 
-def quantize_pack(x: torch.Tensor, spec: QuantSpec, channel_mean: torch.Tensor | None = None
+def quantize_pack(x: torch.Tensor, spec: GroupCodec, channel_mean: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """`codecs.quant.encode_block` on the GPU: (codes, scale, zero, head mean) for x [B, H, T, D], same bits."""
     tk = _triton()
@@ -133,22 +135,24 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _store_args(store: QuantStore, head_dim: int):
+def _store_args(store: PagedStore, head_dim: int):
     """(codes, scale, zero, head mean, channel mean, scale rows, bits, tokens per scale row, channels per scale
-    column, center code) of a store, for the split kernel."""
-    spec = store.spec
-    if spec.bits == 16:
+    column, center code) of a store, for the split kernel: its declared fields over every page, contiguous (the
+    GPU kernel reads one tensor per field; the pages are joined on the device)."""
+    layout = store.layout
+    bits, group, axis, center = (layout.param(k) for k in ("bits", "group", "axis", "center"))
+    if bits == 16:
         gt, gd, rows = 1, head_dim, 0
-    elif spec.axis == "token":
-        gt, gd, rows = 1, spec.group, store.tokens
+    elif axis == "token":
+        gt, gd, rows = 1, group, store.tokens
     else:
-        gt, gd, rows = spec.group, 1, store.tokens // spec.group
-    codes = store.codes.contiguous()
-    scale = codes if store.scale is None else store.scale.contiguous()
-    zero = codes if store.zero is None else store.zero.contiguous()
-    hm = codes if store.head_mean is None else store.head_mean.contiguous()
-    cm = codes if store.channel_mean is None else store.channel_mean.contiguous()
-    return codes, scale, zero, hm, cm, rows, spec.bits, gt, gd, _CENTERS[spec.center]
+        gt, gd, rows = group, 1, store.tokens // group
+    names = {f.name for f in layout.fields}
+    codes = store.field("codes").contiguous()
+    get = lambda n: codes if n not in names else store.field(n).contiguous()  # noqa: E731
+    scale, zero, hm = get("scale"), get("zero"), get("head_mean")
+    cm = store.state["channel_mean"].contiguous() if "channel_mean" in store.state else codes
+    return codes, scale, zero, hm, cm, rows, bits, gt, gd, _CENTERS[center]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -157,7 +161,7 @@ def _sm_count(device: torch.device) -> int:
     return 4
 
 
-def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: QuantStore,
+def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: PagedStore,
                      exact_keys: torch.Tensor, exact_values: torch.Tensor, exact_index: torch.Tensor,
                      key0: int, mask: torch.Tensor | None = None, scaling: float | None = None,
                      causal: bool = True, block_tokens: int | None = None, splits: int | None = None
@@ -180,7 +184,7 @@ def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: Qu
     if qn > MAX_QUERY_TOKENS:
         raise ValueError(f"packed_attention serves at most {MAX_QUERY_TOKENS} query tokens, got {qn}")
     for store in (key_store, value_store):
-        why = unsupported(store.spec, d)
+        why = unsupported(store.codec, d)
         if why:
             raise ValueError(f"{store.name}: {why}")
     if key_store.tokens != value_store.tokens:

@@ -27,10 +27,12 @@ from pathlib import Path
 
 import torch
 
-from ..codecs.quant import QuantSpec, QuantStore
+from ..codecs.base import BIT_WIDTHS
+from ..codecs.quant import GroupCodec
+from ..codecs.store import PagedStore
 from .reference import check_mask
 
-CPU_BITS = (2, 3, 4, 8, 16)
+CPU_BITS = BIT_WIDTHS["uniform"]
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 ENV = "KVSHRINK_CPU_KERNEL"  # "0": never build or load the extension (the PyTorch path decodes)
 _NAME = "kvshrink_cpu_attention"
@@ -42,9 +44,9 @@ _NONE = torch.empty(0)
 
 
 def unsupported(spec, head_dim: int) -> str | None:
-    """Why the CPU kernel cannot serve this store layout, or None when it can."""
-    if not isinstance(spec, QuantSpec):
-        return f"{type(spec).__name__} stores (rotation codecs) have no CPU kernel"
+    """Why the CPU kernel cannot serve this codec's layout, or None when it can (it reads the `grouped` layout)."""
+    if not isinstance(spec, GroupCodec):
+        return f"the {getattr(spec, 'name', type(spec).__name__)} codec has no CPU kernel yet"
     if spec.bits not in CPU_BITS:
         return f"bits must be one of {CPU_BITS} for the CPU kernel, got {spec.bits}"
     if head_dim < 1:
@@ -161,14 +163,18 @@ def warn_unavailable(reason: str, stacklevel: int = 2) -> None:
                   "store and run SDPA instead (the PyTorch path: same results, slower)", stacklevel=stacklevel + 1)
 
 
-def _store_args(store: QuantStore) -> tuple:
-    spec = store.spec
-    t = lambda x: _NONE if x is None else x.contiguous()  # noqa: E731
-    return (t(store.codes), t(store.scale), t(store.zero), t(store.head_mean), t(store.channel_mean),
-            spec.bits, 1 if spec.axis == "channel" else 0, spec.group)
+def _store_args(store: PagedStore) -> tuple:
+    """The store's declared fields page by page, its fixed channel mean and the layout's parameters, as the C++
+    side takes them."""
+    codec = store.codec
+    names = {f.name for f in store.layout.fields} if store.layout is not None else set()
+    pages = lambda n: store.page_list(n) if n in names else []  # noqa: E731
+    cm = store.state.get("channel_mean")
+    return (pages("codes"), pages("scale"), pages("zero"), pages("head_mean"),
+            _NONE if cm is None else cm.contiguous(), codec.bits, 1 if codec.axis == "channel" else 0, codec.group)
 
 
-def split_tokens(tokens: int, units: int, spec_k: QuantSpec, spec_v: QuantSpec) -> int:
+def split_tokens(tokens: int, units: int, spec_k: GroupCodec, spec_v: GroupCodec) -> int:
     """Stored tokens per parallel work unit: enough units for every thread (four each, for balance), at least 256
     tokens each, a multiple of 64 and of the per-channel groups."""
     align = math.lcm(64, spec_k.tokens_per_unit, spec_v.tokens_per_unit)
@@ -177,7 +183,7 @@ def split_tokens(tokens: int, units: int, spec_k: QuantSpec, spec_v: QuantSpec) 
     return -(-size // align) * align
 
 
-def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: QuantStore,
+def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: PagedStore,
                      exact_keys: torch.Tensor, exact_values: torch.Tensor, exact_index: torch.Tensor,
                      key0: int, mask: torch.Tensor | None = None, scaling: float | None = None,
                      causal: bool = True, block_tokens: int | None = None) -> torch.Tensor:
@@ -193,7 +199,7 @@ def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: Qu
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     for store in (key_store, value_store):
-        why = unsupported(store.spec, d)
+        why = unsupported(store.codec, d)
         if why:
             raise ValueError(f"{store.name}: {why}")
         if store.tokens and store.head_dim != d:
@@ -218,9 +224,12 @@ def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: Qu
         mask_b, mask_q = mask.stride(0), mask.stride(1)
     else:
         mask, mask_b, mask_q = _NONE, 0, 0
-    split = block_tokens or split_tokens(t_store, b * hkv, key_store.spec, value_store.spec)
+    split = block_tokens or split_tokens(t_store, b * hkv, key_store.codec, value_store.codec)
+    if t_store and (key_store.fills != value_store.fills or key_store.page_tokens != value_store.page_tokens):
+        raise ValueError(f"the key and value stores are paged differently ({key_store.fills} vs {value_store.fills})")
     out = torch.empty_like(q)
-    op(out, q, *_store_args(key_store), *_store_args(value_store), t_store,
+    op(out, q, *_store_args(key_store), *_store_args(value_store), t_store, key_store.page_tokens,
+       list(key_store.fills),
        exact_keys.float().contiguous(), exact_values.float().contiguous(), exact_index.long().contiguous(),
        key0, mask, mask_b, mask_q, causal, split)
     return out.to(query.dtype)

@@ -7,11 +7,12 @@
 // (the n_rep query heads times the query tokens), dequantizing codes in tiles of TT tokens in registers/L1, and a
 // last pass merges the units (flash-decoding). Units run in parallel through at::parallel_for.
 //
-// Layouts (codecs/quant.py `encode_block`): a token's codes are a row of packed bytes (2/4/8 bits: 8/bits codes
-// per byte, low bits first; 3 bits: 8 codes per little-endian 3-byte word). Per-token groups ("token" axis):
-// codes [B, H, T, D/G, bytes(G)], fp16 scale/zero [B, H, T, D/G]; per-channel groups ("channel" axis): codes
-// [B, H, T, bytes(D)] (T/G groups of G rows), fp16 scale/zero [B, H, T/G, D]. 16 bits: fp16 values [B, H, T, D].
-// Optional fp16 head mean [B, 1, T, D] and channel mean [B, H, 1, D] are added back.
+// Layout: the `grouped` codec's declared fields (codecs/quant.py `GroupCodec.layout`), page by page
+// (codecs/store.py): a token's codes are a row of packed bytes (2/4/8 bits: 8/bits codes per byte, low bits first;
+// 3 bits: 8 codes per little-endian 3-byte word). Per-token groups ("token" axis): codes [B, H, T, D/G, bytes(G)],
+// fp16 scale/zero [B, H, T, D/G]; per-channel groups ("channel" axis): codes [B, H, T, bytes(D)] (T/G groups of G
+// rows), fp16 scale/zero [B, H, T/G, D]. 16 bits: fp16 values [B, H, T, D]. Optional fp16 head mean [B, 1, T, D]
+// and channel mean [B, H, 1, D] are added back. T is a page's fill; the wrapper passes one tensor per page.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Half.h>
@@ -279,7 +280,8 @@ void values_tile(const float* __restrict P, int64_t R, int64_t stride, const flo
       if (P[r * stride + j] != 0.0f) axpy(acc + r * D, P[r * stride + j], V + j * D, D);
 }
 
-// One store (keys or values) of one layer.
+// One store (keys or values) of one layer, in pages: page i holds fills[i] tokens, each field shaped
+// [B, H (1 for the head mean), entries, ...]; every page but the first and the last holds page_tokens tokens.
 struct Store {
   int bits = 16;
   bool channel_axis = false;
@@ -287,34 +289,58 @@ struct Store {
   int64_t row_bytes = 0;  // token axis: bytes of one group's codes; channel axis: bytes of one token's codes
   int64_t ngroups = 1;    // token axis: groups per token
   bool whole_row = false; // token axis: the groups' codes are contiguous, so one unpack serves the whole row
-  const uint8_t* codes = nullptr;
-  const uint16_t* codes16 = nullptr;
-  const uint16_t* scale = nullptr;
-  const uint16_t* zero = nullptr;
-  const uint16_t* head_mean = nullptr;
+  int64_t page_tokens = 1;
+  std::vector<int64_t> fills;
+  std::vector<const uint8_t*> codes;
+  std::vector<const uint16_t*> codes16, scale, zero, head_mean;
   const uint16_t* channel_mean = nullptr;
+
+  // (page, token within the page) of stored token t
+  inline void locate(int64_t t, int64_t& page, int64_t& local) const {
+    const int64_t first = fills[0];
+    if (t < first) {
+      page = 0;
+      local = t;
+    } else {
+      page = 1 + (t - first) / page_tokens;
+      local = (t - first) % page_tokens;
+    }
+  }
 };
 
 const uint16_t* half_ptr(const at::Tensor& t) {
   return t.numel() ? reinterpret_cast<const uint16_t*>(t.data_ptr()) : nullptr;
 }
 
-Store make_store(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& hm,
-                 const at::Tensor& cm, int64_t bits, int64_t axis, int64_t group, int64_t T, int64_t D) {
+Store make_store(const std::vector<at::Tensor>& codes, const std::vector<at::Tensor>& scale,
+                 const std::vector<at::Tensor>& zero, const std::vector<at::Tensor>& hm, const at::Tensor& cm,
+                 int64_t bits, int64_t axis, int64_t group, int64_t T, int64_t D, int64_t page_tokens,
+                 const std::vector<int64_t>& fills) {
   Store s;
   s.bits = static_cast<int>(bits);
   s.channel_axis = axis == 1;
   s.group = group;
   s.T = T;
   s.D = D;
-  s.H = codes.numel() ? codes.size(1) : 0;
-  if (bits == 16) {
-    s.codes16 = half_ptr(codes);
-  } else {
-    s.codes = codes.numel() ? codes.data_ptr<uint8_t>() : nullptr;
-    s.row_bytes = codes.numel() ? codes.size(-1) : 0;
-    s.scale = half_ptr(scale);
-    s.zero = half_ptr(zero);
+  s.page_tokens = page_tokens;
+  s.fills = fills;
+  const size_t n = codes.size();
+  TORCH_CHECK(fills.size() == n, "one fill per page");
+  TORCH_CHECK(hm.empty() || hm.size() == n, "head mean: one tensor per page");
+  s.H = n ? codes[0].size(1) : 0;
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(codes[i].is_contiguous(), "pages must be contiguous");
+    if (bits == 16) {
+      s.codes16.push_back(half_ptr(codes[i]));
+    } else {
+      s.codes.push_back(codes[i].numel() ? codes[i].data_ptr<uint8_t>() : nullptr);
+      s.scale.push_back(half_ptr(scale[i]));
+      s.zero.push_back(half_ptr(zero[i]));
+    }
+    if (!hm.empty()) s.head_mean.push_back(half_ptr(hm[i]));
+  }
+  if (bits != 16 && n) {
+    s.row_bytes = codes[0].size(-1);
     if (!s.channel_axis) {
       s.ngroups = D / group;
       const int64_t per = bits == 3 ? 8 : 8 / bits;
@@ -322,7 +348,6 @@ Store make_store(const at::Tensor& codes, const at::Tensor& scale, const at::Ten
       s.whole_row = codes_in_bytes == group;
     }
   }
-  s.head_mean = half_ptr(hm);
   s.channel_mean = half_ptr(cm);
   return s;
 }
@@ -332,18 +357,22 @@ class Reader {
  public:
   Reader(const Store& s, int64_t b, int64_t h) : s_(s), D_(s.D) {
     const int64_t bh = b * s.H + h;
-    if (s.bits == 16) {
-      codes16_ = s.codes16 + bh * s.T * D_;
-    } else if (s.channel_axis) {
-      codes_ = s.codes + bh * s.T * s.row_bytes;
-      scale_ = s.scale + bh * (s.T / s.group) * D_;
-      zero_ = s.zero + bh * (s.T / s.group) * D_;
-    } else {
-      codes_ = s.codes + bh * s.T * s.ngroups * s.row_bytes;
-      scale_ = s.scale + bh * s.T * s.ngroups;
-      zero_ = s.zero + bh * s.T * s.ngroups;
+    const size_t n = s.fills.size();
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t f = s.fills[i];
+      if (s.bits == 16) {
+        codes16_.push_back(s.codes16[i] + bh * f * D_);
+      } else if (s.channel_axis) {
+        codes_.push_back(s.codes[i] + bh * f * s.row_bytes);
+        scale_.push_back(s.scale[i] + bh * (f / s.group) * D_);
+        zero_.push_back(s.zero[i] + bh * (f / s.group) * D_);
+      } else {
+        codes_.push_back(s.codes[i] + bh * f * s.ngroups * s.row_bytes);
+        scale_.push_back(s.scale[i] + bh * f * s.ngroups);
+        zero_.push_back(s.zero[i] + bh * f * s.ngroups);
+      }
+      if (!s.head_mean.empty()) head_mean_.push_back(s.head_mean[i] + b * f * D_);
     }
-    if (s.head_mean) head_mean_ = s.head_mean + b * s.T * D_;
     if (s.channel_mean) {
       channel_mean_.resize(D_);
       half_to_float(s.channel_mean + bh * D_, channel_mean_.data(), D_);
@@ -355,14 +384,18 @@ class Reader {
     }
   }
 
-  bool has_head_mean() const { return head_mean_ != nullptr; }
+  bool has_head_mean() const { return !head_mean_.empty(); }
   const std::vector<float>& channel_mean() const { return channel_mean_; }
 
-  // Channel axis: load group j's scale and zero (the channel mean folded into the zero); true when it changed.
-  bool load_group(int64_t j) {
+  // Channel axis: load the scale and zero of the group holding token t (the channel mean folded into the zero);
+  // true when it changed.
+  bool load_group_of(int64_t t) {
+    const int64_t j = t / s_.group;
     if (j == group_) return false;
-    half_to_float(scale_ + j * D_, group_scale_.data(), D_);
-    half_to_float(zero_ + j * D_, group_zero_.data(), D_);
+    int64_t p, lt;
+    s_.locate(t, p, lt);
+    half_to_float(scale_[p] + (lt / s_.group) * D_, group_scale_.data(), D_);
+    half_to_float(zero_[p] + (lt / s_.group) * D_, group_zero_.data(), D_);
     if (!channel_mean_.empty()) {
       for (int64_t d = 0; d < D_; ++d) group_zero_[d] += channel_mean_[d];
     }
@@ -374,22 +407,27 @@ class Reader {
 
   // Channel axis: token t's codes as floats (no scale, zero or mean) into out (D floats, up to 7 more written).
   void codes_into(int64_t t, float* out) const {
+    int64_t p, lt;
+    s_.locate(t, p, lt);
+    const uint8_t* c = codes_[p] + lt * s_.row_bytes;
 #ifdef KVSHRINK_AVX2
-    if (D_ % 8 == 0) return dequant8_any(s_.bits, codes_ + t * s_.row_bytes, D_, nullptr, nullptr, out);
+    if (D_ % 8 == 0) return dequant8_any(s_.bits, c, D_, nullptr, nullptr, out);
 #endif
-    unpack(codes_ + t * s_.row_bytes, s_.row_bytes, s_.bits, out);
+    unpack(c, s_.row_bytes, s_.bits, out);
   }
 
   // Token t fully dequantized (scale, zero, means) into out[D].
   void row(int64_t t, float* __restrict out) {
     const int64_t D = D_;
     const int bits = s_.bits;
+    int64_t pg, lt;
+    s_.locate(t, pg, lt);
     if (bits == 16) {
-      half_to_float(codes16_ + t * D, out, D);
+      half_to_float(codes16_[pg] + lt * D, out, D);
       add_channel_mean(out);
     } else if (s_.channel_axis) {
-      load_group(t / s_.group);
-      const uint8_t* p = codes_ + t * s_.row_bytes;
+      load_group_of(t);
+      const uint8_t* p = codes_[pg] + lt * s_.row_bytes;
       const float* sc = group_scale_.data();
       const float* z = group_zero_.data();
 #ifdef KVSHRINK_AVX2
@@ -409,9 +447,9 @@ class Reader {
       }
     } else {
       const int64_t G = s_.group, ng = s_.ngroups, rb = s_.row_bytes;
-      const uint8_t* p = codes_ + t * ng * rb;
-      const uint16_t* sc = scale_ + t * ng;
-      const uint16_t* zc = zero_ + t * ng;
+      const uint8_t* p = codes_[pg] + lt * ng * rb;
+      const uint16_t* sc = scale_[pg] + lt * ng;
+      const uint16_t* zc = zero_[pg] + lt * ng;
 #ifdef KVSHRINK_AVX2
       if (s_.whole_row && G % 8 == 0) {
         for (int64_t g = 0; g < ng; ++g)
@@ -442,7 +480,7 @@ class Reader {
       }
       add_channel_mean(out);
     }
-    if (head_mean_) add_half(out, head_mean_ + t * D, D);
+    if (!head_mean_.empty()) add_half(out, head_mean_[pg] + lt * D, D);
   }
 
 
@@ -456,11 +494,8 @@ class Reader {
 
   const Store& s_;
   int64_t D_;
-  const uint8_t* codes_ = nullptr;
-  const uint16_t* codes16_ = nullptr;
-  const uint16_t* scale_ = nullptr;
-  const uint16_t* zero_ = nullptr;
-  const uint16_t* head_mean_ = nullptr;
+  std::vector<const uint8_t*> codes_;
+  std::vector<const uint16_t*> codes16_, scale_, zero_, head_mean_;
   std::vector<float> channel_mean_, codes_buf_, group_scale_, group_zero_;
   int64_t group_ = -1;
 };
@@ -547,7 +582,7 @@ void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, i
   auto score = [&](int64_t j0, int64_t nt, float* S) {
     const int64_t t0 = t_begin + j0;
     if (fold && t0 / ks.group == (t0 + nt - 1) / ks.group) {  // the tile lies in one group
-      if (kr.load_group(t0 / ks.group)) {
+      if (kr.load_group_of(t0)) {
         const float* sc = kr.group_scale();
         for (int64_t r = 0; r < R; ++r) {
           const float* q = Q + r * D;
@@ -587,11 +622,13 @@ void exact_unit(const Problem& P, int64_t b, int64_t h, float* m, float* l, floa
 }
 
 void packed_attention(at::Tensor out, at::Tensor q,
-                      at::Tensor k_codes, at::Tensor k_scale, at::Tensor k_zero, at::Tensor k_head_mean,
+                      std::vector<at::Tensor> k_codes, std::vector<at::Tensor> k_scale,
+                      std::vector<at::Tensor> k_zero, std::vector<at::Tensor> k_head_mean,
                       at::Tensor k_channel_mean, int64_t k_bits, int64_t k_axis, int64_t k_group,
-                      at::Tensor v_codes, at::Tensor v_scale, at::Tensor v_zero, at::Tensor v_head_mean,
+                      std::vector<at::Tensor> v_codes, std::vector<at::Tensor> v_scale,
+                      std::vector<at::Tensor> v_zero, std::vector<at::Tensor> v_head_mean,
                       at::Tensor v_channel_mean, int64_t v_bits, int64_t v_axis, int64_t v_group,
-                      int64_t tokens, at::Tensor exact_k, at::Tensor exact_v, at::Tensor exact_index, int64_t key0,
+                      int64_t tokens, int64_t page_tokens, std::vector<int64_t> fills, at::Tensor exact_k, at::Tensor exact_v, at::Tensor exact_index, int64_t key0,
                       at::Tensor mask, int64_t mask_b, int64_t mask_q, bool causal, int64_t split_tokens) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B,HQ,QN,D]");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous(), "out like q");
@@ -620,9 +657,9 @@ void packed_attention(at::Tensor out, at::Tensor q,
   P.mask_q = mask_q;
   P.causal = causal && !P.mask && P.QN > 1;
   const Store ks = make_store(k_codes, k_scale, k_zero, k_head_mean, k_channel_mean, k_bits, k_axis, k_group,
-                              tokens, P.D);
+                              tokens, P.D, page_tokens, fills);
   const Store vs = make_store(v_codes, v_scale, v_zero, v_head_mean, v_channel_mean, v_bits, v_axis, v_group,
-                              tokens, P.D);
+                              tokens, P.D, page_tokens, fills);
   for (const Store* s : {&ks, &vs}) {
     TORCH_CHECK(s->bits == 2 || s->bits == 3 || s->bits == 4 || s->bits == 8 || s->bits == 16, "bits 2/3/4/8/16");
     TORCH_CHECK(!tokens || s->H == P.HKV, "store heads differ from the exact tokens' heads");

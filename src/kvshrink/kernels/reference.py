@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..codecs.quant import QuantStore, encode_block
+from ..codecs.quant import encode_block
+from ..codecs.store import PagedStore
 
 quantize_pack = encode_block
 
@@ -34,7 +35,7 @@ def check_mask(mask: torch.Tensor | None, tkeys: int, b: int | None = None, qn: 
             mask = mask.contiguous()
     return mask
 
-def packed_attention(query: torch.Tensor, key_store: QuantStore, value_store: QuantStore,
+def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: PagedStore,
                      exact_keys: torch.Tensor, exact_values: torch.Tensor, exact_index: torch.Tensor,
                      key0: int, mask: torch.Tensor | None = None, scaling: float | None = None,
                      causal: bool = True) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Triton kernels: quantize-and-pack into a `QuantStore`'s layout, and decode attention over the packed store.
+"""Triton kernels: quantize-and-pack into the `grouped` codec's declared layout, and decode attention over the packed store.
 
 Imported only through `kvshrink.kernels` (which checks that Triton is there). Both kernels follow the layout of
 `codecs.quant.encode_block` exactly: a token's codes are one row of packed bytes over its channels (2/4/8 bits:

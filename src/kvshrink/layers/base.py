@@ -9,8 +9,7 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-PARTS = ("codes", "scales", "means", "window", "sinks", "bases", "levels", "positions", "residuals")
-
+from ..codecs.base import PARTS
 
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -138,6 +137,56 @@ class CompressedLayer(_BatchOps, CacheLayerMixin, _Reporting):
         if not self.is_initialized:
             return None
         return self.keys.shape[0], self.keys.shape[1], self.keys.shape[3]
+
+    # -- declared state: what a saved cache holds ----------------------------------------------------------------
+    #: scalar attributes saved beside the tensors (`_batch_tensors`) and stores (`_batch_stores`)
+    _state_counts: tuple[str, ...] = ("seen",)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors by declared name, counts) of everything the layer holds."""
+        counts: dict[str, Any] = {"initialized": bool(self.is_initialized)}
+        tensors: dict[str, torch.Tensor] = {}
+        if not self.is_initialized:
+            return tensors, counts
+        counts["dtype"] = str(self.dtype).removeprefix("torch.")
+        counts["shape"] = [self.keys.shape[0], self.keys.shape[1], self.keys.shape[3], self.values.shape[3]]
+        counts.update({name: getattr(self, name) for name in self._state_counts})
+        for name in self._batch_tensors:
+            t = getattr(self, name, None)
+            if t is not None:
+                tensors[name] = t
+        for name in self._batch_stores:
+            store = getattr(self, name, None)
+            if store is not None:
+                own, c = store.state_dict()
+                tensors.update({f"{name}.{k}": t for k, t in own.items()})
+                counts[name] = c
+        return tensors, counts
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], counts: dict[str, Any]) -> None:
+        """Put back what `state_dict` gave: initialise as a first update of that shape and dtype would, then set
+        the tensors, counts and stores."""
+        self._clear()
+        if not counts.get("initialized"):
+            return
+        dtype = getattr(torch, counts["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"layer {self.layer_idx}: unknown dtype {counts['dtype']!r}")
+        b, h, dk, dv = counts["shape"]
+        device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+        self.lazy_initialization(torch.empty(b, h, 0, dk, dtype=dtype, device=device),
+                                 torch.empty(b, h, 0, dv, dtype=dtype, device=device))
+        for name in self._batch_tensors:
+            if name in tensors:
+                setattr(self, name, tensors[name])
+        for name in self._state_counts:
+            setattr(self, name, counts[name])
+        for name in self._batch_stores:
+            store = getattr(self, name, None)
+            if store is not None:
+                prefix = f"{name}."
+                store.load_state_dict({k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)},
+                                      counts[name])
 
 
 class ExactWindow:

@@ -2,6 +2,8 @@
 method, and the reference every other method is measured against)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
@@ -28,6 +30,21 @@ class FullLayer(DynamicLayer, _Reporting):
     def describe(self):
         return {"bits": "full"}
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The held keys and values, and the tokens a sliding layer has seen."""
+        if not self.is_initialized:
+            return {}, {"initialized": False}
+        return {"keys": self.keys, "values": self.values}, {
+            "initialized": True, "cumulative_length": getattr(self, "cumulative_length", None)}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], counts: dict[str, Any]) -> None:
+        if not counts.get("initialized"):
+            return
+        self.lazy_initialization(tensors["keys"], tensors["values"])
+        self.keys, self.values = tensors["keys"], tensors["values"]
+        if counts.get("cumulative_length") is not None:
+            self.cumulative_length = counts["cumulative_length"]
+
 
 class FullSlidingLayer(DynamicSlidingWindowLayer, _Reporting):
     """Uncompressed sliding-window layer: exactly transformers' `DynamicSlidingWindowLayer`."""
@@ -39,3 +56,5 @@ class FullSlidingLayer(DynamicSlidingWindowLayer, _Reporting):
     parts = FullLayer.parts
     shape = FullLayer.shape
     describe = FullLayer.describe
+    state_dict = FullLayer.state_dict
+    load_state_dict = FullLayer.load_state_dict

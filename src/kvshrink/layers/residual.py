@@ -226,6 +226,20 @@ class PrefixRunner:
     def _load(self) -> torch.Tensor:
         return _load_residuals(self)
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The residuals kept for every token (the one vector per token all layers recompute from)."""
+        tensors = {n: getattr(self, n) for n in ("residuals", "residual_scale", "position_ids")
+                   if getattr(self, n) is not None}
+        dtype = getattr(self, "dtype", None)
+        return tensors, {"seen": self.seen, "dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], counts: dict[str, Any]) -> None:
+        for n in ("residuals", "residual_scale", "position_ids"):
+            setattr(self, n, tensors.get(n))
+        self.seen = counts["seen"]
+        if counts["dtype"] is not None:
+            self.dtype = getattr(torch, counts["dtype"])
+
     def prefix_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the evicted prefix at `layer_idx`, then its hidden state moved past that layer."""
         import time
@@ -302,6 +316,17 @@ class TokenLayer(CompressedLayer):
 
     def reset(self) -> None:
         raise NotImplementedError(f"layer {self.layer_idx}: make a new kvdirect cache instead of resetting one")
+
+    _batch_tensors = ("keys", "values")
+
+    def _clear(self) -> None:
+        self.keys = self.values = None
+        self.seen = 0
+        self.is_initialized = False
+
+    def shared_state(self) -> dict[str, Any]:
+        """The prefix runner every layer of the cache shares (saved once)."""
+        return {"runner": self.runner}
 
     def _map_batch(self, fn) -> None:
         raise NotImplementedError("kvdirect scheme=token holds one sequence (batch size 1)")

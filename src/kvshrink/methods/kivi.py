@@ -7,10 +7,12 @@ import warnings
 
 import torch
 
-from ..codecs.quant import QuantSpec
-from ..layers.windowed import WindowedLayer
+from .. import attention, kernels
+from ..codecs.quant import GroupCodec
+from ..kernels import cpu
+from ..layers.composed import ComposedLayer
 from ..models import head_dim_of, text_config
-from .base import Method, option, register
+from .base import StoringMethod, option, register
 
 
 _EXACT_DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -19,7 +21,7 @@ _KERNELS = ("auto", "triton", "torch", "cpu")
 
 @register
 @dataclass
-class Kivi(Method):
+class Kivi(StoringMethod):
     name = "kivi"
     summary = "asymmetric group quantization, keys per channel and values per token, recent window exact"
 
@@ -43,10 +45,20 @@ class Kivi(Method):
     def center(self) -> str:
         return "none"
 
-    def specs(self, layer_idx: int | None = None) -> tuple[QuantSpec, QuantSpec]:
-        """(key spec, value spec) of a layer (the same for every layer here; profiles vary them)."""
-        return (QuantSpec(self.key_bits or self.bits, self.key_group or self.group, self.key_axis, self.center()),
-                QuantSpec(self.value_bits or self.bits, self.value_group or self.group, self.value_axis, self.center()))
+    def specs(self, layer_idx: int | None = None) -> tuple[GroupCodec, GroupCodec]:
+        """(key codec, value codec) of a layer (the same for every layer here; profiles vary them)."""
+        try:
+            return (GroupCodec(self.key_bits or self.bits, self.key_group or self.group, self.key_axis, self.center()),
+                    GroupCodec(self.value_bits or self.bits, self.value_group or self.group, self.value_axis,
+                               self.center()))
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
+
+    def layer_codecs(self, layer_idx: int):
+        return self.specs(layer_idx)
+
+    def exact_torch_dtype(self):
+        return _EXACT_DTYPES[self.exact_dtype]
 
     def validate(self) -> None:
         self.specs()
@@ -59,25 +71,22 @@ class Kivi(Method):
                 raise ValueError(f"{self.name}: {arg} must be >= 0, got {getattr(self, arg)}")
 
     def layer(self, layer_idx, sliding_window):
-        key_spec, value_spec = self.specs(layer_idx)
-        return WindowedLayer(key_spec, value_spec, self.window, layer_idx, sliding_window, self.sinks,
-                             _EXACT_DTYPES[self.exact_dtype], kernels=self._layer_kernels(layer_idx),
-                             shard=getattr(self, "_shard", None))
+        key_codec, value_codec = self.specs(layer_idx)
+        return ComposedLayer(key_codec, value_codec, window=self.window, sinks=self.sinks,
+                             exact_dtype=_EXACT_DTYPES[self.exact_dtype], backend=self._layer_backend(layer_idx),
+                             layer_idx=layer_idx, sliding_window=sliding_window, shard=getattr(self, "_shard", None))
 
-    def make_cache(self, model_or_config):
+    def prepare(self, model_or_config):
         self._use_kernels = self._resolve_kernel(model_or_config)
         if self._use_kernels:
-            from .. import attention
-
             attention.enable(model_or_config)
-        return super().make_cache(model_or_config)
 
-    def _layer_kernels(self, layer_idx: int) -> bool | str:
-        """The `kernels` of one layer: False (PyTorch path), True (Triton) or "cpu"."""
+    def _layer_backend(self, layer_idx: int) -> str:
+        """The decode backend of one layer: "torch" (decode, then SDPA), "triton" or "cpu"."""
         mode = getattr(self, "_use_kernels", False)
         if mode == "cpu" and layer_idx in getattr(self, "_cpu_fallback_layers", ()):
-            return False
-        return mode
+            return "torch"
+        return {False: "torch", True: "triton", "cpu": "cpu"}[mode]
 
     def _resolve_kernel(self, model_or_config) -> bool | str:
         """Which decode path the layers take: True (Triton), "cpu" (the C++ kernel) or False (PyTorch). 'triton'
@@ -88,8 +97,6 @@ class Kivi(Method):
             return False
         if self.kernel == "cpu":
             return self._resolve_cpu(model_or_config)
-        from .. import kernels
-
         is_model = hasattr(model_or_config, "set_attn_implementation")
         param = next(model_or_config.parameters(), None) if is_model else None
         device = param.device if param is not None else torch.device("cpu")
@@ -121,8 +128,6 @@ class Kivi(Method):
         the CPU, or a config instead of the model, is an error; a kernel that cannot be built or loaded falls back
         to the PyTorch path with one warning per process; layers whose layout it does not cover (rotation codecs)
         use the PyTorch path, named in a warning."""
-        from ..kernels import cpu
-
         if not hasattr(model_or_config, "set_attn_implementation"):
             raise ValueError(f"{self.name}: kernel='cpu' cannot be used: make_cache was given a config, not the model "
                              "(the model's attention must be switched to kvshrink's)")

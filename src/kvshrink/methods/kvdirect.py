@@ -15,7 +15,7 @@ from typing import Any
 
 from ..layers.full import FullLayer, FullSlidingLayer
 from ..layers.residual import RESIDUAL_DTYPES, PrefixRunner, ResidualLayer, TokenLayer
-from ..residual import install_hooks
+from ..cache import CompressedCache
 from ..rope import decoder_layers, rotary_of
 from .base import Method, option, register
 
@@ -54,7 +54,7 @@ class KVDirect(Method):
             raise ValueError(f"kvdirect: residual_dtype must be one of {', '.join(RESIDUAL_DTYPES)}, "
                              f"got {self.residual_dtype!r}")
 
-    def make_cache(self, model_or_config: Any):
+    def prepare(self, model_or_config: Any) -> None:
         if not hasattr(model_or_config, "config") or not hasattr(model_or_config, "parameters"):
             raise TypeError("kvdirect recomputes keys and values with the model's own modules: "
                             "make_cache(model, 'kvdirect'), not a config")
@@ -63,7 +63,6 @@ class KVDirect(Method):
         self._runner = PrefixRunner(model_or_config, self.window, self.residual_dtype, start=self.materialize,
                                     chunk=self.recompute_chunk) \
             if self.scheme == "token" else None
-        return super().make_cache(model_or_config)
 
     def layer(self, layer_idx: int, sliding_window: int | None):
         if self._runner is not None and layer_idx < self._runner.start:  # materialised: a plain cache layer
@@ -80,3 +79,28 @@ class KVDirect(Method):
         kind = text.layer_types[layer_idx] if getattr(text, "layer_types", None) else "full_attention"
         return ResidualLayer(decoder_layers(self._model)[layer_idx], rotary_of(self._model), kind,
                              window=self.window, residual_dtype=self.residual_dtype, layer_idx=layer_idx)
+
+
+def install_hooks(model: Any) -> None:
+    """Give each decoder layer a pre-hook that hands its input (the residual stream) and position ids to the
+    `ResidualLayer` of the cache it is called with (once per model)."""
+    if getattr(model, "_kvshrink_residual_hooks", False):
+        return
+    layers = decoder_layers(model)
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, CompressedCache):
+            return None
+        layer = cache.layers[module._kvshrink_index]
+        if isinstance(layer, ResidualLayer):
+            h = args[0] if args else kwargs["hidden_states"]
+            layer.pending = (h, kwargs.get("position_ids"))
+        elif isinstance(layer, TokenLayer) and module._kvshrink_index == layer.runner.start:
+            layer.runner.begin(args[0] if args else kwargs["hidden_states"], kwargs.get("position_ids"))
+        return None
+
+    for i, layer in enumerate(layers):
+        layer._kvshrink_index = i
+        layer.register_forward_pre_hook(hook, with_kwargs=True)
+    model._kvshrink_residual_hooks = True

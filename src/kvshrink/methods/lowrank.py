@@ -94,7 +94,7 @@ class LatentMethod(Method):
         fp16 = 2 * 2 * row
         return [(2 * level_token_bytes(lv, group) + 1) / fp16 for lv in levels]
 
-    def make_cache(self, model_or_config: Any):
+    def prepare(self, model_or_config: Any) -> None:
         from .. import attention
         from ..bases import layer_bases
 
@@ -120,7 +120,6 @@ class LatentMethod(Method):
             self._rope = lambda i: Rope(model_or_config, i)  # noqa: E731
         else:
             self._rope = lambda i: None  # noqa: E731
-        return super().make_cache(model_or_config)
 
     def layer(self, layer_idx: int, sliding_window: int | None):
         if sliding_window is not None:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..codecs.packing import packed_size
-from ..codecs.quant import QuantSpec
-from ..codecs.rotation import RotationSpec
+from ..codecs.base import BIT_WIDTHS, Codec
+from ..codecs.quant import GroupCodec
+from ..codecs.rotation import RotationCodec
 from .base import option, register
 from .eviction import EvictionMethod
+
+LOW_BITS = tuple(b for b in BIT_WIDTHS["uniform"] if b != 16)
 
 
 @register
@@ -38,8 +40,8 @@ class Mixed(EvictionMethod):
 
     def validate(self) -> None:
         super().validate()
-        if self.bits not in (2, 3, 4, 8):
-            raise ValueError(f"mixed: bits must be one of 2, 3, 4, 8, got {self.bits}")
+        if self.bits not in LOW_BITS:
+            raise ValueError(f"mixed: bits must be one of {', '.join(map(str, LOW_BITS))}, got {self.bits}")
         if self.mean not in ("none", "channel"):
             raise ValueError(f"mixed: mean must be 'none' or 'channel', got {self.mean!r}")
         if self.group < 1:
@@ -49,17 +51,18 @@ class Mixed(EvictionMethod):
         if self.codec == "rotated" and (self.mean != "none" or self.bits == 8):
             raise ValueError("mixed: codec='rotated' takes bits 2, 3 or 4 and mean 'none'")
 
-    def low_tier(self, head_dim, layer_idx: int = 0):
-        fp16 = 4 * head_dim  # keys and values of one token and head (exact tokens are held in 16 bits)
+    def low_tier(self, head_dim, layer_idx: int = 0, kept: Codec | None = None):
         if self.codec == "rotated":
-            spec = RotationSpec(self.bits, "lloydmax", layer=layer_idx)
-            low = 2 * (packed_size(head_dim, self.bits) + 2)  # codes and an fp16 norm, keys and values
+            spec = RotationCodec(self.bits, "lloydmax", layer=layer_idx)
         else:
-            spec = QuantSpec(self.bits, self.group, "token", self.mean)
-            low = 2 * (head_dim // self.group) * (packed_size(self.group, self.bits) + 4)
+            spec = GroupCodec(self.bits, self.group, "token", self.mean)
         spec.check_head_dim(head_dim, "mixed low tier")
-        share = (self.budget * fp16 - low) / (fp16 - low)
+        # bytes of one token's keys and values in one head: exact (16-bit) unless a composition codes the kept ones
+        high = 4 * head_dim if kept is None else 2 * kept.layout(head_dim).token_bytes()
+        low = 2 * spec.layout(head_dim).token_bytes()
+        fp16 = 4 * head_dim
+        share = (self.budget * fp16 - low) / (high - low) if high > low else 1.0
         if share <= 0:
             raise ValueError(f"mixed: budget {self.budget} is below the cost of keeping every token at {self.bits} "
                              f"bits ({low / fp16:.3f} of fp16): raise it or lower bits")
-        return spec, min(share, 1.0)
+        return (spec, spec), min(share, 1.0)

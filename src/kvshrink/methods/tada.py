@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..codecs.quant import MEAN_HEADS, QuantSpec
-from ..codecs.rotation import RotationSpec
+from ..codecs.quant import MEAN_HEADS, GroupCodec
+from ..codecs.rotation import RotationCodec
 from ..profile import ROTATABLE_BITS, Profile, load_profile
 from .base import option, register
 from .kivi import Kivi
@@ -68,23 +68,23 @@ class Tada(Kivi):
                                  f"{key}={mine!r} was asked for: recalibrate, or leave {key} out")
             setattr(self, key, value)
 
-    def specs(self, layer_idx: int | None = None) -> tuple[QuantSpec | RotationSpec, QuantSpec | RotationSpec]:
+    def specs(self, layer_idx: int | None = None) -> tuple[GroupCodec | RotationCodec, GroupCodec | RotationCodec]:
         if self._profile is None or layer_idx is None:
             k, v = (dataclasses.replace(s, mean_heads=self.mean_heads) for s in super().specs(layer_idx))
             rot = (self.rotate in ("keys", "both"), self.rotate in ("values", "both"))
         else:
             c = self._profile.layers[layer_idx]
-            k = QuantSpec(c.key_bits, self.key_group or self.group, self.key_axis, c.key_mean, self.mean_heads)
-            v = QuantSpec(c.value_bits, self.value_group or self.group, self.value_axis, c.value_mean,
-                          self.mean_heads)
+            k = GroupCodec(c.key_bits, self.key_group or self.group, self.key_axis, c.key_mean, self.mean_heads)
+            v = GroupCodec(c.value_bits, self.value_group or self.group, self.value_axis, c.value_mean,
+                           self.mean_heads)
             rot = (c.key_rotate, c.value_rotate)
         return tuple(self._rotated(spec, layer_idx or 0) if r else spec for spec, r in zip((k, v), rot))
 
-    def _rotated(self, spec: QuantSpec, layer_idx: int) -> RotationSpec:
+    def _rotated(self, spec: GroupCodec, layer_idx: int) -> RotationCodec:
         if spec.bits not in ROTATABLE_BITS or spec.center != "none":
             raise ValueError(f"{self.name}: rotation needs bits in {ROTATABLE_BITS} and mean 'none', got "
                              f"bits={spec.bits}, mean={spec.center!r}")
-        return RotationSpec(spec.bits, "lloydmax", seed=self.rotation_seed, layer=layer_idx)
+        return RotationCodec(spec.bits, "lloydmax", seed=self.rotation_seed, layer=layer_idx)
 
     def use_profile(self, profile: Profile) -> "Tada":
         """Take per-layer choices from an in-memory profile (as the `profile` option does from a file)."""
@@ -92,7 +92,7 @@ class Tada(Kivi):
         self._profile = profile
         return self
 
-    def make_cache(self, model_or_config):
+    def prepare(self, model_or_config):
         if self._profile is not None:
             self._profile.check_model(model_or_config, f"profile {self.profile}")
-        return super().make_cache(model_or_config)
+        super().prepare(model_or_config)

@@ -20,11 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..codecs.rotation import QUANTIZERS, RotationSpec
+from .. import attention as kv_attention
+from ..codecs.rotation import QUANTIZERS, RotationCodec
+from ..layers.composed import ComposedLayer
 from ..layers.full import FullLayer, FullSlidingLayer
-from ..layers.windowed import RotatedLayer, WindowedLayer
 from ..models import text_config
-from .base import Method, option, register
+from .base import StoringMethod, option, register
 from .kivi import _EXACT_DTYPES
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -39,7 +40,7 @@ _ATTENTION = ("rotated", "decode")
 
 @register
 @dataclass
-class TurboQuant(Method):
+class TurboQuant(StoringMethod):
     name = "turboquant"
     summary = "randomized Hadamard rotation + Lloyd-Max (or uniform / fp8) codes per token; vLLM-style presets"
 
@@ -77,13 +78,22 @@ class TurboQuant(Method):
                 setattr(self, key, value)
         super().__post_init__()
 
-    def specs(self, layer_idx: int = 0) -> tuple[RotationSpec, RotationSpec]:
+    def specs(self, layer_idx: int = 0) -> tuple[RotationCodec, RotationCodec]:
         common = dict(group=self.group, norm=self.norm, norm_correction=self.norm_correction, seed=self.seed,
                       layer=layer_idx)
-        return (RotationSpec(self.key_bits or self.bits, self.key_quantizer or self.quantizer,
-                             rotate=self.rotate_keys, **common),
-                RotationSpec(self.value_bits or self.bits, self.value_quantizer or self.quantizer,
-                             rotate=self.rotate_values, **common))
+        return (RotationCodec(self.key_bits or self.bits, self.key_quantizer or self.quantizer,
+                              rotate=self.rotate_keys, **common),
+                RotationCodec(self.value_bits or self.bits, self.value_quantizer or self.quantizer,
+                              rotate=self.rotate_values, **common))
+
+    def layer_codecs(self, layer_idx: int):
+        n = getattr(self, "_layers", None)
+        if self.edge_layers and n is not None and (layer_idx < self.edge_layers or layer_idx >= n - self.edge_layers):
+            return None
+        return self.specs(layer_idx)
+
+    def exact_torch_dtype(self):
+        return _EXACT_DTYPES[self.exact_dtype]
 
     def validate(self) -> None:
         try:
@@ -99,25 +109,22 @@ class TurboQuant(Method):
             if getattr(self, arg) < 0:
                 raise ValueError(f"turboquant: {arg} must be >= 0, got {getattr(self, arg)}")
 
-    def make_cache(self, model_or_config):
+    def prepare(self, model_or_config):
         self._layers = text_config(model_or_config).num_hidden_layers
         if self.attention == "rotated":
-            from .. import attention
-
             if not hasattr(model_or_config, "set_attn_implementation"):
                 raise TypeError("turboquant with attention=rotated needs the model (its attention is switched to "
                                 "kvshrink's): make_cache(model, ...), or attention=decode for a config")
-            attention.enable(model_or_config)
-        return super().make_cache(model_or_config)
+            kv_attention.enable(model_or_config)
 
     def layer(self, layer_idx, sliding_window):
-        n = getattr(self, "_layers", None)
-        if self.edge_layers and n is not None and (layer_idx < self.edge_layers or layer_idx >= n - self.edge_layers):
+        codecs = self.layer_codecs(layer_idx)
+        if codecs is None:
             return FullLayer(layer_idx) if sliding_window is None else FullSlidingLayer(sliding_window, layer_idx)
-        key_spec, value_spec = self.specs(layer_idx)
-        cls = RotatedLayer if self.attention == "rotated" else WindowedLayer
-        return cls(key_spec, value_spec, self.window, layer_idx, sliding_window, self.sinks,
-                   _EXACT_DTYPES[self.exact_dtype], shard=getattr(self, "_shard", None))
+        return ComposedLayer(*codecs, window=self.window, sinks=self.sinks,
+                             exact_dtype=_EXACT_DTYPES[self.exact_dtype],
+                             backend="rotated" if self.attention == "rotated" else "torch", layer_idx=layer_idx,
+                             sliding_window=sliding_window, shard=getattr(self, "_shard", None))
 
 
 __all__ = ["TurboQuant", "PRESETS"]

@@ -1,23 +1,69 @@
-"""Token scores for eviction: which held tokens matter, from the attention they receive.
+"""Token policies: which held tokens matter. A policy scores the tokens a layer holds; the highest are kept.
 
-The layer that holds the tokens computes attention itself (kvshrink's attention function) and hands every policy
-the attention each held token received in this call, per KV head (averaged over the query heads that share it):
-- "all": summed over every query of the call (the whole prompt at prefill, one token per decoding step);
-- "observed": summed over the last `observe` queries (SnapKV's observation window);
-- "last": from the last query only.
-A policy turns that, its previous scores and the tokens' positions into new scores; the highest are kept.
+At the prefill and at each decoding step the layer hands its policy a `ScoreContext`, which computes what the
+policy reads only when the policy reads it (kvpress's scorers see the same things):
+- `received`: the attention each held token received in this call, per KV head (averaged over the query heads
+  that share it): "all" summed over every query of the call (the whole prompt at prefill, one token per decoding
+  step), "observed" over the last `observe` queries (SnapKV's observation window), "last" from the last query;
+- `keys`, `values`: the held tokens [B, H, T, D] (decoded, float32), in held order (sinks, stored, window);
+- `queries`: the observation window's queries [B, Hq, observe, D]; `positions` [B, H, T]; `old` the previous scores
+  (0 for tokens new in this call); `prefill`, `seen`, `layer`.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from functools import cached_property
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ..registry import registrar
+from ..options import registrar
 
 POLICIES: dict[str, type["Policy"]] = {}
-register_policy = registrar(POLICIES, "eviction policy")
+register_policy = registrar(POLICIES, "token policy")
+
+
+class ScoreContext:
+    """What a policy may read about one attention call of a layer, each computed on first use."""
+
+    def __init__(self, layer: Any, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, prefill: bool):
+        self.layer, self.query, self.mask, self.scaling, self.prefill = layer, query, mask, scaling, prefill
+        self.old: torch.Tensor = layer.scores
+        self.positions: torch.Tensor = layer.positions
+        self.seen: int = layer.seen
+        self._result: tuple[torch.Tensor | None, dict[str, torch.Tensor]] | None = None
+
+    def _attend(self, outputs: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        if self._result is None or (outputs and self._result[0] is None):
+            self._result = self.layer.attention(self.query, self.mask, self.scaling, outputs=outputs,
+                                                needs=self.layer.policy.needs)
+        return self._result
+
+    @property
+    def output(self) -> torch.Tensor:
+        """The attention output of the call [B, Hq, Q, D] (computed with the received attention)."""
+        return self._attend(True)[0]
+
+    @property
+    def received(self) -> dict[str, torch.Tensor]:
+        return self._attend(not self.prefill)[1]
+
+    @cached_property
+    def _held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v, _, n_low = self.layer._held_tokens()
+        return k[:, :, n_low:], v[:, :, n_low:]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._held[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._held[1]
+
+    @property
+    def queries(self) -> torch.Tensor:
+        return self.query[:, :, -self.layer.observe:]
 
 
 class Policy:
@@ -35,9 +81,8 @@ class Policy:
     #: computes the queries those need (the observation window, not the whole prompt, for SnapKV and TOVA)
     needs: ClassVar[tuple[str, ...]] = ("all", "observed", "last")
 
-    def score(self, old: torch.Tensor, received: dict[str, torch.Tensor], positions: torch.Tensor,
-              prefill: bool) -> torch.Tensor:
-        """New scores [B, H, T] from the old ones (0 for tokens new in this call)."""
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        """New scores [B, H, T] of the held tokens (see `ScoreContext` for what may be read)."""
         raise NotImplementedError
 
     def rank(self, scores: torch.Tensor, positions: torch.Tensor, seen: int) -> torch.Tensor:
@@ -52,8 +97,8 @@ class Recency(Policy):
     needs_attention = False
     needs = ()
 
-    def score(self, old, received, positions, prefill):
-        return positions.float()
+    def score(self, ctx):
+        return ctx.positions.float()
 
 
 @register_policy
@@ -62,8 +107,8 @@ class HeavyHitters(Policy):
     summary = "attention accumulated over every query so far (H2O heavy hitters)"
     needs = ("all",)
 
-    def score(self, old, received, positions, prefill):
-        return old + received["all"]
+    def score(self, ctx):
+        return ctx.old + ctx.received["all"]
 
 
 @register_policy
@@ -84,10 +129,10 @@ class ObservationWindow(Policy):
     needs = ("observed",)
     kernel = 7
 
-    def score(self, old, received, positions, prefill):
-        if not prefill:
-            return old
-        s = received["observed"]
+    def score(self, ctx):
+        if not ctx.prefill:
+            return ctx.old
+        s = ctx.received["observed"]
         b, h, t = s.shape
         pooled = F.max_pool1d(s.reshape(b * h, 1, t), self.kernel, stride=1, padding=self.kernel // 2)
         return pooled.reshape(b, h, t)
@@ -100,11 +145,11 @@ class LastQuery(Policy):
     per_layer = True
     needs = ("last",)
 
-    def score(self, old, received, positions, prefill):
-        return received["last"]
+    def score(self, ctx):
+        return ctx.received["last"]
 
 
 def get_policy(name: str) -> Policy:
     if name not in POLICIES:
-        raise ValueError(f"unknown eviction policy {name!r}; available: {', '.join(sorted(POLICIES))}")
+        raise ValueError(f"unknown token policy {name!r}; available: {', '.join(sorted(POLICIES))}")
     return POLICIES[name]()

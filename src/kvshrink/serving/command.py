@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..defaults import best_spec
 from .model_dir import ServedModel, ServeError, prepare_model_dir
 
 
 def method_spec(model: str, method: str | None = None, profile: str | None = None) -> tuple[str, str | None]:
     """(spec, profile) for `--method SPEC` or `--profile PATH` (one of them; neither: the best measured recipe for
     the model, as `kvshrink run` picks). A profile becomes `<its method>:profile=<absolute path>`."""
-    from ..cli import BEST, FALLBACK
     from ..methods import build_method
 
     if method is not None and profile is not None:
@@ -21,7 +21,7 @@ def method_spec(model: str, method: str | None = None, profile: str | None = Non
         spec = f"{load_profile(path).method}:profile={path}"
         profile = str(path)
     else:
-        spec = BEST.get(model, FALLBACK) if method in (None, "best") else method
+        spec = best_spec(model) if method in (None, "best") else method
     build_method(spec)  # an unknown method or option fails here, naming it
     return spec, profile
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, ClassVar
 
-from ...registry import registrar
+from ...options import registrar
 
 TASKS: dict[str, type["Task"]] = {}
 #: class decorator: make a task available by its `name` to `evaluate` and the CLI

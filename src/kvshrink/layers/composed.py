@@ -1,0 +1,522 @@
+"""`ComposedLayer`: the one generic cache layer. Exact attention-sink tokens first, then the tokens a codec stores
+(chosen by a token policy, when the layer has one), then an exact window of recent tokens.
+
+Without a policy every token that leaves the window is stored (KIVI, TaDA, TurboQuant): tokens move to the key and
+value stores in whole blocks (a whole number of each codec's units), so the window holds between `window` and
+`window + block - 1` tokens; the prefill attends over the exact states it was given (SDPA) and only then are they
+stored, and decoding steps attend over the sinks, the decoded store and the window. A decode backend may read the
+codes instead: "cpu" (the C++ kernel) or "triton" (the GPU kernels) for the `grouped` codec's layout, "rotated"
+(query rotated once per KV head, stored tokens never rotated back) for the `rotated` codec. With `sliding_window`
+(Gemma 3's local layers) tokens no later query can see are dropped, oldest first.
+
+With a policy (SnapKV, H2O, TOVA, StreamingLLM, or any registered one) the layer keeps a budget of tokens: each held
+token has a position (int32) and a score (float32), both counted. The layer attends by itself through kvshrink's
+attention function, so the scores come from the same query-key products as the output; after the prefill (and
+after each decoding step for policies that evict while decoding) it keeps the best-scored tokens between the
+protected sinks and window and stores them with the codec (the `exact` codec: the kept tokens as they are). With a
+low tier the evicted tokens are stored by a second codec instead of dropped (MiKV). Masks are indexed by position.
+
+Under tensor parallelism (`shard`) the layer holds its rank's KV heads; a per-layer policy (TOVA: every head keeps
+the same tokens) averages its scores over every rank's heads, gathered, so all ranks keep the same positions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from .. import kernels as gpu_kernels
+from ..attention import SelfAttending
+from ..codecs.base import PARTS, Codec
+from ..codecs.exact import ExactCodec
+from ..codecs.rotation import RotationCodec, decode_rotated, fwht, unrotate
+from ..codecs.store import PAGE_TOKENS, PagedStore, lcm_units
+from ..distributed import gather_heads
+from ..kernels import MAX_QUERY_TOKENS
+from ..kernels import cpu as cpu_kernel
+from ..policies.scoring import Policy, ScoreContext
+from .base import CompressedLayer, ExactWindow, check_counts
+
+BACKENDS = ("torch", "cpu", "triton", "rotated")
+_QUERY_BLOCK = 512  # queries per block when a scored layer attends (bounds the score matrix at block x tokens)
+_EXACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
+    """Exact sinks, a codec's stored tokens (optionally chosen by a policy), an exact recent window.
+
+    budget: with a policy, a fraction of the tokens seen (0 < budget <= 1) kept, or `tokens` > 0 a fixed count
+    (never below sinks + window). low_codecs: (key, value) codecs of the tier evicted tokens go to (None: dropped).
+    """
+
+    def __init__(self, key_codec: Codec, value_codec: Codec, *, window: int = 32, sinks: int = 4,
+                 policy: Policy | None = None, budget: float = 1.0, tokens: int = 0, observe: int = 32,
+                 low_codecs: tuple[Codec, Codec] | None = None, exact_dtype: torch.dtype | None = None,
+                 backend: str = "torch", layer_idx: int = -1, sliding_window: int | None = None, shard=None):
+        super().__init__()
+        where = f"layer {layer_idx}"
+        check_counts(layer_idx, window=window, sinks=sinks, tokens=tokens, observe=observe)
+        if backend not in BACKENDS:
+            raise ValueError(f"{where}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if exact_dtype is not None and exact_dtype not in _EXACT_DTYPES:
+            raise ValueError(f"{where}: exact_dtype must be float16, bfloat16, float32 or None, got {exact_dtype}")
+        if policy is not None:
+            if not 0 < budget <= 1:
+                raise ValueError(f"{where}: budget must be a fraction in (0, 1], got {budget}")
+            if sliding_window is not None:
+                raise ValueError(f"{where}: a token policy on a sliding-window layer is not supported (it never "
+                                 "holds more than its window)")
+            if backend != "torch":
+                raise ValueError(f"{where}: a layer with a token policy attends by itself (backend 'torch'), "
+                                 f"got backend {backend!r}")
+            if policy.evicts_while_decoding:
+                for what, codec in (("keys", key_codec), ("values", value_codec)):
+                    if codec.tokens_per_unit > 1:
+                        raise ValueError(
+                            f"{where}: {policy.name} evicts single tokens while decoding, but the {what}' "
+                            f"{codec.name} codes span {codec.tokens_per_unit} tokens (groups along tokens): code "
+                            "them per token (e.g. key_axis=token) or use a policy that compresses the prompt only")
+                    if getattr(codec, "center", "none") == "head" and not policy.per_layer:
+                        raise ValueError(
+                            f"{where}: {policy.name} evicts different tokens per head while decoding, but the {what}' "
+                            "head mean is shared by every head of a token: use mean=channel or none, or a per-layer "
+                            "policy (tova)")
+        if backend == "rotated" and not all(isinstance(c, RotationCodec) for c in (key_codec, value_codec)):
+            raise TypeError(f"{where}: backend 'rotated' needs the rotated codec for keys and values, got "
+                            f"{key_codec.name} / {value_codec.name}")
+        self.key_codec, self.value_codec = key_codec, value_codec
+        self.policy, self.budget, self.tokens, self.observe = policy, budget, tokens, max(observe, 1)
+        self.low_codecs = low_codecs
+        self.window, self.sinks, self.layer_idx = window, sinks, layer_idx
+        self.exact_dtype = exact_dtype
+        self.backend = backend
+        self.shard = shard
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        # tokens moved to the stores together: whole units of every codec (one token at a time under a policy
+        # whose codecs allow it: what it evicts is single tokens)
+        self.block = lcm_units(key_codec, value_codec)
+        self.page_tokens = -(-PAGE_TOKENS // self.block) * self.block
+        self.kind = "a scored" if policy is not None else "a kernel-attending" if backend != "torch" else "a compressed"
+        # a short prompt goes through the kernel path, whose attention is not SDPA
+        self.replays_prefill_from = MAX_QUERY_TOKENS + 1 if backend in ("cpu", "triton") else None
+        self._clear()
+
+    replays_prefill = True  # the prefill attends over the exact states given (SDPA); see eval.prefill
+
+    @property
+    def scored(self) -> bool:
+        return self.policy is not None
+
+    def _store(self, codec: Codec, what: str) -> PagedStore:
+        store = PagedStore(codec, f"layer {self.layer_idx} {what}", self.page_tokens)
+        store.shard = self.shard
+        return store
+
+    def _clear(self) -> None:
+        self.key_store = self._store(self.key_codec, "keys")
+        self.value_store = self._store(self.value_codec, "values")
+        self.low_keys = self.low_values = None
+        if self.low_codecs is not None:
+            self.low_keys = self._store(self.low_codecs[0], "low keys")
+            self.low_values = self._store(self.low_codecs[1], "low values")
+        self.keys = self.values = None  # the exact window
+        self.sink_keys = self.sink_values = None
+        self.positions = self.scores = self.low_positions = None  # scored layers: held tokens' positions, scores
+        self.seen = 0
+        self.calls = 0
+        self._awaiting = False
+        self._step = None
+        self.is_initialized = False
+
+    def _stores(self) -> tuple[PagedStore, ...]:
+        return tuple(s for s in (self.key_store, self.value_store, self.low_keys, self.low_values) if s is not None)
+
+    # -- transformers layer API -------------------------------------------------------------------------------
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise a clear error now if a codec cannot store this head dimension."""
+        for store in self._stores():
+            store.codec.check_head_dim(head_dim, store.name)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.check_head_dim(key_states.shape[-1])
+        device = key_states.device
+        if self.backend == "cpu" and device.type != "cpu":
+            raise RuntimeError(f"layer {self.layer_idx}: kernels='cpu' needs CPU tensors (the states are on "
+                               f"{device}); use kernel='triton' or 'torch'")
+        if self.backend == "triton" and not gpu_kernels.usable_on(device):
+            raise RuntimeError(f"layer {self.layer_idx}: kernels=True needs CUDA tensors and Triton "
+                               f"(the states are on {device}); use kernel='torch'")
+        super().lazy_initialization(key_states, value_states)  # exact window and sinks, in `exact_dtype`
+        for store in self._stores():  # `exact:dtype=model` holds the model's dtype
+            if isinstance(store.codec, ExactCodec) and store.codec.dtype == "model":
+                store.codec = dataclasses.replace(store.codec, dtype=str(self.dtype).removeprefix("torch."))
+        if self.backend == "triton":
+            for store in (self.key_store, self.value_store):
+                store.encoder = gpu_kernels.quantize_pack
+        if self.scored:
+            b, h = key_states.shape[:2]
+            self.positions = torch.zeros((b, h, 0), dtype=torch.int32, device=device)
+            self.scores = torch.zeros((b, h, 0), dtype=torch.float32, device=device)
+            self.low_positions = self.positions.clone()
+
+    def _check(self, name: str, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"layer {self.layer_idx}: {name} must be [batch, heads, tokens, head_dim], got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+            raise ValueError(
+                f"layer {self.layer_idx}: {name} contain NaN or Inf (first at [batch, head, token, channel] = {bad}); "
+                "a compressed cache cannot store non-finite values"
+            )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.scored:
+            return self._update_scored(key_states, value_states)
+        if self.backend in ("cpu", "triton") and key_states.shape[-2] <= MAX_QUERY_TOKENS:
+            # on a GPU no finiteness check here: it would stop the GPU at every layer of every step; `_flush` checks
+            # each block before it is compressed (a non-finite value in the exact window harms no stored code). On
+            # the CPU the check costs nothing worth saving, so bad input is refused before anything is written.
+            if self.backend == "cpu":
+                self._check("key_states", key_states)
+                self._check("value_states", value_states)
+            self._begin_update(key_states, value_states)
+            self._take(key_states, value_states)
+            self._hand_over(self.keys)  # answered by attend(), which then compresses what left the window
+            return self.keys, self.values
+        if self.backend == "rotated" and self.is_initialized and self.key_store.tokens:
+            return self._update_rotated(key_states, value_states)
+        self._check("key_states", key_states)
+        self._check("value_states", value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        past_k = self.key_store.decode(self.dtype)
+        past_v = self.value_store.decode(self.dtype)
+        # attention gets this step's states exactly as computed; the window keeps them in `exact_dtype`
+        cast = lambda t: t if t.dtype == self.dtype else t.to(self.dtype)  # noqa: E731
+        out_k = torch.cat([t for t in (cast(self.sink_keys), past_k, cast(self.keys), key_states) if t is not None], -2)
+        out_v = torch.cat([t for t in (cast(self.sink_values), past_v, cast(self.values), value_states)
+                           if t is not None], -2)
+        self._take(key_states, value_states)
+        self._flush()
+        if self.sliding_window is not None:
+            self._forget_outside_window()
+        return out_k, out_v
+
+    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor | None:
+        """This step's attention, answered by the layer (kvshrink's attention function calls it)."""
+        self._begin_attend()
+        if self.scored:
+            return self._attend_scored(query, mask, scaling)
+        if self.backend == "rotated":
+            return self._attend_rotated(query, mask, scaling)
+        return self._attend_kernel(query, mask, scaling)
+
+    # -- storing what left the window -----------------------------------------------------------------------------
+    def _flush(self) -> None:
+        n = self._leaving()
+        if n == 0:
+            return
+        if self.backend in ("cpu", "triton"):
+            self._check("key_states", self.keys[:, :, :n])
+            self._check("value_states", self.values[:, :, :n])
+        self.key_store.append(self.keys[:, :, :n])
+        self.value_store.append(self.values[:, :, :n])
+        self._drop_front(n)
+
+    def _forget_outside_window(self) -> None:
+        """Keep only what the next query can see: the last `sliding_window - 1` tokens (rounded out to a block)."""
+        excess = self.held() - (self.sliding_window - 1)
+        if excess <= 0:
+            return
+        n = min(excess, self.sink_keys.shape[-2])
+        if n:
+            self.sink_keys = self.sink_keys[:, :, n:].clone()
+            self.sink_values = self.sink_values[:, :, n:].clone()
+            excess -= n
+        if excess <= 0:
+            return
+        from_store = min(excess, self.key_store.tokens) // self.block * self.block
+        self.key_store.drop_front(from_store)
+        self.value_store.drop_front(from_store)
+        excess -= from_store
+        if excess > 0 and self.key_store.tokens == 0:
+            self._drop_front(excess)
+
+    def _stored(self) -> int:
+        return self.key_store.tokens
+
+    def get_max_length(self) -> int:
+        return -1 if self.sliding_window is None else self.sliding_window
+
+    # -- decode backends reading the codes ------------------------------------------------------------------------
+    def _attend_kernel(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Attention of this step's queries [B, HQ, Q, D] over everything held, read packed by the kernel."""
+        sinks = self.sink_keys.shape[-2]
+        stored = self.key_store.tokens
+        dev = query.device
+        index = torch.cat([torch.arange(sinks, device=dev, dtype=torch.int32),
+                           torch.arange(sinks + stored, sinks + stored + self.keys.shape[-2], device=dev,
+                                        dtype=torch.int32)])
+        attention = cpu_kernel.packed_attention if self.backend == "cpu" else gpu_kernels.packed_attention
+        out = attention(
+            query, self.key_store, self.value_store, torch.cat([self.sink_keys, self.keys], -2),
+            torch.cat([self.sink_values, self.values], -2), index, sinks, mask=attention_mask, scaling=scaling)
+        self._flush()  # as on the PyTorch path: this step attended its tokens exactly, now they may be compressed
+        if self.sliding_window is not None:
+            self._forget_outside_window()
+        return out
+
+    def _update_rotated(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """A decoding step over rotated codes: what it attends is gathered here, answered by `attend`."""
+        self._check("key_states", key_states)
+        self._check("value_states", value_states)
+        self._begin_update(key_states, value_states)
+        cast = lambda t: t.float()  # noqa: E731
+        # what this step attends, in key order: sinks, stored (rotated), window, this step's tokens
+        self._step = (cast(self.sink_keys), cast(self.sink_values), decode_rotated(self.key_store),
+                      decode_rotated(self.value_store), torch.cat([cast(self.keys), cast(key_states)], -2),
+                      torch.cat([cast(self.values), cast(value_states)], -2))
+        self._take(key_states, value_states)
+        self._flush()
+        if self.sliding_window is not None:
+            self._forget_outside_window()
+        self._hand_over(key_states)
+        return key_states, value_states
+
+    def _attend_rotated(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """The query rotated once per KV head scores the stored keys in the rotated space ((R q).(R k) = q.k); the
+        weighted sum of stored values stays rotated and is rotated back once per query head."""
+        ks, vs, k_rot, v_rot, kw, vw = self._step
+        self._step = None
+        q = query.float()
+        b, hq, ql, d = q.shape
+        h = kw.shape[1]
+        if hq % h:
+            raise ValueError(f"layer {self.layer_idx}: {hq} query heads for {h} KV heads")
+        rep = hq // h
+        grow = lambda t: t.repeat_interleave(rep, 1)  # noqa: E731
+        kc = self.key_codec
+        q_rot = q if not kc.rotate else fwht(q * kc.signs(self.key_store, h, d).repeat_interleave(rep, 0)[
+            None, :, None, :].to(q.device))
+        scores = torch.cat([q @ grow(ks).transpose(-1, -2), q_rot @ grow(k_rot).transpose(-1, -2),
+                            q @ grow(kw).transpose(-1, -2)], -1) * scaling
+        n = scores.shape[-1]
+        if mask is not None:
+            m = mask[..., -n:] if mask.shape[-1] >= n else mask
+            scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+        elif ql > 1:
+            causal = torch.arange(n, device=q.device)[None, :] > (n - ql + torch.arange(ql, device=q.device))[:, None]
+            scores = scores.masked_fill(causal, float("-inf"))
+        p = torch.softmax(scores, -1)
+        n_sink, n_mid = ks.shape[-2], k_rot.shape[-2]
+        stored = p[..., n_sink:n_sink + n_mid] @ grow(v_rot)  # still rotated: one inverse per query head below
+        vc = self.value_codec
+        if vc.rotate:
+            stored = unrotate(stored, vc.signs(self.value_store, h, d).repeat_interleave(rep, 0))
+        out = p[..., :n_sink] @ grow(vs) + stored + p[..., n_sink + n_mid:] @ grow(vw)
+        return out.to(query.dtype)
+
+    # -- scored layers: a policy keeps a budget of tokens ---------------------------------------------------------
+    def _update_scored(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        self._begin_update(key_states, value_states)
+        b, h, t, _ = key_states.shape
+        pos = torch.arange(self.seen, self.seen + t, dtype=torch.int32, device=key_states.device)
+        self._take(key_states, value_states)
+        self.positions = torch.cat([self.positions, pos.expand(b, h, t)], -1)
+        self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, t)], -1)
+        if self.calls == 0:  # the prefill attends over exactly the states it computed (plain SDPA, see attend)
+            self._hand_over(key_states)
+            return key_states, value_states
+        keys = self.keys if self.keys.dtype == self.dtype else self.keys.to(self.dtype)
+        self._hand_over(keys)  # what attention receives is never read: the layer answers the call
+        return keys, (self.values if self.values.dtype == self.dtype else self.values.to(self.dtype))
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.scored:
+            return self.seen + query_length, 0  # masks by position; the layer gathers what it holds
+        return super().get_mask_sizes(query_length)
+
+    def held(self) -> int:
+        if not self.is_initialized:
+            return 0
+        low = self.low_positions.shape[-1] if self.scored else 0
+        return self.sink_keys.shape[-2] + self.key_store.tokens + self.keys.shape[-2] + low
+
+    def _held_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(keys, values, positions) of the low tier then the kept tokens in position order (sinks, stored,
+        window), float32, and the low tier's length."""
+        parts_k = [self.sink_keys.float(), self.key_store.decode(torch.float32), self.keys.float()]
+        parts_v = [self.sink_values.float(), self.value_store.decode(torch.float32), self.values.float()]
+        k = torch.cat([x for x in parts_k if x is not None], -2)
+        v = torch.cat([x for x in parts_v if x is not None], -2)
+        p = self.positions
+        if self.low_keys is not None and self.low_keys.tokens:
+            k = torch.cat([self.low_keys.decode(torch.float32), k], -2)
+            v = torch.cat([self.low_values.decode(torch.float32), v], -2)
+            p = torch.cat([self.low_positions, p], -1)
+        return k, v, p, p.shape[-1] - self.positions.shape[-1]
+
+    def _attend_scored(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor | None:
+        """Attention output of a decoding step; None at the prefill, whose attention is plain SDPA over the
+        prompt's exact states (nothing is evicted before it), so that only the scores are computed here."""
+        prefill = self.calls == 0
+        ctx = ScoreContext(self, query, mask, scaling, prefill)
+        out = ctx.output if not prefill else None
+        self.calls += 1
+        self.scores = self.policy.score(ctx)
+        if prefill or self.policy.evicts_while_decoding:
+            self._evict()
+        else:
+            self._settle()
+        return out
+
+    def attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, outputs: bool = True,
+                  needs: tuple[str, ...] = ("all", "observed", "last")
+                  ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Attention output [B, Hq, q, d] (None without `outputs`) and the attention each held token received,
+        per KV head ("all" queries, the last `observe` ones, the "last" one), over what the layer holds."""
+        k, v, pos, n_low = self._held_tokens()
+        b, hq, ql, _ = query.shape
+        h = k.shape[1]
+        if hq % h:
+            raise ValueError(f"layer {self.layer_idx}: {hq} query heads for {h} KV heads")
+        rep = hq // h
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        pos_q = pos.repeat_interleave(rep, 1).long()  # [B, Hq, T]
+        q = query.float()
+        out = torch.empty(b, hq, ql, v.shape[-1], dtype=torch.float32, device=q.device) if outputs else None
+        got_all = q.new_zeros(b, hq, pos.shape[-1])
+        got_obs = q.new_zeros(b, hq, pos.shape[-1])
+        got_last = None
+        # scoring only (a prefill): the queries the policy reads, not the whole prompt
+        begin = 0 if outputs or "all" in needs else ql if not needs else max(ql - self.observe, 0)
+        if begin == ql:
+            got_last = q.new_zeros(b, hq, pos.shape[-1])
+        for start in range(begin, ql, _QUERY_BLOCK):
+            stop = min(start + _QUERY_BLOCK, ql)
+            s = (q[:, :, start:stop] @ k.transpose(-1, -2)) * scaling
+            if mask is not None:
+                m = mask[:, :, start:stop]
+                allowed = m.expand(b, hq, -1, -1).gather(-1, pos_q[:, :, None, :].expand(-1, -1, stop - start, -1))
+                s = s.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else s + allowed.float()
+            else:
+                qpos = torch.arange(self.seen - ql + start, self.seen - ql + stop, device=q.device)
+                s = s.masked_fill(pos_q[:, :, None, :] > qpos[None, None, :, None], float("-inf"))
+            p = torch.softmax(s, -1).nan_to_num(0.0)
+            if outputs:
+                out[:, :, start:stop] = p @ v
+            got_all += p.sum(2)
+            first_obs = max(ql - self.observe, start)
+            if first_obs < stop:
+                got_obs += p[:, :, first_obs - start:].sum(2)
+            if stop == ql:
+                got_last = p[:, :, -1]
+        received = {name: got[..., n_low:].reshape(b, h, rep, -1).mean(2)
+                    for name, got in (("all", got_all), ("observed", got_obs), ("last", got_last))}
+        if self.policy.per_layer:  # one score per token for the layer: the mean over every KV head (every rank's)
+            every = gather_heads(self.shard, torch.stack(list(received.values())), dim=2)
+            received = {name: m.mean(1, keepdim=True).expand(b, h, -1) for name, m in zip(received, every)}
+        return (out.to(query.dtype) if outputs else None), received
+
+    def budget_tokens(self) -> int:
+        """How many tokens stay (exact or stored) now."""
+        keep = self.tokens if self.tokens else math.ceil(self.budget * self.seen)
+        return max(keep, min(self.seen, self.sinks + self.window))
+
+    def _evict(self) -> None:
+        """Keep the best-ranked tokens between the protected sinks and window, stored by the codec; the others
+        go to the low tier or are dropped."""
+        n_sink, n_store = self.sink_keys.shape[-2], self.key_store.tokens
+        leaving = max(self.keys.shape[-2] - self.window, 0)  # window tokens old enough to be ranked
+        keep = self.budget_tokens()
+        held = self.positions.shape[-1]
+        if held <= keep:
+            self._settle()
+            return
+        # candidates: the stored tokens then the ones leaving the window, in position order
+        n_cand = n_store + leaving
+        cand = slice(n_sink, n_sink + n_cand)
+        room = keep - (held - n_cand)  # what the candidates may keep
+        rank = self.policy.rank(self.scores[..., cand], self.positions[..., cand], self.seen)
+        if self.policy.per_layer:  # the same tokens in every head: rank by the head-mean score
+            rank = gather_heads(self.shard, rank).mean(1, keepdim=True).expand_as(rank)
+        order = torch.sort(rank, dim=-1, descending=True, stable=True).indices
+        kept = order[..., :room].sort(-1).values
+        gone = order[..., room:].sort(-1).values
+        if n_store == 0 or self.low_keys is not None:
+            cand_k, cand_v = self._candidates(leaving)
+        if self.low_keys is not None:
+            idx = gone[..., None].expand(-1, -1, -1, cand_k.shape[-1])
+            self.low_keys.append(cand_k.gather(2, idx))
+            self.low_values.append(cand_v.gather(2, idx))
+            self.low_positions = torch.cat([self.low_positions, self.positions[..., cand].gather(2, gone)], -1)
+        if n_store == 0:  # the first eviction: the kept ones are coded, whole units of the codecs
+            in_store = room // self.block * self.block
+            idx = kept[..., :in_store, None].expand(-1, -1, -1, cand_k.shape[-1])
+            self.key_store.append(cand_k.gather(2, idx))
+            self.value_store.append(cand_v.gather(2, idx))
+            rest = kept[..., in_store:, None].expand(-1, -1, -1, cand_k.shape[-1])  # stay exact, at the window's front
+            self.keys = torch.cat([cand_k.gather(2, rest), self.keys[:, :, leaving:]], -2)
+            self.values = torch.cat([cand_v.gather(2, rest), self.values[:, :, leaving:]], -2)
+        else:  # one token at a time (policies that evict while decoding store per token): code the newcomers,
+            # then keep the chosen ones: each coded token is coded once
+            self.key_store.append(self.keys[:, :, :leaving])
+            self.value_store.append(self.values[:, :, :leaving])
+            self._drop_front(leaving)
+            self.key_store.select(kept)
+            self.value_store.select(kept)
+        keep_idx = torch.cat([torch.arange(n_sink, device=kept.device).expand(*kept.shape[:2], -1), kept + n_sink,
+                              torch.arange(n_sink + n_cand, held, device=kept.device).expand(*kept.shape[:2], -1)],
+                             -1)
+        self.positions, self.scores = self.positions.gather(2, keep_idx), self.scores.gather(2, keep_idx)
+
+    def _candidates(self, leaving: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored tokens (decoded) then the ones leaving the window, in the window's dtype."""
+        k, v = self.key_store.decode(self.keys.dtype), self.value_store.decode(self.values.dtype)
+        lk, lv = self.keys[:, :, :leaving], self.values[:, :, :leaving]
+        return (torch.cat([k, lk], -2) if k is not None else lk), (torch.cat([v, lv], -2) if v is not None else lv)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.scored:
+            raise NotImplementedError(f"layer {self.layer_idx}: {self.kind} cache cannot be cropped")
+        super().crop(tokens_to_remove)
+
+    def _settle(self) -> None:
+        """No eviction: window tokens beyond the window move to the stores in whole blocks."""
+        n = self._leaving()
+        if n:
+            self.key_store.append(self.keys[:, :, :n])
+            self.value_store.append(self.values[:, :, :n])
+            self._drop_front(n)
+
+    # -- reporting ----------------------------------------------------------------------------------------------
+    def parts(self) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {p: [] for p in PARTS}
+        for store in self._stores():
+            for part, t in store.tensors():
+                out[part].append(t)
+        if self.scored and self.is_initialized:
+            out["positions"].extend([self.positions, self.low_positions, self.scores])
+        return self._exact_parts(out)
+
+    def describe(self) -> dict[str, Any]:
+        k, v = self.key_codec, self.value_codec
+        kb, vb = getattr(k, "bits", 16), getattr(v, "bits", 16)
+        out = {"bits": f"{kb}/{vb}", "key": k.describe(), "value": v.describe(), "window": self.window,
+               "sinks": self.sinks}
+        if self.scored:
+            budget = f"{self.tokens} tokens" if self.tokens else f"{self.budget:.0%} of tokens"
+            low = f", evicted at {getattr(self.low_codecs[0], 'bits', 16)} bits" if self.low_codecs else ""
+            kept = "" if isinstance(k, ExactCodec) else f", kept as {kb}/{vb}-bit {k.name}"
+            out["bits"] = f"{self.policy.name}: {budget}{kept}{low}"
+            out["kept"] = 0 if self.positions is None else self.positions.shape[-1]
+            out["low"] = 0 if self.low_positions is None else self.low_positions.shape[-1]
+        return out
+
+    # -- batch operations and saving ------------------------------------------------------------------------------
+    _batch_tensors = ("keys", "values", "sink_keys", "sink_values", "positions", "scores", "low_positions")
+    _batch_stores = ("key_store", "value_store", "low_keys", "low_values")
+    _state_counts = ("seen", "calls")
