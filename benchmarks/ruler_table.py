@@ -26,9 +26,10 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
-from kvshrink.eval.results import method_label
+from kvshrink.spec import label as method_label
 from kvshrink.eval.ruler import TASKS
-from kvshrink.eval.runner import load_records, split_specs
+from kvshrink.eval.runner import load_records
+from kvshrink.spec import split_specs
 
 
 def load(path: Path, context: int, model: str | None) -> dict[str, dict[tuple[str, int], dict]]:
