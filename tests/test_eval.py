@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvshrink as ks
-from kvshrink.cache import FullLayer
+from kvshrink.layers import FullLayer
 from kvshrink.eval import runner
 from kvshrink.eval.bench import bench, parse_length, write_bench
 from kvshrink.eval.corpus import pydoc_text, split
@@ -74,6 +74,9 @@ def _metrics(records, method, task):
 def test_split_specs_keeps_options_with_their_method():
     assert split_specs("full,kivi:bits=2,group=32,tada:bits=4") == ["full", "kivi:bits=2,group=32", "tada:bits=4"]
     assert split_specs(["kivi", "bits=2", "full"]) == ["kivi:bits=2", "full"]
+    # a composition keeps its bare options with its last part (the codec side)
+    assert split_specs("snapkv:budget=0.25 + tada:bits=2,mean=channel,full") == [
+        "snapkv:budget=0.25 + tada:bits=2,mean=channel", "full"]
     with pytest.raises(ValueError, match="before any method"):
         split_specs("bits=2,full")
 
