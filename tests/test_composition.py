@@ -184,3 +184,55 @@ def test_every_spec_keeps_the_bytes_and_tokens_it_had_before_the_storage_model()
         for name, want in old["records"].items():
             got = baseline.measure(model, ids, name.format(**files), old["new"])
             assert (got["nbytes"], got["tokens"], got["ids"]) == (want["nbytes"], want["tokens"], want["ids"]), name
+
+
+def _layered_profile(model, tmp_path, layers):
+    from kvshrink.profile import LayerRecipe, Profile, fingerprint
+
+    path = tmp_path / "layered.json"
+    Profile(fingerprint(model), "layered", {"window": 8, "sinks": 2}, [LayerRecipe(*x) for x in layers]).save(path)
+    return path
+
+
+def test_a_profile_gives_each_layer_and_head_its_codec_and_policy(tmp_path):
+    from kvshrink.codecs.store import HeadSplitStore
+
+    model = tiny_llama(head_dim=32, hidden_size=128)
+    path = _layered_profile(model, tmp_path, [
+        (("grouped:bits=4,group=16", "rotated:bits=3"), "grouped:bits=2,group=16", None),
+        ("exact", "exact", "snapkv:budget=0.5"),
+    ])
+    ids = _ids(200, 3)
+    cache = ks.make_cache(model, profile=str(path))
+    assert cache.method == "layered"
+    greedy(model, ids, cache, n=6)
+    first, second = cache.layers
+    assert isinstance(first.key_store, HeadSplitStore) and [len(h) for h, _ in first.key_store.groups] == [1, 1]
+    assert first.key_store.groups[1][1].codec.name == "rotated" and first.key_store.tokens > 0
+    assert first.policy is None and second.policy.name == "snapkv" and second.positions.shape[-1] < 205
+    # one head at 4 bits (16-channel groups: 16 code bytes + 8 scale bytes), the other rotated 3-bit (12 + 2)
+    stored = first.key_store.tokens
+    codes = sum(t.numel() for p, t in first.key_store.tensors() if p == "codes")
+    assert codes == stored * (16 + 12)
+    # a saved cache of per-head codecs and policies resumes with the same tokens
+    more = torch.cat([ids, greedy(model, ids, ks.make_cache(model, profile=str(path)), n=6)], 1)
+    saved = ks.load_cache(cache.save(tmp_path / "c.safetensors"), model)
+    assert saved.memory_report()["nbytes"] == cache.memory_report()["nbytes"]
+    assert torch.equal(greedy(model, more, saved, n=4), greedy(model, more, cache, n=4))
+
+
+def test_a_layered_profile_is_checked_where_it_is_read(tmp_path):
+    from kvshrink.profile import ProfileError
+
+    model = tiny_llama(head_dim=32, hidden_size=128)
+    path = _layered_profile(model, tmp_path, [("grouped:bits=5", "exact", None), ("exact", "exact", None)])
+    with pytest.raises(ValueError, match="layer 0 keys: codec grouped: bits must be one of"):
+        ks.make_cache(model, profile=str(path))
+    path = _layered_profile(model, tmp_path, [("exact", "exact", "kivi:bits=2"), ("exact", "exact", None)])
+    with pytest.raises(ValueError, match="'kivi:bits=2' is not a token-policy method"):
+        ks.make_cache(model, profile=str(path))
+    raw = json.loads(path.read_text())
+    raw["layers"][0]["key"] = 3
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ProfileError, match="layer 0: key must be a codec spec or a list"):
+        ks.make_cache(model, profile=str(path))

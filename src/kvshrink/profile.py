@@ -1,7 +1,11 @@
-"""Profiles: per-layer choices (bits, centering, rotation for keys and values) in a versioned JSON file.
+"""Profiles: per-layer choices in a versioned JSON file, and the method that builds them (`method`), so that
+`make_cache(model, profile=PATH)` builds whatever a profile describes.
 
-Version 2 added `key_rotate` / `value_rotate` (a rotation codec instead of grouped codes); version-1 files, which
-have neither, still load (nothing rotated).
+- `tada` profiles (versions 1-3): per layer, the bits, centering and rotation of keys and values (`LayerChoice`).
+  Version 2 added `key_rotate` / `value_rotate`; version-1 files, which have neither, still load (nothing rotated).
+- `layered` profiles (version 3): per layer, a codec spec for the keys and one for the values (or a list of one
+  per KV head), and a token policy spec or none (`LayerRecipe`): tokens and bits chosen together, per layer and head.
+- low-rank profiles (`tale`, `dynakv`, `lowrank`): fitted bases as tensors.
 
 A profile names the model it was calibrated for by a fingerprint (architecture, layer count, head shapes and a hash
 of the config); loading it for another model is an error. Files are written atomically and read with `json` only;
@@ -23,10 +27,11 @@ from .codecs.base import BIT_WIDTHS
 from .codecs.quant import CENTERS, QUANT_BITS
 from .io import atomic_write_text
 from .models import head_dim_of
+from .spec import parse
 
 FORMAT = "kvshrink-profile"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ROTATABLE_BITS = BIT_WIDTHS["lloydmax"]  # a profile's rotated layers use the Lloyd-Max codes
 _CONFIG_KEYS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "hidden_size", "intermediate_size", "vocab_size", "rope_theta", "sliding_window", "layer_types",
@@ -79,6 +84,35 @@ class LayerChoice:
                 raise ProfileError(f"{where}: {name} must be one of {CENTERS}, got {v!r}")
 
 
+@dataclass(frozen=True)
+class LayerRecipe:
+    """One layer of a `layered` profile: codec specs of its keys and values (a spec, or one per KV head) and the
+    spec of the token policy that chooses which tokens stay (None: every token)."""
+
+    key: str | tuple[str, ...]
+    value: str | tuple[str, ...]
+    policy: str | None = None
+
+    def validate(self, where: str) -> None:
+        for what in ("key", "value"):
+            entry = getattr(self, what)
+            specs = (entry,) if isinstance(entry, str) else entry
+            if not isinstance(specs, tuple) or not specs or not all(isinstance(x, str) for x in specs):
+                raise ProfileError(f"{where}: {what} must be a codec spec or a list of one per KV head, got {entry!r}")
+            for x in specs:
+                try:
+                    if len(parse(x)) != 1:
+                        raise ValueError("a codec spec has one part")
+                except ValueError as e:
+                    raise ProfileError(f"{where}: {what} {x!r}: {e}") from None
+        if self.policy is not None and not isinstance(self.policy, str):
+            raise ProfileError(f"{where}: policy must be a spec string or null, got {self.policy!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        as_json = lambda e: e if isinstance(e, str) else list(e)  # noqa: E731
+        return {"key": as_json(self.key), "value": as_json(self.value), "policy": self.policy}
+
+
 @dataclass
 class Profile:
     model: dict[str, Any]
@@ -91,7 +125,8 @@ class Profile:
 
     def to_json(self) -> dict[str, Any]:
         out = {"format": FORMAT, "version": VERSION, "model": self.model, "method": self.method,
-               "options": self.options, "layers": [vars(c) for c in self.layers],
+               "options": self.options,
+               "layers": [c.to_json() if isinstance(c, LayerRecipe) else vars(c) for c in self.layers],
                "predicted_ratio": self.predicted_ratio, "calibration": self.calibration}
         if self.tensors:
             out["tensors"] = {name: _encode_tensor(t) for name, t in self.tensors.items()}
@@ -172,6 +207,15 @@ def load_profile(path: str | Path) -> Profile:
     layers = []
     for i, entry in enumerate(raw["layers"]):
         where = f"profile {path}: layer {i}"
+        if raw["method"] == "layered":
+            if raw["version"] < 3 or not isinstance(entry, dict) or set(entry) - {"key", "value", "policy"} \
+                    or not {"key", "value"} <= set(entry):
+                raise ProfileError(f"{where}: a version-3 layered entry has key, value and policy, got {entry!r}")
+            tup = lambda e: tuple(e) if isinstance(e, list) else e  # noqa: E731
+            recipe = LayerRecipe(tup(entry["key"]), tup(entry["value"]), entry.get("policy"))
+            recipe.validate(where)
+            layers.append(recipe)
+            continue
         allowed = {"key_bits", "value_bits", "key_mean", "value_mean"} | (
             {"key_rotate", "value_rotate"} if raw["version"] >= 2 else set())
         if not isinstance(entry, dict) or set(entry) - allowed or not {"key_bits", "value_bits"} <= set(entry):
@@ -179,7 +223,7 @@ def load_profile(path: str | Path) -> Profile:
         choice = LayerChoice(**entry)
         choice.validate(where)
         layers.append(choice)
-    if layers and len(layers) != raw["model"].get("layers") or (not layers and raw["method"] == "tada"):
+    if layers and len(layers) != raw["model"].get("layers") or (not layers and raw["method"] in ("tada", "layered")):
         raise ProfileError(f"profile {path}: {len(layers)} layer entries for a model of {raw['model'].get('layers')} layers")
     ratio = raw.get("predicted_ratio")
     if ratio is not None and not isinstance(ratio, (int, float)):

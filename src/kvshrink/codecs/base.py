@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..options import check_types, registrar, unknown_options
+from .. import spec as specs
+from ..options import check_types, convert, registrar, unknown_options
 
 #: bit widths by number format (16: fp16 values, no codes); every codec, kernel and profile check reads this table
 BIT_WIDTHS: dict[str, tuple[int, ...]] = {
@@ -150,3 +151,12 @@ def make_codec(name: str, **options: Any) -> Codec:
         return cls(**options)
     except ValueError as e:
         raise ValueError(f"codec {name}: {e}") from None
+
+
+def codec_from_spec(text: str) -> Codec:
+    """A codec from its spec string ('grouped:bits=2,axis=channel')."""
+    parts = specs.parse(text)
+    if len(parts) != 1:
+        raise ValueError(f"codec spec {text!r}: a codec spec is one 'name:key=value,...'")
+    cls = get_codec(parts[0].name)
+    return make_codec(cls.name, **{k: convert(cls, "codec", k, raw) for k, raw in parts[0].options})

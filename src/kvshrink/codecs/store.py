@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .base import Codec, Layout
+from .perhead import PerHead
 
 #: tokens per page: a multiple of every codec's unit (rounded up per store), 4-8 kernel tiles
 PAGE_TOKENS = 256
@@ -223,3 +224,93 @@ class PagedStore:
 def lcm_units(*codecs: Codec) -> int:
     """Tokens a layer must move to its stores together so that every codec gets whole units."""
     return math.lcm(*(c.tokens_per_unit for c in codecs))
+
+
+class HeadSplitStore:
+    """A store whose KV heads are coded by different codecs (`PerHead`): one `PagedStore` per distinct codec over
+    the heads that use it, read back in head order. Every head holds the same tokens, so the page fills agree."""
+
+    def __init__(self, codec, name: str = "tensor", page_tokens: int = PAGE_TOKENS):
+        self.codec = codec
+        self.name = name
+        order: dict = {}
+        for h, c in enumerate(codec.codecs):
+            order.setdefault(c, []).append(h)
+        self.groups = [(torch.tensor(heads), PagedStore(c, f"{name} heads {heads}", page_tokens))
+                       for c, heads in order.items()]
+        self.shard = None
+
+    @property
+    def tokens(self) -> int:
+        return self.groups[0][1].tokens
+
+    @property
+    def head_dim(self) -> int:
+        return self.groups[0][1].head_dim
+
+    @property
+    def fills(self) -> list[int]:
+        return self.groups[0][1].fills
+
+    def append(self, x: torch.Tensor) -> None:
+        if x.shape[1] != len(self.codec.codecs):
+            raise ValueError(f"{self.name}: {x.shape[1]} heads given, the per-head codecs name "
+                             f"{len(self.codec.codecs)}")
+        for heads, store in self.groups:
+            store.append(x[:, heads.to(x.device)])
+
+    def decode(self, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.tokens == 0:
+            return None
+        parts = [(heads, store.decode(dtype)) for heads, store in self.groups]
+        b, _, t, d = parts[0][1].shape
+        out = parts[0][1].new_empty(b, len(self.codec.codecs), t, d)
+        for heads, x in parts:
+            out[:, heads.to(x.device)] = x
+        return out
+
+    def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return [pt for _, store in self.groups for pt in store.tensors()]
+
+    def parts(self) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {}
+        for part, t in self.tensors():
+            out.setdefault(part, []).append(t)
+        return out
+
+    def nbytes(self) -> int:
+        return sum(store.nbytes() for _, store in self.groups)
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for _, store in self.groups:
+            store.map_batch(fn)
+
+    def drop_front(self, n: int) -> None:
+        for _, store in self.groups:
+            store.drop_front(n)
+
+    def select(self, index: torch.Tensor) -> None:
+        for heads, store in self.groups:
+            store.select(index[:, heads.to(index.device)])
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        counts: dict[str, Any] = {"groups": []}
+        for g, (_, store) in enumerate(self.groups):
+            own, c = store.state_dict()
+            tensors.update({f"group.{g}.{k}": t for k, t in own.items()})
+            counts["groups"].append(c)
+        return tensors, counts
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], counts: dict[str, Any]) -> None:
+        if len(counts["groups"]) != len(self.groups):
+            raise ValueError(f"{self.name}: {len(counts['groups'])} head groups saved, {len(self.groups)} rebuilt")
+        for g, ((_, store), c) in enumerate(zip(self.groups, counts["groups"])):
+            prefix = f"group.{g}."
+            store.load_state_dict({k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}, c)
+
+
+def make_store(codec: Codec, name: str, page_tokens: int = PAGE_TOKENS) -> "PagedStore | HeadSplitStore":
+    """The store a codec's tokens go to: paged, or split by head when the heads have codecs of their own."""
+    return HeadSplitStore(codec, name, page_tokens) if isinstance(codec, PerHead) else PagedStore(codec, name,
+                                                                                                     page_tokens)

@@ -32,7 +32,8 @@ from ..attention import SelfAttending
 from ..codecs.base import PARTS, Codec
 from ..codecs.exact import ExactCodec
 from ..codecs.rotation import RotationCodec, decode_rotated, fwht, unrotate
-from ..codecs.store import PAGE_TOKENS, PagedStore, lcm_units
+from ..codecs.perhead import PerHead
+from ..codecs.store import PAGE_TOKENS, PagedStore, lcm_units, make_store
 from ..distributed import gather_heads
 from ..kernels import MAX_QUERY_TOKENS
 from ..kernels import cpu as cpu_kernel
@@ -83,6 +84,11 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
                             f"{where}: {policy.name} evicts different tokens per head while decoding, but the {what}' "
                             "head mean is shared by every head of a token: use mean=channel or none, or a per-layer "
                             "policy (tova)")
+        if shard is not None and any(isinstance(c, PerHead) for c in (key_codec, value_codec)):
+            raise ValueError(f"{where}: per-head codecs under tensor parallelism are not supported yet")
+        if backend != "torch" and any(isinstance(c, PerHead) for c in (key_codec, value_codec)):
+            raise ValueError(f"{where}: per-head codecs decode through the PyTorch path (backend 'torch'), "
+                             f"got backend {backend!r}")
         if backend == "rotated" and not all(isinstance(c, RotationCodec) for c in (key_codec, value_codec)):
             raise TypeError(f"{where}: backend 'rotated' needs the rotated codec for keys and values, got "
                             f"{key_codec.name} / {value_codec.name}")
@@ -111,7 +117,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         return self.policy is not None
 
     def _store(self, codec: Codec, what: str) -> PagedStore:
-        store = PagedStore(codec, f"layer {self.layer_idx} {what}", self.page_tokens)
+        store = make_store(codec, f"layer {self.layer_idx} {what}", self.page_tokens)
         store.shard = self.shard
         return store
 
@@ -151,8 +157,9 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
                                f"(the states are on {device}); use kernel='torch'")
         super().lazy_initialization(key_states, value_states)  # exact window and sinks, in `exact_dtype`
         for store in self._stores():  # `exact:dtype=model` holds the model's dtype
-            if isinstance(store.codec, ExactCodec) and store.codec.dtype == "model":
-                store.codec = dataclasses.replace(store.codec, dtype=str(self.dtype).removeprefix("torch."))
+            for s in getattr(store, "groups", None) and [g for _, g in store.groups] or [store]:
+                if isinstance(s.codec, ExactCodec) and s.codec.dtype == "model":
+                    s.codec = dataclasses.replace(s.codec, dtype=str(self.dtype).removeprefix("torch."))
         if self.backend == "triton":
             for store in (self.key_store, self.value_store):
                 store.encoder = gpu_kernels.quantize_pack
