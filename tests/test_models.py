@@ -106,3 +106,26 @@ def test_qwen_is_known_with_its_parts_and_dtype(monkeypatch):
         ks.load_model("qwen2.5-coder-1.5b")
     with pytest.raises(ValueError, match="dtype must be one of auto, float32"):
         models.parse_dtype("int8")
+
+
+def test_a_bf16_model_computes_in_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    import torch
+
+    from kvshrink import models
+
+    monkeypatch.setattr(models, "native_bf16", lambda: False)
+    assert models.default_dtype("qwen2.5-coder-1.5b") == torch.float32
+    assert models.default_dtype("qwen2.5-coder-1.5b", "cuda") == torch.bfloat16  # a GPU computes bf16 itself
+    assert models.default_dtype("smollm2-135m") == torch.float32
+    monkeypatch.setattr(models, "native_bf16", lambda: True)
+    assert models.default_dtype("qwen2.5-coder-1.5b") == torch.bfloat16
+
+
+def test_native_bf16_reads_the_cpu_flags(tmp_path):
+    from kvshrink import models
+
+    info = tmp_path / "cpuinfo"
+    for flags, want in (("fpu avx2 fma f16c", False), ("fpu avx2 avx512f avx512_bf16", True), ("fpu amx_bf16", True)):
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert models.native_bf16(info) is want, flags
+    assert models.native_bf16(tmp_path / "missing") is False

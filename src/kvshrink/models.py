@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,9 +212,29 @@ def _convert_gguf(gguf: Path, dtype: torch.dtype = torch.float32) -> Path:
     return target
 
 
-def default_dtype(name: str) -> torch.dtype:
-    """The dtype a model name loads in when none is asked for: the embedded model's own, float32 otherwise."""
-    return EMBEDDED[name].dtype if name in EMBEDDED else torch.float32
+#: CPU features that compute bf16 matrix products natively (x86: AVX512-BF16, AMX; Arm: the BF16 extension)
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 natively. Without it (AVX2-only x86) a bf16 matmul is emulated, about 7x slower
+    than fp32 (a 6k-token Qwen prefill: ~12 minutes instead of ~1.5)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = {f for line in text.splitlines() if line.startswith(("flags", "Features")) for f in line.split()}
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+def default_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype a model name loads in when none is asked for: the embedded model's own (bfloat16 for Qwen), float32
+    otherwise; on a CPU without native bf16 a bfloat16 default becomes float32 (compute only: shares are still
+    against a 16-bit cache)."""
+    dtype = EMBEDDED[name].dtype if name in EMBEDDED else torch.float32
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not native_bf16():
+        return torch.float32
+    return dtype
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -255,7 +276,13 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None
     hub id when online. dtype: None loads the embedded model's own (bfloat16 for Qwen, float32 otherwise)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = parse_dtype(dtype) or default_dtype(name)
+    asked = parse_dtype(dtype)
+    dtype = asked or default_dtype(name, device)
+    if asked is None and name in EMBEDDED and dtype != EMBEDDED[name].dtype:
+        print(f"kvshrink: {name} computes in {str(dtype).removeprefix('torch.')} here, not "
+              f"{str(EMBEDDED[name].dtype).removeprefix('torch.')}: this CPU has no native bf16 "
+              f"({', '.join(NATIVE_BF16_FLAGS[:2])}), where bf16 is emulated about 7x slower (dtype= to insist)",
+              file=sys.stderr)
     where = resolve_model(name)
     try:
         tok = AutoTokenizer.from_pretrained(where)

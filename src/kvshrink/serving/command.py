@@ -48,7 +48,7 @@ def serve(model: str, method: str | None = None, profile: str | None = None, hos
     require_serving()
     served = prepare(model, method, profile, root, continuous_batching)
     if dtype == "auto":  # as `kvshrink run` loads it
-        dtype = str(default_dtype(model)).removeprefix("torch.")
+        dtype = str(default_dtype(model, device)).removeprefix("torch.")
     configure_logging(log_level)
     app = build_app(served, names=(model,), device=device, dtype=dtype)
     run(app, host=host, port=port, log_level=log_level)
