@@ -75,17 +75,27 @@ def test_profile_for_another_model_is_refused(tmp_path):
         ks.make_cache(tiny_gemma3(), "tada", profile=str(path))
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda text: text[: len(text) // 2], "not a readable JSON"),
-    (lambda text: "", "not a readable JSON"),
-    (lambda text: text.replace('"kvshrink-profile"', '"other"'), "not a kvshrink profile"),
-    (lambda text: text.replace('"version": 2', '"version": 9'), "version 9 is not supported"),
-    (lambda text: text.replace('"key_bits": 8', '"key_bits": 5'), "layer 1: key_bits must be one of"),
-    (lambda text: text.replace('"value_mean": "none"', '"value_mean": "median"', 1), "value_mean must be one of"),
+@pytest.mark.parametrize("damage,message,resign", [
+    (lambda text: text[: len(text) // 2], "not a readable JSON", False),
+    (lambda text: "", "not a readable JSON", False),
+    (lambda text: text.replace('"kvshrink-profile"', '"other"'), "not a kvshrink profile", False),
+    (lambda text: text.replace('"version": 3', '"version": 9'), "version 9 is not supported", False),
+    (lambda text: text.replace('"key_bits": 8', '"key_bits": 5'), "does not match its sha256", False),
+    (lambda text: text.replace('"key_bits": 8', '"key_bits": 5'), "layer 1: key_bits must be one of", True),
+    (lambda text: text.replace('"value_mean": "none"', '"value_mean": "median"', 1), "value_mean must be one of",
+     True),
 ])
-def test_corrupted_profiles_are_refused_before_anything_is_built(tmp_path, damage, message):
+def test_corrupted_profiles_are_refused_before_anything_is_built(tmp_path, damage, message, resign):
+    """An edit is caught by the profile's digest; one written so on purpose (re-signed) by the field's check."""
+    from kvshrink.profile import _body_digest
+
     path = _profile(_tiny()).save(tmp_path / "p.json")
-    path.write_text(damage(path.read_text()))
+    text = damage(path.read_text())
+    if resign:
+        raw = json.loads(text)
+        raw["sha256"] = _body_digest(raw)
+        text = json.dumps(raw)
+    path.write_text(text)
     with pytest.raises(ProfileError, match=message):
         ks.make_cache(_tiny(), "tada", profile=str(path))
 
@@ -94,6 +104,12 @@ def test_profile_with_missing_layers_is_refused(tmp_path):
     path = _profile(_tiny()).save(tmp_path / "p.json")
     raw = json.loads(path.read_text())
     raw["layers"] = raw["layers"][:2]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ProfileError, match="does not match its sha256"):  # an edit is caught first
+        load_profile(path)
+    from kvshrink.profile import _body_digest
+
+    raw["sha256"] = _body_digest(raw)  # a file written so on purpose is still refused, for what it says
     path.write_text(json.dumps(raw))
     with pytest.raises(ProfileError, match="2 layer entries for a model of 3 layers"):
         load_profile(path)

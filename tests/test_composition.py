@@ -233,6 +233,31 @@ def test_a_layered_profile_is_checked_where_it_is_read(tmp_path):
         ks.make_cache(model, profile=str(path))
     raw = json.loads(path.read_text())
     raw["layers"][0]["key"] = 3
+    from kvshrink.profile import _body_digest
+
+    raw["sha256"] = _body_digest(raw)  # written so on purpose (an edit alone is refused by its digest)
     path.write_text(json.dumps(raw))
     with pytest.raises(ProfileError, match="layer 0: key must be a codec spec or a list"):
         ks.make_cache(model, profile=str(path))
+
+
+def test_a_profile_with_any_byte_flipped_is_refused(tmp_path):
+    from kvshrink.profile import ProfileError, load_profile
+
+    model = tiny_llama(head_dim=32, hidden_size=128)
+    path = _layered_profile(model, tmp_path, [("grouped:bits=4,group=16", "exact", "snapkv:budget=0.5"),
+                                              ("exact", "exact", None)])
+    good = path.read_bytes()
+    load_profile(path)
+    refused = 0
+    for i in range(0, len(good), max(1, len(good) // 97)):
+        bad = bytearray(good)
+        bad[i] ^= 0x04  # one bit: digits stay digits ('2' -> '6'), letters stay letters
+        path.write_bytes(bytes(bad))
+        with pytest.raises(ProfileError):
+            load_profile(path)
+        refused += 1
+    path.write_bytes(good[: len(good) // 2])  # cut short
+    with pytest.raises(ProfileError, match="not a readable JSON file"):
+        load_profile(path)
+    assert refused > 90

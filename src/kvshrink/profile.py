@@ -130,6 +130,7 @@ class Profile:
                "predicted_ratio": self.predicted_ratio, "calibration": self.calibration}
         if self.tensors:
             out["tensors"] = {name: _encode_tensor(t) for name, t in self.tensors.items()}
+        out["sha256"] = _body_digest(out)
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -144,6 +145,13 @@ class Profile:
 
     def mean_bits(self) -> float:
         return sum(c.key_bits + c.value_bits for c in self.layers) / (2 * len(self.layers))
+
+
+def _body_digest(raw: dict[str, Any]) -> str:
+    """A digest of every field but the digest itself (canonical JSON): a profile edited by a flipped byte, in any
+    field, no longer matches it."""
+    body = {k: v for k, v in raw.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _encode_tensor(t: torch.Tensor) -> dict[str, Any]:
@@ -201,6 +209,8 @@ def load_profile(path: str | Path) -> Profile:
     if raw.get("version") not in READABLE_VERSIONS:
         raise ProfileError(f"profile {path}: version {raw.get('version')!r} is not supported (this kvshrink reads "
                            f"{', '.join(map(str, READABLE_VERSIONS))})")
+    if raw["version"] >= 3 and raw.get("sha256") != _body_digest(raw):  # version 3 brought the digest
+        raise ProfileError(f"profile {path}: its content does not match its sha256 (edited or corrupted)")
     for key, kind in (("model", dict), ("method", str), ("options", dict), ("layers", list)):
         if not isinstance(raw.get(key), kind):
             raise ProfileError(f"profile {path}: field {key!r} is missing or not a {kind.__name__}")
