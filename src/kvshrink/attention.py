@@ -38,6 +38,15 @@ def announce(layer: Any, returned_keys: torch.Tensor) -> None:
         layer._announced = id(returned_keys)
 
 
+def withdraw(layer: Any) -> None:
+    """Forget a layer's announcement (a layer that answers for it, `RowSplit`, announces itself instead)."""
+    with _lock:
+        old = getattr(layer, "_announced", None)
+        if old is not None:
+            _pending.pop(old, None)
+            layer._announced = None
+
+
 def claim(layer_idx: int, keys: torch.Tensor) -> Any | None:
     """The layer whose `update()` returned exactly `keys` (identity, not equality), or None."""
     with _lock:

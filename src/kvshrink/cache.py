@@ -7,11 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .codecs.base import PARTS
 from .cachefile import save_cache
 from .layers.base import _nbytes, _Reporting
+from .layers.rows import RowSplit, left_padding
 
 
 class CompressedCache(Cache):
@@ -28,6 +30,20 @@ class CompressedCache(Cache):
         self.spec = spec or method  # the canonical spec string that rebuilds this cache (`make_cache(model, spec)`)
         self.fingerprint: dict[str, Any] | None = None  # of the model it was made for (set by make_cache)
         self.shard = None  # this rank's KV heads under tensor parallelism (set by make_cache), None otherwise
+        self._padding_noted = False
+
+    def note_attention_mask(self, mask: torch.Tensor) -> None:
+        """Learn each row's left padding from the model's 2D attention mask, before the prefill: every layer that
+        `splits_rows` then keeps one layer per row, from the row's first real token (`layers.rows`)."""
+        if self._padding_noted:
+            return
+        self._padding_noted = True
+        pads = left_padding(mask)
+        if pads is None:
+            return
+        for i, layer in enumerate(self.layers):
+            if getattr(layer, "splits_rows", False) and layer.sliding_window is None and not layer.is_initialized:
+                self.layers[i] = RowSplit(layer, pads)
 
     def save(self, path) -> Path:
         """Write this cache to a safetensors file (atomically); `kvshrink.load_cache(path, model)` resumes it."""
@@ -102,3 +118,19 @@ class CompressedCache(Cache):
             "by_part": by_part,
             "by_layer": by_layer,
         }
+
+
+def install_padding_hook(model: Any) -> None:
+    """A forward pre-hook on `model` that hands the 2D attention mask of each call to the kvshrink cache it is
+    called with (`CompressedCache.note_attention_mask`), once per model."""
+    if getattr(model, "_kvshrink_padding_hook", False) or not hasattr(model, "register_forward_pre_hook"):
+        return
+
+    def hook(module, args, kwargs):
+        cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+        if isinstance(cache, CompressedCache) and isinstance(mask, torch.Tensor):
+            cache.note_attention_mask(mask)
+        return None
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    model._kvshrink_padding_hook = True

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .cachefile import CacheFileError, layout_of, read_cache_file
+from .layers.rows import RowSplit
 from .methods import make_cache
 from .profile import fingerprint
 
@@ -48,6 +49,8 @@ def load_cache(path: str | Path, model: Any, device: str | torch.device | None =
     try:
         done = set()
         for i, (layer, counts) in enumerate(zip(cache.layers, header["layers"])):
+            if "pads" in counts:  # saved as one layer per row of a left-padded batch
+                layer = cache.layers[i] = RowSplit(layer, counts["pads"])
             layer.load_state_dict(_under(tensors, f"layers.{i}.", dev), counts)
             for name, obj in getattr(layer, "shared_state", lambda: {})().items():
                 if name not in done:

@@ -52,6 +52,8 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
     (never below sinks + window). low_codecs: (key, value) codecs of the tier evicted tokens go to (None: dropped).
     """
 
+    splits_rows = True  # a left-padded batch keeps one layer per row (layers/rows.py)
+
     def __init__(self, key_codec: Codec, value_codec: Codec, *, window: int = 32, sinks: int = 4,
                  policy: Policy | None = None, budget: float = 1.0, tokens: int = 0, observe: int = 32,
                  low_codecs: tuple[Codec, Codec] | None = None, exact_dtype: torch.dtype | None = None,

@@ -42,6 +42,8 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
     for the whole layer is DynaKV's joint basis.
     """
 
+    splits_rows = True  # a left-padded batch keeps one layer per row (layers/rows.py)
+
     replays_prefill = False  # its prefill attention is its own (see eval.prefill)
     kind = "a low-rank"
     _window_extras = ("sig_sum", "sig_count")  # attention received by the window's tokens, and observations

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from transformers.cache_utils import CacheLayerMixin, get_layer_types_and_kwargs
 
 from .. import spec as specs
-from ..cache import CompressedCache
+from ..cache import CompressedCache, install_padding_hook
 from ..codecs.base import Codec
 from ..distributed import head_shard
 from ..layers.composed import ComposedLayer
@@ -70,6 +70,7 @@ class Method:
         self._shard = head_shard(model_or_config)
         config = getattr(model_or_config, "config", model_or_config)
         self.prepare(model_or_config)
+        install_padding_hook(model_or_config)  # a left-padded batch: one layer per row (layers/rows.py)
         layers = build_layers(self, config)
         cache = CompressedCache(layers, method=self.label(), options=self.options(), spec=self.spec())
         cache.fingerprint = fingerprint(config)

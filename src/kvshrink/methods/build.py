@@ -97,10 +97,9 @@ def make_cache(model: Any, method: "str | Method" = "full", *, profile: str | No
                **options: Any) -> CompressedCache:
     """A `CompressedCache` for `model` built by the named method (`make_cache(model, "tada", bits=2)`), a
     composition (`make_cache(model, "snapkv:budget=0.25 + tada:profile=P")`) or whatever a profile file describes
-    (`make_cache(model, profile=PATH)`)."""
+    (`make_cache(model, profile=PATH)`; with a method named, the profile is that method's option)."""
     if profile is not None:
-        built = load_profile(profile).method
-        if method not in ("full", built):
-            raise ValueError(f"profile {profile} builds {built!r}; {method!r} was asked for: leave method out")
-        return build_method(built, profile=str(profile), **options).make_cache(model)
+        if method == "full":
+            return build_method(load_profile(profile).method, profile=str(profile), **options).make_cache(model)
+        options["profile"] = str(profile)
     return build_method(method, **options).make_cache(model)
