@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--output")
     ap.add_argument("--check", help="a record file: rebuild its specs and compare (exit 1 on any difference)")
     ap.add_argument("--only", help="comma-free substring: only specs containing it")
+    ap.add_argument("--skip", action="append", default=[], help="skip the specs containing this substring")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     if args.check:
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
         if args.check:
             bad = 0
             for spec, want in old["records"].items():
-                if args.only and args.only not in spec:
+                if (args.only and args.only not in spec) or any(x in spec for x in args.skip):
                     continue
                 got = measure(model, ids, spec.format(**files), args.new)
                 diff = {k: (want[k], got[k]) for k in ("nbytes", "tokens", "ids") if want[k] != got[k]}
