@@ -2,9 +2,10 @@
 declared layout, see `base`); `store.PagedStore` holds a codec's fields in pages."""
 from .base import BIT_WIDTHS, CODECS, PARTS, Codec, Field, Layout, get_codec, make_codec, register_codec
 from .exact import ExactCodec
+from .gear import GearCodec
 from .quant import GroupCodec
 from .rotation import RotationCodec
 from .store import PagedStore
 
 __all__ = ["BIT_WIDTHS", "CODECS", "PARTS", "Codec", "Field", "Layout", "get_codec", "make_codec", "register_codec",
-           "ExactCodec", "GroupCodec", "RotationCodec", "PagedStore"]
+           "ExactCodec", "GearCodec", "GroupCodec", "RotationCodec", "PagedStore"]

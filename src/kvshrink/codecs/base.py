@@ -27,7 +27,8 @@ BIT_WIDTHS: dict[str, tuple[int, ...]] = {
 }
 
 #: parts of the memory report, in the order it lists them
-PARTS = ("codes", "scales", "means", "window", "sinks", "bases", "levels", "positions", "residuals")
+PARTS = ("codes", "scales", "means", "window", "sinks", "bases", "levels", "positions", "residuals", "lowrank",
+         "outliers")
 
 CODECS: dict[str, type["Codec"]] = {}
 #: class decorator: make a codec available by its `name` (`kvshrink codecs`, `POLICY + CODEC` specs, profiles)

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from transformers.cache_utils import CacheLayerMixin, get_layer_types_and_kwargs
 
 from .. import spec as specs
@@ -26,6 +27,9 @@ from ..profile import fingerprint
 
 __all__ = ["METHODS", "Method", "StoringMethod", "CodecRecipe", "register", "option", "method_options", "get_method",
            "build_layers"]
+
+#: dtypes an exact window and sinks may be held in ("model": the model's own)
+EXACT_DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 METHODS: dict[str, type["Method"]] = {}
 #: class decorator: make a method available by its `name` to `make_cache` and the CLI
@@ -114,22 +118,47 @@ class StoringMethod(Method):
 
 @dataclass
 class CodecRecipe(StoringMethod):
-    """A bare codec as the CODEC side of a composition: the same codec for keys and values of every layer."""
+    """A bare codec as a method (`gear:bits=2`) or as the CODEC side of a composition: the same codec for the keys
+    and values of every layer, behind exact sinks and an exact window (their options go with the codec's)."""
+
+    name = "codec"
 
     codec: Any = None
-    window: int = 32
-    sinks: int = 4
+    window: int = option(32, "recent tokens kept exact")
+    sinks: int = option(4, "first tokens kept exact (attention sinks)")
+    exact_dtype: str = option("model", "dtype of the exact window and sinks: model, float16 or bfloat16")
+
+    #: the options that belong to the recipe, not to the codec
+    OWN = ("window", "sinks", "exact_dtype")
+
+    def validate(self) -> None:
+        if self.exact_dtype not in EXACT_DTYPES:
+            raise ValueError(f"{self.codec.name}: exact_dtype must be one of {', '.join(EXACT_DTYPES)}, "
+                             f"got {self.exact_dtype!r}")
+        for arg in ("window", "sinks"):
+            if getattr(self, arg) < 0:
+                raise ValueError(f"{self.codec.name}: {arg} must be >= 0, got {getattr(self, arg)}")
 
     def layer_codecs(self, layer_idx: int) -> tuple[Codec, Codec]:
         c = dataclasses.replace(self.codec, layer=layer_idx) if hasattr(self.codec, "layer") else self.codec
         return c, c
 
+    def exact_torch_dtype(self):
+        return EXACT_DTYPES[self.exact_dtype]
+
+    def label(self) -> str:
+        return self.codec.name
+
+    def options(self) -> dict[str, Any]:
+        return {**self.codec.options(), **{k: getattr(self, k) for k in self.OWN}}
+
     def spec(self) -> str:
-        return specs.format_part(self.codec.name, list(self.codec.options().items()))
+        return specs.format_part(self.codec.name, list(self.options().items()))
 
     def layer(self, layer_idx: int, sliding_window: int | None):
         return ComposedLayer(*self.layer_codecs(layer_idx), window=self.window, sinks=self.sinks,
-                             layer_idx=layer_idx, sliding_window=sliding_window, shard=getattr(self, "_shard", None))
+                             exact_dtype=self.exact_torch_dtype(), layer_idx=layer_idx, sliding_window=sliding_window,
+                             shard=getattr(self, "_shard", None))
 
 
 def get_method(name: str) -> type[Method]:

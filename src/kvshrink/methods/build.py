@@ -7,11 +7,11 @@ from typing import Any
 
 from .. import spec as specs
 from ..cache import CompressedCache
-from ..codecs.base import CODECS
+from ..codecs.base import CODECS, make_codec
 from ..options import convert, unknown_options
 from ..policies.scoring import POLICIES
 from ..profile import load_profile
-from .base import METHODS, Method
+from .base import METHODS, CodecRecipe, Method
 from .composed import Composition
 from .eviction import PolicyRecipe
 
@@ -23,21 +23,29 @@ def _recipe(name: str, role: str) -> tuple[type, str]:
     token policy) and its kind of registry."""
     if name in METHODS:
         return METHODS[name], "method"
-    if role == "codec" and name in CODECS:
+    if role in ("codec", "method") and name in CODECS:
         return CODECS[name], "codec"
     if role == "policy" and name in POLICIES:
         return PolicyRecipe, "policy"
-    known = sorted(METHODS) + (sorted(CODECS) if role == "codec" else sorted(POLICIES) if role == "policy" else [])
-    what = {"codec": "method or codec", "policy": "method or token policy"}.get(role, "method")
+    known = sorted(METHODS) + (sorted(POLICIES) if role == "policy" else sorted(CODECS))
+    what = {"policy": "method or token policy"}.get(role, "method or codec")
     raise ValueError(f"unknown {what} {name!r}; available: {', '.join(known)}")
 
 
 def _typed(part: specs.Part, role: str) -> tuple[type, str, dict[str, Any]]:
     cls, kind = _recipe(part.name, role)
-    options = {k: convert(cls, kind, k, raw) for k, raw in part.options}
+    options = {k: convert(CodecRecipe if kind == "codec" and k in CodecRecipe.OWN else cls, kind, k, raw)
+               for k, raw in part.options}
     if kind == "policy":
         options["policy"] = part.name
     return cls, kind, options
+
+
+def _codec_recipe(codec_cls: type, options: dict[str, Any]) -> CodecRecipe:
+    """A bare codec spec's recipe: its own options (window, sinks, exact_dtype) and the codec's."""
+    own = {k: v for k, v in options.items() if k in CodecRecipe.OWN}
+    codec = make_codec(codec_cls.name, **{k: v for k, v in options.items() if k not in CodecRecipe.OWN})
+    return CodecRecipe(codec=codec, **own)
 
 
 def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
@@ -58,7 +66,7 @@ def canonical_spec(text: str) -> str:
     for i, part in enumerate(parts):
         role = "method" if len(parts) == 1 else ("policy", "codec")[i]
         cls, kind, options = _typed(part, role)
-        order = [f.name for f in dataclasses.fields(cls)]
+        order = [f.name for f in dataclasses.fields(cls)] + (list(CodecRecipe.OWN) if kind == "codec" else [])
         items = sorted(((k, v) for k, v in options.items() if not (kind == "policy" and k == "policy")),
                        key=lambda kv: order.index(kv[0]))
         out.append((part.name, items))
@@ -83,14 +91,20 @@ def build_method(method: "str | Method", **options: Any) -> Method:
         return dataclasses.replace(method, **options) if options else method
     parts = specs.parse(method)
     if len(parts) == 1:
-        cls, _, spec_options = _typed(parts[0], "method")
+        cls, kind, spec_options = _typed(parts[0], "method")
+        if kind == "codec":
+            return _codec_recipe(cls, {**spec_options, **options})
         unknown_options(cls, "method", options)
         return cls(**{**spec_options, **options})
     policy_cls, _, policy_options = _typed(parts[0], "policy")
     codec_cls, kind, codec_options = _typed(parts[1], "codec")
-    unknown_options(codec_cls, kind, options)
-    return Composition.of(policy_cls(**policy_options), policy_options, codec_cls, kind,
-                          {**codec_options, **options})
+    if kind == "codec":
+        storing, stated = _codec_recipe(codec_cls, {**codec_options, **options}), {**codec_options, **options}
+    else:
+        unknown_options(codec_cls, kind, options)
+        stated = {**codec_options, **options}
+        storing = codec_cls(**stated)
+    return Composition.of(policy_cls(**policy_options), policy_options, storing, stated)
 
 
 def make_cache(model: Any, method: "str | Method" = "full", *, profile: str | None = None,

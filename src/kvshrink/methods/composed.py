@@ -13,10 +13,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..codecs.base import Codec, make_codec
+from ..codecs.base import CODECS
 from ..layers.full import FullLayer
 from ..models import text_config
-from .base import CodecRecipe, Method, StoringMethod
+from .base import Method, StoringMethod
 from .eviction import EvictionMethod
 
 
@@ -33,22 +33,15 @@ class Composition(Method):
     sinks: int = 4
 
     @classmethod
-    def of(cls, policy: Method, policy_options: dict[str, Any], codec_cls: type, kind: str,
-           codec_options: dict[str, Any]) -> "Composition":
-        """Compose `policy` (built from `policy_options` as given) with a storing method or codec."""
+    def of(cls, policy: Method, policy_options: dict[str, Any], storing: Method,
+           storing_options: dict[str, Any]) -> "Composition":
+        """Compose `policy` with `storing` (each built from the options as given, which say what was explicit)."""
         if not isinstance(policy, EvictionMethod):
             raise ValueError(f"the POLICY side of 'POLICY + CODEC' must be a token-policy method (streamingllm, "
                              f"window, h2o, snapkv, tova, mixed), got {policy.name!r}")
-        if kind == "codec":
-            codec: Codec = make_codec(codec_cls.name, **codec_options)
-            storing: StoringMethod = CodecRecipe(codec=codec)
-            storing_options: dict[str, Any] = {}
-        else:
-            storing = codec_cls(**codec_options)
-            if not isinstance(storing, StoringMethod):
-                raise ValueError(f"the CODEC side of 'POLICY + CODEC' must store tokens (kivi, tada, turboquant, or a "
-                                 f"codec: grouped, rotated, exact), got {storing.name!r}")
-            storing_options = codec_options
+        if not isinstance(storing, StoringMethod):
+            raise ValueError(f"the CODEC side of 'POLICY + CODEC' must store tokens (kivi, tada, turboquant, or a "
+                             f"codec: {', '.join(sorted(CODECS))}), got {storing.name!r}")
         if hasattr(storing, "kernel"):  # a scored layer attends by itself: no kernel is chosen for it
             storing = dataclasses.replace(storing, kernel="torch")
         chosen = {}
@@ -64,7 +57,7 @@ class Composition(Method):
             raise ValueError(f"window and sinks must be >= 0, got {self.window} and {self.sinks}")
 
     def label(self) -> str:
-        return f"{self.policy.name} + {getattr(self.storing, 'codec', self.storing).name}"
+        return f"{self.policy.label()} + {self.storing.label()}"
 
     def options(self) -> dict[str, Any]:
         return {"policy": self.policy.options(), "codec": self.storing.spec(), "window": self.window,
