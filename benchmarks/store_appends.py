@@ -39,18 +39,22 @@ class ConcatStore:
             self.fields[k] = v if old is None else torch.cat([old, v], 2)
 
 
-def run(store, tokens: int, block: int, every: int) -> list[dict]:
+def run(stores: dict, tokens: int, block: int, every: int) -> dict[str, list[dict]]:
+    """Append the same blocks to every store in turn (so that both see the same machine load), timing each append;
+    per `every` tokens, the median of the last 16 appends and what the last one copied."""
     torch.manual_seed(0)
-    rows, times = [], []
+    rows: dict[str, list[dict]] = {name: [] for name in stores}
+    times: dict[str, list[float]] = {name: [] for name in stores}
     x = torch.randn(1, 2, block, 128)
     for done in range(block, tokens + 1, block):
-        before = store.copied
-        start = time.perf_counter()
-        store.append(x)
-        times.append(time.perf_counter() - start)
-        if done % every == 0:
-            rows.append({"tokens": done, "append_us": round(1e6 * statistics.median(times[-8:]), 1),
-                         "copied_bytes": store.copied - before})
+        for name, store in stores.items():
+            before = store.copied
+            start = time.perf_counter()
+            store.append(x)
+            times[name].append(time.perf_counter() - start)
+            if done % every == 0:
+                rows[name].append({"tokens": done, "append_us": round(1e6 * statistics.median(times[name][-16:]), 1),
+                                   "copied_bytes": store.copied - before})
     return rows
 
 
@@ -61,11 +65,12 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=4096)
     ap.add_argument("-o", "--output")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # one thread: an append is small, and the timing is the storing, not a thread pool
     codec = GroupCodec(2, 32, "channel")
+    rows = run({"paged": PagedStore(codec, "keys"), "concatenating": ConcatStore(codec)}, args.tokens, args.block,
+               args.every)
     out = {"codec": "grouped:bits=2,group=32,axis=channel", "heads": 2, "head_dim": 128, "block": args.block,
-           "torch_threads": torch.get_num_threads(),
-           "paged": run(PagedStore(codec, "keys"), args.tokens, args.block, args.every),
-           "concatenating": run(ConcatStore(codec), args.tokens, args.block, args.every)}
+           "torch_threads": 1, **rows}
     for a, b in zip(out["paged"], out["concatenating"]):
         print(f"{a['tokens']:6d} tokens: paged {a['append_us']:7.1f} us, copies {a['copied_bytes']:7d} B | "
               f"concatenating {b['append_us']:7.1f} us, copies {b['copied_bytes']:8d} B")
