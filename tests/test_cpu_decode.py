@@ -86,6 +86,35 @@ def test_cpu_kernel_matches_reference(bits, layout, d, hq, hkv, stored, exact, q
     torch.testing.assert_close(got.float(), want, **tol)
 
 
+ROTATED = [
+    # key codec, value codec, head dim, query heads, kv heads, stored, exact, query tokens
+    (RotationCodec(3, layer=1), RotationCodec(4, layer=1), 128, 12, 2, 600, 36, 1),  # Qwen-shaped, > 2 pages
+    (RotationCodec(2, norm="float32"), RotationCodec(2), 64, 6, 3, 96, 5, 4),
+    (RotationCodec(8, "fp8", rotate=False, norm="float32", norm_correction=False), RotationCodec(4), 128, 6, 2,
+     300, 8, 1),                                                                       # vLLM's k8v4
+    (RotationCodec(4, "uniform", group=32), RotationCodec(3, "uniform", group=16), 64, 4, 2, 128, 3, 4),
+    (RotationCodec(16), RotationCodec(16), 64, 4, 4, 64, 2, 1),
+    (GroupCodec(2, 32, "channel"), RotationCodec(3), 128, 6, 2, 256, 7, 1),             # tada: grouped keys
+    (RotationCodec(2), GroupCodec(4, 32, "token"), 64, 3, 1, 64, 0, 4),                # rotated keys only
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("kspec,vspec,d,hq,hkv,stored,exact,qn", ROTATED, ids=lambda x: getattr(x, "describe",
+                                                                                             lambda: None)())
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "masked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_kernel_reads_rotated_codes_as_the_reference_decodes_them(kspec, vspec, d, hq, hkv, stored, exact, qn,
+                                                                      masked, dtype):
+    """Rotated codes (Lloyd-Max with their norms, fp8 with a scale, uniform groups) read in their rotated space: the
+    query turns once per KV head, the values' weighted sum turns back once; the reference decodes every token."""
+    q, k, v, ek, ev, index, sinks, mask = _problem(2, hq, hkv, d, stored, exact, qn, kspec, vspec, masked, dtype)
+    want = reference.packed_attention(q.float(), k, v, ek.float(), ev.float(), index, sinks, mask=mask, scaling=0.3)
+    got = cpu.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask, scaling=0.3, block_tokens=64)
+    tol = dict(atol=5e-5, rtol=2e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
 @needs_kernel
 def test_work_split_does_not_change_the_result():
     q, k, v, ek, ev, index, sinks, _ = _problem(1, 6, 2, 128, 1024, 8, 1, GroupCodec(2, 32, "channel", "head"),

@@ -29,6 +29,7 @@ import torch
 
 from ..codecs.base import BIT_WIDTHS
 from ..codecs.quant import GroupCodec
+from ..codecs.rotation import RotationCodec, fwht, gaussian_codebook, rotate, unrotate
 from ..codecs.store import PagedStore
 from .reference import check_mask
 
@@ -44,7 +45,13 @@ _NONE = torch.empty(0)
 
 
 def unsupported(spec, head_dim: int) -> str | None:
-    """Why the CPU kernel cannot serve this codec's layout, or None when it can (it reads the `grouped` layout)."""
+    """Why the CPU kernel cannot serve this codec's layout, or None when it can: the `grouped` layout, and the
+    `rotated` codec's (Lloyd-Max codes and their norms, fp8 with a scale, uniform groups: the query is rotated once
+    per KV head, the values' weighted sum rotated back once)."""
+    if isinstance(spec, RotationCodec):
+        if spec.quantizer == "uniform" and spec.bits != 16 and head_dim % spec.group:
+            return f"uniform groups of {spec.group} do not divide head_dim={head_dim}"
+        return None
     if not isinstance(spec, GroupCodec):
         return f"the {getattr(spec, 'name', type(spec).__name__)} codec has no CPU kernel yet"
     if spec.bits not in CPU_BITS:
@@ -163,15 +170,26 @@ def warn_unavailable(reason: str, stacklevel: int = 2) -> None:
                   "store and run SDPA instead (the PyTorch path: same results, slower)", stacklevel=stacklevel + 1)
 
 
-def _store_args(store: PagedStore) -> tuple:
+_KINDS = {"grouped": 0, "lloydmax": 1, "fp8": 2}
+
+
+def _store_args(store: PagedStore, head_dim: int) -> tuple:
     """The store's declared fields page by page, its fixed channel mean and the layout's parameters, as the C++
-    side takes them."""
+    side takes them: (codes, scale, zero, head mean, channel mean, bits, axis, group, kind, norms, codebook)."""
     codec = store.codec
     names = {f.name for f in store.layout.fields} if store.layout is not None else set()
     pages = lambda n: store.page_list(n) if n in names else []  # noqa: E731
     cm = store.state.get("channel_mean")
-    return (pages("codes"), pages("scale"), pages("zero"), pages("head_mean"),
-            _NONE if cm is None else cm.contiguous(), codec.bits, 1 if codec.axis == "channel" else 0, codec.group)
+    cm = _NONE if cm is None else cm.contiguous()
+    if isinstance(codec, RotationCodec):
+        if codec.bits == 16 or codec.quantizer == "uniform":  # the grouped layout, over the rotated vectors
+            group = codec.group if codec.bits != 16 else head_dim
+            return (pages("codes"), pages("scale"), pages("zero"), [], cm, codec.bits, 0, group, 0, [], _NONE)
+        book = gaussian_codebook(codec.bits)[0].contiguous() if codec.quantizer == "lloydmax" else _NONE
+        return (pages("codes"), [], [], [], cm, codec.bits, 0, head_dim, _KINDS[codec.quantizer], pages("norms"),
+                book)
+    return (pages("codes"), pages("scale"), pages("zero"), pages("head_mean"), cm, codec.bits,
+            1 if codec.axis == "channel" else 0, codec.group, 0, [], _NONE)
 
 
 def split_tokens(tokens: int, units: int, spec_k: GroupCodec, spec_v: GroupCodec) -> int:
@@ -219,7 +237,17 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
                                           key0, mask=mask, scaling=scaling, causal=causal)
     op = _load()
     scaling = d ** -0.5 if scaling is None else scaling
-    q = (query.float() * scaling).contiguous()
+    q = query.float() * scaling
+    exact_keys, exact_values = exact_keys.float(), exact_values.float()
+    # rotated codes are read in their rotated space: the query and the exact keys turn with the keys' rotation, the
+    # exact values with the values', and the output turns back once per query head
+    key_signs, value_signs = _signs(key_store, hkv, d), _signs(value_store, hkv, d)
+    if key_signs is not None:
+        q = fwht(q * key_signs.repeat_interleave(hq // hkv, 0)[None, :, None, :])
+        exact_keys = rotate(exact_keys, key_signs)
+    if value_signs is not None:
+        exact_values = rotate(exact_values, value_signs)
+    q = q.contiguous()
     if mask is not None:
         mask_b, mask_q = mask.stride(0), mask.stride(1)
     else:
@@ -228,8 +256,16 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
     if t_store and (key_store.fills != value_store.fills or key_store.page_tokens != value_store.page_tokens):
         raise ValueError(f"the key and value stores are paged differently ({key_store.fills} vs {value_store.fills})")
     out = torch.empty_like(q)
-    op(out, q, *_store_args(key_store), *_store_args(value_store), t_store, key_store.page_tokens,
+    op(out, q, *_store_args(key_store, d), *_store_args(value_store, d), t_store, key_store.page_tokens,
        list(key_store.fills),
-       exact_keys.float().contiguous(), exact_values.float().contiguous(), exact_index.long().contiguous(),
+       exact_keys.contiguous(), exact_values.contiguous(), exact_index.long().contiguous(),
        key0, mask, mask_b, mask_q, causal, split)
+    if value_signs is not None:
+        out = unrotate(out, value_signs.repeat_interleave(hq // hkv, 0))
     return out.to(query.dtype)
+
+
+def _signs(store: PagedStore, heads: int, d: int) -> torch.Tensor | None:
+    """The signs of a store's rotation (None: its codes are not rotated)."""
+    codec = store.codec
+    return codec.signs(store, heads, d) if isinstance(codec, RotationCodec) and codec.rotate else None

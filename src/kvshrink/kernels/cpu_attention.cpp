@@ -7,12 +7,15 @@
 // (the n_rep query heads times the query tokens), dequantizing codes in tiles of TT tokens in registers/L1, and a
 // last pass merges the units (flash-decoding). Units run in parallel through at::parallel_for.
 //
-// Layout: the `grouped` codec's declared fields (codecs/quant.py `GroupCodec.layout`), page by page
+// Layouts: the `grouped` codec's declared fields (codecs/quant.py `GroupCodec.layout`), page by page
 // (codecs/store.py): a token's codes are a row of packed bytes (2/4/8 bits: 8/bits codes per byte, low bits first;
 // 3 bits: 8 codes per little-endian 3-byte word). Per-token groups ("token" axis): codes [B, H, T, D/G, bytes(G)],
 // fp16 scale/zero [B, H, T, D/G]; per-channel groups ("channel" axis): codes [B, H, T, bytes(D)] (T/G groups of G
 // rows), fp16 scale/zero [B, H, T/G, D]. 16 bits: fp16 values [B, H, T, D]. Optional fp16 head mean [B, 1, T, D]
-// and channel mean [B, H, 1, D] are added back. T is a page's fill; the wrapper passes one tensor per page.
+// and channel mean [B, H, 1, D] are added back. The `rotated` codec's: Lloyd-Max codes of a token's rotated
+// direction [B, H, T, bytes(D)] times its norm [B, H, T, 1] (fp16 or fp32) over the codebook / sqrt(D), or fp8 e4m3
+// bytes [B, H, T, D] times a per-token scale; the wrapper rotates the query and the exact tokens into that space and
+// the output back. T is a page's fill; the wrapper passes one tensor per page.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Half.h>
@@ -90,6 +93,20 @@ struct CodeTables {
   }
 };
 const CodeTables kCodes;
+
+// float8 e4m3fn bytes as floats (bias 7, no infinities, 0x7f / 0xff NaN)
+struct Fp8Values {
+  float v[256];
+  Fp8Values() {
+    for (int b = 0; b < 256; ++b) {
+      const int e = (b >> 3) & 15, m = b & 7;
+      float x = e == 0 ? std::ldexp(m / 8.0f, -6) : std::ldexp(1.0f + m / 8.0f, e - 7);
+      if (e == 15 && m == 7) x = std::numeric_limits<float>::quiet_NaN();
+      v[b] = (b & 128) ? -x : x;
+    }
+  }
+};
+const Fp8Values kFp8Values;
 
 // Codes of `nbytes` packed bytes, as floats: nbytes * 8 / bits values (whole words for 3 bits).
 inline void unpack(const uint8_t* __restrict p, int64_t nbytes, int bits, float* __restrict out) {
@@ -282,9 +299,17 @@ void values_tile(const float* __restrict P, int64_t R, int64_t stride, const flo
 
 // One store (keys or values) of one layer, in pages: page i holds fills[i] tokens, each field shaped
 // [B, H (1 for the head mean), entries, ...]; every page but the first and the last holds page_tokens tokens.
+// Kinds of stored rows (codecs/*.py layouts): grouped codes with scales (kivi, tada, rotated uniform groups),
+// Lloyd-Max codes of a rotated direction times the vector's norm (rotated codec), fp8 e4m3 times a per-token scale.
+enum Kind { kGrouped = 0, kLloydMax = 1, kFp8 = 2 };
+
 struct Store {
+  int kind = kGrouped;
   int bits = 16;
   bool channel_axis = false;
+  bool norm32 = false;                 // Lloyd-Max / fp8: the norms (scales) are fp32, not fp16
+  std::vector<const void*> norms;      // Lloyd-Max / fp8: one per token, per page
+  std::vector<float> codebook;         // Lloyd-Max: the centroids, already divided by sqrt(D)
   int64_t group = 1, H = 0, T = 0, D = 0;
   int64_t row_bytes = 0;  // token axis: bytes of one group's codes; channel axis: bytes of one token's codes
   int64_t ngroups = 1;    // token axis: groups per token
@@ -314,10 +339,25 @@ const uint16_t* half_ptr(const at::Tensor& t) {
 
 Store make_store(const std::vector<at::Tensor>& codes, const std::vector<at::Tensor>& scale,
                  const std::vector<at::Tensor>& zero, const std::vector<at::Tensor>& hm, const at::Tensor& cm,
-                 int64_t bits, int64_t axis, int64_t group, int64_t T, int64_t D, int64_t page_tokens,
+                 int64_t bits, int64_t axis, int64_t group, int64_t kind, const std::vector<at::Tensor>& norms,
+                 const at::Tensor& codebook, int64_t T, int64_t D, int64_t page_tokens,
                  const std::vector<int64_t>& fills) {
   Store s;
+  s.kind = static_cast<int>(kind);
   s.bits = static_cast<int>(bits);
+  if (s.kind != kGrouped) {
+    TORCH_CHECK(norms.size() == codes.size(), "norms: one tensor per page");
+    for (const auto& t : norms) {
+      TORCH_CHECK(t.is_contiguous(), "pages must be contiguous");
+      s.norm32 = t.scalar_type() == at::kFloat;
+      s.norms.push_back(t.numel() ? t.data_ptr() : nullptr);
+    }
+  }
+  if (s.kind == kLloydMax) {
+    TORCH_CHECK(codebook.scalar_type() == at::kFloat && codebook.numel() == (int64_t(1) << bits), "codebook");
+    const float* c = codebook.data_ptr<float>();
+    for (int64_t i = 0; i < codebook.numel(); ++i) s.codebook.push_back(c[i] / std::sqrt(static_cast<float>(D)));
+  }
   s.channel_axis = axis == 1;
   s.group = group;
   s.T = T;
@@ -334,14 +374,16 @@ Store make_store(const std::vector<at::Tensor>& codes, const std::vector<at::Ten
       s.codes16.push_back(half_ptr(codes[i]));
     } else {
       s.codes.push_back(codes[i].numel() ? codes[i].data_ptr<uint8_t>() : nullptr);
-      s.scale.push_back(half_ptr(scale[i]));
-      s.zero.push_back(half_ptr(zero[i]));
+      if (s.kind == kGrouped) {
+        s.scale.push_back(half_ptr(scale[i]));
+        s.zero.push_back(half_ptr(zero[i]));
+      }
     }
     if (!hm.empty()) s.head_mean.push_back(half_ptr(hm[i]));
   }
   if (bits != 16 && n) {
     s.row_bytes = codes[0].size(-1);
-    if (!s.channel_axis) {
+    if (!s.channel_axis && s.kind == kGrouped) {
       s.ngroups = D / group;
       const int64_t per = bits == 3 ? 8 : 8 / bits;
       const int64_t codes_in_bytes = bits == 3 ? s.row_bytes / 3 * 8 : s.row_bytes * per;
@@ -360,7 +402,11 @@ class Reader {
     const size_t n = s.fills.size();
     for (size_t i = 0; i < n; ++i) {
       const int64_t f = s.fills[i];
-      if (s.bits == 16) {
+      if (s.kind != kGrouped) {
+        codes_.push_back(s.codes[i] + bh * f * s.row_bytes);
+        const int64_t esz = s.norm32 ? 4 : 2;
+        norms_.push_back(static_cast<const uint8_t*>(s.norms[i]) + bh * f * esz);
+      } else if (s.bits == 16) {
         codes16_.push_back(s.codes16[i] + bh * f * D_);
       } else if (s.channel_axis) {
         codes_.push_back(s.codes[i] + bh * f * s.row_bytes);
@@ -422,6 +468,20 @@ class Reader {
     const int bits = s_.bits;
     int64_t pg, lt;
     s_.locate(t, pg, lt);
+    if (s_.kind != kGrouped) {
+      const float a = s_.norm32 ? reinterpret_cast<const float*>(norms_[pg])[lt]
+                                : half1(reinterpret_cast<const uint16_t*>(norms_[pg])[lt]);
+      const uint8_t* p = codes_[pg] + lt * s_.row_bytes;
+      if (s_.kind == kFp8) {
+        for (int64_t d = 0; d < D; ++d) out[d] = kFp8Values.v[p[d]] * a;
+      } else {
+        float* c = codes_buf_.data();
+        unpack(p, s_.row_bytes, bits, c);
+        const float* cb = s_.codebook.data();
+        for (int64_t d = 0; d < D; ++d) out[d] = cb[static_cast<int>(c[d])] * a;
+      }
+      return;
+    }
     if (bits == 16) {
       half_to_float(codes16_[pg] + lt * D, out, D);
       add_channel_mean(out);
@@ -496,6 +556,7 @@ class Reader {
   int64_t D_;
   std::vector<const uint8_t*> codes_;
   std::vector<const uint16_t*> codes16_, scale_, zero_, head_mean_;
+  std::vector<const uint8_t*> norms_;
   std::vector<float> channel_mean_, codes_buf_, group_scale_, group_zero_;
   int64_t group_ = -1;
 };
@@ -624,10 +685,12 @@ void exact_unit(const Problem& P, int64_t b, int64_t h, float* m, float* l, floa
 void packed_attention(at::Tensor out, at::Tensor q,
                       std::vector<at::Tensor> k_codes, std::vector<at::Tensor> k_scale,
                       std::vector<at::Tensor> k_zero, std::vector<at::Tensor> k_head_mean,
-                      at::Tensor k_channel_mean, int64_t k_bits, int64_t k_axis, int64_t k_group,
+                      at::Tensor k_channel_mean, int64_t k_bits, int64_t k_axis, int64_t k_group, int64_t k_kind,
+                      std::vector<at::Tensor> k_norms, at::Tensor k_codebook,
                       std::vector<at::Tensor> v_codes, std::vector<at::Tensor> v_scale,
                       std::vector<at::Tensor> v_zero, std::vector<at::Tensor> v_head_mean,
-                      at::Tensor v_channel_mean, int64_t v_bits, int64_t v_axis, int64_t v_group,
+                      at::Tensor v_channel_mean, int64_t v_bits, int64_t v_axis, int64_t v_group, int64_t v_kind,
+                      std::vector<at::Tensor> v_norms, at::Tensor v_codebook,
                       int64_t tokens, int64_t page_tokens, std::vector<int64_t> fills, at::Tensor exact_k, at::Tensor exact_v, at::Tensor exact_index, int64_t key0,
                       at::Tensor mask, int64_t mask_b, int64_t mask_q, bool causal, int64_t split_tokens) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B,HQ,QN,D]");
@@ -657,9 +720,9 @@ void packed_attention(at::Tensor out, at::Tensor q,
   P.mask_q = mask_q;
   P.causal = causal && !P.mask && P.QN > 1;
   const Store ks = make_store(k_codes, k_scale, k_zero, k_head_mean, k_channel_mean, k_bits, k_axis, k_group,
-                              tokens, P.D, page_tokens, fills);
+                              k_kind, k_norms, k_codebook, tokens, P.D, page_tokens, fills);
   const Store vs = make_store(v_codes, v_scale, v_zero, v_head_mean, v_channel_mean, v_bits, v_axis, v_group,
-                              tokens, P.D, page_tokens, fills);
+                              v_kind, v_norms, v_codebook, tokens, P.D, page_tokens, fills);
   for (const Store* s : {&ks, &vs}) {
     TORCH_CHECK(s->bits == 2 || s->bits == 3 || s->bits == 4 || s->bits == 8 || s->bits == 16, "bits 2/3/4/8/16");
     TORCH_CHECK(!tokens || s->H == P.HKV, "store heads differ from the exact tokens' heads");

@@ -3,8 +3,9 @@ whose per-token byte layouts follow vLLM's TurboQuant attention backend.
 
 Each KV head's keys (after RoPE) and values are rotated by a seeded randomized Walsh-Hadamard transform, then coded
 per token: by default each vector's norm plus Lloyd-Max codes of its direction (see `codecs/rotation.py`). Decoding
-steps attend without rotating stored tokens back (`RotatedLayer`); `attention=decode` rotates them back and uses
-SDPA instead (the reference the test compares against).
+steps attend without rotating stored tokens back: on the CPU through the C++ kernel, which reads the codes and
+their norms directly (`attention=auto`, the default, or `cpu`), elsewhere in PyTorch (`attention=rotated`);
+`attention=decode` rotates them back and uses SDPA instead (the reference the tests compare against).
 
 Presets (`preset=`), after vLLM's `--kv-cache-dtype` values: every token coded (no exact window or sinks), the
 first and last two layers kept exact, fp32 norms (vLLM's per-token layout):
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import attention as kv_attention
+from ..kernels import cpu
 from ..codecs.rotation import QUANTIZERS, RotationCodec
 from ..layers.composed import ComposedLayer
 from ..layers.full import FullLayer, FullSlidingLayer
@@ -35,7 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "turboquant_3bit_nc": dict(key_bits=3, value_bits=3),
 }
 _PRESET_COMMON = dict(window=0, sinks=0, edge_layers=2, norm="float32")
-_ATTENTION = ("rotated", "decode")
+_ATTENTION = ("auto", "cpu", "rotated", "decode")
 
 
 @register
@@ -62,7 +64,9 @@ class TurboQuant(StoringMethod):
     sinks: int = option(4, "first tokens kept exact (attention sinks)")
     edge_layers: int = option(0, "this many first and last layers keep an uncompressed cache (vLLM keeps 2)")
     exact_dtype: str = option("model", "dtype of the exact window, sinks and edge layers: model, float16, bfloat16")
-    attention: str = option("rotated", "decode attention: 'rotated' (query rotated once, stored tokens never "
+    attention: str = option("auto", "decode attention: 'auto' (the CPU kernel for a model on the CPU, else "
+                                    "'rotated'), 'cpu' (the C++ kernel reading the codes), 'rotated' (PyTorch: query "
+                                    "rotated once, stored tokens never "
                                        "rotated back) or 'decode' (rotate the store back, then SDPA)")
 
     def __post_init__(self) -> None:
@@ -111,11 +115,27 @@ class TurboQuant(StoringMethod):
 
     def prepare(self, model_or_config):
         self._layers = text_config(model_or_config).num_hidden_layers
-        if self.attention == "rotated":
+        self._backend = "torch" if self.attention == "decode" else self._resolve(model_or_config)
+        if self._backend != "torch":
             if not hasattr(model_or_config, "set_attn_implementation"):
-                raise TypeError("turboquant with attention=rotated needs the model (its attention is switched to "
-                                "kvshrink's): make_cache(model, ...), or attention=decode for a config")
+                raise TypeError(f"turboquant with attention={self.attention} needs the model (its attention is "
+                                "switched to kvshrink's): make_cache(model, ...), or attention=decode for a config")
             kv_attention.enable(model_or_config)
+
+    def _resolve(self, model_or_config) -> str:
+        """'cpu' (the C++ kernel) or 'rotated' (PyTorch) for attention auto / cpu / rotated."""
+        if self.attention == "rotated":
+            return "rotated"
+        param = next(model_or_config.parameters(), None) if hasattr(model_or_config, "parameters") else None
+        on_cpu = param is None or param.device.type == "cpu"
+        why = cpu.unavailable() if on_cpu else f"the model is on {param.device}"
+        if why is None:
+            return "cpu"
+        if self.attention == "cpu":
+            raise ValueError(f"turboquant: attention='cpu' cannot be used: {why}")
+        if on_cpu:
+            cpu.warn_unavailable(why, stacklevel=5)
+        return "rotated"
 
     def layer(self, layer_idx, sliding_window):
         codecs = self.layer_codecs(layer_idx)
@@ -123,7 +143,7 @@ class TurboQuant(StoringMethod):
             return FullLayer(layer_idx) if sliding_window is None else FullSlidingLayer(sliding_window, layer_idx)
         return ComposedLayer(*codecs, window=self.window, sinks=self.sinks,
                              exact_dtype=_EXACT_DTYPES[self.exact_dtype],
-                             backend="rotated" if self.attention == "rotated" else "torch", layer_idx=layer_idx,
+                             backend=getattr(self, "_backend", "torch"), layer_idx=layer_idx,
                              sliding_window=sliding_window, shard=getattr(self, "_shard", None))
 
 
