@@ -178,17 +178,30 @@ def test_tiny_gemma3_sliding_layers_through_the_cpu_kernel():
 
 
 @needs_kernel
-def test_rotation_layers_fall_back_to_the_pytorch_path_and_say_so():
+@needs_kernel
+def test_rotation_layers_decode_through_the_kernel_as_through_the_pytorch_path():
     model = tiny_llama()
     ids = torch.randint(2, 90, (1, 40), generator=torch.Generator().manual_seed(3))
     opts = dict(bits=4, group=16, window=4, sinks=0, mean="none", rotate="keys")
-    with pytest.warns(UserWarning, match=r"decodes layer\(s\) \[0, 1\] with the PyTorch path .*no CPU kernel"):
-        cache = ks.make_cache(model, "tada", kernel="cpu", **opts)
-    assert not any(layer.backend != "torch" for layer in cache.layers)
+    cache = ks.make_cache(model, "tada", kernel="cpu", **opts)
+    assert all(layer.backend == "cpu" for layer in cache.layers)
     assert torch.equal(greedy(model, ids, cache, n=8),
                        greedy(model, ids, ks.make_cache(model, "tada", kernel="torch", **opts), n=8))
-    assert "rotated codec has no CPU kernel" in cpu.unsupported(RotationCodec(4), 64)
-    assert cpu.unsupported(GroupCodec(3, 32, "channel", "head"), 64) is None
+    assert cpu.unsupported(RotationCodec(4), 64) is None and cpu.unsupported(GroupCodec(3, 32, "channel", "head"),
+                                                                             64) is None
+    assert "uniform groups of 48 do not divide" in cpu.unsupported(RotationCodec(4, "uniform", group=48), 64)
+
+
+def test_layers_whose_codec_has_no_cpu_kernel_fall_back_to_the_pytorch_path_and_say_so(monkeypatch):
+    model = tiny_llama()
+    opts = dict(bits=4, group=16, window=4, sinks=0, mean="none", rotate="keys")
+    real = cpu.unsupported
+    monkeypatch.setattr(cpu, "unsupported", lambda spec, d: "a test's refusal" if isinstance(spec, RotationCodec)
+                        else real(spec, d))
+    if cpu.unavailable() is None:
+        with pytest.warns(UserWarning, match=r"decodes layer\(s\) \[0, 1\] with the PyTorch path .*test's refusal"):
+            cache = ks.make_cache(model, "tada", kernel="cpu", **opts)
+        assert all(layer.backend == "torch" for layer in cache.layers)
 
 
 def test_kernel_option_errors_name_cpu():
