@@ -274,5 +274,4 @@ def decode_rotated(store) -> torch.Tensor | None:
     """Every token of a rotation-codec store in the rotated space (float32 [B, H, T, d]); None when empty."""
     if not store.pages:
         return None
-    parts = [store.codec.decode_rotated(p, store) for p in store.pages]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+    return store.codec.decode_rotated(store.fields(), store)

@@ -111,13 +111,16 @@ class PagedStore:
         """One growing field page by page (contiguous), as kernels read it."""
         return [p[name].contiguous() for p in self.pages]
 
+    def fields(self) -> dict[str, torch.Tensor]:
+        """Every growing field over all pages (one tensor each: the packed codes are joined, which copies far less
+        than decoding page by page and joining the decoded tokens)."""
+        return {f.name: self.field(f.name) for f in self.layout.growing}
+
     def decode(self, dtype: torch.dtype) -> torch.Tensor | None:
         """All stored tokens decoded to [B, H, T, D] in `dtype`; None when empty."""
         if not self.pages:
             return None
-        parts = [self.codec.decode(p, self) for p in self.pages]
-        x = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
-        return x.to(dtype)
+        return self.codec.decode(self.fields(), self).to(dtype)
 
     # -- reporting, batch operations, dropping ------------------------------------------------------------------
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
