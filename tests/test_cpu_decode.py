@@ -161,10 +161,11 @@ def test_tiny_llama_decodes_the_same_through_the_cpu_kernel(method, chunk):
     cache = ks.make_cache(model, method, kernel="cpu", **opts)
     assert all(layer.backend == "cpu" for layer in cache.layers)
     assert model.config._attn_implementation == "kvshrink"
-    got, got_tok = logits_through(model, ids, cache, 12, chunk, mask)
+    got, got_tok = logits_through(model, ids, cache, 12, chunk, mask)  # note_attention_mask splits the rows
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(got_tok, want_tok)
-    assert cache.layers[0].key_store.tokens > 0  # the kernel did read a packed store
+    layer = cache.layers[0]  # a left-padded batch keeps one layer per row
+    assert all(row.backend == "cpu" and row.key_store.tokens > 0 for row in layer.rows)  # the kernel read codes
 
 
 @needs_kernel

@@ -69,6 +69,7 @@ class PagedStore:
 
     def _write(self, fields: dict[str, torch.Tensor], t: int) -> None:
         """Put `t` encoded tokens after the last page's, filling it first, then in new pages."""
+        self._pages_changed()
         done = 0
         while done < t:
             if self.pages and self.fills[-1] < self.page_tokens:
@@ -108,8 +109,17 @@ class PagedStore:
         return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
     def page_list(self, name: str) -> list[torch.Tensor]:
-        """One growing field page by page (contiguous), as kernels read it."""
-        return [p[name].contiguous() for p in self.pages]
+        """One growing field page by page (contiguous), as kernels read it; kept until the pages change, since a
+        decoding step reads every page of every layer."""
+        key = ("pages", name)
+        if key not in self.cache:
+            self.cache[key] = [p[name].contiguous() for p in self.pages]
+        return self.cache[key]
+
+    def _pages_changed(self) -> None:
+        """Forget the page lists kept for kernels (they would hold replaced pages alive)."""
+        for key in [k for k in self.cache if isinstance(k, tuple) and k[0] == "pages"]:
+            del self.cache[key]
 
     def fields(self) -> dict[str, torch.Tensor]:
         """Every growing field over all pages (one tensor each: the packed codes are joined, which copies far less
@@ -157,6 +167,7 @@ class PagedStore:
         unit = self.codec.tokens_per_unit
         if n % unit or n > self.tokens:
             raise ValueError(f"{self.name}: cannot drop {n} of {self.tokens} tokens in units of {unit}")
+        self._pages_changed()
         self.tokens -= n
         while n and n >= self.fills[0]:
             n -= self.fills.pop(0)
@@ -182,6 +193,7 @@ class PagedStore:
             idx = index.reshape(*index.shape, *([1] * (x.dim() - 3))).expand(*index.shape, *x.shape[3:])
             fields[f.name] = x.gather(2, idx.to(x.device))
         kept = index.shape[-1]
+        self._pages_changed()
         self.pages, self.fills, self.tokens = [], [], 0
         if kept:
             self._write(fields, kept)
