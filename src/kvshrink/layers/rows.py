@@ -41,10 +41,16 @@ class RowSplit(_BatchOps, CacheLayerMixin, _Reporting):
         self.shard = template.shard
         self.kind = template.kind
         self.pads = list(pads)
-        self.rows = [copy.deepcopy(template) for _ in pads]
+        self.rows = [self._copy(template) for _ in pads]
         self.seen = 0
         self._awaiting = False
         self.is_initialized = False
+
+    @staticmethod
+    def _copy(layer: Any) -> Any:
+        """A copy of a layer that shares what is not its own state (a tensor-parallel shard, a prefix runner)."""
+        memo = {id(x): x for x in (getattr(layer, "shard", None), getattr(layer, "runner", None)) if x is not None}
+        return copy.deepcopy(layer, memo)
 
     # -- transformers layer API -----------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -117,7 +123,7 @@ class RowSplit(_BatchOps, CacheLayerMixin, _Reporting):
         return self.rows[0].get_max_length()
 
     def reset(self) -> None:
-        self.rows = [copy.deepcopy(self.template) for _ in self.rows]
+        self.rows = [self._copy(self.template) for _ in self.rows]
         self.seen = 0
         self.is_initialized = False
 
@@ -132,7 +138,7 @@ class RowSplit(_BatchOps, CacheLayerMixin, _Reporting):
         taken: set[int] = set()
         rows, pads = [], []
         for i in picked:
-            rows.append(self.rows[i] if i not in taken else copy.deepcopy(self.rows[i]))
+            rows.append(self.rows[i] if i not in taken else self._copy(self.rows[i]))
             pads.append(self.pads[i])
             taken.add(i)
         self.rows, self.pads = rows, pads
@@ -163,7 +169,7 @@ class RowSplit(_BatchOps, CacheLayerMixin, _Reporting):
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], counts: dict[str, Any]) -> None:
         self.pads, self.seen = list(counts["pads"]), counts["seen"]
-        self.rows = [copy.deepcopy(self.template) for _ in self.pads]
+        self.rows = [self._copy(self.template) for _ in self.pads]
         for i, (row, c) in enumerate(zip(self.rows, counts["rows"])):
             prefix = f"row.{i}."
             row.load_state_dict({k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}, c)
