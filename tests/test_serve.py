@@ -261,7 +261,7 @@ def _run_answer(capsys, prompt: str, max_new_tokens: int) -> str:
     assert main(["run", "--prompt", prompt, "--method", f"tada:profile={PROFILE}", "--no-compare",
                  "--max-new-tokens", str(max_new_tokens)]) == 0
     printed = capsys.readouterr().out
-    found = re.search(r"^\[tada\] (.*?)\n\ngenerate:", printed, re.S | re.M)
+    found = re.search(r"^\[tada\] (.*?)\n\nprefill ", printed, re.S | re.M)
     assert found and found.group(1).strip(), printed
     return found.group(1)
 

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from .codecs.lowrank import energy, fit_basis
 from .distributed import refuse_sharded
 from .profile import Profile, ProfileError, fingerprint
+from .rope import Rope
 
 KINDS = {"lowrank": False, "tale": False, "dynakv": True}  # method -> joint basis
 KEY_SPACES = ("post_rope", "pre_rope")
@@ -33,8 +34,6 @@ def fit_bases(model, ids: torch.Tensor, *, joint: bool, samples: int = 4, contex
     """Bases and coefficient RMS of every layer from `samples` windows of `context` tokens of `ids` [1, N];
     `key_space="pre_rope"` fits the keys with the rotary embedding undone. Returns (tensors, record)."""
     from tqdm.auto import tqdm
-
-    from .rope import Rope
 
     if key_space not in KEY_SPACES:
         raise ValueError(f"key_space must be one of {KEY_SPACES}, got {key_space!r}")

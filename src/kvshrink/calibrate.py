@@ -29,10 +29,15 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache
 
+from .bases import KINDS, bases_profile
 from .codecs.base import BIT_WIDTHS
 from .distributed import refuse_sharded
-from .models import head_dim_of
-from .profile import ROTATABLE_BITS, LayerChoice, Profile, fingerprint
+from .eval.corpus import CALIBRATION_SOURCE, calibration_text, legacy_calibration_text, text_digest
+from .eval.prefill import record_prefill, replay, replayable
+from .eval.scoring import score_continuation_after, score_continuation_chunked
+from .methods import build_method
+from .models import head_dim_of, load_model
+from .profile import ROTATABLE_BITS, LayerChoice, Profile, ProfileError, fingerprint, load_profile
 
 BITS = BIT_WIDTHS["uniform"]
 #: the widths calibration chooses among by default (16 bits is the fallback every budget allows)
@@ -77,8 +82,6 @@ def fill_random(cache, model, context: int):
 
 def profile_ratio(model, profile: Profile, context: int) -> tuple[int, float]:
     """(bytes, ratio to 16-bit) of a cache built from `profile` holding `context` tokens: measured, not modelled."""
-    from .methods import build_method
-
     method = build_method("tada", **{**profile.options, "profile": ""}).use_profile(profile)
     report = fill_random(method.make_cache(model), model, context).memory_report()
     return report["nbytes"], report["ratio"]
@@ -92,8 +95,6 @@ class ByteModel:
     """Real bytes of every (layer, keys|values, option) at `context` tokens, plus each layer's fixed bytes."""
 
     def __init__(self, model, base: dict[str, Any], options: list[Option], context: int):
-        from .methods import build_method
-
         self.context = context
         n_layers, kv_heads, head_dim = _geometry(model)
         self.cost: dict[tuple[int, int, Option], int] = {}
@@ -138,9 +139,6 @@ class Scorer:
 
     def __init__(self, model, tokenizer, text: str, base: dict[str, Any], samples: int, context: int, scored: int,
                  seed: int, share_prefill: bool = True):
-        from .eval.prefill import record_prefill
-        from .eval.scoring import score_continuation_chunked
-
         self.model, self.base = model, base
         self._score = score_continuation_chunked
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
@@ -155,9 +153,6 @@ class Scorer:
 
     def _continuation(self, cache, i: int) -> torch.Tensor:
         """Log-probabilities [scored, vocab] of sample `i`'s continuation through `cache`."""
-        from .eval.prefill import replay, replayable
-        from .eval.scoring import score_continuation_after
-
         ctx, cont = self.samples[i]
         if self.records is None:
             return self._score(self.model, cache, ctx, cont)
@@ -167,8 +162,6 @@ class Scorer:
         return score_continuation_after(self.model, cache, replay(self.records[i], cache), cont)
 
     def __call__(self, alloc: dict[tuple[int, int], Option]) -> float:
-        from .methods import build_method
-
         n_layers = _geometry(self.model)[0]
         profile = _profile(self.model, self.base, alloc, n_layers)
         method = build_method("tada", **{**self.base, "profile": ""}).use_profile(profile)
@@ -245,23 +238,17 @@ _LEGACY = ("the pydoc corpus's first 80% (before the calibration/evaluation spli
 
 def _text_source(text: str | None) -> dict[str, str]:
     """What a calibration record names as its text."""
-    from .eval.corpus import CALIBRATION_SOURCE
-
     return {"text": CALIBRATION_SOURCE if text is None else "text given to calibrate()"}
 
 
 def _calibrated_on(cal: dict[str, Any]) -> str:
     """The digest of the text a profile was calibrated on; profiles written before texts were recorded read the
     pydoc corpus's first 80%."""
-    from .eval.corpus import legacy_calibration_text, text_digest
-
     return cal.get("text_sha256") or text_digest(legacy_calibration_text())
 
 
 def _reuse_sensitivity(path, model, report, base, means) -> dict[tuple[int, int, str], float]:
     """Sensitivities measured by an earlier calibration with the same model and settings."""
-    from .profile import ProfileError, load_profile
-
     old = load_profile(path)
     old.check_model(model, f"profile {path}")
     cal = old.calibration
@@ -331,12 +318,6 @@ def calibrate(
     is built from that record (exact: tada attends the prompt in full precision); False runs it per allocation.
     """
     from tqdm.auto import tqdm
-
-    from .eval.corpus import calibration_text, text_digest
-    from .methods import build_method
-    from .models import load_model
-
-    from .bases import KINDS
 
     given = [t for t in (target_ratio, target_bytes, target_bits) if t is not None]
     if method in KINDS:
@@ -462,10 +443,6 @@ def _refuse_lossless_target(model, base: dict[str, Any], n_layers: int, budget_c
 
 def _calibrate_bases(model, tokenizer, method, given, samples, context, text, output, progress,
                      key_space) -> Profile:
-    from .bases import bases_profile
-    from .eval.corpus import calibration_text, text_digest
-    from .models import load_model
-
     if given:
         raise ValueError(f"calibrate --method {method} fits bases only: its budget is the method's target_ratio "
                          f"option (make_cache(model, '{method}', target_ratio=...)), not a calibration target")

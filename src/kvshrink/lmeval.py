@@ -31,6 +31,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from .eval.scoring import continue_scores
 from .methods import build_method, with_options
+from .models import load_model
 
 
 def method_spec(method: str, extra: dict[str, Any], profile: str | None = None) -> str:
@@ -53,8 +54,6 @@ class KVShrinkLM(HFLM):
 
     def __init__(self, pretrained: str = "smollm2-135m", method: str = "full", profile: str | None = None,
                  dtype: str = "auto", device: str = "cpu", **kwargs: Any):
-        from .models import load_model
-
         self.kv_spec = method_spec(method, kwargs, profile)
         self.kv_method = build_method(self.kv_spec)  # bad names and options fail before the model loads
         model, tokenizer = load_model(str(pretrained), dtype=None if dtype in (None, "auto") else dtype,

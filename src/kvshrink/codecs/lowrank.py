@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .packing import packed_size
 from .quant import QUANT_BITS, GroupCodec
 from .store import PagedStore
 
@@ -93,8 +94,6 @@ def parse_levels(text: str, dim: int | None = None) -> tuple[Level, ...]:
 
 def level_token_bytes(level: Level, group: int) -> int:
     """Bytes one token of one group row costs at `level` (codes plus fp16 scale and zero per code group)."""
-    from .packing import packed_size
-
     if level.dropped:
         return 0
     if level.bits == 16:

@@ -15,8 +15,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ..io import atomic_write_text
+from ..models import load_model
+from ..spec import split_specs
+from .corpus import heldout_text
 from ..report import markdown_table
 from .memory import PeakMemory
+from .runner import Env, cache_memory, check_spec, environment
 
 
 def parse_length(text: str | int) -> int:
@@ -38,8 +43,6 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def run_one(model, make_cache, ids: torch.Tensor, decode_tokens: int) -> dict[str, Any]:
     """Prefill `ids`, then decode `decode_tokens` greedy tokens one step at a time; times, memory, cache bytes."""
-    from .runner import cache_memory
-
     device = model.device
     ids = ids.to(device)
     with PeakMemory(device) as mem:
@@ -76,11 +79,6 @@ def bench(
     """Each method against `DynamicCache` at each context length; returns a JSON-ready dict of runs and ratios.
     `dtype` (a torch dtype or its name; None or "auto": the model's default) applies when `model` is a name."""
     from tqdm.auto import tqdm
-
-    from ..models import load_model
-    from .corpus import heldout_text
-    from ..spec import split_specs
-    from .runner import Env, check_spec, environment
 
     specs = [check_spec(s) for s in (split_specs(methods) if isinstance(methods, str) else methods)]
     contexts = [parse_length(c) for c in contexts]
@@ -141,8 +139,6 @@ def bench_table(result: dict[str, Any]) -> str:
 
 def write_bench(result: dict[str, Any], directory: str | Path = "benchmarks/results") -> tuple[Path, Path]:
     """Write `bench-<model>-<time>.json` and the markdown summary beside it, atomically; return both paths."""
-    from ..io import atomic_write_text
-
     directory = Path(directory)
     stem = f"bench-{Path(str(result['model'])).name}-{result['time'].replace(':', '')}"
     js = atomic_write_text(directory / f"{stem}.json", json.dumps(result, indent=2, sort_keys=True))

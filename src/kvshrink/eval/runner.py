@@ -20,10 +20,14 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from transformers import DynamicCache
 
-from ..methods import build_method, canonical_spec
+from ..methods import build_method, canonical_spec, make_cache
 from ..spec import split_specs
+from ..io import atomic_write_text
+from ..models import load_model
+from ..version import __version__
 from .baselines import baseline_memory, is_baseline, make_baseline_cache, parse_baseline
 from .corpus import heldout_text
+from .ruler import TASKS as RULER_TASKS
 from .prefill import PrefillRecord, record_prefill, replay, replayable
 from .scoring import continue_greedy, continue_scores, stop_tokens
 from .tasks import get_task
@@ -37,8 +41,6 @@ RECORD_VERSION = 1
 
 def expand_tasks(tasks: Iterable[str] | str) -> list[str]:
     """Task names from a list or 'a,b,c'; 'ruler' stands for the eleven RULER-style tasks; duplicates dropped."""
-    from .ruler import TASKS as RULER_TASKS
-
     out: list[str] = []
     for name in (t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)):
         for n in (RULER_TASKS if name == "ruler" else (name,) if name else ()):
@@ -109,8 +111,6 @@ class Env:
 
     def make_cache(self, spec: str | None):
         """A fresh cache for `spec`; None is the reference (`DynamicCache`)."""
-        from ..methods import make_cache
-
         if spec is None:
             return DynamicCache(config=self.model.config)
         if is_baseline(spec):
@@ -199,8 +199,6 @@ def environment() -> dict[str, Any]:
     """Library versions and machine, recorded with every result."""
     import transformers
 
-    from ..version import __version__
-
     return {
         "kvshrink": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
@@ -239,8 +237,6 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
 
 def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
     """Replace a results file by its readable records (after an interrupted write), atomically."""
-    from ..io import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
@@ -287,8 +283,6 @@ def evaluate(
     every replayable method's cache from it (exact; see `eval.prefill`). dtype: the model's, when loading by name.
     """
     from tqdm.auto import tqdm
-
-    from ..models import load_model
 
     specs = [check_spec(s) for s in (split_specs(methods) if isinstance(methods, str) else methods)]
     task_names = expand_tasks(tasks)

@@ -31,6 +31,8 @@ from ..codecs.base import BIT_WIDTHS
 from ..codecs.quant import GroupCodec
 from ..codecs.rotation import RotationCodec, fwht, gaussian_codebook, rotate, unrotate
 from ..codecs.store import PagedStore
+from ..models import cache_dir
+from . import reference
 from .reference import check_mask
 
 CPU_BITS = BIT_WIDTHS["uniform"]
@@ -73,8 +75,6 @@ def _cpu_flags() -> str:
 
 def build_dir() -> Path:
     """Where the extension for this source, torch, Python, compiler flags and CPU is built and kept."""
-    from ..models import cache_dir
-
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), " ".join(_CFLAGS).encode(),
                  platform.machine().encode(), _cpu_flags().encode()):
@@ -230,8 +230,6 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
     mask = check_mask(mask, tkeys, b, qn)  # [b, qn, tkeys], unit stride along the keys (the reference takes it too)
     why = unavailable()
     if why is not None:
-        from . import reference
-
         warn_unavailable(why)
         return reference.packed_attention(query, key_store, value_store, exact_keys, exact_values, exact_index,
                                           key0, mask=mask, scaling=scaling, causal=causal)

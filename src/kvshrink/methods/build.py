@@ -27,9 +27,9 @@ def _recipe(name: str, role: str) -> tuple[type, str]:
         return CODECS[name], "codec"
     if role == "policy" and name in POLICIES:
         return PolicyRecipe, "policy"
-    known = sorted(METHODS) + (sorted(POLICIES) if role == "policy" else sorted(CODECS))
-    what = {"policy": "method or token policy"}.get(role, "method or codec")
-    raise ValueError(f"unknown {what} {name!r}; available: {', '.join(known)}")
+    others = ("token policies", POLICIES) if role == "policy" else ("codecs", CODECS)
+    raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}; {others[0]}: "
+                     f"{', '.join(sorted(others[1]))}")
 
 
 def _typed(part: specs.Part, role: str) -> tuple[type, str, dict[str, Any]]:

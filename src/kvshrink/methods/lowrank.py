@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from ..bases import rank_bases
+from .. import attention
+from ..bases import layer_bases, rank_bases
+from ..rope import Rope
 from ..codecs.lowrank import CENTERS, Level, level_token_bytes
 from ..layers.full import FullLayer, FullSlidingLayer
 from ..layers.latent import MODES, LatentLayer
@@ -95,9 +97,6 @@ class LatentMethod(Method):
         return [(2 * level_token_bytes(lv, group) + 1) / fp16 for lv in levels]
 
     def prepare(self, model_or_config: Any) -> None:
-        from .. import attention
-        from ..bases import layer_bases
-
         if self._profile is None:
             raise ValueError(f"{self.name}: needs bases: give profile=... (made by `kvshrink calibrate --method "
                              f"{'dynakv' if self.joint else 'tale'}`)")
@@ -115,8 +114,6 @@ class LatentMethod(Method):
         if self.key_space == "pre_rope":
             if not hasattr(model_or_config, "set_attn_implementation"):
                 raise TypeError(f"{self.name}: key_space=pre_rope needs the model (its rotary embedding), not a config")
-            from ..rope import Rope
-
             self._rope = lambda i: Rope(model_or_config, i)  # noqa: E731
         else:
             self._rope = lambda i: None  # noqa: E731
