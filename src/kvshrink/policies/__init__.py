@@ -1,1 +1,2 @@
-"""Policies: how much to keep (bits per layer, level per token)."""
+"""Token policies: which tokens stay (`scoring`: one registered class each, on a `ScoreContext`), and how the
+low-rank methods turn significance into per-token levels (`significance`)."""
