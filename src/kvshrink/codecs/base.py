@@ -117,12 +117,12 @@ class Codec:
     def check_head_dim(self, head_dim: int, name: str) -> None:
         """Raise a clear error now if this codec cannot store vectors of `head_dim`."""
 
-    def encode(self, x: torch.Tensor, store: "PagedStore") -> dict[str, torch.Tensor]:
-        """The fields of a block of tokens x [B, H, T, D] (T a multiple of `tokens_per_unit`); fixed fields missing
-        from `store.state` are set there."""
+    def encode(self, x: torch.Tensor, store: Any) -> dict[str, torch.Tensor]:
+        """The fields of a block of tokens x [B, H, T, D] (T a multiple of `tokens_per_unit`) for `store` (the
+        `PagedStore` that will hold them); fixed fields missing from `store.state` are set there."""
         raise NotImplementedError
 
-    def decode(self, fields: dict[str, torch.Tensor], store: "PagedStore") -> torch.Tensor:
+    def decode(self, fields: dict[str, torch.Tensor], store: Any) -> torch.Tensor:
         """Tokens [B, H, T, D] in float32 from the growing fields of a run of them (and the store's fixed ones)."""
         raise NotImplementedError
 

@@ -9,8 +9,6 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..codecs.base import PARTS
-
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
