@@ -37,6 +37,9 @@ from .reference import check_mask
 
 CPU_BITS = BIT_WIDTHS["uniform"]
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+# the source as this process imported it: what it builds and names its build after, even if the file changes later
+# (a library built from newer source would not take this wrapper's arguments)
+_SOURCE_BYTES = SOURCE.read_bytes()
 ENV = "KVSHRINK_CPU_KERNEL"  # "0": never build or load the extension (the PyTorch path decodes)
 _NAME = "kvshrink_cpu_attention"
 _CFLAGS = ["-O3", "-fopenmp", "-march=native"]
@@ -76,7 +79,7 @@ def _cpu_flags() -> str:
 def build_dir() -> Path:
     """Where the extension for this source, torch, Python, compiler flags and CPU is built and kept."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), " ".join(_CFLAGS).encode(),
+    for part in (_SOURCE_BYTES, torch.__version__.encode(), sys.version.encode(), " ".join(_CFLAGS).encode(),
                  platform.machine().encode(), _cpu_flags().encode()):
         key.update(part)
         key.update(b"\0")
@@ -126,7 +129,9 @@ def _build(directory: Path, lib: Path) -> None:
     work.mkdir(parents=True)
     print(f"kvshrink: building the CPU attention kernel in {directory} (once)", file=sys.stderr)
     try:
-        cpp_extension.load(_NAME, [str(SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+        source = work / SOURCE.name
+        source.write_bytes(_SOURCE_BYTES)
+        cpp_extension.load(_NAME, [str(source)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
                            build_directory=str(work), is_python_module=False, verbose=False)
     except Exception as e:  # the compiler's output is in the message: keep it beside the build
         log = directory / "build-error.log"
