@@ -25,15 +25,19 @@ from types import SimpleNamespace
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvshrink.codecs.quant import QuantSpec, QuantStore
+from kvshrink.codecs.quant import GroupCodec
+from kvshrink.codecs.rotation import RotationCodec
+from kvshrink.codecs.store import PagedStore
 from kvshrink.kernels import cpu
 
 HQ, HKV, D = 12, 2, 128
 SINKS, WINDOW = 4, 32
-LAYOUTS = {  # name: (key spec, value spec), as the methods build them (group 32)
-    "kivi:bits=2": (QuantSpec(2, 32, "channel", "none"), QuantSpec(2, 32, "token", "none")),
-    "kivi:bits=4": (QuantSpec(4, 32, "channel", "none"), QuantSpec(4, 32, "token", "none")),
-    "tada:bits=2": (QuantSpec(2, 32, "channel", "head"), QuantSpec(2, 32, "token", "head")),
+LAYOUTS = {  # name: (key codec, value codec), as the methods build them (group 32)
+    "kivi:bits=2": (GroupCodec(2, 32, "channel", "none"), GroupCodec(2, 32, "token", "none")),
+    "kivi:bits=4": (GroupCodec(4, 32, "channel", "none"), GroupCodec(4, 32, "token", "none")),
+    "tada:bits=2": (GroupCodec(2, 32, "channel", "head"), GroupCodec(2, 32, "token", "head")),
+    # the rotation-aware profiles' layers (tada rotate=both, turboquant): Lloyd-Max codes of rotated directions
+    "rotated:bits=3": (RotationCodec(3), RotationCodec(3)),
 }
 
 
@@ -67,12 +71,12 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _layer(tokens: int, kspec: QuantSpec, vspec: QuantSpec, seed: int = 0):
+def _layer(tokens: int, kspec, vspec, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     stored = (tokens - SINKS - WINDOW) // 32 * 32
     keys = (torch.randn(1, HKV, tokens, D, generator=g) + 2 * torch.randn(1, HKV, 1, D, generator=g)).bfloat16()
     values = torch.randn(1, HKV, tokens, D, generator=g).bfloat16()
-    ks, vs = QuantStore(kspec, "keys"), QuantStore(vspec, "values")
+    ks, vs = PagedStore(kspec, "keys"), PagedStore(vspec, "values")
     step = 4096  # append in blocks, as the cache does (bounded temporary memory)
     for t0 in range(SINKS, SINKS + stored, step):
         t1 = min(t0 + step, SINKS + stored)
@@ -93,7 +97,7 @@ def run(contexts: list[int], repeat: int) -> dict:
         plain_k = plain_v = None
         for name, (kspec, vspec) in LAYOUTS.items():
             q, ks, vs, ek, ev, exact, keys, values = _layer(tokens, kspec, vspec)
-            store_bytes = sum(_nbytes(*ts) for s in (ks, vs) for ts in s.parts().values())
+            store_bytes = sum(_nbytes(t) for s in (ks, vs) for _, t in s.tensors())
             held = store_bytes + _nbytes(ek, ev)
 
             def kernel():

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 import kvshrink as ks
 from kvshrink import kernels
-from kvshrink.codecs.packing import packed_size
-from kvshrink.codecs.quant import QuantSpec, QuantStore
+from kvshrink.codecs.quant import GroupCodec
+from kvshrink.codecs.store import PagedStore
 from kvshrink.eval.bench import parse_length
 from kvshrink.io import atomic_write_text
 from kvshrink.report import markdown_table
@@ -65,23 +65,27 @@ def timed(fn, iters: int, device: torch.device) -> float:
     return times[len(times) // 2]
 
 
-def random_store(spec: QuantSpec, b: int, t: int, device: torch.device, name: str) -> QuantStore:
-    """A store holding `t` tokens of random codes in the exact layout `append` produces (speed needs no real data)."""
-    s = QuantStore(spec, name)
-    if spec.axis == "channel":
-        s.codes = torch.randint(0, 256, (b, HKV, t // spec.group, spec.group, packed_size(D, spec.bits)),
-                                dtype=torch.uint8, device=device)
-        s.scale = torch.rand((b, HKV, t // spec.group, 1, D), device=device).half() * 0.1
-    else:
-        s.codes = torch.randint(0, 256, (b, HKV, t, D // spec.group, packed_size(spec.group, spec.bits)),
-                                dtype=torch.uint8, device=device)
-        s.scale = torch.rand((b, HKV, t, D // spec.group, 1), device=device).half() * 0.1
-    s.zero = -s.scale * (1 << (spec.bits - 1))
-    if spec.center == "channel":
-        s.channel_mean = torch.randn((b, HKV, 1, D), device=device).half()
-    elif spec.center == "head":
-        s.head_mean = torch.randn((b, 1, t, D), device=device).half()
-    s.tokens, s.head_dim = t, D
+def random_store(spec: GroupCodec, b: int, t: int, device: torch.device, name: str) -> PagedStore:
+    """A store holding `t` tokens of random codes in the codec's declared layout (speed needs no real data): random
+    bytes for the codes, small positive fp16 scales, zeros that centre the codes, random fp16 means."""
+    s = PagedStore(spec, name)
+    layout = s.layout = spec.layout(D)
+    s.head_dim = D
+
+    def random(f):
+        heads = 1 if f.shared_heads else HKV
+        shape = (b, heads, t // f.tokens, *f.shape) if f.tokens else (b, heads, *f.shape)  # fixed: [B, H, *shape]
+        if f.dtype == torch.uint8:
+            return torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+        if f.name == "scale":
+            return torch.rand(shape, device=device).half() * 0.1
+        return torch.randn(shape, device=device).half()
+
+    fields = {f.name: random(f) for f in layout.growing}
+    if "zero" in fields:
+        fields["zero"] = -fields["scale"] * (1 << (spec.bits - 1))
+    s.state.update({f.name: random(f) for f in layout.fixed})
+    s._write(fields, t)
     return s
 
 
@@ -89,8 +93,8 @@ def nbytes(*tensors) -> int:
     return sum(x.numel() * x.element_size() for x in tensors if x is not None)
 
 
-def store_bytes(s: QuantStore) -> int:
-    return nbytes(*[x for ts in s.parts().values() for x in ts])
+def store_bytes(s: PagedStore) -> int:
+    return nbytes(*[x for _, x in s.tensors()])
 
 
 def attention_bench(contexts, batches, bits_list, center, iters, device, check=True):
@@ -115,8 +119,8 @@ def attention_bench(contexts, batches, bits_list, center, iters, device, check=T
             del k, v
             stored = (t - SINKS - WINDOW) // 32 * 32  # whole groups of 32 tokens; the window takes the rest
             for bits in bits_list:
-                ks_ = random_store(QuantSpec(bits, 32, "channel", center), b, stored, device, "keys")
-                vs_ = random_store(QuantSpec(bits, 32, "token", center), b, stored, device, "values")
+                ks_ = random_store(GroupCodec(bits, 32, "channel", center), b, stored, device, "keys")
+                vs_ = random_store(GroupCodec(bits, 32, "token", center), b, stored, device, "values")
                 ek = torch.randn(b, HKV, t - stored, D, device=device, dtype=torch.float16)
                 ev = torch.randn_like(ek)
                 idx = torch.cat([torch.arange(SINKS), torch.arange(SINKS + stored, t)]).to(device)
@@ -171,7 +175,7 @@ def quantize_bench(contexts, bits_list, iters, device, smoke):
         kv = torch.randn(1, hkv, t - t % 32, d, device=device, dtype=dtype)
         row = {"context": t, "layer_prefill_s": prefill, "quantize": {}}
         for bits in bits_list:
-            kspec, vspec = QuantSpec(bits, 32, "channel", "channel"), QuantSpec(bits, 32, "token", "channel")
+            kspec, vspec = GroupCodec(bits, 32, "channel", "channel"), GroupCodec(bits, 32, "token", "channel")
             cm = kv.float().mean(2, keepdim=True).half()
             qt = timed(lambda: (kernels.quantize_pack(kv, kspec, cm), kernels.quantize_pack(kv, vspec, cm)),
                        iters, device)

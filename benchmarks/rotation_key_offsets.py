@@ -4,7 +4,7 @@
 
 Prefills the first `--tokens` tokens of the embedded corpus with `DynamicCache` and prints, per layer and KV head:
 the norm of the keys' mean over the tokens against the mean norm of their token-to-token part (keys minus that
-mean), and the mean error of the keys after the rotation codec itself (`RotationSpec` at `--bits`: seeded Hadamard
+mean), and the mean error of the keys after the rotation codec itself (`RotationCodec` at `--bits`: seeded Hadamard
 rotation, the fp16 norm kept, the direction Lloyd-Max coded with the norm corrected, as `turboquant` stores
 them) relative to the same token-to-token part. An error near or above 1 means the code's noise is as large as
 what tells the tokens apart: the code is spent on the offset.
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from kvshrink.codecs.rotation import RotationSpec
+from kvshrink.codecs.rotation import RotationCodec
+from kvshrink.codecs.store import PagedStore
 from kvshrink.eval.corpus import pydoc_text
 from kvshrink.models import load_model
 
@@ -45,7 +46,7 @@ def main() -> None:
         k = cache.layers[layer].keys.float()[0]  # heads, tokens, head_dim
         spread = (k - k.mean(1, keepdim=True)).norm(dim=-1).mean(-1)
         offset = k.mean(1).norm(dim=-1) / spread
-        store = RotationSpec(bits=args.bits, layer=layer).make_store(f"layer {layer} keys")  # turboquant's codes
+        store = PagedStore(RotationCodec(bits=args.bits, layer=layer), f"layer {layer} keys")  # turboquant's codes
         store.append(k[None])
         rec = store.decode(torch.float32)[0]
         error = (rec - k).norm(dim=-1).mean(-1) / spread
