@@ -114,3 +114,36 @@ def test_every_module_imports_in_dependency_order_in_a_fresh_interpreter():
 def test_old_homes_of_moved_names_are_gone(old):
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module(old)
+
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def _kvshrink_names(path: Path) -> list[tuple[str, str | None]]:
+    """(module, name) of every kvshrink import in a script (name None for `import kvshrink.x`)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "kvshrink":
+            out += [(node.module, a.name) for a in node.names]
+        elif isinstance(node, ast.Import):
+            out += [(a.name, None) for a in node.names if a.name.split(".")[0] == "kvshrink"]
+    return out
+
+
+@pytest.mark.parametrize("script", sorted(p.relative_to(BENCHMARKS).as_posix() for p in BENCHMARKS.rglob("*.py")
+                                          if ".venv" not in p.parts))
+def test_benchmark_scripts_name_only_what_the_package_has(script):
+    """A rename in the package does not silently break a benchmark (they run rarely and by hand)."""
+    missing = []
+    for module, name in _kvshrink_names(BENCHMARKS / script):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            missing.append(f"{module} ({e})")
+            continue
+        if name is not None and name != "*" and not hasattr(mod, name):
+            try:
+                importlib.import_module(f"{module}.{name}")
+            except ImportError:
+                missing.append(f"{module}.{name}")
+    assert not missing, f"benchmarks/{script} imports names the package no longer has: {missing}"
