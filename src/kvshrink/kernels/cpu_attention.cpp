@@ -156,17 +156,42 @@ inline void dequant_group(const uint8_t* __restrict p, int64_t nbytes, const flo
 #if defined(__AVX2__) && defined(__FMA__)
 #define KVSHRINK_AVX2 1
 // Eight codes as floats: from BITS bytes at p (2, 3, 4 bits: one shift per lane) or 8 bytes (8 bits).
+// Eight codes as int32 lanes: from BITS bytes at p (2, 3, 4 bits: one shift per lane) or 8 bytes (8 bits).
+template <int BITS>
+inline __m256i codes8i(const uint8_t* p) {
+  if constexpr (BITS == 8) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    uint32_t x;
+    if constexpr (BITS == 3) {  // assembled in a register: a 3-byte memcpy into a stack word stalls the load after it
+      x = uint32_t(p[0]) | (uint32_t(p[1]) << 8) | (uint32_t(p[2]) << 16);
+    } else {
+      x = 0;
+      std::memcpy(&x, p, BITS);  // never reads past the row
+    }
+    const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(x)), shifts),
+                            _mm256_set1_epi32((1 << BITS) - 1));
+  }
+}
+
 template <int BITS>
 inline __m256 codes8(const uint8_t* p) {
-  if constexpr (BITS == 8) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  } else {
-    uint32_t x = 0;
-    std::memcpy(&x, p, BITS);  // never reads past the row
-    const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
-    const __m256i v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(x)), shifts),
-                                       _mm256_set1_epi32((1 << BITS) - 1));
-    return _mm256_cvtepi32_ps(v);
+  return _mm256_cvtepi32_ps(codes8i<BITS>(p));
+}
+
+// D (a multiple of 8) Lloyd-Max codes from p as centroids times a: the codebook (2^BITS <= 16 entries, padded to
+// 16) lives in two registers and each lane picks its centroid by a permute (a blend between the halves at 4 bits).
+template <int BITS>
+void centroids8(const uint8_t* __restrict p, int64_t D, const float* __restrict cb16, float a, float* __restrict out) {
+  const __m256 lo = _mm256_loadu_ps(cb16), hi = _mm256_loadu_ps(cb16 + 8), va = _mm256_set1_ps(a);
+  for (int64_t i = 0; i < D; i += 8) {
+    const __m256i c = codes8i<BITS>(p + i / 8 * BITS);
+    __m256 v = _mm256_permutevar8x32_ps(lo, c);
+    if constexpr (BITS == 4)
+      v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, c),
+                           _mm256_castsi256_ps(_mm256_cmpgt_epi32(c, _mm256_set1_epi32(7))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(v, va));
   }
 }
 
@@ -357,6 +382,7 @@ Store make_store(const std::vector<at::Tensor>& codes, const std::vector<at::Ten
     TORCH_CHECK(codebook.scalar_type() == at::kFloat && codebook.numel() == (int64_t(1) << bits), "codebook");
     const float* c = codebook.data_ptr<float>();
     for (int64_t i = 0; i < codebook.numel(); ++i) s.codebook.push_back(c[i] / std::sqrt(static_cast<float>(D)));
+    s.codebook.resize(std::max<size_t>(s.codebook.size(), 16), 0.0f);  // 16 entries for the permute path
   }
   s.channel_axis = axis == 1;
   s.group = group;
@@ -431,6 +457,7 @@ class Reader {
   }
 
   bool has_head_mean() const { return !head_mean_.empty(); }
+
   const std::vector<float>& channel_mean() const { return channel_mean_; }
 
   // Channel axis: load the scale and zero of the group holding token t (the channel mean folded into the zero);
@@ -475,6 +502,17 @@ class Reader {
       if (s_.kind == kFp8) {
         for (int64_t d = 0; d < D; ++d) out[d] = kFp8Values.v[p[d]] * a;
       } else {
+#ifdef KVSHRINK_AVX2
+        if (D % 8 == 0) {
+          const float* cb = s_.codebook.data();
+          switch (bits) {
+            case 2: return centroids8<2>(p, D, cb, a, out);
+            case 3: return centroids8<3>(p, D, cb, a, out);
+            case 4: return centroids8<4>(p, D, cb, a, out);
+            default: break;
+          }
+        }
+#endif
         float* c = codes_buf_.data();
         unpack(p, s_.row_bytes, bits, c);
         const float* cb = s_.codebook.data();
@@ -638,6 +676,9 @@ void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, i
   Reader kr(ks, b, h), vr(vs, b, h);
   // Per-channel key groups without a head mean: fold the group's scales into the query,
   // q.k = sum_d (q_d s_d) code_d + sum_d q_d (z_d + channel mean_d), so a key costs an unpack and no dequantizing.
+  // With a head mean (tada mean=head) the mean's share of the score would be a second dot product per key and
+  // query row, which costs more than dequantizing the key once for all rows (measured: 1.77 vs 1.41 ms for one
+  // Qwen-shaped layer at 16k, benchmarks/cpu_attention.py), so such keys are dequantized.
   const bool fold = ks.bits != 16 && ks.channel_axis && !kr.has_head_mean();
   std::vector<float> qs(fold ? R * D : 0), c0(fold ? R : 0), kbuf(kTile * D + 16);
   auto score = [&](int64_t j0, int64_t nt, float* S) {
