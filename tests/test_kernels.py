@@ -9,6 +9,7 @@ import torch
 
 import kvshrink as ks
 from kvshrink.codecs.quant import GroupCodec, encode_block
+from kvshrink.codecs.rotation import RotationCodec
 from kvshrink.codecs.store import PagedStore
 
 from conftest import greedy, logits_through, tiny_gemma3, tiny_llama
@@ -133,6 +134,43 @@ def test_packed_attention_matches_reference(bits, kcfg, vcfg, d, hq, hkv, stored
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+ROTATED_CASES = [
+    # key codec, value codec, head dim, query heads, kv heads, stored, exact, query tokens
+    (RotationCodec(3, layer=1), RotationCodec(2, layer=1), 128, 12, 2, 96, 9, 1),   # the 0.20 profile's layers
+    (RotationCodec(4, norm="float32"), RotationCodec(3), 64, 6, 3, 64, 5, 4),
+    (RotationCodec(8, "fp8", rotate=False, norm="float32", norm_correction=False), RotationCodec(4), 64, 4, 2,
+     48, 3, 1),                                                                      # vLLM's k8v4
+    (RotationCodec(4, "uniform", group=32), RotationCodec(2, "uniform", group=16), 64, 4, 2, 64, 3, 2),
+    (RotationCodec(16), RotationCodec(16), 64, 4, 4, 32, 2, 1),
+    (GroupCodec(2, 32, "channel"), RotationCodec(3), 64, 6, 2, 64, 7, 1),              # tada: grouped keys
+]
+
+
+@pytest.mark.parametrize("kspec,vspec,d,hq,hkv,stored,exact,qn", ROTATED_CASES,
+                         ids=[f"{k.describe()}-{v.describe()}" for k, v, *_ in ROTATED_CASES])
+@pytest.mark.parametrize("masked", [False, True])
+def test_packed_attention_reads_rotated_codes_as_the_reference_decodes_them(kspec, vspec, d, hq, hkv, stored, exact,
+                                                                            qn, masked):
+    """Lloyd-Max codes times their norms, fp8 bytes times a scale, uniform groups of rotated channels: read in the
+    rotated space (query turned once per KV head, output turned back once), equal to decoding every token."""
+    assert kernels.unsupported(kspec, d) is None and kernels.unsupported(vspec, d) is None
+    b, sinks = 2, min(2, exact)
+    ks_, vs_ = _stores(b, hkv, stored, d, kspec, vspec, seed=stored + d + 1)
+    g = torch.Generator().manual_seed(d + qn + 1)
+    ek = torch.randn(b, hkv, exact, d, generator=g).to(DEV)
+    ev = torch.randn(b, hkv, exact, d, generator=g).to(DEV)
+    q = torch.randn(b, hq, qn, d, generator=g).to(DEV)
+    index = torch.cat([torch.arange(sinks), torch.arange(sinks + stored, stored + exact)])
+    mask = None
+    if masked:
+        mask = (torch.rand(b, 1, qn, stored + exact, generator=g) > 0.3).to(DEV)
+        mask[1, :, :, :5] = False
+    want = reference.packed_attention(q, ks_, vs_, ek, ev, index, sinks, mask=mask, scaling=0.3)
+    got = kernels.packed_attention(q, ks_, vs_, ek, ev, index, sinks, mask=mask, scaling=0.3, block_tokens=32)
+    assert got.shape == want.shape and got.dtype == q.dtype
+    torch.testing.assert_close(got, want, atol=3e-5, rtol=2e-4)
+
+
 def test_packed_attention_reads_the_codes_it_is_given():
     """A corrupted code byte must change the kernel's output exactly as it changes the reference's."""
     ks_, vs_ = _stores(1, 2, 64, 64, GroupCodec(2, 32, "channel", "none"), GroupCodec(2, 32, "token", "none"), 3)
@@ -173,6 +211,26 @@ def test_tiny_llama_decodes_the_same_through_the_kernels(chunk):
     assert torch.equal(got_tok, want_tok)
     layer = cache.layers[0]  # a left-padded batch keeps one layer per row
     assert all(row.backend == "triton" and row.key_store.tokens > 0 for row in layer.rows)  # the kernel read codes
+
+
+@pytest.mark.parametrize("spec,opts", [
+    ("tada", dict(bits=3, rotate="both", mean="none", group=16, window=8, sinks=2)),   # rotation-aware profiles' layers
+    ("turboquant", dict(bits=3, window=8, sinks=2)),
+])
+def test_tiny_llama_decodes_rotated_codes_the_same_through_the_kernels(spec, opts):
+    """Rotated codes on the GPU path: the Triton kernel reads them in the rotated space; the PyTorch reference
+    (decode, then SDPA) gives the same tokens and logits within float tolerance."""
+    model = tiny_llama()
+    ids = torch.randint(2, 90, (1, 45), generator=torch.Generator().manual_seed(3))
+    reference_opts = dict(kernel="torch") if spec == "tada" else dict(attention="decode")
+    want, want_tok = logits_through(model, ids, ks.make_cache(model, spec, **opts, **reference_opts), 10)
+    kernel_opts = dict(kernel="triton") if spec == "tada" else dict(attention="triton")
+    cache = ks.make_cache(model, spec, **opts, **kernel_opts)
+    assert all(layer.backend == "triton" for layer in cache.layers)
+    got, got_tok = logits_through(model, ids, cache, 10)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got_tok, want_tok)
+    assert cache.layers[0].key_store.tokens > 0  # the kernel read codes
 
 
 def test_tiny_gemma3_sliding_layers_through_the_kernels():

@@ -231,6 +231,9 @@ def _list_recipes(table: dict) -> int:
     for name in sorted(table):
         cls = table[name]
         print(f"{name}: {cls.summary}")
+        backends = getattr(cls, "backends", None)
+        if backends:  # codecs: the decode attention paths they have per device
+            print("attention: " + "; ".join(f"{dev}: {', '.join(paths)}" for dev, paths in backends.items()))
         opts = options_of(cls)
         if opts:
             print(markdown_table(["option", "type", "default", "meaning"],

@@ -140,6 +140,8 @@ class RotationCodec(Codec):
 
     name = "rotated"
     summary = "randomized Hadamard rotation, then Lloyd-Max / uniform / fp8 codes per token (TurboQuant, PolarQuant)"
+    # "rotated": PyTorch attention in the rotated space (stored tokens never turned back)
+    backends = {"cpu": ("torch", "rotated", "cpu"), "cuda": ("torch", "rotated", "triton")}
 
     bits: int = option(4, "code width: 2, 3, 4 (lloydmax); 2-8 (uniform); 8 (fp8); 16 = rotated fp16 values")
     quantizer: str = option("lloydmax", f"scalar quantizer of the rotated coordinates: {', '.join(QUANTIZERS)}")
@@ -275,3 +277,24 @@ def decode_rotated(store) -> torch.Tensor | None:
     if not store.pages:
         return None
     return store.codec.decode_rotated(store.fields(), store)
+
+
+def rotated_problem(query: torch.Tensor, key_store, value_store, exact_keys: torch.Tensor,
+                    exact_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor | None]:
+    """A decode-attention problem moved into the stores' rotated spaces, as the kernels read rotated codes: the
+    query [B, HQ, Q, D] and the exact keys turn with the keys' rotation, the exact values with the values' (each
+    float32; stores whose codes are not rotated leave their side as it is). Returns (query, exact keys, exact
+    values, the values' signs [HQ, D] to turn the output back with `unrotate`, or None)."""
+    hq, hkv, d = query.shape[1], exact_keys.shape[1], query.shape[-1]
+    rep = hq // hkv
+    q, ek, ev = query.float(), exact_keys.float(), exact_values.float()
+    key_signs, value_signs = (s.codec.signs(s, hkv, d) if isinstance(s.codec, RotationCodec) and s.codec.rotate
+                              else None for s in (key_store, value_store))
+    if key_signs is not None:
+        q = rotate(q, key_signs.repeat_interleave(rep, 0))
+        ek = rotate(ek, key_signs)
+    if value_signs is not None:
+        ev = rotate(ev, value_signs)
+        value_signs = value_signs.repeat_interleave(rep, 0)
+    return q, ek, ev, value_signs

@@ -23,6 +23,7 @@ import torch
 from ..codecs.packing import packed_size
 from ..codecs.base import BIT_WIDTHS
 from ..codecs.quant import _FP16_MAX, GroupCodec
+from ..codecs.rotation import RotationCodec, gaussian_codebook, rotated_problem, unrotate
 from ..codecs.store import PagedStore
 
 KERNEL_BITS = BIT_WIDTHS["uniform"]
@@ -47,11 +48,17 @@ def usable_on(device: torch.device) -> bool:
 
 
 def unsupported(spec, head_dim: int) -> str | None:
-    """Why the kernels cannot serve this codec's layout, or None when they can (they read the `grouped` layout)."""
-    if not isinstance(spec, GroupCodec):
-        return f"the {getattr(spec, 'name', type(spec).__name__)} codec has no GPU kernel yet"
+    """Why the kernels cannot serve this codec's layout, or None when they can: the `grouped` layout, and the
+    `rotated` codec's (Lloyd-Max codes with their norms, fp8 with a scale, uniform groups, rotated fp16: the query
+    turns once per KV head, the output turns back once)."""
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head_dim must be a power of two >= 16 for the kernels, got {head_dim}"
+    if isinstance(spec, RotationCodec):
+        if spec.quantizer != "uniform" or spec.bits == 16:
+            return None
+        spec = GroupCodec(spec.bits, spec.group, "token")  # uniform groups of rotated channels: the grouped layout
+    if not isinstance(spec, GroupCodec):
+        return f"the {getattr(spec, 'name', type(spec).__name__)} codec has no GPU kernel yet"
     if spec.bits not in KERNEL_BITS:
         return f"bits must be one of {KERNEL_BITS} for the kernels, got {spec.bits}"
     if spec.bits == 16:
@@ -135,24 +142,38 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+_KINDS = {"grouped": 0, "lloydmax": 1, "fp8": 2}
+
+
 def _store_args(store: PagedStore, head_dim: int):
-    """(codes, scale, zero, head mean, channel mean, scale rows, bits, tokens per scale row, channels per scale
-    column, center code) of a store, for the split kernel: its declared fields over every page, contiguous (the
-    GPU kernel reads one tensor per field; the pages are joined on the device)."""
+    """(codes, scale, zero, head mean, channel mean, codebook, scale rows, bits, tokens per scale row, channels per
+    scale column, center code, kind) of a store, for the split kernel: its declared fields over every page,
+    contiguous (the GPU kernel reads one tensor per field; the pages are joined on the device). Rotated Lloyd-Max
+    and fp8 rows pass their per-token norms as the scale and (Lloyd-Max) the codebook divided by sqrt(head_dim)."""
     layout = store.layout
-    bits, group, axis, center = (layout.param(k) for k in ("bits", "group", "axis", "center"))
+    names = {f.name for f in layout.fields}
+    codes = store.field("codes").contiguous()
+    get = lambda n: codes if n not in names else store.field(n).contiguous()  # noqa: E731
+    bits, kind, book = layout.param("bits"), 0, codes
+    if layout.kind == "rotated":
+        quantizer = layout.param("quantizer")
+        if bits != 16 and quantizer != "uniform":
+            kind = _KINDS[quantizer]
+            if quantizer == "lloydmax":
+                book = (gaussian_codebook(bits)[0] / math.sqrt(head_dim)).to(codes.device).contiguous()
+            return codes, get("norms"), codes, codes, codes, book, store.tokens, bits, 1, head_dim, 0, kind
+        group, axis, center = layout.param("group"), "token", "none"
+    else:
+        group, axis, center = (layout.param(k) for k in ("group", "axis", "center"))
     if bits == 16:
         gt, gd, rows = 1, head_dim, 0
     elif axis == "token":
         gt, gd, rows = 1, group, store.tokens
     else:
         gt, gd, rows = group, 1, store.tokens // group
-    names = {f.name for f in layout.fields}
-    codes = store.field("codes").contiguous()
-    get = lambda n: codes if n not in names else store.field(n).contiguous()  # noqa: E731
     scale, zero, hm = get("scale"), get("zero"), get("head_mean")
     cm = store.state["channel_mean"].contiguous() if "channel_mean" in store.state else codes
-    return codes, scale, zero, hm, cm, rows, bits, gt, gd, _CENTERS[center]
+    return codes, scale, zero, hm, cm, book, rows, bits, gt, gd, _CENTERS[center], kind
 
 
 def _sm_count(device: torch.device) -> int:
@@ -194,6 +215,15 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
     te = exact_keys.shape[2]
     tkeys = te + t_store
     scaling = d ** -0.5 if scaling is None else scaling
+    # rotated codes are read in their rotated space: the query and the exact tokens turn with them (in float32,
+    # the query then rounded back to its dtype), the output turns back once per query head
+    rotated = any(isinstance(s.codec, RotationCodec) and s.codec.rotate for s in (key_store, value_store))
+    out_dtype = query.dtype
+    value_signs = None
+    if rotated:
+        query, exact_keys, exact_values, value_signs = rotated_problem(query, key_store, value_store, exact_keys,
+                                                                       exact_values)
+        query = query.to(out_dtype)  # the dots run in the model's dtype, as for unrotated codes
     query = query.contiguous()
     exact_keys, exact_values = exact_keys.contiguous(), exact_values.contiguous()
     exact_index = exact_index.to(device=query.device, dtype=torch.int32).contiguous()
@@ -222,10 +252,11 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
         k = _store_args(key_store, d)
         v = _store_args(value_store, d)
         tk._packed_split_kernel[(n_store, b * hkv)](
-            query, *k[:5], *v[:5], mask, m, l_, acc,
-            t_store, k[5], v[5], hq, qn, tkeys, mask_q, mask_b, key0, per_split, n_slots, qscale,
+            query, *k[:6], *v[:6], mask, m, l_, acc,
+            t_store, k[6], v[6], hq, qn, tkeys, mask_q, mask_b, key0, per_split, n_slots, qscale,
             HKV=hkv, D=d, N_REP=n_rep, BQ=bq, BT=bt,
-            K_BITS=k[6], K_GT=k[7], K_GD=k[8], K_CENTER=k[9], V_BITS=v[6], V_GT=v[7], V_GD=v[8], V_CENTER=v[9],
+            K_BITS=k[7], K_GT=k[8], K_GD=k[9], K_CENTER=k[10], K_KIND=k[11],
+            V_BITS=v[7], V_GT=v[8], V_GD=v[9], V_CENTER=v[10], V_KIND=v[11],
             HAS_MASK=has_mask, CAUSAL=causal and not has_mask and qn > 1, DOT_IEEE=ieee)
     tk._exact_split_kernel[(b * hkv,)](
         query, exact_keys, exact_values, exact_index, mask, m, l_, acc,
@@ -235,4 +266,6 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
     out = torch.empty_like(query)
     tk._reduce_kernel[(b * hkv,)](m, l_, acc, out, hq, qn, n_slots, HKV=hkv, D=d, N_REP=n_rep, BQ=bq,
                                   BS=1 << math.ceil(math.log2(n_slots)))
-    return out
+    if value_signs is not None:
+        out = unrotate(out, value_signs)
+    return out.to(out_dtype)

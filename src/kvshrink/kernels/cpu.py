@@ -29,7 +29,7 @@ import torch
 
 from ..codecs.base import BIT_WIDTHS
 from ..codecs.quant import GroupCodec
-from ..codecs.rotation import RotationCodec, fwht, gaussian_codebook, rotate, unrotate
+from ..codecs.rotation import RotationCodec, gaussian_codebook, hadamard_block
 from ..codecs.store import PagedStore
 from ..models import cache_dir
 from . import reference
@@ -198,11 +198,17 @@ def _store_args(store: PagedStore, head_dim: int) -> tuple:
 
 
 def split_tokens(tokens: int, units: int, spec_k: GroupCodec, spec_v: GroupCodec) -> int:
-    """Stored tokens per parallel work unit: enough units for every thread (four each, for balance), at least 256
-    tokens each, a multiple of 64 and of the per-channel groups."""
+    """Stored tokens per parallel work unit: enough units for every thread (four each, a whole number of units per
+    thread where that is possible, for balance), at least 256 tokens each, a multiple of 64 and of the per-channel
+    groups. `units` is the number of (sequence, KV head) pairs, each cut into that many splits."""
     align = math.lcm(64, spec_k.tokens_per_unit, spec_v.tokens_per_unit)
-    per_unit = max(1, 4 * torch.get_num_threads() // max(units, 1))
-    size = max(256, -(-tokens // per_unit))
+    threads, units = torch.get_num_threads(), max(units, 1)
+    splits = -(-4 * threads // units)
+    for extra in range(threads):  # the smallest count that gives every thread the same number of splits
+        if (units * (splits + extra)) % threads == 0:
+            splits += extra
+            break
+    size = max(256, -(-tokens // splits))
     return -(-size // align) * align
 
 
@@ -241,15 +247,10 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
     op = _load()
     scaling = d ** -0.5 if scaling is None else scaling
     q = query.float() * scaling
-    exact_keys, exact_values = exact_keys.float(), exact_values.float()
-    # rotated codes are read in their rotated space: the query and the exact keys turn with the keys' rotation, the
-    # exact values with the values', and the output turns back once per query head
+    # rotated codes are read in their rotated space: the kernel turns the query and the exact keys with the keys'
+    # rotation, the exact values with the values', and the output back once per query head
     key_signs, value_signs = _signs(key_store, hkv, d), _signs(value_store, hkv, d)
-    if key_signs is not None:
-        q = fwht(q * key_signs.repeat_interleave(hq // hkv, 0)[None, :, None, :])
-        exact_keys = rotate(exact_keys, key_signs)
-    if value_signs is not None:
-        exact_values = rotate(exact_values, value_signs)
+    block = hadamard_block(d) if key_signs.numel() or value_signs.numel() else 0
     q = q.contiguous()
     if mask is not None:
         mask_b, mask_q = mask.stride(0), mask.stride(1)
@@ -261,14 +262,14 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
     out = torch.empty_like(q)
     op(out, q, *_store_args(key_store, d), *_store_args(value_store, d), t_store, key_store.page_tokens,
        list(key_store.fills),
-       exact_keys.contiguous(), exact_values.contiguous(), exact_index.long().contiguous(),
-       key0, mask, mask_b, mask_q, causal, split)
-    if value_signs is not None:
-        out = unrotate(out, value_signs.repeat_interleave(hq // hkv, 0))
+       exact_keys.float().contiguous(), exact_values.float().contiguous(), exact_index.long().contiguous(),
+       key0, mask, mask_b, mask_q, causal, split, key_signs, value_signs, block)
     return out.to(query.dtype)
 
 
-def _signs(store: PagedStore, heads: int, d: int) -> torch.Tensor | None:
-    """The signs of a store's rotation (None: its codes are not rotated)."""
+def _signs(store: PagedStore, heads: int, d: int) -> torch.Tensor:
+    """The signs [heads, d] of a store's rotation, float32 and contiguous (empty: its codes are not rotated)."""
     codec = store.codec
-    return codec.signs(store, heads, d) if isinstance(codec, RotationCodec) and codec.rotate else None
+    if isinstance(codec, RotationCodec) and codec.rotate:
+        return codec.signs(store, heads, d).float().contiguous()
+    return _NONE

@@ -345,12 +345,17 @@ struct Store {
   std::vector<const uint16_t*> codes16, scale, zero, head_mean;
   const uint16_t* channel_mean = nullptr;
 
+  int page_shift = -1;  // log2(page_tokens) when it is a power of two (a shift instead of a division per token)
+
   // (page, token within the page) of stored token t
   inline void locate(int64_t t, int64_t& page, int64_t& local) const {
     const int64_t first = fills[0];
     if (t < first) {
       page = 0;
       local = t;
+    } else if (page_shift >= 0) {
+      page = 1 + ((t - first) >> page_shift);
+      local = (t - first) & (page_tokens - 1);
     } else {
       page = 1 + (t - first) / page_tokens;
       local = (t - first) % page_tokens;
@@ -389,6 +394,10 @@ Store make_store(const std::vector<at::Tensor>& codes, const std::vector<at::Ten
   s.T = T;
   s.D = D;
   s.page_tokens = page_tokens;
+  if (page_tokens > 0 && (page_tokens & (page_tokens - 1)) == 0) {
+    s.page_shift = 0;
+    while ((int64_t(1) << s.page_shift) < page_tokens) ++s.page_shift;
+  }
   s.fills = fills;
   const size_t n = codes.size();
   TORCH_CHECK(fills.size() == n, "one fill per page");
@@ -599,6 +608,35 @@ class Reader {
   int64_t group_ = -1;
 };
 
+// The normalised Walsh-Hadamard transform of one row of D floats, block-diagonal in blocks of `block` (a power of
+// two dividing D), in place: the butterflies in the order codecs/rotation.py `fwht` takes them and the same float32
+// scale, so a row turns into the same bits as there.
+void fwht_row(float* __restrict x, int64_t D, int64_t block) {
+  for (int64_t h = 1; h < block; h *= 2)
+    for (int64_t j = 0; j < D; j += 2 * h)
+      for (int64_t i = j; i < j + h; ++i) {
+        const float a = x[i], b = x[i + h];
+        x[i] = a + b;
+        x[i + h] = a - b;
+      }
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
+  for (int64_t d = 0; d < D; ++d) x[d] *= scale;
+}
+
+// rows [n, D] (head of row r: (r / rows_per_head) % heads) turned into a rotation's space, R x = H (signs * x),
+// into out.
+void rotate_rows(const float* x, float* out, int64_t n, int64_t D, int64_t rows_per_head, int64_t heads,
+                 const float* signs, int64_t block) {
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* s = signs + ((r / rows_per_head) % heads) * D;
+      float* y = out + r * D;
+      for (int64_t d = 0; d < D; ++d) y[d] = x[r * D + d] * s[d];
+      fwht_row(y, D, block);
+    }
+  });
+}
+
 struct Problem {
   const float* q = nullptr;  // [B, HQ, QN, D], already multiplied by the softmax scaling
   int64_t B = 0, HQ = 0, HKV = 0, QN = 0, D = 0, n_rep = 0, R = 0;
@@ -733,7 +771,8 @@ void packed_attention(at::Tensor out, at::Tensor q,
                       at::Tensor v_channel_mean, int64_t v_bits, int64_t v_axis, int64_t v_group, int64_t v_kind,
                       std::vector<at::Tensor> v_norms, at::Tensor v_codebook,
                       int64_t tokens, int64_t page_tokens, std::vector<int64_t> fills, at::Tensor exact_k, at::Tensor exact_v, at::Tensor exact_index, int64_t key0,
-                      at::Tensor mask, int64_t mask_b, int64_t mask_q, bool causal, int64_t split_tokens) {
+                      at::Tensor mask, int64_t mask_b, int64_t mask_q, bool causal, int64_t split_tokens,
+                      at::Tensor k_signs, at::Tensor v_signs, int64_t rotation_block) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B,HQ,QN,D]");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous(), "out like q");
   TORCH_CHECK(exact_k.scalar_type() == at::kFloat && exact_k.is_contiguous() && exact_v.is_contiguous() &&
@@ -755,6 +794,30 @@ void packed_attention(at::Tensor out, at::Tensor q,
   P.TK = P.T + P.TE;
   P.exact_k = exact_k.data_ptr<float>();
   P.exact_v = exact_v.data_ptr<float>();
+  // Rotated codes are read in their rotated space: the query rows and the exact keys turn with the keys' rotation
+  // (signs [HKV, D]; query head hq has KV head hq / n_rep's), the exact values with the values'; the output turns
+  // back below. Empty signs: that side is not rotated.
+  std::vector<float> q_rot, ek_rot, ev_rot;
+  for (const at::Tensor* t : {&k_signs, &v_signs})
+    TORCH_CHECK(!t->numel() || (t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                                t->numel() == P.HKV * P.D && rotation_block > 0 && P.D % rotation_block == 0),
+                "signs: contiguous float32 [HKV, D] and a block dividing D");
+  if (k_signs.numel()) {
+    q_rot.resize(q.numel());
+    rotate_rows(P.q, q_rot.data(), P.B * P.HQ * P.QN, P.D, P.n_rep * P.QN, P.HKV, k_signs.data_ptr<float>(),
+                rotation_block);
+    P.q = q_rot.data();
+    ek_rot.resize(exact_k.numel());
+    rotate_rows(P.exact_k, ek_rot.data(), P.B * P.HKV * P.TE, P.D, P.TE, P.HKV, k_signs.data_ptr<float>(),
+                rotation_block);
+    P.exact_k = ek_rot.data();
+  }
+  if (v_signs.numel()) {
+    ev_rot.resize(exact_v.numel());
+    rotate_rows(P.exact_v, ev_rot.data(), P.B * P.HKV * P.TE, P.D, P.TE, P.HKV, v_signs.data_ptr<float>(),
+                rotation_block);
+    P.exact_v = ev_rot.data();
+  }
   P.exact_index = P.TE ? exact_index.data_ptr<int64_t>() : nullptr;
   P.mask = mask.numel() ? mask.data_ptr<bool>() : nullptr;
   P.mask_b = mask_b;
@@ -772,16 +835,25 @@ void packed_attention(at::Tensor out, at::Tensor q,
   const int64_t slots = n_split + 1;  // the last slot: exact tokens
   const int64_t BH = P.B * P.HKV, R = P.R, D = P.D;
   std::vector<float> M(BH * slots * R, kNegInf), L(BH * slots * R, 0.0f), A(BH * slots * R * D, 0.0f);
-  at::parallel_for(0, BH * slots, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t bh = u / slots, s = u % slots, b = bh / P.HKV, h = bh % P.HKV;
-      float* m = M.data() + u * R;
-      float* l = L.data() + u * R;
-      float* acc = A.data() + u * R * D;
-      if (s < n_split) {
-        store_unit(P, ks, vs, b, h, s * split_tokens, std::min(tokens, (s + 1) * split_tokens), m, l, acc);
-      } else if (P.TE) {
-        exact_unit(P, b, h, m, l, acc);
+  // every store unit first (equal sizes), then the small exact ones, dealt to the threads in turn: a cut of the
+  // list into contiguous chunks left one thread with twice the store units of the other on 3 KV heads
+  const int64_t n_units = BH * slots;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_units));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t i = w; i < n_units; i += workers) {
+        const bool store = i < BH * n_split;
+        const int64_t bh = store ? i / n_split : i - BH * n_split;
+        const int64_t s = store ? i % n_split : n_split;
+        const int64_t u = bh * slots + s, b = bh / P.HKV, h = bh % P.HKV;
+        float* m = M.data() + u * R;
+        float* l = L.data() + u * R;
+        float* acc = A.data() + u * R * D;
+        if (store) {
+          store_unit(P, ks, vs, b, h, s * split_tokens, std::min(tokens, (s + 1) * split_tokens), m, l, acc);
+        } else if (P.TE) {
+          exact_unit(P, b, h, m, l, acc);
+        }
       }
     }
   });
@@ -796,7 +868,7 @@ void packed_attention(at::Tensor out, at::Tensor q,
         for (int64_t s = 0; s < slots; ++s) mx = std::max(mx, M[(bh * slots + s) * R + r]);
         float* y = out_rows + r * D;
         std::fill(y, y + D, 0.0f);
-        if (mx == kNegInf) continue;  // every key masked: zeros, as the reference's nan_to_num
+        if (mx == kNegInf) continue;  // every key masked: zeros (turned back, still zeros), as the reference's
         float total = 0.0f;
         for (int64_t s = 0; s < slots; ++s) {
           const float ms = M[(bh * slots + s) * R + r];
@@ -805,6 +877,11 @@ void packed_attention(at::Tensor out, at::Tensor q,
         }
         for (int64_t s = 0; s < slots; ++s) {
           if (w[s] != 0.0f) axpy(y, w[s] / total, A.data() + ((bh * slots + s) * R + r) * D, D);
+        }
+        if (v_signs.numel()) {  // back from the values' rotated space: R^-1 y = signs * H y
+          fwht_row(y, D, rotation_block);
+          const float* sg = v_signs.data_ptr<float>() + h * D;
+          for (int64_t d = 0; d < D; ++d) y[d] *= sg[d];
         }
       }
     }

@@ -1,7 +1,7 @@
 """Triton kernels: quantize-and-pack into the `grouped` codec's declared layout, and decode attention over the packed store.
 
 Imported only through `kvshrink.kernels` (which checks that Triton is there). Both kernels follow the layout of
-`codecs.quant.encode_block` exactly: a token's codes are one row of packed bytes over its channels (2/4/8 bits:
+`codecs.quant.encode_block` exactly (decode attention also reads the `rotated` codec's Lloyd-Max and fp8 rows): a token's codes are one row of packed bytes over its channels (2/4/8 bits:
 8/bits codes per byte; 3 bits: 8 codes per 3-byte word), fp16 scales and zero points per group (per-token groups
 along the channels, or per-channel groups along `group` tokens), an fp16 per-token head mean or per-head channel mean.
 
@@ -114,13 +114,25 @@ def _quantize_pack_kernel(
 
 # -- decode attention -------------------------------------------------------------------------------------------------
 @triton.jit
-def _dequant_block(CODES, SCALE, ZERO, HMEAN, cmean, bh, b, t, tvalid, d,
+def _dequant_block(CODES, SCALE, ZERO, HMEAN, CB, cmean, bh, b, t, tvalid, d,
                    T, n_scale_rows,
-                   D: tl.constexpr, BITS: tl.constexpr, GT: tl.constexpr, GD: tl.constexpr, CENTER: tl.constexpr):
-    """Tokens t (a block) of one head of a packed store, dequantized to float32 [BT, D] in registers."""
+                   D: tl.constexpr, BITS: tl.constexpr, GT: tl.constexpr, GD: tl.constexpr, CENTER: tl.constexpr,
+                   KIND: tl.constexpr):
+    """Tokens t (a block) of one head of a packed store, dequantized to float32 [BT, D] in registers.
+
+    KIND 0: grouped codes with an fp16 scale and zero per group; 1: Lloyd-Max codes of a rotated direction, each
+    the codebook entry CB[code] (already divided by sqrt(D)) times the token's norm (SCALE, one per token); 2: fp8
+    e4m3 bytes times the token's scale. Rotated kinds stay in the rotated space (the wrapper turns the query)."""
     m2 = tvalid[:, None]
     if BITS == 16:
         x = tl.load(CODES + (bh * T + t[:, None]) * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    elif KIND == 2:
+        byte = tl.load(CODES + (bh * T + t[:, None]) * D + d[None, :], mask=m2, other=0).to(tl.int32)
+        e = (byte >> 3) & 15
+        man = (byte & 7).to(tl.float32)
+        mag = tl.where(e == 0, man * 0.001953125, (man + 8.0) * tl.exp2((e - 10).to(tl.float32)))  # 2^-9, 2^(e-10)
+        norm = tl.load(SCALE + bh * T + t, mask=tvalid, other=0.0).to(tl.float32)
+        x = tl.where(byte >= 128, -mag, mag) * norm[:, None]
     else:
         P: tl.constexpr = 8 if BITS == 3 else 8 // BITS
         W: tl.constexpr = 3 if BITS == 3 else 1
@@ -133,12 +145,16 @@ def _dequant_block(CODES, SCALE, ZERO, HMEAN, cmean, bh, b, t, tvalid, d,
         if BITS == 3:  # a 3-bit code may straddle two bytes of its word
             spill = ((bit % 8) + BITS > 8)[None, :]
             word = word | (tl.load(byte + 1, mask=m2 & spill, other=0).to(tl.int32) << 8)
-        code = ((word >> (bit % 8)[None, :]) & MASK).to(tl.float32)
-        NGD: tl.constexpr = D // GD
-        sidx = (bh * n_scale_rows + t[:, None] // GT) * NGD + (d // GD)[None, :]
-        scale = tl.load(SCALE + sidx, mask=m2, other=0.0).to(tl.float32)
-        zero = tl.load(ZERO + sidx, mask=m2, other=0.0).to(tl.float32)
-        x = zero + code * scale
+        code = (word >> (bit % 8)[None, :]) & MASK
+        if KIND == 1:
+            norm = tl.load(SCALE + bh * T + t, mask=tvalid, other=0.0).to(tl.float32)
+            x = tl.load(CB + code) * norm[:, None]
+        else:
+            NGD: tl.constexpr = D // GD
+            sidx = (bh * n_scale_rows + t[:, None] // GT) * NGD + (d // GD)[None, :]
+            scale = tl.load(SCALE + sidx, mask=m2, other=0.0).to(tl.float32)
+            zero = tl.load(ZERO + sidx, mask=m2, other=0.0).to(tl.float32)
+            x = zero + code.to(tl.float32) * scale
     if CENTER == 1:
         x = x + tl.load(HMEAN + (b * T + t[:, None]) * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
     if CENTER == 2:
@@ -189,11 +205,11 @@ def _store_partial(M, L, ACC, slot, n_slots, bhk, m_i, l_i, acc, D: tl.constexpr
 
 @triton.jit
 def _packed_split_kernel(
-    Q, KC, KS, KZ, KHM, KCM, VC, VS, VZ, VHM, VCM, MASK, M, L, ACC,
+    Q, KC, KS, KZ, KHM, KCM, KCB, VC, VS, VZ, VHM, VCM, VCB, MASK, M, L, ACC,
     T, k_scale_rows, v_scale_rows, HQ, QN, TK, mask_q_stride, mask_b_stride, key0, per_split, n_slots, qscale,
     HKV: tl.constexpr, D: tl.constexpr, N_REP: tl.constexpr, BQ: tl.constexpr, BT: tl.constexpr,
-    K_BITS: tl.constexpr, K_GT: tl.constexpr, K_GD: tl.constexpr, K_CENTER: tl.constexpr,
-    V_BITS: tl.constexpr, V_GT: tl.constexpr, V_GD: tl.constexpr, V_CENTER: tl.constexpr,
+    K_BITS: tl.constexpr, K_GT: tl.constexpr, K_GD: tl.constexpr, K_CENTER: tl.constexpr, K_KIND: tl.constexpr,
+    V_BITS: tl.constexpr, V_GT: tl.constexpr, V_GD: tl.constexpr, V_CENTER: tl.constexpr, V_KIND: tl.constexpr,
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_IEEE: tl.constexpr,
 ):
     """One split of the packed store's tokens for one (sequence, KV head): partial max, normaliser, output."""
@@ -217,8 +233,10 @@ def _packed_split_kernel(
     for t0 in range(start, end, BT):
         t = t0 + tl.arange(0, BT)
         tvalid = t < end
-        k = _dequant_block(KC, KS, KZ, KHM, kcm, bhk, b, t, tvalid, d, T, k_scale_rows, D, K_BITS, K_GT, K_GD, K_CENTER)
-        v = _dequant_block(VC, VS, VZ, VHM, vcm, bhk, b, t, tvalid, d, T, v_scale_rows, D, V_BITS, V_GT, V_GD, V_CENTER)
+        k = _dequant_block(KC, KS, KZ, KHM, KCB, kcm, bhk, b, t, tvalid, d, T, k_scale_rows, D, K_BITS, K_GT, K_GD,
+                           K_CENTER, K_KIND)
+        v = _dequant_block(VC, VS, VZ, VHM, VCB, vcm, bhk, b, t, tvalid, d, T, v_scale_rows, D, V_BITS, V_GT, V_GD,
+                           V_CENTER, V_KIND)
         allowed = rvalid[:, None] & tvalid[None, :]
         if HAS_MASK:
             allowed = allowed & (tl.load(MASK + b * mask_b_stride + qi[:, None] * mask_q_stride + key0 + t[None, :],

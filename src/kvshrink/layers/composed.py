@@ -5,8 +5,9 @@ Without a policy every token that leaves the window is stored (KIVI, TaDA, Turbo
 value stores in whole blocks (a whole number of each codec's units), so the window holds between `window` and
 `window + block - 1` tokens; the prefill attends over the exact states it was given (SDPA) and only then are they
 stored, and decoding steps attend over the sinks, the decoded store and the window. A decode backend may read the
-codes instead: "cpu" (the C++ kernel) or "triton" (the GPU kernels) for the `grouped` codec's layout, "rotated"
-(query rotated once per KV head, stored tokens never rotated back) for the `rotated` codec. With `sliding_window`
+codes instead: "cpu" (the C++ kernel) or "triton" (the GPU kernels) for the `grouped` and `rotated` codecs'
+layouts, "rotated" (PyTorch: query rotated once per KV head, stored tokens never rotated back) for the `rotated`
+codec. With `sliding_window`
 (Gemma 3's local layers) tokens no later query can see are dropped, oldest first.
 
 With a policy (SnapKV, H2O, TOVA, StreamingLLM, or any registered one) the layer keeps a budget of tokens: each held
@@ -33,6 +34,7 @@ from ..codecs.base import PARTS, Codec
 from ..codecs.exact import ExactCodec
 from ..codecs.rotation import RotationCodec, decode_rotated, fwht, unrotate
 from ..codecs.perhead import PerHead
+from ..codecs.quant import GroupCodec
 from ..codecs.store import PAGE_TOKENS, PagedStore, lcm_units, make_store
 from ..distributed import gather_heads
 from ..kernels import MAX_QUERY_TOKENS
@@ -162,9 +164,10 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             for s in getattr(store, "groups", None) and [g for _, g in store.groups] or [store]:
                 if isinstance(s.codec, ExactCodec) and s.codec.dtype == "model":
                     s.codec = dataclasses.replace(s.codec, dtype=str(self.dtype).removeprefix("torch."))
-        if self.backend == "triton":
+        if self.backend == "triton":  # grouped codes are quantized and packed on the GPU (the same bits)
             for store in (self.key_store, self.value_store):
-                store.encoder = gpu_kernels.quantize_pack
+                if isinstance(store.codec, GroupCodec):
+                    store.encoder = gpu_kernels.quantize_pack
         if self.scored:
             b, h = key_states.shape[:2]
             self.positions = torch.zeros((b, h, 0), dtype=torch.int32, device=device)

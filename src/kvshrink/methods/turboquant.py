@@ -3,8 +3,9 @@ whose per-token byte layouts follow vLLM's TurboQuant attention backend.
 
 Each KV head's keys (after RoPE) and values are rotated by a seeded randomized Walsh-Hadamard transform, then coded
 per token: by default each vector's norm plus Lloyd-Max codes of its direction (see `codecs/rotation.py`). Decoding
-steps attend without rotating stored tokens back: on the CPU through the C++ kernel, which reads the codes and
-their norms directly (`attention=auto`, the default, or `cpu`), elsewhere in PyTorch (`attention=rotated`);
+steps attend without rotating stored tokens back: through a kernel that reads the codes and their norms directly
+(`attention=auto`, the default: the C++ kernel (`cpu`) for a model on the CPU, the Triton kernel (`triton`) on
+CUDA), or in PyTorch (`attention=rotated`);
 `attention=decode` rotates them back and uses SDPA instead (the reference the tests compare against).
 
 Presets (`preset=`), after vLLM's `--kv-cache-dtype` values: every token coded (no exact window or sinks), the
@@ -18,15 +19,19 @@ token and head, kept because Qwen2-style key outliers overflow e4m3 without a sc
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .. import attention as kv_attention
+from .. import kernels
 from ..kernels import cpu
 from ..codecs.rotation import QUANTIZERS, RotationCodec
 from ..layers.composed import ComposedLayer
 from ..layers.full import FullLayer, FullSlidingLayer
-from ..models import text_config
+from ..models import head_dim_of, text_config
 from .base import StoringMethod, option, register
 from .kivi import _EXACT_DTYPES
 
@@ -37,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "turboquant_3bit_nc": dict(key_bits=3, value_bits=3),
 }
 _PRESET_COMMON = dict(window=0, sinks=0, edge_layers=2, norm="float32")
-_ATTENTION = ("auto", "cpu", "rotated", "decode")
+_ATTENTION = ("auto", "cpu", "triton", "rotated", "decode")
 
 
 @register
@@ -64,10 +69,11 @@ class TurboQuant(StoringMethod):
     sinks: int = option(4, "first tokens kept exact (attention sinks)")
     edge_layers: int = option(0, "this many first and last layers keep an uncompressed cache (vLLM keeps 2)")
     exact_dtype: str = option("model", "dtype of the exact window, sinks and edge layers: model, float16, bfloat16")
-    attention: str = option("auto", "decode attention: 'auto' (the CPU kernel for a model on the CPU, else "
-                                    "'rotated'), 'cpu' (the C++ kernel reading the codes), 'rotated' (PyTorch: query "
-                                    "rotated once, stored tokens never "
-                                       "rotated back) or 'decode' (rotate the store back, then SDPA)")
+    attention: str = option("auto", "decode attention: 'auto' (the CPU kernel for a model on the CPU, the Triton "
+                                    "kernel on CUDA, else 'rotated'), 'cpu' (the C++ kernel reading the codes), "
+                                    "'triton' (the GPU kernel reading the codes), 'rotated' (PyTorch: query rotated "
+                                    "once, stored tokens never rotated back) or 'decode' (rotate the store back, "
+                                    "then SDPA)")
 
     def __post_init__(self) -> None:
         if self.preset:
@@ -123,18 +129,32 @@ class TurboQuant(StoringMethod):
             kv_attention.enable(model_or_config)
 
     def _resolve(self, model_or_config) -> str:
-        """'cpu' (the C++ kernel) or 'rotated' (PyTorch) for attention auto / cpu / rotated."""
+        """'cpu' (the C++ kernel), 'triton' (the GPU kernel) or 'rotated' (PyTorch) for attention auto / cpu /
+        triton / rotated: 'auto' takes the kernel for the model's device when it can be used and says why not when
+        it cannot; 'cpu' and 'triton' insist."""
         if self.attention == "rotated":
             return "rotated"
         param = next(model_or_config.parameters(), None) if hasattr(model_or_config, "parameters") else None
-        on_cpu = param is None or param.device.type == "cpu"
-        why = cpu.unavailable() if on_cpu else f"the model is on {param.device}"
+        device = param.device if param is not None else torch.device("cpu")
+        want = self.attention if self.attention != "auto" else "cpu" if device.type == "cpu" else "triton"
+        if want == "cpu":
+            why = cpu.unavailable() if device.type == "cpu" else f"the model is on {device}"
+        elif not kernels.available():
+            why = "Triton is not installed (pip install 'kvshrink[gpu]')"
+        elif not kernels.usable_on(device):
+            why = f"the model is on {device}, not CUDA"
+        else:
+            head_dim = head_dim_of(text_config(model_or_config))
+            why = next((f"{what}: {r}" for what, spec in zip(("keys", "values"), self.specs())
+                        if (r := kernels.unsupported(spec, head_dim))), None)
         if why is None:
-            return "cpu"
-        if self.attention == "cpu":
-            raise ValueError(f"turboquant: attention='cpu' cannot be used: {why}")
-        if on_cpu:
+            return want
+        if self.attention != "auto":
+            raise ValueError(f"turboquant: attention={self.attention!r} cannot be used: {why}")
+        if device.type == "cpu":
             cpu.warn_unavailable(why, stacklevel=5)
+        else:
+            warnings.warn(f"turboquant: decoding with the PyTorch path (attention='auto'): {why}", stacklevel=5)
         return "rotated"
 
     def layer(self, layer_idx, sliding_window):
