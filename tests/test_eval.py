@@ -249,3 +249,19 @@ def test_chunked_scoring_equals_stepwise_for_the_plain_cache(tiny, tokenizer):
     chunk = score_continuation_chunked(tiny, DynamicCache(config=tiny.config), ctx, cont)
     assert step.shape == chunk.shape == (16, len(tokenizer))
     torch.testing.assert_close(step, chunk, atol=1e-4, rtol=1e-4)
+
+
+def test_records_name_the_source_commit():
+    """Every record's environment says which code made it: this checkout's HEAD (git asked independently)."""
+    import subprocess
+    from pathlib import Path
+
+    from kvshrink.eval.runner import environment, source_commit
+
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    commit = environment()["commit"]
+    assert commit == source_commit()
+    assert commit.removesuffix("+dirty") == head.stdout.strip()

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import random
+import subprocess
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -195,12 +196,29 @@ class Env:
             self._records.clear()
 
 
+@functools.lru_cache(maxsize=1)
+def source_commit() -> str | None:
+    """The git commit of the kvshrink source this process runs ("+dirty" when tracked files differ from it), or
+    None outside a git checkout (an installed wheel): which code made a record."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               cwd=here.parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def environment() -> dict[str, Any]:
-    """Library versions and machine, recorded with every result."""
+    """Library versions, the source commit and the machine, recorded with every result."""
     import transformers
 
     return {
-        "kvshrink": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "kvshrink": __version__, "commit": source_commit(), "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
         "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
