@@ -111,30 +111,34 @@ def test_a_centred_level_store_codes_offset_coefficients_far_better():
         LevelStore(levels, 16, "t", "head")
 
 
-def _layer(mode, kv_heads, head_dim, groups, levels, fractions, seed=0, significance="attention", center="none"):
+def _layer(mode, kv_heads, head_dim, groups, levels, fractions, seed=0, significance="attention", center="none",
+           coeff_axis="token", coeff_group=32):
     row = kv_heads // groups * head_dim
     kb, vb = _orthonormal(groups, row, seed), _orthonormal(groups, row, seed + 1)
     ks_, vs_ = torch.rand(groups, row) + 0.5, torch.rand(groups, row) + 0.5
     rank = max(lv.rank for lv in levels)
     return LatentLayer(kb[..., :rank], ks_[..., :rank], vb[..., :rank], vs_[..., :rank], levels, fractions,
                        kv_heads=kv_heads, window=4, sinks=2, block=4, code_group=row, layer_idx=0, mode=mode,
-                       observe=3, significance=significance, basis_dtype=torch.float32, center=center)
+                       observe=3, significance=significance, basis_dtype=torch.float32, center=center,
+                       coeff_axis=coeff_axis, coeff_group=coeff_group)
 
 
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim,joint", [(4, 2, 64, False), (9, 3, 64, False), (4, 4, 64, False),
                                                              (2, 1, 256, False), (6, 3, 64, True), (4, 1, 256, True)])
 @pytest.mark.parametrize("spec", ["r64b16", "r64b4/r32b4/r16b2/r8b3", "r16b8/r8b2", "r16b8/r8b2/drop",
-                                  "r16b8/r8b2/drop/mean"])
+                                  "r16b8/r8b2/drop/mean", "r64b4/r16b8/r8b2/drop/channel"])
 def test_latent_attention_equals_reconstruct_then_attend(q_heads, kv_heads, head_dim, joint, spec):
     torch.manual_seed(0)
     row = kv_heads * head_dim if joint else head_dim
     center = "channel" if spec.endswith("/mean") else "none"
-    spec = spec.removesuffix("/mean")
+    axis = "channel" if spec.endswith("/channel") else "token"  # groups of 4 tokens: some coded, some pending
+    spec = spec.removesuffix("/mean").removesuffix("/channel")
     levels = parse_levels(spec.replace("r64", f"r{min(64, row)}").replace("/drop", ""), row)
     levels = (*levels, DROP) if spec.endswith("/drop") else levels
     fractions = [1.0 / len(levels)] * len(levels)
     fractions[-1] = 1 - sum(fractions[:-1])
-    layer = _layer("latent", kv_heads, head_dim, 1 if joint else kv_heads, levels, fractions, center=center)
+    layer = _layer("latent", kv_heads, head_dim, 1 if joint else kv_heads, levels, fractions, center=center,
+                   coeff_axis=axis, coeff_group=4)
     scaling = head_dim ** -0.5
     for step, n in enumerate([23, 1, 1, 5, 1, 1, 1, 1, 1]):  # prefill, decode steps, a 5-token chunk, ...
         k, v = torch.randn(2, kv_heads, n, head_dim), torch.randn(2, kv_heads, n, head_dim)
@@ -149,6 +153,9 @@ def test_latent_attention_equals_reconstruct_then_attend(q_heads, kv_heads, head
         assert torch.allclose(p1, p2, atol=1e-6)
         layer.attend(q, mask, scaling)
     assert layer.level_map.shape[-1] > 0 and len(set(layer.level_map.flatten().tolist())) == len(levels)
+    if axis == "channel":  # both kinds of tokens were attended: coded groups and a pending tail
+        assert any(p is not None for p in layer.key_store.pending)
+        assert any(st is not None and st.tokens for st in layer.key_store.stores)
 
 
 def test_bytes_follow_the_levels_assigned():
@@ -356,3 +363,189 @@ def test_pre_rope_keys_full_rank_reproduce_full(make):
         ks.build_method("lowrank", key_space="pre_rope")
     with pytest.raises(ProfileError, match="holds keys fitted pre-rope"):
         ks.build_method("lowrank", rank=d).use_profile(prof).make_cache(model)
+
+
+# -- per-channel coefficient codes (coeff_axis=channel) ---------------------------------------------------------------
+_CH_LEVELS = (Level(16, 8), Level(16, 4), Level(8, 2), Level(4, 16), DROP)
+
+
+def _pieces(sizes, b=2, g=3, rank=16, seed=0):
+    """Coefficients and level maps in pieces; every row puts the same number of tokens in each level."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        lmap = assign_levels(torch.rand(b, g, n, generator=gen), level_counts(n, [0.3, 0.3, 0.2, 0.1, 0.1]))
+        out.append((torch.randn(b, g, n, rank, generator=gen) * 3, lmap))
+    return out
+
+
+def _channel_store(pieces, group=16):
+    store = LevelStore(_CH_LEVELS, 16, "t", axis="channel", coeff_group=group)
+    for c, lmap in pieces:
+        store.append(c, lmap)
+    return store
+
+
+def _part_bytes(parts):
+    return {p: sum(t.numel() * t.element_size() for t in ts) for p, ts in parts.items()}
+
+
+def test_channel_codes_fed_in_pieces_equal_one_append():
+    pieces = _pieces([7, 20, 1, 50, 33, 39])
+    coeffs, lmap = torch.cat([c for c, _ in pieces], 2), torch.cat([m for _, m in pieces], 2)
+    split, whole = _channel_store(pieces), _channel_store([(coeffs, lmap)])
+    assert split.tokens == whole.tokens == int((lmap < 4).sum()) // 6  # the dropped level stores nothing
+    for a, b in zip(split.coefficients(), whole.coefficients()):
+        assert (a is None and b is None) or torch.equal(a, b)
+    for a, b in zip(split.positions(lmap), whole.positions(lmap)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    basis, sigma = _orthonormal(3, 16, 2), torch.rand(3, 16) + 0.5
+    assert torch.equal(split.reconstruct(lmap, basis, sigma), whole.reconstruct(lmap, basis, sigma))
+    assert _part_bytes(split.parts()) == _part_bytes(whole.parts())
+
+
+def test_channel_codes_hold_the_last_partial_group_exactly_and_count_its_bytes():
+    pieces = _pieces([70, 45])
+    coeffs, lmap = torch.cat([c for c, _ in pieces], 2), torch.cat([m for _, m in pieces], 2)
+    store = _channel_store(pieces, group=16)
+    want_bytes = {"codes": 0, "scales": 0, "window": 0}
+    for i, (lv, c) in enumerate(zip(_CH_LEVELS, store.coefficients())):
+        n = int((lmap[0, 0] == i).sum())
+        if lv.dropped:
+            assert c is None
+            continue
+        given = coeffs[..., : lv.rank][lmap == i].reshape(2, 3, n, lv.rank)
+        coded = n if lv.bits == 16 else n // 16 * 16
+        pending = n - coded
+        assert store.stores[i].tokens == coded and store.level_tokens(i) == n
+        assert (store.pending[i] is None) == (pending == 0)
+        assert torch.equal(c[:, :, coded:], given[:, :, coded:].half().float())  # pending: exact fp16
+        if lv.bits != 16:  # coded: within half a step of a per-coefficient, per-16-token range
+            span = given[:, :, :coded].reshape(2, 3, -1, 16, lv.rank)
+            step = (span.amax(3) - span.amin(3)) / (2 ** lv.bits - 1)
+            err = (c[:, :, :coded] - given[:, :, :coded]).abs().reshape(2, 3, -1, 16, lv.rank)
+            assert (err <= step[:, :, :, None] * 0.5 + 2e-2).all()
+            assert not torch.equal(c[:, :, :coded], given[:, :, :coded].half().float())
+        rows = 2 * 3
+        if lv.bits == 16:
+            want_bytes["codes"] += rows * n * 2 * lv.rank
+        else:
+            want_bytes["codes"] += rows * coded * packed_size(lv.rank, lv.bits)
+            want_bytes["scales"] += rows * (coded // 16) * lv.rank * 2 * 2  # fp16 scale and zero per coefficient
+            want_bytes["window"] += rows * pending * lv.rank * 2
+            assert level_token_bytes(lv, 16, "channel", 16) * coded * rows == \
+                rows * coded * packed_size(lv.rank, lv.bits) + rows * (coded // 16) * lv.rank * 4
+    assert {k: v for k, v in _part_bytes(store.parts()).items() if v} == {k: v for k, v in want_bytes.items() if v}
+    assert want_bytes["window"] > 0 and want_bytes["scales"] > 0
+    assert level_token_bytes(Level(64, 4), 64, "channel", 32) == 32 + 8  # codes + 4 * rank / 32 per token
+    assert level_token_bytes(Level(64, 4), 64) == 32 + 4  # per token: one scale and zero
+
+
+def test_channel_codes_save_load_map_batch_and_drop_front():
+    pieces = _pieces([70, 45])
+    store = _channel_store(pieces)
+    tensors, counts = store.state_dict()
+    assert any(k.startswith("pending.") for k in tensors) and counts["axis"] == "channel"
+    back = LevelStore(_CH_LEVELS, 16, "t", axis="channel", coeff_group=16)
+    back.load_state_dict(tensors, json.loads(json.dumps(counts)))
+    more = _pieces([29], seed=1)[0]
+    for st in (store, back):
+        st.append(*more)
+    for a, b in zip(store.coefficients(), back.coefficients()):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert _part_bytes(store.parts()) == _part_bytes(back.parts())
+    for wrong in (LevelStore(_CH_LEVELS, 16, "t"), LevelStore(_CH_LEVELS, 16, "t", axis="channel", coeff_group=32)):
+        with pytest.raises(ValueError, match="saved with coeff_axis=channel, coeff_group=16"):
+            wrong.load_state_dict(tensors, counts)
+    # beam reorder: every tensor, pending ones included, follows the batch
+    before = store.coefficients()
+    store.map_batch(lambda t: t.flip(0))
+    for a, b in zip(before, store.coefficients()):
+        assert (a is None and b is None) or torch.equal(a.flip(0), b)
+    # dropping the oldest tokens: whole groups, or every coded token then pending ones; not part of a group
+    n0 = store.level_tokens(0)
+    with pytest.raises(NotImplementedError, match="coeff_axis=channel.*coeff_group=16"):
+        store.drop_front([5, 0, 0, 0, 0])
+    c0 = store.coefficients()[0]
+    store.drop_front([16, 0, 0, 0, 0])
+    assert torch.equal(store.coefficients()[0], c0[:, :, 16:]) and store.level_tokens(0) == n0 - 16
+    coded = store.stores[0].tokens
+    store.drop_front([coded + 1, 0, 0, 0, 0])
+    assert store.stores[0].tokens == 0 and torch.equal(store.coefficients()[0], c0[:, :, 16 + coded + 1:])
+
+
+def test_coefficient_code_options_are_checked():
+    for bad, msg in ((dict(coeff_axis="head"), "coeff_axis must be one of token, channel, got 'head'"),
+                     (dict(coeff_axis="channel", coeff_group=0), "coeff_group must be a positive integer"),
+                     (dict(coeff_axis="channel", code_group=8), "leave code_group=0")):
+        for method in ("lowrank", "tale", "dynakv"):
+            with pytest.raises(ValueError, match=msg):
+                ks.build_method(method, **bad)
+    with pytest.raises(ValueError, match="coeff_axis must be one of token, channel"):
+        LevelStore(_CH_LEVELS, 16, "t", axis="tokens")
+    with pytest.raises(ValueError, match="coeff_group must be a positive integer"):
+        _layer("latent", 2, 16, 2, (Level(16, 4),), (1.0,), coeff_axis="channel", coeff_group=-1)
+
+
+@pytest.mark.parametrize("method", ["lowrank", "tale", "dynakv"])
+def test_coeff_axis_token_is_the_default_cache(method):
+    model = tiny_llama()
+    prof = _bases(model, method)
+    prompt = torch.randint(2, 95, (1, 150), generator=torch.Generator().manual_seed(7))
+    opts = dict(window=8, sinks=2) if method == "lowrank" else dict(window=8, sinks=2, target_ratio=0.2)
+    runs = []
+    for extra in ({}, dict(coeff_axis="token", coeff_group=8)):
+        cache = ks.build_method(method, **opts, **extra).use_profile(prof).make_cache(model)
+        out = greedy(model, prompt, cache, n=8)
+        report = cache.memory_report()
+        runs.append((out, report["nbytes"], report["tokens"], report["by_part"], report["by_layer"][0]["levels"]))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1:] == runs[1][1:]
+
+
+def _teacher_forced_logits(model, cache, prompt, follow):
+    with torch.no_grad():
+        out = [model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:]]
+        for t in range(follow.shape[1]):
+            out.append(model(follow[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("method", ["lowrank", "tale", "dynakv"])
+def test_channel_codes_decode_end_to_end_latent_equal_to_reconstruct(method, tmp_path):
+    model = tiny_llama()
+    prof = _bases(model, method)
+    prompt = torch.randint(2, 95, (1, 200), generator=torch.Generator().manual_seed(8))
+    follow = torch.randint(2, 95, (1, 43), generator=torch.Generator().manual_seed(9))
+    opts = dict(window=8, sinks=2, coeff_axis="channel", coeff_group=16)
+    if method != "lowrank":
+        opts.update(target_ratio=0.2)
+    logits, caches = {}, {}
+    for mode in ("latent", "reconstruct"):
+        caches[mode] = ks.build_method(method, attention=mode, **opts).use_profile(prof).make_cache(model)
+        logits[mode] = _teacher_forced_logits(model, caches[mode], prompt, follow)
+    assert torch.allclose(logits["latent"], logits["reconstruct"], atol=1e-3, rtol=1e-3), \
+        (logits["latent"] - logits["reconstruct"]).abs().max()
+    layer = caches["latent"].layers[0]
+    stored = [s.tokens for s in layer.key_store.stores if s is not None]
+    assert sum(stored) > 0 and any(p is not None for p in layer.key_store.pending)
+    report = caches["latent"].memory_report()
+    assert report["by_layer"][0]["coeff_codes"] == "channel g16"
+    pending = sum(p.numel() * 2 for L in caches["latent"].layers for st in (L.key_store, L.value_store)
+                  for p in st.pending if p is not None)
+    exact = sum(t.numel() * t.element_size() for L in caches["latent"].layers
+                for t in (L.keys, L.values, L.sig_sum, L.sig_count, L.sink_keys, L.sink_values))
+    assert report["by_part"]["window"] + report["by_part"]["sinks"] == pending + exact
+    # per-token codes of the same bits give other logits: the option reaches the stores
+    token = ks.build_method(method, **{**opts, "coeff_axis": "token"}).use_profile(prof).make_cache(model)
+    assert not torch.allclose(_teacher_forced_logits(model, token, prompt, follow), logits["latent"])
+    # saved and loaded mid-conversation, the cache continues with the same tokens
+    ids = torch.randint(2, 95, (1, 110), generator=torch.Generator().manual_seed(6))
+    spec = f"{method}:profile={prof.save(tmp_path / 'bases.json')}," + ",".join(f"{k}={v}" for k, v in opts.items())
+    whole = greedy(model, ids, ks.make_cache(model, spec), n=16)
+    cache = ks.make_cache(model, spec)
+    first = greedy(model, ids, cache, n=8)
+    assert any(p is not None for p in cache.layers[0].key_store.pending)
+    loaded = ks.load_cache(cache.save(tmp_path / "c.safetensors"), model)
+    assert loaded.memory_report()["nbytes"] == cache.memory_report()["nbytes"]
+    again = torch.cat([ids, first], 1)  # a generated 0 is the pad id: the mask must not hide it
+    assert torch.equal(greedy(model, again, loaded, n=8, attention_mask=torch.ones_like(again)), whole[:, 8:])

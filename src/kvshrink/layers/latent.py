@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import attention
-from ..codecs.lowrank import Level, LevelStore
+from ..codecs.lowrank import Level, LevelStore, check_coeff_codes
 from ..distributed import gather_heads
 from ..policies.significance import assign_levels, level_counts
 from .base import CompressedLayer, ExactWindow, add_store_parts
@@ -39,7 +39,9 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
 
     key_basis / value_basis: [groups, heads_per_group * head_dim, R] orthonormal columns (R = the largest rank);
     key_sigma / value_sigma: [groups, R] coefficient RMS. One group per KV head is TALE's per-head basis; one group
-    for the whole layer is DynaKV's joint basis.
+    for the whole layer is DynaKV's joint basis. coeff_axis: the coefficients' code groups run along a token
+    ("token": `code_group` coefficients share a scale) or along `coeff_group` tokens of each coefficient ("channel",
+    KIVI's key groups; a level's not yet full group waits as exact fp16 coefficients, see `LevelStore`).
     """
 
     splits_rows = True  # a left-padded batch keeps one layer per row (layers/rows.py)
@@ -55,7 +57,8 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
                  window: int = 32, sinks: int = 4, block: int = 32, code_group: int = 64, layer_idx: int = -1,
                  exact_dtype: torch.dtype | None = None, basis_dtype: torch.dtype = torch.float16,
                  mode: str = "latent", observe: int = 32, significance: str = "attention", rope: Any = None,
-                 shard: Any = None, pool: int = 1, center: str = "none"):
+                 shard: Any = None, pool: int = 1, center: str = "none", coeff_axis: str = "token",
+                 coeff_group: int = 32):
         super().__init__()
         where = f"layer {layer_idx}"
         if mode not in MODES:
@@ -65,6 +68,7 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
                              "rotation is applied after rebuilding it; use mode='reconstruct'")
         if significance not in SIGNIFICANCE:
             raise ValueError(f"{where}: significance must be one of {SIGNIFICANCE}, got {significance!r}")
+        check_coeff_codes(coeff_axis, coeff_group, where)
         for arg, value, low in (("window", window, 0), ("sinks", sinks, 0), ("block", block, 1),
                                 ("observe", observe, 1), ("pool", pool, 1)):
             if not isinstance(value, int) or value < low:
@@ -89,6 +93,7 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
             raise ValueError(f"{where}: pool must be odd (a window centred on each token), got {pool}")
         self.exact_dtype, self.mode, self.observe, self.significance = exact_dtype, mode, observe, significance
         self.pool, self.center = pool, center
+        self.coeff_axis, self.coeff_group = coeff_axis, coeff_group  # code groups along tokens or coefficients
         self.rope = rope  # set: keys are stored with the rotary embedding undone (pre-RoPE basis)
         if shard is not None and groups != 1:
             raise ValueError(f"{where}: a shard is for a joint basis whose heads span ranks; per-head bases are "
@@ -99,8 +104,9 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
         self._clear()
 
     def _clear(self) -> None:
-        self.key_store = LevelStore(self.levels, self.code_group, f"layer {self.layer_idx} keys", self.center)
-        self.value_store = LevelStore(self.levels, self.code_group, f"layer {self.layer_idx} values", self.center)
+        codes = (self.center, self.coeff_axis, self.coeff_group)
+        self.key_store = LevelStore(self.levels, self.code_group, f"layer {self.layer_idx} keys", *codes)
+        self.value_store = LevelStore(self.levels, self.code_group, f"layer {self.layer_idx} values", *codes)
         self.level_map: torch.Tensor | None = None
         self.keys = self.values = self.sink_keys = self.sink_values = None
         self.sig_sum = self.sig_count = None  # attention received by the window's tokens, and observations
@@ -281,4 +287,5 @@ class LatentLayer(ExactWindow, attention.SelfAttending, CompressedLayer):
             "basis": "joint" if self.groups == 1 and (self.kv_heads > 1 or self.shard is not None) else "per head",
             "window": self.window,
             "sinks": self.sinks,
+            **({"coeff_codes": f"channel g{self.coeff_group}"} if self.coeff_axis == "channel" else {}),
         }

@@ -17,7 +17,7 @@ import torch
 from .. import attention
 from ..bases import layer_bases, rank_bases
 from ..rope import Rope
-from ..codecs.lowrank import CENTERS, Level, level_token_bytes
+from ..codecs.lowrank import CENTERS, Level, check_coeff_codes, level_token_bytes
 from ..layers.full import FullLayer, FullSlidingLayer
 from ..layers.latent import MODES, LatentLayer
 from ..models import text_config
@@ -60,6 +60,11 @@ class LatentMethod(Method):
     mean: str = option("none", "subtracted from the coefficients before they are coded: 'none', or 'channel' (each "
                                "level's per-coefficient mean over the first block it stores, held in fp16; keeps a "
                                "code's range off a constant offset such as Qwen2's key bias)")
+    coeff_axis: str = option("token", "what a coefficient code group runs along: 'token' (one fp16 scale and zero per "
+                                      "token and code_group coefficients) or 'channel' (one per coefficient and "
+                                      "coeff_group tokens, KIVI's key groups; a level's last, not yet full group "
+                                      "stays exact fp16, reported as window)")
+    coeff_group: int = option(32, "tokens sharing one fp16 scale and zero point per coefficient (coeff_axis=channel)")
 
     def validate(self) -> None:
         if self.exact_dtype not in ("model", "float16", "bfloat16"):
@@ -78,6 +83,11 @@ class LatentMethod(Method):
         for arg in ("window", "sinks", "code_group"):
             if getattr(self, arg) < 0:
                 raise ValueError(f"{self.name}: {arg} must be >= 0, got {getattr(self, arg)}")
+        check_coeff_codes(self.coeff_axis, self.coeff_group, self.name)
+        if self.coeff_axis == "channel" and self.code_group:
+            raise ValueError(f"{self.name}: code_group groups a token's coefficients (coeff_axis=token); with "
+                             "coeff_axis=channel each coefficient has its own scale per coeff_group tokens: leave "
+                             "code_group=0")
         self._exact_layers = _layer_list(self.exact_layers, self.name)
         self._profile: Profile | None = load_profile(self.profile) if self.profile else None
 
@@ -94,7 +104,7 @@ class LatentMethod(Method):
         """Bytes per token and basis row at each level, keys and values and the level byte, over fp16's."""
         group = self.code_group or row
         fp16 = 2 * 2 * row
-        return [(2 * level_token_bytes(lv, group) + 1) / fp16 for lv in levels]
+        return [(2 * level_token_bytes(lv, group, self.coeff_axis, self.coeff_group) + 1) / fp16 for lv in levels]
 
     def prepare(self, model_or_config: Any) -> None:
         if self._profile is None:
@@ -134,7 +144,8 @@ class LatentMethod(Method):
                            sinks=self.sinks, block=max(self.window, 1), code_group=self.code_group or row,
                            layer_idx=layer_idx, exact_dtype=_DTYPES[self.exact_dtype],
                            basis_dtype=_DTYPES[self.basis_dtype], mode=self.attention, rope=self._rope(layer_idx),
-                           shard=shard if self.joint else None, center=self.mean, **self.layer_options())
+                           shard=shard if self.joint else None, center=self.mean, coeff_axis=self.coeff_axis,
+                           coeff_group=self.coeff_group, **self.layer_options())
 
     def layer_options(self) -> dict[str, Any]:
         return {}
