@@ -4,11 +4,16 @@ moves the attention of the model's own queries.
 One window of held-out text is prefilled with the uncompressed cache; the queries of its last `--queries` positions
 are captured. For each chosen layer, the keys are projected onto the fitted per-head basis (`kvshrink calibrate
 --method tale`), kept at `--rank` coefficients and coded by the `LevelStore` the cache itself uses (4 and 8 bits, with
-and without `mean=channel`), rebuilt, and scored by those queries. Printed: KL(exact || coded) of the attention
-distributions, averaged over query heads and positions, in nats; "fp16" keeps the coefficients unquantized, so it
-shows the rank cut alone.
+and without `mean=channel`, with per-token codes; and 2, 4 and 8 bits with per-channel codes, `coeff_axis=channel`:
+a scale per coefficient over `--coeff-group` tokens, the last partial group exact as the cache keeps it), rebuilt,
+and scored by those queries. Printed: KL(exact || coded) of the attention distributions, averaged over query heads
+and positions, in nats; "fp16" keeps the coefficients unquantized, so it shows the rank cut alone. Every token is
+coded, the first ones too (the cache keeps `sinks` exact), so a per-channel group holding token 0 is included.
 
-    .venv/bin/python benchmarks/lowrank_layer_sensitivity.py --bases benchmarks/results/bases-qwen-tale-4k.json
+    .venv/bin/kvshrink calibrate --model qwen2.5-coder-1.5b --method tale --context 4096 --samples 3 \
+        -o benchmarks/results/bases-qwen-tale-4k.json
+    .venv/bin/python benchmarks/lowrank_layer_sensitivity.py --bases benchmarks/results/bases-qwen-tale-4k.json \
+        --json benchmarks/results/lowrank-layer-sensitivity-qwen.json
 """
 from __future__ import annotations
 
@@ -35,10 +40,10 @@ def _capture(module, query, key, value, attention_mask, **kw):
 
 
 def coded_keys(keys: torch.Tensor, basis: torch.Tensor, sigma: torch.Tensor, rank: int, bits: int,
-               center: str) -> torch.Tensor:
+               center: str, axis: str = "token", coeff_group: int = 32) -> torch.Tensor:
     """Keys [H, T, d] rebuilt from `rank` coefficients coded at `bits` by the cache's own LevelStore."""
     c = (keys @ basis[..., :rank]) / sigma[:, None, :rank]  # normalised coefficients, as the latent layer stores
-    store = LevelStore((Level(rank, bits),), rank, "keys", center)
+    store = LevelStore((Level(rank, bits),), rank, "keys", center, axis, coeff_group)
     lmap = torch.zeros(1, keys.shape[0], keys.shape[1], dtype=torch.uint8)
     store.append(c[None], lmap)
     return store.reconstruct(lmap, basis[..., :rank], sigma[..., :rank])[0]
@@ -52,6 +57,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--queries", type=int, default=64)
     ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--coeff-group", type=int, default=32, help="tokens per scale of the per-channel codes")
     ap.add_argument("--json", type=Path, help="also write the table here, as the record behind the docs' figures")
     args = ap.parse_args()
     AttentionInterface.register("capture_queries", _capture)
@@ -67,13 +73,16 @@ def main() -> None:
     scale = getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) ** -0.5
     n, t = args.queries, ids.shape[1]
     mask = torch.ones(n, t, dtype=torch.bool).tril(t - n)
-    settings = [("fp16", 16, "none"), ("8 bits", 8, "none"), ("8 bits, mean", 8, "channel"), ("4 bits", 4, "none"),
-                ("4 bits, mean", 4, "channel")]
+    settings = [("fp16", 16, "none", "token"), ("8 bits", 8, "none", "token"), ("8 bits, mean", 8, "channel", "token"),
+                ("4 bits", 4, "none", "token"), ("4 bits, mean", 4, "channel", "token"),
+                ("8 bits, per-channel", 8, "none", "channel"), ("4 bits, per-channel", 4, "none", "channel"),
+                ("2 bits, per-channel", 2, "none", "channel")]
     print(f"{args.model}: KL(exact || coded keys) of the attention of the last {n} of {t} queries, rank {args.rank}")
     print("| layer | " + " | ".join(s[0] for s in settings) + " |")
     print("|---" * (len(settings) + 1) + "|")
     record = {"model": args.model, "bases": args.bases, "context": t, "queries": n, "rank": args.rank,
-              "settings": [s[0] for s in settings], "kl_by_layer": {}}
+              "coeff_group": args.coeff_group, "layers": args.layers, "settings": [s[0] for s in settings],
+              "kl_by_layer": {}}
     for i in (int(x) for x in args.layers.split(",")):
         kb, ks, _, _ = layer_bases(profile, i, False, args.bases)
         keys = cache.layers[i].keys[0].float()
@@ -85,8 +94,8 @@ def main() -> None:
 
         ref = logp(keys)
         row = []
-        for _, bits, center in settings:
-            got = logp(coded_keys(keys, kb, ks, args.rank, bits, center))
+        for _, bits, center, axis in settings:
+            got = logp(coded_keys(keys, kb, ks, args.rank, bits, center, axis, args.coeff_group))
             row.append((ref.exp() * (ref - got)).nan_to_num().sum(-1).mean().item())
         print(f"| {i} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
         record["kl_by_layer"][str(i)] = row
