@@ -113,13 +113,12 @@ ATTN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("bits,kcfg,vcfg,d,hq,hkv,stored,exact,qn", ATTN_CASES)
-@pytest.mark.parametrize("masked", [False, True])
-def test_packed_attention_matches_reference(bits, kcfg, vcfg, d, hq, hkv, stored, exact, qn, masked):
+def _attention_problem(kspec, vspec, d, hq, hkv, stored, exact, qn, masked, seed=0):
+    """Two sequences: stores of `stored` random tokens, `exact` exact ones (the first two are sinks), queries, an
+    optional random padding mask (the second sequence left-padded by 5)."""
     b, sinks = 2, min(2, exact)
-    ks_, vs_ = _stores(b, hkv, stored, d, GroupCodec(bits, kcfg[1], kcfg[0], kcfg[2]),
-                       GroupCodec(bits, vcfg[1], vcfg[0], vcfg[2]), seed=stored + d)
-    g = torch.Generator().manual_seed(d + qn)
+    ks_, vs_ = _stores(b, hkv, stored, d, kspec, vspec, seed=stored + d + seed)
+    g = torch.Generator().manual_seed(d + qn + seed)
     ek = torch.randn(b, hkv, exact, d, generator=g).to(DEV)
     ev = torch.randn(b, hkv, exact, d, generator=g).to(DEV)
     q = torch.randn(b, hq, qn, d, generator=g).to(DEV)
@@ -128,6 +127,15 @@ def test_packed_attention_matches_reference(bits, kcfg, vcfg, d, hq, hkv, stored
     if masked:
         mask = (torch.rand(b, 1, qn, stored + exact, generator=g) > 0.3).to(DEV)
         mask[1, :, :, :5] = False  # left padding of the second sequence
+    return q, ks_, vs_, ek, ev, index, sinks, mask
+
+
+@pytest.mark.parametrize("bits,kcfg,vcfg,d,hq,hkv,stored,exact,qn", ATTN_CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_packed_attention_matches_reference(bits, kcfg, vcfg, d, hq, hkv, stored, exact, qn, masked):
+    q, ks_, vs_, ek, ev, index, sinks, mask = _attention_problem(
+        GroupCodec(bits, kcfg[1], kcfg[0], kcfg[2]), GroupCodec(bits, vcfg[1], vcfg[0], vcfg[2]), d, hq, hkv, stored,
+        exact, qn, masked)
     want = reference.packed_attention(q, ks_, vs_, ek, ev, index, sinks, mask=mask, scaling=0.3)
     got = kernels.packed_attention(q, ks_, vs_, ek, ev, index, sinks, mask=mask, scaling=0.3, block_tokens=32)
     assert got.shape == want.shape and got.dtype == q.dtype
@@ -154,17 +162,8 @@ def test_packed_attention_reads_rotated_codes_as_the_reference_decodes_them(kspe
     """Lloyd-Max codes times their norms, fp8 bytes times a scale, uniform groups of rotated channels: read in the
     rotated space (query turned once per KV head, output turned back once), equal to decoding every token."""
     assert kernels.unsupported(kspec, d) is None and kernels.unsupported(vspec, d) is None
-    b, sinks = 2, min(2, exact)
-    ks_, vs_ = _stores(b, hkv, stored, d, kspec, vspec, seed=stored + d + 1)
-    g = torch.Generator().manual_seed(d + qn + 1)
-    ek = torch.randn(b, hkv, exact, d, generator=g).to(DEV)
-    ev = torch.randn(b, hkv, exact, d, generator=g).to(DEV)
-    q = torch.randn(b, hq, qn, d, generator=g).to(DEV)
-    index = torch.cat([torch.arange(sinks), torch.arange(sinks + stored, stored + exact)])
-    mask = None
-    if masked:
-        mask = (torch.rand(b, 1, qn, stored + exact, generator=g) > 0.3).to(DEV)
-        mask[1, :, :, :5] = False
+    q, ks_, vs_, ek, ev, index, sinks, mask = _attention_problem(kspec, vspec, d, hq, hkv, stored, exact, qn, masked,
+                                                                 seed=1)
     want = reference.packed_attention(q, ks_, vs_, ek, ev, index, sinks, mask=mask, scaling=0.3)
     got = kernels.packed_attention(q, ks_, vs_, ek, ev, index, sinks, mask=mask, scaling=0.3, block_tokens=32)
     assert got.shape == want.shape and got.dtype == q.dtype

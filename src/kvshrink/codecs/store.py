@@ -24,6 +24,14 @@ from .perhead import PerHead
 PAGE_TOKENS = 256
 
 
+def by_part(tensors: list[tuple[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """(part, tensor) pairs grouped by the memory report's part."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for part, t in tensors:
+        out.setdefault(part, []).append(t)
+    return out
+
+
 class PagedStore:
     """The encoded tokens of one tensor of one layer; decoded, they are [batch, heads, tokens, head_dim]."""
 
@@ -142,10 +150,7 @@ class PagedStore:
         return out
 
     def parts(self) -> dict[str, list[torch.Tensor]]:
-        out: dict[str, list[torch.Tensor]] = {}
-        for part, t in self.tensors():
-            out.setdefault(part, []).append(t)
-        return out
+        return by_part(self.tensors())
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in self.tensors())
@@ -288,10 +293,7 @@ class HeadSplitStore:
         return [pt for _, store in self.groups for pt in store.tensors()]
 
     def parts(self) -> dict[str, list[torch.Tensor]]:
-        out: dict[str, list[torch.Tensor]] = {}
-        for part, t in self.tensors():
-            out.setdefault(part, []).append(t)
-        return out
+        return by_part(self.tensors())
 
     def nbytes(self) -> int:
         return sum(store.nbytes() for _, store in self.groups)
