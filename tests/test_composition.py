@@ -261,3 +261,19 @@ def test_a_profile_with_any_byte_flipped_is_refused(tmp_path):
     with pytest.raises(ProfileError, match="not a readable JSON file"):
         load_profile(path)
     assert refused > 90
+
+
+def test_kvshrink_codecs_lists_every_codec_with_its_options_and_attention_paths(capsys):
+    """`kvshrink codecs`: each registered codec, its options, and the decode attention paths it has per device (as
+    the codec class declares them)."""
+    from kvshrink.cli import main
+    from kvshrink.codecs import CODECS
+
+    assert main(["codecs"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in CODECS.items():
+        assert f"{name}: {cls.summary}" in out
+        paths = "; ".join(f"{dev}: {', '.join(p)}" for dev, p in cls.backends.items())
+        assert f"attention: {paths}" in out
+    assert "cuda: torch, rotated, triton" in out  # the rotated codec's GPU kernel
+    assert "bit widths by number format" in out
