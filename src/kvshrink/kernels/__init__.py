@@ -47,6 +47,18 @@ def usable_on(device: torch.device) -> bool:
     return available() and (torch.device(device).type == "cuda" or interpreting())
 
 
+def unusable(device: torch.device, codecs: list[tuple[str, object]], head_dim: int,
+             insisted: bool = False) -> str | None:
+    """Why the Triton kernels cannot decode these (label, codec) pairs for a model on `device`, or None when they
+    can: Triton missing, a device that is not CUDA (Triton's interpreter counts only when the caller `insisted` on
+    the kernels), or the first codec they do not read."""
+    if not available():
+        return "Triton is not installed (pip install 'kvshrink[gpu]')"
+    if torch.device(device).type != "cuda" and not (insisted and interpreting()):
+        return f"the model is on {device}, not CUDA"
+    return next((f"{label}: {reason}" for label, codec in codecs if (reason := unsupported(codec, head_dim))), None)
+
+
 def unsupported(spec, head_dim: int) -> str | None:
     """Why the kernels cannot serve this codec's layout, or None when they can: the `grouped` layout, and the
     `rotated` codec's (Lloyd-Max codes with their norms, fp8 with a scale, uniform groups, rotated fp16: the query
@@ -142,7 +154,8 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-_KINDS = {"grouped": 0, "lloydmax": 1, "fp8": 2}
+#: the kind of stored row each kernel dispatches on (the C++ and the Triton kernel number them alike)
+ROW_KINDS = {"grouped": 0, "lloydmax": 1, "fp8": 2}
 
 
 def _store_args(store: PagedStore, head_dim: int):
@@ -158,7 +171,7 @@ def _store_args(store: PagedStore, head_dim: int):
     if layout.kind == "rotated":
         quantizer = layout.param("quantizer")
         if bits != 16 and quantizer != "uniform":
-            kind = _KINDS[quantizer]
+            kind = ROW_KINDS[quantizer]
             if quantizer == "lloydmax":
                 book = (gaussian_codebook(bits)[0] / math.sqrt(head_dim)).to(codes.device).contiguous()
             return codes, get("norms"), codes, codes, codes, book, store.tokens, bits, 1, head_dim, 0, kind

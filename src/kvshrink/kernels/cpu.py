@@ -32,7 +32,7 @@ from ..codecs.quant import GroupCodec
 from ..codecs.rotation import RotationCodec, gaussian_codebook, hadamard_block
 from ..codecs.store import PagedStore
 from ..models import cache_dir
-from . import reference
+from . import ROW_KINDS, reference
 from .reference import check_mask
 
 CPU_BITS = BIT_WIDTHS["uniform"]
@@ -175,9 +175,6 @@ def warn_unavailable(reason: str, stacklevel: int = 2) -> None:
                   "store and run SDPA instead (the PyTorch path: same results, slower)", stacklevel=stacklevel + 1)
 
 
-_KINDS = {"grouped": 0, "lloydmax": 1, "fp8": 2}
-
-
 def _store_args(store: PagedStore, head_dim: int) -> tuple:
     """The store's declared fields page by page, its fixed channel mean and the layout's parameters, as the C++
     side takes them: (codes, scale, zero, head mean, channel mean, bits, axis, group, kind, norms, codebook)."""
@@ -191,7 +188,7 @@ def _store_args(store: PagedStore, head_dim: int) -> tuple:
             group = codec.group if codec.bits != 16 else head_dim
             return (pages("codes"), pages("scale"), pages("zero"), [], cm, codec.bits, 0, group, 0, [], _NONE)
         book = gaussian_codebook(codec.bits)[0].contiguous() if codec.quantizer == "lloydmax" else _NONE
-        return (pages("codes"), [], [], [], cm, codec.bits, 0, head_dim, _KINDS[codec.quantizer], pages("norms"),
+        return (pages("codes"), [], [], [], cm, codec.bits, 0, head_dim, ROW_KINDS[codec.quantizer], pages("norms"),
                 book)
     return (pages("codes"), pages("scale"), pages("zero"), pages("head_mean"), cm, codec.bits,
             1 if codec.axis == "channel" else 0, codec.group, 0, [], _NONE)

@@ -103,18 +103,12 @@ class Kivi(StoringMethod):
         if self.kernel == "auto" and is_model and device.type == "cpu":
             return self._resolve_cpu(model_or_config)  # the C++ kernel; one warning if it cannot be built
         text = text_config(model_or_config)
-        head_dim = head_dim_of(text)
-        why = None
         if not is_model:
             why = "make_cache was given a config, not the model (the model's attention must be switched to kvshrink's)"
-        elif not kernels.available():
-            why = "Triton is not installed (pip install 'kvshrink[gpu]')"
-        elif device.type != "cuda" and not (self.kernel == "triton" and kernels.interpreting()):
-            why = f"the model is on {device}, not CUDA"
         else:
-            why = next((f"layer {i} {what}: {reason}" for i in range(text.num_hidden_layers)
-                        for what, spec in zip(("keys", "values"), self.specs(i))
-                        if (reason := kernels.unsupported(spec, head_dim))), None)
+            why = kernels.unusable(device, [(f"layer {i} {what}", spec) for i in range(text.num_hidden_layers)
+                                            for what, spec in zip(("keys", "values"), self.specs(i))],
+                                   head_dim_of(text), insisted=self.kernel == "triton")
         if why is None:
             return True
         if self.kernel == "triton":

@@ -139,14 +139,9 @@ class TurboQuant(StoringMethod):
         want = self.attention if self.attention != "auto" else "cpu" if device.type == "cpu" else "triton"
         if want == "cpu":
             why = cpu.unavailable() if device.type == "cpu" else f"the model is on {device}"
-        elif not kernels.available():
-            why = "Triton is not installed (pip install 'kvshrink[gpu]')"
-        elif not kernels.usable_on(device):
-            why = f"the model is on {device}, not CUDA"
         else:
-            head_dim = head_dim_of(text_config(model_or_config))
-            why = next((f"{what}: {r}" for what, spec in zip(("keys", "values"), self.specs())
-                        if (r := kernels.unsupported(spec, head_dim))), None)
+            why = kernels.unusable(device, list(zip(("keys", "values"), self.specs())),
+                                   head_dim_of(text_config(model_or_config)), insisted=self.attention == "triton")
         if why is None:
             return want
         if self.attention != "auto":
