@@ -65,37 +65,6 @@ TABLES: dict[str, dict] = {
         "`tada`, calibrated at 0.20, groups of 64, no rotation": f"tada:profile={P}-tada-g64-0.20.json",
         "`snapkv:budget=0.25`": "snapkv:budget=0.25",
         "transformers `QuantizedCache` (quanto, 4-bit)": "hf-quanto:bits=4"}},
-    "readme-seed-claims": {"doc": "README.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096, "rows": {
-        "`full`": "full",
-        "`tada` profile 0.27": f"tada:profile={P}-tada-0.27.json",
-        "`tada` profile 0.27 (rotation allowed)": f"tada:profile={P}-tada-rotate-0.27.json",
-        "`tada` profile 0.20 (rotation allowed)": f"tada:profile={P}-tada-rotate-0.20.json",
-        "`tada` profile 0.15 (rotation allowed)": f"tada:profile={P}-tada-rotate-0.15.json",
-        "`kivi:bits=2`": "kivi:bits=2",
-        "`tale`, layers 0-1 exact":
-            f"tale:profile={T},target_ratio=0.082,levels=r64b4/r32b4/r16b4/r8b4,exact_layers=0/1",
-        "`dynakv`, layers 0-1 exact":
-            f"dynakv:profile={D},target_ratio=0.063,levels=r128b4/r64b4/r32b4/r16b4,exact_layers=0/1",
-        "`dynakv` + SnapKV (`keep=0.5`)":
-            f"dynakv:profile={D},target_ratio=0.03,levels=r64b4/r32b4/r16b4/r8b4,keep=0.5,pool=7,exact_layers=0/1",
-        "`snapkv:budget=0.25`": "snapkv:budget=0.25",
-        "`snapkv:budget=0.125`": "snapkv:budget=0.125",
-        "`snapkv:budget=0.1`": "snapkv:budget=0.1",
-        "`snapkv:budget=0.055`": "snapkv:budget=0.055",
-        "`h2o:budget=0.25` (sum)": "h2o:budget=0.25",
-        "`h2o:budget=0.25,score=normalized`": "h2o:budget=0.25,score=normalized",
-        "`tova:budget=0.25`": "tova:budget=0.25",
-        "`streamingllm:budget=0.25`": "streamingllm:budget=0.25",
-        "`mixed:budget=0.25` (snapkv, rotated low tier)": "mixed:budget=0.25,policy=snapkv,codec=rotated",
-        "`kvdirect` (scheme=layer)": "kvdirect",
-        "transformers quanto 4-bit": "hf-quanto:bits=4",
-        "transformers quanto 2-bit": "hf-quanto:bits=2",
-        "kvpress SnapKV 0.25": "kvpress:snapkv:0.25",
-        "kvpress SnapKV 0.125": "kvpress:snapkv:0.125",
-        "kvpress observed-attention H2O 0.25": "kvpress:h2o:0.25",
-        "kvpress ExpectedAttention 0.25": "kvpress:expected_attention:0.25"},
-        # quanto was run on one 16k task only (niah_single_1): the table leaves its 16k cells empty
-        "left_out": {16384: ["hf-quanto:bits=4"]}},
     "readme-smollm2": {"doc": "README.md", "kind": "heldout", "context": 2048, "rows": {
         "`full`": ("benchmarks/results/eval-rotation-smollm2.jsonl", "full"),
         "`tada`, calibrated profile at 0.27 (the default of `kvshrink run`)":
