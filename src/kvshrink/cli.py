@@ -179,6 +179,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_layered(args: argparse.Namespace) -> int:
+    from .joint import KEY_CODECS, SHARES, VALUE_CODECS, calibrate_joint
+
+    if args.target_ratio is None or args.target_bytes is not None or args.target_bits is not None:
+        raise ValueError("calibrate --method layered needs --target-ratio (a share of the 16-bit cache, e.g. 0.10)")
+    split = lambda text, default: tuple(x for x in text.split(";") if x) if text else default  # noqa: E731
+    profile = calibrate_joint(
+        args.model, target_ratio=args.target_ratio, budget_context=args.budget_context,
+        context=args.context or 2048, samples=2 if args.samples is None else args.samples, probes=args.probes,
+        scored=args.scored, key_codecs=split(args.key_codecs, KEY_CODECS),
+        value_codecs=split(args.value_codecs, VALUE_CODECS),
+        shares=tuple(float(x) for x in args.shares.split(",")) if args.shares else SHARES, seed=args.seed,
+        output=args.output)
+    cal = profile.calibration
+    print("layer | keys | values | policy")
+    for i, r in enumerate(profile.layers):
+        print(f"{i:5d} | {r.key} | {r.value} | {r.policy or 'every token'}")
+    print(f"KL {cal['kl']['all']:.4f} (predicted {cal['predicted_kl']:.4f}), ratio {cal['measured_ratio']:.3f} at "
+          f"{cal['budget_context']} tokens (target {cal['target_ratio']:g}), {cal['seconds']:.0f} s")
+    for row in cal["uniform"]:
+        print(f"uniform {row['key']} | {row['value']} | share {row['share']:g}: ratio {row['ratio']:.3f}, "
+              f"KL {row['kl']['all']:.4f}")
+    print(f"profile: {args.output}")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
 
@@ -187,6 +213,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         from .methods import parse_spec
 
         _, options = parse_spec("tada:" + ",".join(args.option))
+    if args.method == "layered":
+        return _calibrate_layered(args)
     if args.method != "tada":
         profile = calibrate(args.model, method=args.method, target_ratio=args.target_ratio,
                             target_bytes=args.target_bytes, target_bits=args.target_bits, samples=args.samples,
@@ -357,8 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("calibrate", help="choose tada's bits per layer under a memory budget, or fit the bases of "
                                           "the low-rank methods (--method tale|dynakv|lowrank)")
     ca.add_argument("--model", default="smollm2-135m")
-    ca.add_argument("--method", choices=("tada", "tale", "dynakv", "lowrank"), default="tada",
-                    help="tada: per-layer bits (default); tale/lowrank: per-head bases; dynakv: joint bases")
+    ca.add_argument("--method", choices=("tada", "layered", "tale", "dynakv", "lowrank"), default="tada",
+                    help="tada: per-layer bits (default); layered: per-layer codecs and token shares chosen "
+                         "together (needs --target-ratio); tale/lowrank: per-head bases; dynakv: joint bases")
+    ca.add_argument("--key-codecs", help="layered: key codec specs tried per layer, joined by ';' (default: grouped "
+                                         "2/3/4 bits per channel, rotated 2/3/4 bits, exact)")
+    ca.add_argument("--value-codecs", help="layered: value codec specs joined by ';' (default: grouped 2/3/4 bits "
+                                           "per token, rotated 2/3/4 bits, exact)")
+    ca.add_argument("--shares", help="layered: shares of the prompt's tokens a layer may keep, e.g. 1,0.5,0.25,0.125 "
+                                     "(the default)")
+    ca.add_argument("--probes", type=int, default=2,
+                    help="layered: retrieval probes (a planted passphrase, asked for) beside the text windows "
+                         "(default: %(default)s)")
     ca.add_argument("--key-space", choices=("post_rope", "pre_rope"), default="post_rope",
                     help="low-rank bases: fit keys after the rotary embedding (default) or with it undone")
     target = ca.add_mutually_exclusive_group()

@@ -39,7 +39,19 @@ class Layered(StoringMethod):
             raise ValueError("layered: needs profile=... (a version-3 profile with per-layer codecs and policies)")
         if self.exact_dtype not in DTYPES:
             raise ValueError(f"layered: exact_dtype must be one of {', '.join(DTYPES)}, got {self.exact_dtype!r}")
-        prof: Profile = load_profile(self.profile)
+        self._use(load_profile(self.profile))
+
+    @classmethod
+    def of(cls, profile: Profile, label: str = "(in memory)") -> "Layered":
+        """The recipe of an in-memory profile (joint calibration tries allocations without writing files)."""
+        method = object.__new__(cls)
+        for f in dataclasses.fields(cls):
+            setattr(method, f.name, f.default)
+        method.profile = label
+        method._use(profile)
+        return method
+
+    def _use(self, prof: Profile) -> None:
         if prof.method != "layered":
             raise ProfileError(f"profile {self.profile} builds {prof.method!r}, not layered codecs and policies")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}

@@ -1,0 +1,111 @@
+"""Joint calibration (tokens and bits per layer): the allocator's optimum on known cases, real bytes, the probe, the
+profile it writes within budget and loadable by make_cache."""
+import itertools
+
+import pytest
+import torch
+
+import kvshrink as ks
+from kvshrink.joint import Combo, allocate, calibrate_joint, combo_bytes, probe_samples
+from kvshrink.profile import load_profile
+
+from conftest import greedy, tiny_llama
+
+
+def _brute_force(kl, cost, budget):
+    best = None
+    for choice in itertools.product(list(cost), repeat=len(kl)):
+        spent = sum(cost[c] for c in choice)
+        if spent <= budget:
+            total = sum(layer[c] for layer, c in zip(kl, choice))
+            if best is None or total < best[0] - 1e-12:
+                best = (total, choice)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_allocator_finds_the_optimum_of_small_cases(seed):
+    gen = torch.Generator().manual_seed(seed)
+    combos = [Combo(f"k{i}", "v", 1.0) for i in range(4)]
+    cost = {c: int(b) for c, b in zip(combos, (10, 20, 35, 60))}
+    kl = []
+    for _ in range(3):  # KL falls as bytes rise, at a different rate per layer
+        drop = torch.rand(3, generator=gen).tolist()
+        values = [1.0, 1.0 - 0.6 * drop[0], 1.0 - 0.6 * drop[0] - 0.3 * drop[1], 0.0]
+        kl.append(dict(zip(combos, (v * float(torch.rand(1, generator=gen)) * 5 for v in values))))
+    for budget in (30, 60, 75, 100, 130, 180):
+        chosen = allocate(kl, cost, budget)
+        spent = sum(cost[c] for c in chosen)
+        assert spent <= budget
+        got = sum(layer[c] for layer, c in zip(kl, chosen))
+        optimum = _brute_force(kl, cost, budget)[0]
+        # the Lagrangian sweep plus upgrades is exact on convex per-layer curves; allow a small gap elsewhere
+        assert got <= optimum + 0.35 * max(optimum, 1e-9) + 1e-9
+
+
+def test_the_allocator_refuses_a_budget_below_the_cheapest_choice():
+    combos = [Combo("a", "b", 1.0), Combo("c", "d", 0.5)]
+    with pytest.raises(ValueError, match="below the cheapest allocation"):
+        allocate([{combos[0]: 1.0, combos[1]: 2.0}], {combos[0]: 50, combos[1]: 40}, 39)
+
+
+def test_combo_bytes_are_what_a_layer_holds():
+    model = tiny_llama(head_dim=32)
+    exact = combo_bytes(model, Combo("exact", "exact", 1.0), "snapkv", 512, 8, 2, torch.float16)
+    assert exact == 2 * 2 * 2 * 32 * 512  # keys and values, 2 KV heads, fp16: what a 16-bit cache holds
+    half = combo_bytes(model, Combo("exact", "exact", 0.5), "snapkv", 512, 8, 2, torch.float16)
+    # half the tokens, each with an int32 position and a float32 score per KV head (plus the low-tier positions)
+    assert half == 256 * 2 * (2 * 2 * 32 + 4 + 4)
+    coded = combo_bytes(model, Combo("grouped:bits=2,axis=channel", "grouped:bits=2,axis=token", 0.5), "snapkv",
+                        512, 8, 2, torch.float16)
+    assert coded < half / 2  # 2-bit codes, scales, positions, scores, and up to a code block of exact tokens
+
+
+def test_probes_plant_a_fact_and_score_its_answer(real_model):
+    tok = real_model[1]
+    text = ks.eval.corpus.calibration_text()[:60000]
+    probes = probe_samples(tok, text, 3, 300, seed=0)
+    assert len({tok.decode(p.scored[0]) for p in probes}) == 3
+    for p in probes:
+        assert p.context.shape == (1, 300) and p.kind == "probe"
+        answer = tok.decode(p.scored[0]).strip().rstrip(".")
+        context = tok.decode(p.context[0])
+        assert f"is {answer}.)" in context and context.count(answer) == 1
+        assert context.rstrip().endswith("vault is")
+
+
+def test_joint_calibration_writes_a_loadable_profile_within_budget(tmp_path, real_model):
+    tok = real_model[1]
+    model = tiny_llama(vocab_size=len(tok), head_dim=32, num_hidden_layers=3)
+    text = ks.eval.corpus.calibration_text()[:60000]
+    out = tmp_path / "joint.json"
+    profile = calibrate_joint(model, tokenizer=tok, target_ratio=0.3, budget_context=256, context=160, samples=1,
+                              probes=1, scored=8, key_codecs=("grouped:bits=2,axis=channel", "exact"),
+                              value_codecs=("grouped:bits=2,axis=token", "exact"), shares=(1.0, 0.5),
+                              window=8, sinks=2, text=text, output=out, progress=False)
+    cal = profile.calibration
+    assert profile.method == "layered" and load_profile(out).layers == profile.layers
+    assert cal["measured_ratio"] <= 0.3 and cal["predicted_ratio"] <= 0.3
+    assert cal["measured_ratio"] == pytest.approx(cal["predicted_ratio"], rel=0.02)
+    assert len(cal["sensitivity"]) == 3 * 3  # per layer: one key codec, one value codec, one share
+    assert all(v >= 0 for v in cal["sensitivity"].values())
+    assert cal["kl"]["all"] > 0
+    # the written profile builds a cache that generates and holds the bytes calibration said
+    ids = tok("def f(x):\n    return x", return_tensors="pt").input_ids
+    cache = ks.make_cache(model, profile=str(out))
+    greedy(model, ids, cache, n=4)
+    assert cache.memory_report()["tokens"] > 0
+
+
+def test_joint_calibration_refuses_bad_targets_and_candidates(real_model):
+    tok = real_model[1]
+    model = tiny_llama(vocab_size=len(tok), head_dim=32)
+    kw = dict(tokenizer=tok, budget_context=256, progress=False)
+    with pytest.raises(ValueError, match="target_ratio must be in"):
+        calibrate_joint(model, target_ratio=3, **kw)
+    with pytest.raises(ValueError, match="policy must be one of snapkv"):
+        calibrate_joint(model, target_ratio=0.1, policy="h2o", **kw)
+    with pytest.raises(ValueError, match="shares must be fractions"):
+        calibrate_joint(model, target_ratio=0.1, shares=(0.5, 1.5), **kw)
+    with pytest.raises(ValueError, match="grouped"):
+        calibrate_joint(model, target_ratio=0.1, key_codecs=("grouped:bits=5",), **kw)
