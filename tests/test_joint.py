@@ -7,7 +7,7 @@ import torch
 
 import kvshrink as ks
 from kvshrink.joint import Combo, allocate, calibrate_joint, combo_bytes, probe_samples
-from kvshrink.profile import load_profile
+from kvshrink.profile import ProfileError, load_profile
 
 from conftest import greedy, tiny_llama
 
@@ -90,6 +90,16 @@ def test_joint_calibration_writes_a_loadable_profile_within_budget(tmp_path, rea
     assert len(cal["sensitivity"]) == 3 * 3  # per layer: one key codec, one value codec, one share
     assert all(v >= 0 for v in cal["sensitivity"].values())
     assert cal["kl"]["all"] > 0
+    # a second budget reuses the measured sensitivities: no single-layer evaluation is repeated
+    kw = dict(tokenizer=tok, budget_context=256, context=160, samples=1, probes=1, scored=8,
+              key_codecs=("grouped:bits=2,axis=channel", "exact"), value_codecs=("grouped:bits=2,axis=token", "exact"),
+              shares=(1.0, 0.5), window=8, sinks=2, text=text, progress=False)
+    again = calibrate_joint(model, target_ratio=0.25, sensitivity_from=out, **kw)
+    assert again.calibration["sensitivity"] == cal["sensitivity"]
+    assert again.calibration["evaluations"] < cal["evaluations"] - 8
+    assert again.calibration["measured_ratio"] <= 0.25
+    with pytest.raises(ProfileError, match="seed=0, this run uses 1"):
+        calibrate_joint(model, target_ratio=0.25, sensitivity_from=out, **{**kw, "seed": 1})
     # the written profile builds a cache that generates and holds the bytes calibration said
     ids = tok("def f(x):\n    return x", return_tensors="pt").input_ids
     cache = ks.make_cache(model, profile=str(out))

@@ -191,7 +191,7 @@ def _calibrate_layered(args: argparse.Namespace) -> int:
         scored=args.scored, key_codecs=split(args.key_codecs, KEY_CODECS),
         value_codecs=split(args.value_codecs, VALUE_CODECS),
         shares=tuple(float(x) for x in args.shares.split(",")) if args.shares else SHARES, seed=args.seed,
-        output=args.output)
+        sensitivity_from=args.sensitivity_from, output=args.output)
     cal = profile.calibration
     print("layer | keys | values | policy")
     for i, r in enumerate(profile.layers):

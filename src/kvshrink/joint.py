@@ -43,7 +43,7 @@ from .methods.build import build_method
 from .methods.eviction import EvictionMethod
 from .methods.layered import Layered
 from .models import head_dim_of, load_model, text_config
-from .profile import LayerRecipe, Profile, fingerprint
+from .profile import LayerRecipe, Profile, ProfileError, fingerprint, load_profile
 
 #: key codecs tried per layer by default (the last is lossless)
 KEY_CODECS = ("grouped:bits=2,axis=channel", "grouped:bits=3,axis=channel", "grouped:bits=4,axis=channel",
@@ -231,6 +231,7 @@ def calibrate_joint(
     sinks: int = 4,
     text: str | None = None,
     seed: int = 0,
+    sensitivity_from: str | Path | None = None,
     output: str | Path | None = None,
     progress: bool = True,
 ) -> Profile:
@@ -287,8 +288,12 @@ def calibrate_joint(
     singles: dict[tuple[int, str, str], float] = {}
     trials = [("key", k) for k in key_codecs if k != "exact"] + [("value", v) for v in value_codecs if v != "exact"] \
         + [("share", f"{s:g}") for s in shares if s < 1]
-    bar = tqdm(total=n_layers * len(trials), desc="sensitivity", unit="eval", disable=not progress)
-    for i in range(n_layers):
+    settings = {"samples": samples, "probes": probes, "context": context, "scored": scored, "seed": seed,
+                "policy": policy, "text_sha256": text_digest(text)}
+    if sensitivity_from is not None:
+        singles = _reuse(sensitivity_from, model, options, settings, n_layers, trials)
+    bar = tqdm(total=n_layers * len(trials), desc="sensitivity", unit="eval", disable=not progress or bool(singles))
+    for i in range(n_layers if not singles else 0):
         for what, choice in trials:
             c = Combo(choice if what == "key" else "exact", choice if what == "value" else "exact",
                       float(choice) if what == "share" else 1.0)
@@ -327,6 +332,7 @@ def calibrate_joint(
         "candidates": {"key": list(key_codecs), "value": list(value_codecs), "shares": list(shares)},
         "combo_bytes": {f"{c.key} | {c.value} | {c.share:g}": b for c, b in cost.items()},
         "sensitivity": {f"{i}/{w}/{c}": v for (i, w, c), v in singles.items()},
+        "sensitivity_from": str(sensitivity_from) if sensitivity_from else None,
         "baseline_kl": base_kl,
         "predicted_kl": sum(kl[i][c] for i, c in enumerate(chosen)),
         "kl": joint_kl, "uniform": uniform_rows,
@@ -342,6 +348,30 @@ def calibrate_joint(
     if output is not None:
         profile.save(output)
     return profile
+
+
+def _reuse(path, model, options: dict[str, Any], settings: dict[str, Any], n_layers: int,
+           trials: list[tuple[str, str]]) -> dict[tuple[int, str, str], float]:
+    """The single-layer KLs an earlier joint calibration measured with the same model, text and settings."""
+    old = load_profile(path)
+    old.check_model(model, f"profile {path}")
+    cal = old.calibration
+    if old.method != "layered" or "sensitivity" not in cal:
+        raise ProfileError(f"profile {path} holds no joint-calibration sensitivities (calibrate --method layered)")
+    for key, value in settings.items():
+        if cal.get(key) != value:
+            raise ProfileError(f"profile {path} was calibrated with {key}={cal.get(key)!r}, this run uses {value!r}: "
+                               "its sensitivities do not apply")
+    if old.options != options:
+        raise ProfileError(f"profile {path} was calibrated with options {old.options}, this run uses {options}")
+    out = {}
+    for i in range(n_layers):
+        for what, choice in trials:
+            key = f"{i}/{what}/{choice}"
+            if key not in cal["sensitivity"]:
+                raise ProfileError(f"profile {path} did not measure {key} (other candidates): measure them")
+            out[(i, what, choice)] = float(cal["sensitivity"][key])
+    return out
 
 
 def _measured_ratio(model, profile: Profile, context: int) -> float:
