@@ -118,6 +118,7 @@ def _load():
     return torch.ops.kvshrink_cpu.packed_attention
 
 
+@lru_cache(maxsize=1)
 def qdot_paths() -> list[str]:
     """The `qdot` names this build of the kernel can run (building it first when needed)."""
     _load()
@@ -264,6 +265,9 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
                                           key0, mask=mask, scaling=scaling, causal=causal,
                                           qdot="float" if qdot == "float" else "int8")
     op = _load()
+    if qdot not in ("float", "int8") and qdot not in qdot_paths():
+        raise ValueError(f"qdot={qdot!r} is not built into this kernel (this CPU's build runs: "
+                         f"{', '.join(qdot_paths())})")
     scaling = d ** -0.5 if scaling is None else scaling
     q = query.float() * scaling
     # rotated codes are read in their rotated space: the kernel turns the query and the exact keys with the keys'

@@ -557,44 +557,75 @@ void int_scores(const int8_t* __restrict Q, const int16_t* __restrict Q16, int64
 }
 
 // The int8 query of one unit's R rows for one key group: rows of q * scale rounded to int8 with one scale per row
-// (a[r] = max |q*s| / 127), laid out in code_slot order when `slots` (the SIMD modes); c0[r] = q . (zero + mean).
+// (a[r] = max |q*s| / 127, ties to even), laid out in code_slot order when `slots` (the SIMD modes); c0[r] =
+// q . (zero + mean). The query rows are put in slot order once per unit, the group's scales once per group.
 struct Int8Query {
   int64_t R = 0, D = 0;
-  int bits = 0;
-  bool slots = false;
+  bool wide = false;  // 8-bit codes: the AVX2 path also needs the query as int16
+  const float* Q = nullptr;
   std::vector<int8_t> qi;
   std::vector<int16_t> q16;
-  std::vector<int64_t> slot;
-  std::vector<float> qs, a, c0;
+  std::vector<int64_t> chan;  // the channel at each slot
+  std::vector<float> qp, sp, qs, a, c0;
 
-  Int8Query(int64_t R_, int64_t D_, int bits_, bool slots_) : R(R_), D(D_), bits(bits_), slots(slots_) {
+  Int8Query(const float* Q_, int64_t R_, int64_t D_, int bits, bool slots)
+      : R(R_), D(D_), wide(bits == 8), Q(Q_) {
+    if (!R) return;
     qi.assign(R * D, 0);
-    q16.assign(R * D, 0);
+    q16.assign(wide ? R * D : 0, 0);
+    chan.resize(D);
+    for (int64_t d = 0; d < D; ++d) chan[slots ? code_slot(bits, d) : d] = d;
+    qp.resize(R * D);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t s = 0; s < D; ++s) qp[r * D + s] = Q[r * D + chan[s]];
+    sp.resize(D);
     qs.resize(D);
     a.assign(R, 0.0f);
     c0.assign(R, 0.0f);
-    slot.resize(D);
-    for (int64_t d = 0; d < D; ++d) slot[d] = slots ? code_slot(bits, d) : d;
   }
 
-  void fold(const float* Q, const float* scale, const float* zero) {
+  void fold(const float* scale, const float* zero) {
+    for (int64_t s = 0; s < D; ++s) sp[s] = scale[chan[s]];
     for (int64_t r = 0; r < R; ++r) {
-      const float* q = Q + r * D;
+      const float* q = qp.data() + r * D;
       float amax = 0.0f;
-      for (int64_t d = 0; d < D; ++d) {
-        qs[d] = q[d] * scale[d];
-        amax = std::max(amax, std::fabs(qs[d]));
+#pragma omp simd reduction(max : amax)
+      for (int64_t s = 0; s < D; ++s) {
+        qs[s] = q[s] * sp[s];
+        amax = std::max(amax, std::fabs(qs[s]));
       }
       const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
       a[r] = amax / 127.0f;
-      int8_t* o = qi.data() + r * D;
-      int16_t* o16 = q16.data() + r * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const int8_t v = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(qs[d] * inv))));
-        o[slot[d]] = v;
-        o16[slot[d]] = v;
+      round_row(inv, qi.data() + r * D, wide ? q16.data() + r * D : nullptr);
+      c0[r] = dot(Q + r * D, zero, D);
+    }
+  }
+
+ private:
+  // qs * inv rounded to the nearest integer (ties to even; |qs * inv| <= 127 up to a rounding) as int8 (and int16)
+  void round_row(float inv, int8_t* __restrict o, int16_t* __restrict o16) const {
+    int64_t s = 0;
+#ifdef KVSHRINK_AVX2
+    const __m256 vi = _mm256_set1_ps(inv);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; s + 32 <= D; s += 32) {
+      __m256i v[4];
+      for (int k = 0; k < 4; ++k)
+        v[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(qs.data() + s + 8 * k), vi),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m256i w01 = _mm256_packs_epi32(v[0], v[1]), w23 = _mm256_packs_epi32(v[2], v[3]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + s),
+                          _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), order));
+      if (o16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o16 + s), _mm256_permute4x64_epi64(w01, 0xD8));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o16 + s + 16), _mm256_permute4x64_epi64(w23, 0xD8));
       }
-      c0[r] = dot(q, zero, D);
+    }
+#endif
+    for (; s < D; ++s) {
+      const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(qs[s] * inv)));
+      o[s] = static_cast<int8_t>(v);
+      if (o16) o16[s] = static_cast<int16_t>(v);
     }
   }
 };
@@ -1013,7 +1044,7 @@ void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, i
   const int mode = fold && ks.kind == kGrouped ? P.qdot : kQFloat;
   const bool slots = mode == kQInt8Avx2 || mode == kQInt8Vnni;
   std::vector<float> qs(fold ? R * D : 0), c0(fold ? R : 0), kbuf(kTile * D + 16);
-  Int8Query iq(mode != kQFloat ? R : 0, D, ks.bits, slots);
+  Int8Query iq(Q, mode != kQFloat ? R : 0, D, ks.bits, slots);
   std::vector<uint8_t> cbuf(mode != kQFloat ? kTile * D : 0);
   std::vector<int32_t> dots(mode != kQFloat ? R * kTile : 0);
   int64_t folded = -1;  // the group whose scales qs / iq hold (row() below may move the reader's group elsewhere)
@@ -1024,7 +1055,7 @@ void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, i
         const int64_t t = t0 + j, g = t / ks.group, n = std::min(nt - j, (g + 1) * ks.group - t);
         kr.load_group_of(t);
         if (g != folded) {
-          iq.fold(Q, kr.group_scale(), kr.group_zero());
+          iq.fold(kr.group_scale(), kr.group_zero());
           folded = g;
         }
         for (int64_t i = 0; i < n; ++i) kr.codes_u8(t + i, cbuf.data() + i * D, slots);
