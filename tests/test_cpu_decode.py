@@ -5,7 +5,9 @@ built (no compiler) the tests that need it are skipped with the reason, and the 
 cover code widths 2/3/4/8/16, both group axes as kivi/tada use them, the three centerings, GQA ratios 1/3/6, head
 dims 64/128/256 (and 36/40, which take the generic loops), padding masks, 1 and 4 query tokens, fp32 and bf16.
 """
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -391,3 +393,47 @@ def test_qdot_option_errors_and_warnings():
             ks.make_cache(model, "tada", qdot="int8", group=16)  # mean=head keys: scored in float
     default = ks.make_cache(model, "kivi", group=16)
     assert all(getattr(layer, "qdot", "float") == "float" for layer in default.layers)
+
+
+_VARIANT = """
+import sys, torch
+sys.path.insert(0, "tests")
+from kvshrink.kernels import cpu
+from test_cpu_decode import INT8_CASES, _int8_problem
+assert cpu.unavailable() is None, cpu.unavailable()
+outs = []
+for case in INT8_CASES:
+    q, k, v, ek, ev, index, sinks, mask = _int8_problem(*case, True, torch.float32)
+    run = lambda path: cpu.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask, scaling=0.3,  # noqa: E731
+                                            block_tokens=96, qdot=path)
+    outs.append(run("int8"))
+    assert torch.equal(outs[-1], run("int8-plain")), case
+torch.save({"path": cpu.int8_path(), "paths": cpu.qdot_paths(), "outs": outs}, sys.argv[1])
+"""
+
+
+@needs_kernel
+@pytest.mark.skipif(os.environ.get("KVSHRINK_TEST_AVX2_BUILD") != "1",
+                    reason="compiles a second copy of the kernel without AVX-512 (about a minute): set "
+                           "KVSHRINK_TEST_AVX2_BUILD=1")
+def test_an_avx2_build_without_avx512_scores_int8_like_this_one(tmp_path):
+    """A build with the AVX-512 (and AVX-VNNI) features turned off, as on CPUs with AVX2 only: its int8 path is
+    maddubs/madd, gives its plain loops' bits, and matches this build's int8 output within the float tolerance (the
+    integer sums are exact; the float loops around them vectorize differently without AVX-512)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KVSHRINK_CACHE=str(tmp_path / "cache"),
+               KVSHRINK_CPU_KERNEL_CFLAGS="-mno-avx512f -mno-avxvnni")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(cpu.__file__).parents[2])] +
+                                        [p for p in [env.get("PYTHONPATH")] if p])
+    out = tmp_path / "variant.pt"
+    subprocess.run([sys.executable, "-c", _VARIANT, str(out)], check=True, env=env,
+                   cwd=Path(__file__).parents[1], timeout=600)
+    variant = torch.load(out)
+    assert variant["path"] == "avx2" and "int8-vnni" not in variant["paths"]
+    for case, got in zip(INT8_CASES, variant["outs"]):
+        q, k, v, ek, ev, index, sinks, mask = _int8_problem(*case, True, torch.float32)
+        want = cpu.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask, scaling=0.3, block_tokens=96,
+                                    qdot="int8")
+        torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4, msg=f"case {case}")

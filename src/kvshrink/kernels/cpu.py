@@ -42,7 +42,8 @@ SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 _SOURCE_BYTES = SOURCE.read_bytes()
 ENV = "KVSHRINK_CPU_KERNEL"  # "0": never build or load the extension (the PyTorch path decodes)
 _NAME = "kvshrink_cpu_attention"
-_CFLAGS = ["-O3", "-fopenmp", "-march=native"]
+FLAGS_ENV = "KVSHRINK_CPU_KERNEL_CFLAGS"  # compiler flags added to the build's (e.g. "-mno-avx512f": an AVX2 build)
+_CFLAGS = ["-O3", "-fopenmp", "-march=native"] + os.environ.get(FLAGS_ENV, "").split()
 _LDFLAGS = ["-fopenmp"]
 _STALE_BUILD_S = 3600  # a build folder older than this was left by a killed build
 _warned = False
