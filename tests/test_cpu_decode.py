@@ -414,7 +414,7 @@ torch.save({"path": cpu.int8_path(), "paths": cpu.qdot_paths(), "outs": outs}, s
 
 @needs_kernel
 @pytest.mark.skipif(os.environ.get("KVSHRINK_TEST_AVX2_BUILD") != "1",
-                    reason="compiles a second copy of the kernel without AVX-512 (about a minute): set "
+                    reason="compiles a second copy of the kernel without AVX-512 (1-3 minutes): set "
                            "KVSHRINK_TEST_AVX2_BUILD=1")
 def test_an_avx2_build_without_avx512_scores_int8_like_this_one(tmp_path):
     """A build with the AVX-512 (and AVX-VNNI) features turned off, as on CPUs with AVX2 only: its int8 path is
