@@ -3,6 +3,9 @@
 Qwen2.5-Coder-1.5B shapes (12 query / 2 KV heads, head dim 128, bf16, batch 1, one query token), contexts 4k..64k.
 For each packed layout it times, per call:
 - `kernel`: `kvshrink.kernels.cpu.packed_attention`, reading the packed codes (the `kernel=cpu` decode step);
+- `kernel int8` (layouts whose keys are per-channel groups without a head mean): the same with `qdot="int8"`, key
+  scores from the query rounded to int8 and integer dot products (VNNI or AVX2), and its largest difference from
+  the float kernel's output;
 - `decode+sdpa`: what `kernel=torch` does every step: decode the whole store to bf16, concatenate sinks, store and
   window, then transformers' SDPA attention;
 - `sdpa-16bit` (once per context): SDPA over the same tokens held as a plain 16-bit cache (no decoding), the
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from types import SimpleNamespace
@@ -28,7 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from kvshrink.codecs.quant import GroupCodec
 from kvshrink.codecs.rotation import RotationCodec
 from kvshrink.codecs.store import PagedStore
-from kvshrink.kernels import cpu
+from kvshrink.kernels import cpu, reference
 
 HQ, HKV, D = 12, 2, 128
 SINKS, WINDOW = 4, 32
@@ -55,6 +59,22 @@ def _time(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _time_pair(fa, fb, repeat: int) -> tuple[float, float, float, float]:
+    """Median seconds per call of two variants timed in turn (a, b, a, b, ...), so that a busy machine's load
+    falls on both alike: (wall a, wall b, CPU a, CPU b). The CPU seconds (the process's, all threads) are what the
+    work costs when other jobs take turns on the cores; with one thread they are the one to compare on a shared
+    machine (with more, threads waiting for each other count too)."""
+    fa(), fb()
+    ta, tb, ca, cb = [], [], [], []
+    for _ in range(repeat):
+        for fn, times, cpu_times in ((fa, ta, ca), (fb, tb, cb)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+    return tuple(statistics.median(x) for x in (ta, tb, ca, cb))
 
 
 def memory_bandwidth(mib: int = 256, repeat: int = 5) -> dict[str, float]:
@@ -88,7 +108,8 @@ def _layer(tokens: int, kspec, vspec, seed: int = 0):
     return q, ks, vs, ek, ev, exact, keys, values
 
 
-def run(contexts: list[int], repeat: int) -> dict:
+def run(contexts: list[int], repeat: int, layouts: list[str] | None = None, compare: bool = True) -> dict:
+    load_start = list(os.getloadavg())
     bw = memory_bandwidth()
     module = SimpleNamespace(num_key_value_groups=HQ // HKV, is_causal=True, layer_idx=0, training=False)
     scaling = D ** -0.5
@@ -96,6 +117,8 @@ def run(contexts: list[int], repeat: int) -> dict:
     for tokens in contexts:
         plain_k = plain_v = None
         for name, (kspec, vspec) in LAYOUTS.items():
+            if layouts and name not in layouts:
+                continue
             q, ks, vs, ek, ev, exact, keys, values = _layer(tokens, kspec, vspec)
             store_bytes = sum(_nbytes(t) for s in (ks, vs) for _, t in s.tensors())
             held = store_bytes + _nbytes(ek, ev)
@@ -108,36 +131,62 @@ def run(contexts: list[int], repeat: int) -> dict:
                 v = torch.cat([ev[:, :, :SINKS], vs.decode(torch.bfloat16), ev[:, :, SINKS:]], 2)
                 return sdpa_attention_forward(module, q, k, v, None, scaling=scaling)[0].transpose(1, 2)
 
-            diff = (kernel().float() - decode_sdpa().float()).abs().max().item()
-            t_kernel = _time(kernel, repeat)
-            t_decode = _time(decode_sdpa, repeat)
-            if plain_k is None:
+            def kernel_int8():
+                return cpu.packed_attention(q, ks, vs, ek, ev, exact, SINKS, scaling=scaling, qdot="int8")
+
+            diff = (kernel().float() - decode_sdpa().float()).abs().max().item() if compare else float("nan")
+            int8 = reference.int8_keys(kspec)
+            diff_int8 = (kernel_int8().float() - kernel().float()).abs().max().item() if int8 else None
+            if int8:
+                t_kernel, t_int8, c_kernel, c_int8 = _time_pair(kernel, kernel_int8, repeat)
+            else:
+                t_kernel, t_int8, c_kernel, c_int8 = _time(kernel, repeat), None, None, None
+            t_decode = _time(decode_sdpa, repeat) if compare else float("nan")
+            if plain_k is None and compare:
                 plain_k, plain_v = keys.contiguous(), values.contiguous()
                 t_plain = _time(lambda: sdpa_attention_forward(module, q, plain_k, plain_v, None, scaling=scaling),
                                 repeat)
                 plain_bytes = _nbytes(plain_k, plain_v)
+            if not compare:
+                t_plain, plain_bytes = float("nan"), _nbytes(keys, values)
             rows.append({
                 "context": tokens, "layout": name, "held_bytes": held, "max_abs_diff": diff,
                 "kernel_ms": t_kernel * 1e3, "kernel_gbs": held / t_kernel / 1e9,
                 "decode_sdpa_ms": t_decode * 1e3, "decode_sdpa_gbs": held / t_decode / 1e9,
                 "sdpa16_ms": t_plain * 1e3, "sdpa16_bytes": plain_bytes, "sdpa16_gbs": plain_bytes / t_plain / 1e9,
                 "speedup_vs_decode": t_decode / t_kernel, "speed_vs_sdpa16": t_plain / t_kernel,
+                "int8_ms": t_int8 * 1e3 if int8 else None, "int8_gbs": held / t_int8 / 1e9 if int8 else None,
+                "int8_vs_float": t_kernel / t_int8 if int8 else None, "int8_max_abs_diff_vs_float": diff_int8,
+                "int8_read_share": held / t_int8 / 1e9 / bw["read_gbs"] if int8 else None,
+                "kernel_cpu_ms": c_kernel * 1e3 if int8 else None, "int8_cpu_ms": c_int8 * 1e3 if int8 else None,
+                "float_read_share": held / t_kernel / 1e9 / bw["read_gbs"],
             })
             print(_row(rows[-1]), flush=True)
-    return {"threads": torch.get_num_threads(), "bandwidth": bw, "rows": rows,
+    return {"threads": torch.get_num_threads(), "bandwidth": bw, "rows": rows, "int8_path": cpu.int8_path(),
+            "load_average": {"start": load_start, "end": list(os.getloadavg())},  # other jobs on the machine
+            "repeat": repeat,
             "shape": {"query_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": "bfloat16", "sinks": SINKS,
                       "window": WINDOW}}
 
 
-HEADER = ("| context | layout | held MiB | kernel ms (GB/s) | decode+SDPA ms (GB/s) | 16-bit SDPA ms (GB/s) | "
-          "kernel vs decode | kernel vs 16-bit | max diff |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| context | layout | held MiB | kernel ms (GB/s) [CPU ms] | kernel int8 ms (GB/s) [CPU ms] | decode+SDPA ms (GB/s) | "
+          "16-bit SDPA ms (GB/s) | kernel vs decode | kernel vs 16-bit | max diff | int8 vs float kernel |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _row(r: dict) -> str:
+    int8 = (f"{r['int8_ms']:.2f} ({r['int8_gbs']:.1f})" if r["int8_ms"] is not None else "-")
+    int8_diff = f"{r['int8_max_abs_diff_vs_float']:.1e}" if r["int8_ms"] is not None else "-"
+    if r["int8_ms"] is not None:  # the CPU time per call beside each, in brackets
+        int8 += f" [cpu {r['int8_cpu_ms']:.2f}]"
+        kernel = f"{r['kernel_ms']:.2f} ({r['kernel_gbs']:.1f}) [cpu {r['kernel_cpu_ms']:.2f}]"
+    else:
+        kernel = f"{r['kernel_ms']:.2f} ({r['kernel_gbs']:.1f})"
     return (f"| {r['context']} | `{r['layout']}` | {r['held_bytes'] / 2 ** 20:.2f} | "
-            f"{r['kernel_ms']:.2f} ({r['kernel_gbs']:.1f}) | {r['decode_sdpa_ms']:.2f} ({r['decode_sdpa_gbs']:.1f}) | "
+            f"{kernel} | {int8} | "
+            f"{r['decode_sdpa_ms']:.2f} ({r['decode_sdpa_gbs']:.1f}) | "
             f"{r['sdpa16_ms']:.2f} ({r['sdpa16_gbs']:.1f}) | {r['speedup_vs_decode']:.1f}x | "
-            f"{r['speed_vs_sdpa16']:.2f}x | {r['max_abs_diff']:.1e} |")
+            f"{r['speed_vs_sdpa16']:.2f}x | {r['max_abs_diff']:.1e} | {int8_diff} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=10, help="timed calls per variant (median reported)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
+    p.add_argument("--kernel-only", action="store_true",
+                   help="time the kernel (float and int8) only, not the PyTorch decode path or 16-bit SDPA")
+    p.add_argument("--layouts", default="", help=f"comma-separated subset of: {', '.join(LAYOUTS)} (default all)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,13 +205,21 @@ def main(argv: list[str] | None = None) -> None:
     if why:
         raise SystemExit(f"the CPU kernel is unavailable: {why}")
     print(HEADER, flush=True)
-    result = run([_tokens(c) for c in args.contexts.split(",")], args.repeat)
+    layouts = [x for x in args.layouts.split(",") if x]
+    unknown = [x for x in layouts if x not in LAYOUTS]
+    if unknown:
+        raise SystemExit(f"unknown layout(s) {', '.join(unknown)}; choose from {', '.join(LAYOUTS)}")
+    result = run([_tokens(c) for c in args.contexts.split(",")], args.repeat, layouts, not args.kernel_only)
     bw = result["bandwidth"]
     print(f"\nmemory bandwidth: sum {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s "
           f"({result['threads']} threads); GB/s above = bytes held / time")
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.json:  # atomically: a killed run leaves no half-written record
+        result["rows"] = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()}
+                          for r in result["rows"]]  # NaN (not measured, --kernel-only) as null
+        tmp = f"{args.json}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
+        os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

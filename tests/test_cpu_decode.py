@@ -5,7 +5,9 @@ built (no compiler) the tests that need it are skipped with the reason, and the 
 cover code widths 2/3/4/8/16, both group axes as kivi/tada use them, the three centerings, GQA ratios 1/3/6, head
 dims 64/128/256 (and 36/40, which take the generic loops), padding masks, 1 and 4 query tokens, fp32 and bf16.
 """
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,3 +260,180 @@ def test_environment_switch_disables_the_extension(monkeypatch):
     monkeypatch.setenv(cpu.ENV, "0")
     with pytest.raises(RuntimeError, match=f"disabled by {cpu.ENV}=0"):
         cpu._load.__wrapped__()
+
+
+# -- integer key scores (qdot="int8") ---------------------------------------------------------------------------
+INT8_PATHS = [p for p in ("int8-vnni", "int8-avx2", "int8-plain") if WHY is None and p in cpu.qdot_paths()]
+INT8_CASES = [
+    # bits, key center, key group, head dim, query heads, kv heads, stored, exact, query tokens
+    (2, "none", 32, 128, 12, 2, 320, 36, 1),      # Qwen-shaped, GQA 6
+    (2, "channel", 16, 64, 6, 2, 192, 9, 4),      # groups of 16: two groups per tile
+    (3, "none", 32, 128, 3, 3, 128, 5, 1),        # GQA 1
+    (3, "channel", 64, 64, 6, 2, 256, 3, 4),      # GQA 3, a group spans two tiles
+    (4, "none", 32, 256, 6, 1, 96, 7, 1),
+    (4, "channel", 48, 64, 9, 3, 288, 12, 4),     # groups of 48: tiles span groups
+    (8, "none", 32, 128, 6, 2, 160, 4, 1),        # 8-bit codes: the AVX2 path widens to int16
+    (8, "channel", 32, 64, 4, 4, 64, 11, 4),
+    (2, "none", 32, 40, 6, 2, 96, 6, 4),          # head dim 40: the plain loops (the SIMD paths need 64s)
+]
+
+
+def _int8_problem(bits, center, group, d, hq, hkv, stored, exact, qn, masked, dtype):
+    kspec = GroupCodec(bits, group, "channel", center)
+    vspec = GroupCodec(bits, 8 if d % 32 else 32, "token", center)
+    k, v = PagedStore(kspec, "keys", page_tokens=192), PagedStore(vspec, "values", page_tokens=192)
+    g = torch.Generator().manual_seed(bits + d + stored)
+    if stored:
+        k.append(torch.randn(2, hkv, stored, d, generator=g) + torch.randn(1, 1, 1, d, generator=g) * 2)
+        v.append(torch.randn(2, hkv, stored, d, generator=g))
+    q, _, _, ek, ev, index, sinks, mask = _problem(2, hq, hkv, d, 0, exact, qn, kspec, vspec, False, dtype)
+    index = torch.cat([torch.arange(sinks), torch.arange(sinks + stored, stored + exact)])
+    if masked:
+        mask = torch.rand(2, 1, qn, stored + exact, generator=g) > 0.2
+        mask[-1, :, :, :7] = False
+    return q, k, v, ek, ev, index, sinks, mask
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,center,group,d,hq,hkv,stored,exact,qn", INT8_CASES)
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "masked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int8_key_scores_match_the_reference_emulation_on_every_path(bits, center, group, d, hq, hkv, stored, exact,
+                                                                     qn, masked, dtype):
+    """qdot="int8": every integer path (VNNI, AVX2, plain loops) gives the same bits, and they equal the reference's
+    emulation of the int8 query (same rounding, exact integer sums) within the float kernel's tolerance."""
+    q, k, v, ek, ev, index, sinks, mask = _int8_problem(bits, center, group, d, hq, hkv, stored, exact, qn, masked,
+                                                        dtype)
+    want = reference.packed_attention(q.float(), k, v, ek.float(), ev.float(), index, sinks, mask=mask, scaling=0.3,
+                                      qdot="int8")
+    outs = {p: cpu.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask, scaling=0.3, block_tokens=96, qdot=p)
+            for p in ["int8"] + INT8_PATHS}
+    for p, out in outs.items():
+        assert torch.equal(out, outs["int8"]), f"{p} differs from the int8 path {cpu.int8_path()}"
+    tol = dict(atol=3e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(outs["int8"].float(), want, **tol)
+    float_out = cpu.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask, scaling=0.3, block_tokens=96)
+    assert not torch.equal(float_out, outs["int8"])  # the option took effect
+
+
+def int8_output_bound(q, k, v, ek, ev, scaling):
+    """Worst-case difference between the int8 and the float kernels' outputs, per query row [B, HQ, QN, 1], from the
+    int8 rounding of the query. A stored key's score changes by sum_d (a qi_d - q_d s_d) code_d, at most
+    eps = a / 2 * sum_d code_d (a: the row's int8 scale in that key group; |a qi_d - q_d s_d| <= a / 2). Scores off
+    by at most eps change each softmax weight by a factor within exp(+-2 eps), so the output (a weighted mean of
+    value rows) moves by at most (exp(2 eps) - 1) * max |value|."""
+    b, hq, qn, d = q.shape
+    hkv = ek.shape[1]
+    _, a, _, codes = reference.int8_query(q.float(), k, scaling)  # a [B, HQ, QN, NG]; codes [B, HKV, NG, G, D]
+    codesum = codes.sum(-1).amax(-1).repeat_interleave(hq // hkv, 1)  # [B, HQ, NG]: the largest code sum per group
+    eps = (a.double() / 2 * codesum[:, :, None]).amax(-1) * (1 + 1e-5)  # + the float roundings of qs * inv
+    vmax = torch.cat([v.decode(torch.float32), ev.float()], 2).abs().amax((2, 3)).repeat_interleave(hq // hkv, 1)
+    return ((torch.exp(2 * eps) - 1) * vmax[:, :, None])[..., None]
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("scaling", [0.3, 0.02])
+def test_int8_key_scores_stay_within_the_rounding_bound_of_the_float_reference(bits, scaling):
+    q, k, v, ek, ev, index, sinks, mask = _int8_problem(bits, "none", 32, 128, 12, 2, 320, 36, 1, True,
+                                                        torch.float32)
+    want = reference.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask, scaling=scaling)
+    got = cpu.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask, scaling=scaling, qdot="int8")
+    bound = int8_output_bound(q, k, v, ek, ev, scaling) + 3e-5 + 1e-4 * want.abs()  # + the float tolerance
+    err = (got - want).abs()
+    assert (err <= bound).all(), f"largest excess {(err - bound).max():.3g}"
+    assert err.max() > 0
+
+
+@needs_kernel
+def test_int8_option_reaches_the_layers_and_decodes_a_tiny_model_like_the_emulation(monkeypatch):
+    """kivi with qdot=int8 through a tiny Llama (head dim 64, so the SIMD path runs): the same logits and tokens as
+    the layers answered by the reference's int8 emulation, and not the float kernel's."""
+    from kvshrink.layers import composed
+
+    model = tiny_llama(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    ids = torch.randint(2, 90, (2, 70), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    opts = dict(bits=2, group=16, window=8, sinks=2)
+    cache = ks.make_cache(model, "kivi", kernel="cpu", qdot="int8", **opts)
+    assert all(layer.qdot == "int8" for layer in cache.layers)
+    got, got_tok = logits_through(model, ids, cache, 10, 1, mask)
+    assert all(row.key_store.tokens > 0 for row in cache.layers[0].rows)
+    flt, _ = logits_through(model, ids, ks.make_cache(model, "kivi", kernel="cpu", **opts), 10, 1, mask)
+    real = cpu.packed_attention
+
+    def emulated(*args, qdot="float", **kwargs):
+        assert qdot == "int8"
+        return reference.packed_attention(*args, qdot=qdot, **{k: v for k, v in kwargs.items()
+                                                               if k != "block_tokens"})
+
+    monkeypatch.setattr(composed.cpu_kernel, "packed_attention", emulated)
+    want, want_tok = logits_through(model, ids, ks.make_cache(model, "kivi", kernel="cpu", qdot="int8", **opts), 10,
+                                    1, mask)
+    monkeypatch.setattr(composed.cpu_kernel, "packed_attention", real)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got_tok, want_tok)
+    assert not torch.equal(got, flt)  # int8 scores, not the float kernel's
+
+
+def test_qdot_option_errors_and_warnings():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="qdot must be one of float, int8, got 'int4'"):
+        ks.make_cache(model, "kivi", qdot="int4")
+    with pytest.raises(ValueError, match="qdot='int8' is an option of the CPU kernel, but kernel='torch'"):
+        ks.make_cache(model, "kivi", qdot="int8", kernel="torch")
+    with pytest.raises(ValueError, match="a config cannot switch on"):
+        ks.make_cache(model.config, "kivi", qdot="int8", group=16)
+    with pytest.raises(ValueError, match="qdot must be one of"):
+        cpu.packed_attention(*_problem(1, 2, 1, 64, 32, 2, 1, GroupCodec(2, 32, "channel"),
+                                       GroupCodec(2, 32, "token"), False, torch.float32)[:7], qdot="int4")
+    if WHY is None:
+        with pytest.warns(UserWarning, match="qdot='int8' changes no layer"):
+            ks.make_cache(model, "tada", qdot="int8", group=16)  # mean=head keys: scored in float
+    default = ks.make_cache(model, "kivi", group=16)
+    assert all(getattr(layer, "qdot", "float") == "float" for layer in default.layers)
+
+
+_VARIANT = """
+import sys, torch
+sys.path.insert(0, "tests")
+from kvshrink.kernels import cpu
+from test_cpu_decode import INT8_CASES, _int8_problem
+assert cpu.unavailable() is None, cpu.unavailable()
+outs = []
+for case in INT8_CASES:
+    q, k, v, ek, ev, index, sinks, mask = _int8_problem(*case, True, torch.float32)
+    run = lambda path: cpu.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask, scaling=0.3,  # noqa: E731
+                                            block_tokens=96, qdot=path)
+    outs.append(run("int8"))
+    assert torch.equal(outs[-1], run("int8-plain")), case
+torch.save({"path": cpu.int8_path(), "paths": cpu.qdot_paths(), "outs": outs}, sys.argv[1])
+"""
+
+
+@needs_kernel
+@pytest.mark.skipif(os.environ.get("KVSHRINK_TEST_AVX2_BUILD") != "1",
+                    reason="compiles a second copy of the kernel without AVX-512 (1-3 minutes): set "
+                           "KVSHRINK_TEST_AVX2_BUILD=1")
+def test_an_avx2_build_without_avx512_scores_int8_like_this_one(tmp_path):
+    """A build with the AVX-512 (and AVX-VNNI) features turned off, as on CPUs with AVX2 only: its int8 path is
+    maddubs/madd, gives its plain loops' bits, and matches this build's int8 output within the float tolerance (the
+    integer sums are exact; the float loops around them vectorize differently without AVX-512)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KVSHRINK_CACHE=str(tmp_path / "cache"),
+               KVSHRINK_CPU_KERNEL_CFLAGS="-mno-avx512f -mno-avxvnni")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(cpu.__file__).parents[2])] +
+                                        [p for p in [env.get("PYTHONPATH")] if p])
+    out = tmp_path / "variant.pt"
+    subprocess.run([sys.executable, "-c", _VARIANT, str(out)], check=True, env=env,
+                   cwd=Path(__file__).parents[1], timeout=600)
+    variant = torch.load(out)
+    assert variant["path"] == "avx2" and "int8-vnni" not in variant["paths"]
+    for case, got in zip(INT8_CASES, variant["outs"]):
+        q, k, v, ek, ev, index, sinks, mask = _int8_problem(*case, True, torch.float32)
+        want = cpu.packed_attention(q, k, v, ek, ev, index, sinks, mask=mask, scaling=0.3, block_tokens=96,
+                                    qdot="int8")
+        torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4, msg=f"case {case}")

@@ -2,7 +2,8 @@
 (grouped codes of every width, both axes, the three centrings; rotated Lloyd-Max, uniform and fp8 codes), random
 GQA shapes and head dims, stored and exact token counts (page boundaries included), query tokens, padding masks,
 work splits and fp32/bf16 inputs. Tolerance as in tests/test_cpu_decode.py: the kernel computes in float32 and
-rounds once to the input dtype."""
+rounds once to the input dtype. The int8 key scores (qdot="int8") are checked the same way against the reference's
+emulation of them."""
 from __future__ import annotations
 
 import pytest
@@ -70,5 +71,48 @@ def test_kernel_equals_reference_on_random_problems(data, d, hkv, rep, b, groups
                                       scaling=0.25)
     got = cpu.packed_attention(q, ks, vs, ek, ev, index, sinks, mask=mask, scaling=0.25, block_tokens=split)
     assert got.shape == q.shape and got.dtype == dtype
+    tol = dict(atol=5e-5, rtol=2e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
+@settings(**SETTINGS)
+@given(data=st.data(), d=st.sampled_from([32, 64, 128]), hkv=st.integers(1, 3), rep=st.sampled_from([1, 2, 3, 6]),
+       b=st.integers(1, 2), groups=st.integers(0, 10), exact=st.integers(0, 40), qn=st.sampled_from([1, 2, 4]),
+       masked=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       split=st.sampled_from([None, 64, 128]), seed=st.integers(0, 2**31 - 1))
+def test_int8_key_scores_equal_the_reference_emulation_on_random_problems(data, d, hkv, rep, b, groups, exact, qn,
+                                                                          masked, dtype, split, seed):
+    """qdot="int8" with per-channel key groups of 2/3/4/8 bits (no head mean; groups of 16, 32 or 64 tokens) and
+    any value codec: equal to the reference's emulation of the int8 query within the float tolerances above, and
+    every integer path this build has (VNNI, AVX2, plain loops) gives the same bits."""
+    kc = GroupCodec(data.draw(st.sampled_from([2, 3, 4, 8]), "key bits"), data.draw(st.sampled_from([16, 32, 64])),
+                    "channel", data.draw(st.sampled_from(["none", "channel"])))
+    vc = data.draw(codecs(d), "values")
+    stored = 64 * groups
+    exact = max(exact, qn) if stored == 0 else exact
+    g = torch.Generator().manual_seed(seed)
+    ks, vs = PagedStore(kc, "keys"), PagedStore(vc, "values")
+    done = 0
+    while done < stored:
+        n = min(stored - done, 64 * int(torch.randint(1, 5, (1,), generator=g)))
+        ks.append(torch.randn(b, hkv, n, d, generator=g) * 2 + torch.randn(1, 1, 1, d, generator=g))
+        vs.append(torch.randn(b, hkv, n, d, generator=g))
+        done += n
+    sinks = min(4, exact)
+    ek = torch.randn(b, hkv, exact, d, generator=g).to(dtype)
+    ev = torch.randn(b, hkv, exact, d, generator=g).to(dtype)
+    q = torch.randn(b, hkv * rep, qn, d, generator=g).to(dtype)
+    index = torch.cat([torch.arange(sinks), torch.arange(sinks + stored, stored + exact)])
+    mask = None
+    if masked:
+        mask = torch.rand(b, 1, qn, stored + exact, generator=g) > 0.3
+        mask[0, :, :, :int(torch.randint(0, stored + exact, (1,), generator=g))] = False
+    want = reference.packed_attention(q.float(), ks, vs, ek.float(), ev.float(), index, sinks, mask=mask,
+                                      scaling=0.25, qdot="int8")
+    got = cpu.packed_attention(q, ks, vs, ek, ev, index, sinks, mask=mask, scaling=0.25, block_tokens=split,
+                               qdot="int8")
+    path = data.draw(st.sampled_from([p for p in cpu.qdot_paths() if p.startswith("int8-")]), "path")
+    assert torch.equal(cpu.packed_attention(q, ks, vs, ek, ev, index, sinks, mask=mask, scaling=0.25,
+                                            block_tokens=split, qdot=path), got)
     tol = dict(atol=5e-5, rtol=2e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)
     torch.testing.assert_close(got.float(), want, **tol)

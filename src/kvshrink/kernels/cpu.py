@@ -42,11 +42,17 @@ SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 _SOURCE_BYTES = SOURCE.read_bytes()
 ENV = "KVSHRINK_CPU_KERNEL"  # "0": never build or load the extension (the PyTorch path decodes)
 _NAME = "kvshrink_cpu_attention"
-_CFLAGS = ["-O3", "-fopenmp", "-march=native"]
+FLAGS_ENV = "KVSHRINK_CPU_KERNEL_CFLAGS"  # compiler flags added to the build's (e.g. "-mno-avx512f": an AVX2 build)
+_CFLAGS = ["-O3", "-fopenmp", "-march=native"] + os.environ.get(FLAGS_ENV, "").split()
 _LDFLAGS = ["-fopenmp"]
 _STALE_BUILD_S = 3600  # a build folder older than this was left by a killed build
 _warned = False
 _NONE = torch.empty(0)
+# how the kernel scores keys of per-channel groups without a head mean (kivi, tada mean=channel/none): "float"
+# (the folded fp32 query) or "int8" (the folded query rounded to int8 per query row and key group, integer dot
+# products: VNNI where the CPU has it, else AVX2, else plain loops, all giving the same bits); the three int8 paths
+# by name, for tests and benchmarks
+QDOT = {"float": 0, "int8": 1, "int8-avx2": 2, "int8-vnni": 3, "int8-plain": 4}
 
 
 def unsupported(spec, head_dim: int) -> str | None:
@@ -111,6 +117,20 @@ def _load():
     else:
         _build(directory, lib)  # loads it too
     return torch.ops.kvshrink_cpu.packed_attention
+
+
+@lru_cache(maxsize=1)
+def qdot_paths() -> list[str]:
+    """The `qdot` names this build of the kernel can run (building it first when needed)."""
+    _load()
+    modes = torch.ops.kvshrink_cpu.int8_modes()
+    return [name for name, bit in QDOT.items() if modes >> bit & 1]
+
+
+def int8_path() -> str:
+    """The integer dot product `qdot="int8"` takes in this build: "vnni", "avx2" or "plain"."""
+    paths = qdot_paths()
+    return next(p for p in ("vnni", "avx2", "plain") if f"int8-{p}" in paths)
 
 
 def _build(directory: Path, lib: Path) -> None:
@@ -212,12 +232,15 @@ def split_tokens(tokens: int, units: int, spec_k: GroupCodec, spec_v: GroupCodec
 def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: PagedStore,
                      exact_keys: torch.Tensor, exact_values: torch.Tensor, exact_index: torch.Tensor,
                      key0: int, mask: torch.Tensor | None = None, scaling: float | None = None,
-                     causal: bool = True, block_tokens: int | None = None) -> torch.Tensor:
+                     causal: bool = True, block_tokens: int | None = None, qdot: str = "float") -> torch.Tensor:
     """`kernels.packed_attention` on CPU tensors (same arguments and result); see `kernels.reference` for the rules.
 
-    block_tokens: stored tokens per parallel work unit (default: `split_tokens`). Without the compiled extension,
-    warns once and computes the reference (decode the store, dense attention).
+    block_tokens: stored tokens per parallel work unit (default: `split_tokens`). qdot: "float" or "int8" (see
+    `QDOT`; "int8" changes only keys of per-channel groups without a head mean). Without the compiled extension,
+    warns once and computes the reference (decode the store, dense attention; its int8 emulation for "int8").
     """
+    if qdot not in QDOT:
+        raise ValueError(f"qdot must be one of {', '.join(QDOT)}, got {qdot!r}")
     b, hq, qn, d = query.shape
     hkv = exact_keys.shape[1]
     if query.device.type != "cpu":
@@ -240,8 +263,12 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
     if why is not None:
         warn_unavailable(why)
         return reference.packed_attention(query, key_store, value_store, exact_keys, exact_values, exact_index,
-                                          key0, mask=mask, scaling=scaling, causal=causal)
+                                          key0, mask=mask, scaling=scaling, causal=causal,
+                                          qdot="float" if qdot == "float" else "int8")
     op = _load()
+    if qdot not in ("float", "int8") and qdot not in qdot_paths():
+        raise ValueError(f"qdot={qdot!r} is not built into this kernel (this CPU's build runs: "
+                         f"{', '.join(qdot_paths())})")
     scaling = d ** -0.5 if scaling is None else scaling
     q = query.float() * scaling
     # rotated codes are read in their rotated space: the kernel turns the query and the exact keys with the keys'
@@ -260,7 +287,7 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
     op(out, q, *_store_args(key_store, d), *_store_args(value_store, d), t_store, key_store.page_tokens,
        list(key_store.fills),
        exact_keys.float().contiguous(), exact_values.float().contiguous(), exact_index.long().contiguous(),
-       key0, mask, mask_b, mask_q, causal, split, key_signs, value_signs, block)
+       key0, mask, mask_b, mask_q, causal, split, key_signs, value_signs, block, QDOT[qdot])
     return out.to(query.dtype)
 
 

@@ -322,6 +322,314 @@ void values_tile(const float* __restrict P, int64_t R, int64_t stride, const flo
       if (P[r * stride + j] != 0.0f) axpy(acc + r * D, P[r * stride + j], V + j * D, D);
 }
 
+// ---- Integer key scores (qdot=int8) --------------------------------------------------------------------------
+// For per-channel key groups the folded query row q*s of one group (one query row, one group of tokens sharing
+// scales) is rounded to int8 with one scale a = max|q*s| / 127, and a key's score is a * sum_d qi_d code_d + c0:
+// unsigned codes times signed query bytes, summed exactly in int32. Modes the wrapper passes: 0 float (the folded
+// fp32 query), 1 int8 through the best integer dot product compiled in, 2 AVX2 (maddubs + madd), 3 VNNI (dpbusd),
+// 4 portable loops. The int8 modes give the same bits: the integer sums are exact, the float work around them is
+// shared code.
+enum QDot { kQFloat = 0, kQInt8 = 1, kQInt8Avx2 = 2, kQInt8Vnni = 3, kQInt8Scalar = 4 };
+
+#if defined(KVSHRINK_AVX2) && !defined(KVSHRINK_NO_VNNI) && \
+    ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+#define KVSHRINK_VNNI 1
+#endif
+
+// Bit i set: mode i can run in this build.
+int64_t int8_modes() {
+  int64_t m = (1 << kQFloat) | (1 << kQInt8) | (1 << kQInt8Scalar);
+#ifdef KVSHRINK_AVX2
+  m |= 1 << kQInt8Avx2;
+#endif
+#ifdef KVSHRINK_VNNI
+  m |= 1 << kQInt8Vnni;
+#endif
+  return m;
+}
+
+// The mode kQInt8 stands for here.
+int best_int8_mode() {
+#if defined(KVSHRINK_VNNI)
+  return kQInt8Vnni;
+#elif defined(KVSHRINK_AVX2)
+  return kQInt8Avx2;
+#else
+  return kQInt8Scalar;
+#endif
+}
+
+// One token's codes (`bits` wide, D of them) as bytes in channel order (the portable loops).
+inline void codes_u8_plain(const uint8_t* __restrict p, int bits, int64_t D, uint8_t* __restrict out) {
+  if (bits == 8) {
+    std::memcpy(out, p, D);
+  } else if (bits == 3) {
+    for (int64_t d = 0; d < D; ++d) {
+      const uint8_t* w = p + 3 * (d / 8);
+      const uint32_t x = uint32_t(w[0]) | (uint32_t(w[1]) << 8) | (uint32_t(w[2]) << 16);
+      out[d] = static_cast<uint8_t>((x >> (3 * (d % 8))) & 7u);
+    }
+  } else {
+    const int per = 8 / bits, mask = (1 << bits) - 1;
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<uint8_t>((p[d / per] >> (bits * (d % per))) & mask);
+  }
+}
+
+// Where channel ch of a token lands among the bytes `codes_u8` writes (D a multiple of 64): the order the shifts
+// leave the codes in; the query is laid out the same way once per group, so the dot products need no shuffles.
+inline int64_t code_slot(int bits, int64_t ch) {
+  switch (bits) {
+    case 2: {  // 16 bytes -> 4 x 16 codes: code j of byte k at 16 j + k
+      const int64_t c = ch / 64, r = ch % 64;
+      return 64 * c + 16 * (r % 4) + r / 4;
+    }
+    case 4: {  // 16 bytes -> 2 x 16 codes: low nibble of byte k at k, high at 16 + k
+      const int64_t c = ch / 32, r = ch % 32;
+      return 32 * c + 16 * (r % 2) + r / 2;
+    }
+    case 3: {  // 2 x 12 bytes (8 words) -> codes 0-3 of word w of half h at 16 h + 4 w, codes 4-7 32 further
+      const int64_t c = ch / 64, r = ch % 64, h = r / 32, w = (r % 32) / 8, j = r % 8;
+      return 64 * c + (j < 4 ? 0 : 32) + 16 * h + 4 * w + j % 4;
+    }
+    default:
+      return ch;
+  }
+}
+
+#ifdef KVSHRINK_AVX2
+// Four 3-bit codes (bits 0-11 of each dword) spread to the dword's four bytes.
+inline __m256i spread3(__m256i a) {
+  const __m256i lo = _mm256_and_si256(a, _mm256_set1_epi32(0x7));
+  const __m256i b1 = _mm256_and_si256(_mm256_slli_epi32(a, 5), _mm256_set1_epi32(0x700));
+  const __m256i b2 = _mm256_and_si256(_mm256_slli_epi32(a, 10), _mm256_set1_epi32(0x70000));
+  const __m256i b3 = _mm256_and_si256(_mm256_slli_epi32(a, 15), _mm256_set1_epi32(0x7000000));
+  return _mm256_or_si256(_mm256_or_si256(lo, b1), _mm256_or_si256(b2, b3));
+}
+
+// One token's D codes (D a multiple of 64) as bytes in code_slot order; reads only the token's row.
+template <int BITS>
+inline void codes_u8(const uint8_t* __restrict p, int64_t D, uint8_t* __restrict out) {
+  if constexpr (BITS == 8) {
+    std::memcpy(out, p, D);
+  } else if constexpr (BITS == 4) {
+    const __m128i m = _mm_set1_epi8(15);
+    for (int64_t c = 0; c < D / 32; ++c) {
+      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * c));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * c),
+                          _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(x, 4), m), _mm_and_si128(x, m)));
+    }
+  } else if constexpr (BITS == 2) {
+    const __m128i m = _mm_set1_epi8(3);
+    for (int64_t c = 0; c < D / 64; ++c) {
+      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * c));
+      const __m128i v0 = _mm_and_si128(x, m), v1 = _mm_and_si128(_mm_srli_epi16(x, 2), m);
+      const __m128i v2 = _mm_and_si128(_mm_srli_epi16(x, 4), m), v3 = _mm_and_si128(_mm_srli_epi16(x, 6), m);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 64 * c), _mm256_set_m128i(v1, v0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 64 * c + 32), _mm256_set_m128i(v3, v2));
+    }
+  } else {  // 3 bits: each 12-byte half (4 words) is loaded 16 bytes wide, from 4 bytes earlier at the row's end
+    const int64_t rb = D / 8 * 3;
+    const __m128i at0 = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+    const __m128i at4 = _mm_add_epi8(at0, _mm_setr_epi8(4, 4, 4, 0, 4, 4, 4, 0, 4, 4, 4, 0, 4, 4, 4, 0));
+    auto half = [&](int64_t o) {
+      const bool end = o + 16 > rb;
+      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (end ? rb - 16 : o)));
+      return _mm_shuffle_epi8(x, end ? at4 : at0);
+    };
+    for (int64_t c = 0; c < D / 64; ++c) {
+      const __m256i w = _mm256_set_m128i(half(24 * c + 12), half(24 * c));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 64 * c), spread3(w));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 64 * c + 32), spread3(_mm256_srli_epi32(w, 12)));
+    }
+  }
+}
+
+inline void codes_u8_any(int bits, const uint8_t* p, int64_t D, uint8_t* out) {
+  switch (bits) {
+    case 2: codes_u8<2>(p, D, out); break;
+    case 3: codes_u8<3>(p, D, out); break;
+    case 4: codes_u8<4>(p, D, out); break;
+    default: codes_u8<8>(p, D, out); break;
+  }
+}
+
+// The eight int32 sums of a[0..7] (each a vector of partial sums) in lanes 0..7.
+inline __m256i hsum8(const __m256i* a) {
+  const __m256i t0 = _mm256_hadd_epi32(a[0], a[1]), t1 = _mm256_hadd_epi32(a[2], a[3]);
+  const __m256i t2 = _mm256_hadd_epi32(a[4], a[5]), t3 = _mm256_hadd_epi32(a[6], a[7]);
+  const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+#endif
+
+inline int32_t int_dot(const int8_t* __restrict q, const uint8_t* __restrict c, int64_t D) {
+  int32_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < D; ++d) s += int32_t(q[d]) * int32_t(c[d]);
+  return s;
+}
+
+// S[r * stride + j] = Qi[r] . C[j] exactly, for R int8 query rows and n tokens of D code bytes (row-major).
+// MODE kQInt8Avx2: bytes multiplied pairwise into int16 (maddubs: |pair| <= 2 * 15 * 127 for codes of at most 4
+// bits, so eight pairs add up in int16 without overflow) then into int32 (madd); 8-bit codes (pairs up to
+// 2 * 255 * 127) widen to int16 and multiply with the int16 query (Q16) in madd instead. kQInt8Vnni: dpbusd sums
+// four products into int32 directly. Needs D a multiple of 32.
+template <int MODE>
+void int_scores(const int8_t* __restrict Q, const int16_t* __restrict Q16, int64_t R, const uint8_t* __restrict C,
+                int64_t n, int64_t D, bool wide, int32_t* __restrict S, int64_t stride) {
+  int64_t j0 = 0;
+#ifdef KVSHRINK_AVX2
+  if constexpr (MODE != kQInt8Scalar) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (; j0 + 4 <= n; j0 += 4) {
+      const uint8_t* c0 = C + j0 * D;
+      for (int64_t r = 0; r < R; r += 2) {
+        const int64_t r1 = r + 1 < R ? r + 1 : r;
+        __m256i a[8];
+        for (auto& x : a) x = _mm256_setzero_si256();
+        if constexpr (MODE == kQInt8Vnni) {
+#ifdef KVSHRINK_VNNI
+          const int8_t* q0 = Q + r * D;
+          const int8_t* q1 = Q + r1 * D;
+          for (int64_t d = 0; d < D; d += 32) {
+            const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q0 + d));
+            const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q1 + d));
+            for (int k = 0; k < 4; ++k) {
+              const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + k * D + d));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+              a[k] = _mm256_dpbusd_epi32(a[k], c, x0);
+              a[4 + k] = _mm256_dpbusd_epi32(a[4 + k], c, x1);
+#else
+              a[k] = _mm256_dpbusd_avx_epi32(a[k], c, x0);
+              a[4 + k] = _mm256_dpbusd_avx_epi32(a[4 + k], c, x1);
+#endif
+            }
+          }
+#endif
+        } else if (wide) {
+          const int16_t* q0 = Q16 + r * D;
+          const int16_t* q1 = Q16 + r1 * D;
+          for (int64_t d = 0; d < D; d += 16) {
+            const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q0 + d));
+            const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q1 + d));
+            for (int k = 0; k < 4; ++k) {
+              const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c0 + k * D + d)));
+              a[k] = _mm256_add_epi32(a[k], _mm256_madd_epi16(c, x0));
+              a[4 + k] = _mm256_add_epi32(a[4 + k], _mm256_madd_epi16(c, x1));
+            }
+          }
+        } else {
+          const int8_t* q0 = Q + r * D;
+          const int8_t* q1 = Q + r1 * D;
+          __m256i h[8];
+          for (auto& x : h) x = _mm256_setzero_si256();
+          int pending = 0;
+          for (int64_t d = 0; d < D; d += 32) {
+            const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q0 + d));
+            const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q1 + d));
+            for (int k = 0; k < 4; ++k) {
+              const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + k * D + d));
+              h[k] = _mm256_add_epi16(h[k], _mm256_maddubs_epi16(c, x0));
+              h[4 + k] = _mm256_add_epi16(h[4 + k], _mm256_maddubs_epi16(c, x1));
+            }
+            if (++pending == 8 || d + 32 == D) {
+              for (int i = 0; i < 8; ++i) {
+                a[i] = _mm256_add_epi32(a[i], _mm256_madd_epi16(h[i], ones));
+                h[i] = _mm256_setzero_si256();
+              }
+              pending = 0;
+            }
+          }
+        }
+        alignas(32) int32_t out[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(out), hsum8(a));
+        for (int k = 0; k < 4; ++k) S[r * stride + j0 + k] = out[k];
+        if (r + 1 < R)
+          for (int k = 0; k < 4; ++k) S[(r + 1) * stride + j0 + k] = out[4 + k];
+      }
+    }
+  }
+#endif
+  (void)Q16;
+  (void)wide;
+  for (; j0 < n; ++j0)
+    for (int64_t r = 0; r < R; ++r) S[r * stride + j0] = int_dot(Q + r * D, C + j0 * D, D);
+}
+
+// The int8 query of one unit's R rows for one key group: rows of q * scale rounded to int8 with one scale per row
+// (a[r] = max |q*s| / 127, ties to even), laid out in code_slot order when `slots` (the SIMD modes); c0[r] =
+// q . (zero + mean). The query rows are put in slot order once per unit, the group's scales once per group.
+struct Int8Query {
+  int64_t R = 0, D = 0;
+  bool wide = false;  // 8-bit codes: the AVX2 path also needs the query as int16
+  const float* Q = nullptr;
+  std::vector<int8_t> qi;
+  std::vector<int16_t> q16;
+  std::vector<int64_t> chan;  // the channel at each slot
+  std::vector<float> qp, sp, qs, a, c0;
+
+  Int8Query(const float* Q_, int64_t R_, int64_t D_, int bits, bool slots)
+      : R(R_), D(D_), wide(bits == 8), Q(Q_) {
+    if (!R) return;
+    qi.assign(R * D, 0);
+    q16.assign(wide ? R * D : 0, 0);
+    chan.resize(D);
+    for (int64_t d = 0; d < D; ++d) chan[slots ? code_slot(bits, d) : d] = d;
+    qp.resize(R * D);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t s = 0; s < D; ++s) qp[r * D + s] = Q[r * D + chan[s]];
+    sp.resize(D);
+    qs.resize(D);
+    a.assign(R, 0.0f);
+    c0.assign(R, 0.0f);
+  }
+
+  void fold(const float* scale, const float* zero) {
+    for (int64_t s = 0; s < D; ++s) sp[s] = scale[chan[s]];
+    for (int64_t r = 0; r < R; ++r) {
+      const float* q = qp.data() + r * D;
+      float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+      for (int64_t s = 0; s < D; ++s) {
+        qs[s] = q[s] * sp[s];
+        amax = std::max(amax, std::fabs(qs[s]));
+      }
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      a[r] = amax / 127.0f;
+      round_row(inv, qi.data() + r * D, wide ? q16.data() + r * D : nullptr);
+      c0[r] = dot(Q + r * D, zero, D);
+    }
+  }
+
+ private:
+  // qs * inv rounded to the nearest integer (ties to even; |qs * inv| <= 127 up to a rounding) as int8 (and int16)
+  void round_row(float inv, int8_t* __restrict o, int16_t* __restrict o16) const {
+    int64_t s = 0;
+#ifdef KVSHRINK_AVX2
+    const __m256 vi = _mm256_set1_ps(inv);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; s + 32 <= D; s += 32) {
+      __m256i v[4];
+      for (int k = 0; k < 4; ++k)
+        v[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(qs.data() + s + 8 * k), vi),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m256i w01 = _mm256_packs_epi32(v[0], v[1]), w23 = _mm256_packs_epi32(v[2], v[3]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + s),
+                          _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), order));
+      if (o16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o16 + s), _mm256_permute4x64_epi64(w01, 0xD8));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o16 + s + 16), _mm256_permute4x64_epi64(w23, 0xD8));
+      }
+    }
+#endif
+    for (; s < D; ++s) {
+      const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(qs[s] * inv)));
+      o[s] = static_cast<int8_t>(v);
+      if (o16) o16[s] = static_cast<int16_t>(v);
+    }
+  }
+};
+
 // One store (keys or values) of one layer, in pages: page i holds fills[i] tokens, each field shaped
 // [B, H (1 for the head mean), entries, ...]; every page but the first and the last holds page_tokens tokens.
 // Kinds of stored rows (codecs/*.py layouts): grouped codes with scales (kivi, tada, rotated uniform groups),
@@ -498,6 +806,19 @@ class Reader {
     unpack(c, s_.row_bytes, s_.bits, out);
   }
 
+  // Channel axis: token t's codes as bytes into out[D]: in code_slot order (`slots`, D a multiple of 64) or in
+  // channel order.
+  void codes_u8(int64_t t, uint8_t* out, bool slots) const {
+    int64_t p, lt;
+    s_.locate(t, p, lt);
+    const uint8_t* c = codes_[p] + lt * s_.row_bytes;
+#ifdef KVSHRINK_AVX2
+    if (slots) return codes_u8_any(s_.bits, c, D_, out);
+#endif
+    (void)slots;
+    codes_u8_plain(c, s_.bits, D_, out);
+  }
+
   // Token t fully dequantized (scale, zero, means) into out[D].
   void row(int64_t t, float* __restrict out) {
     const int64_t D = D_;
@@ -647,6 +968,7 @@ struct Problem {
   const bool* mask = nullptr;            // [.., QN, TK] with strides mask_b, mask_q (True = attend)
   int64_t mask_b = 0, mask_q = 0;
   bool causal = false;
+  int qdot = 0;  // QDot: how per-channel key groups without a head mean are scored (resolved: never kQInt8)
 };
 
 // Running softmax of one unit over n keys, a tile of kTile keys at a time: score(t0, nt, S) writes the R rows'
@@ -718,11 +1040,42 @@ void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, i
   // query row, which costs more than dequantizing the key once for all rows (measured: 1.77 vs 1.41 ms for one
   // Qwen-shaped layer at 16k, benchmarks/cpu_attention.py), so such keys are dequantized.
   const bool fold = ks.bits != 16 && ks.channel_axis && !kr.has_head_mean();
+  // qdot=int8: the folded query is rounded to int8 per (row, group) and the codes are summed in integers
+  const int mode = fold && ks.kind == kGrouped ? P.qdot : kQFloat;
+  const bool slots = mode == kQInt8Avx2 || mode == kQInt8Vnni;
   std::vector<float> qs(fold ? R * D : 0), c0(fold ? R : 0), kbuf(kTile * D + 16);
+  Int8Query iq(Q, mode != kQFloat ? R : 0, D, ks.bits, slots);
+  std::vector<uint8_t> cbuf(mode != kQFloat ? kTile * D : 0);
+  std::vector<int32_t> dots(mode != kQFloat ? R * kTile : 0);
+  int64_t folded = -1;  // the group whose scales qs / iq hold (row() below may move the reader's group elsewhere)
   auto score = [&](int64_t j0, int64_t nt, float* S) {
     const int64_t t0 = t_begin + j0;
-    if (fold && t0 / ks.group == (t0 + nt - 1) / ks.group) {  // the tile lies in one group
-      if (kr.load_group_of(t0)) {
+    if (mode != kQFloat) {
+      for (int64_t j = 0; j < nt;) {  // a run of tokens of one group at a time
+        const int64_t t = t0 + j, g = t / ks.group, n = std::min(nt - j, (g + 1) * ks.group - t);
+        kr.load_group_of(t);
+        if (g != folded) {
+          iq.fold(kr.group_scale(), kr.group_zero());
+          folded = g;
+        }
+        for (int64_t i = 0; i < n; ++i) kr.codes_u8(t + i, cbuf.data() + i * D, slots);
+        int32_t* dj = dots.data() + j;
+        const bool wide = ks.bits == 8;
+        switch (mode) {
+          case kQInt8Vnni: int_scores<kQInt8Vnni>(iq.qi.data(), iq.q16.data(), R, cbuf.data(), n, D, wide, dj, kTile); break;
+          case kQInt8Avx2: int_scores<kQInt8Avx2>(iq.qi.data(), iq.q16.data(), R, cbuf.data(), n, D, wide, dj, kTile); break;
+          default: int_scores<kQInt8Scalar>(iq.qi.data(), iq.q16.data(), R, cbuf.data(), n, D, wide, dj, kTile); break;
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          const float a = iq.a[r], z = iq.c0[r];
+          for (int64_t i = j; i < j + n; ++i) S[r * kTile + i] = a * static_cast<float>(dots[r * kTile + i]) + z;
+        }
+        j += n;
+      }
+    } else if (fold && t0 / ks.group == (t0 + nt - 1) / ks.group) {  // the tile lies in one group
+      kr.load_group_of(t0);
+      if (t0 / ks.group != folded) {
+        folded = t0 / ks.group;
         const float* sc = kr.group_scale();
         for (int64_t r = 0; r < R; ++r) {
           const float* q = Q + r * D;
@@ -772,7 +1125,7 @@ void packed_attention(at::Tensor out, at::Tensor q,
                       std::vector<at::Tensor> v_norms, at::Tensor v_codebook,
                       int64_t tokens, int64_t page_tokens, std::vector<int64_t> fills, at::Tensor exact_k, at::Tensor exact_v, at::Tensor exact_index, int64_t key0,
                       at::Tensor mask, int64_t mask_b, int64_t mask_q, bool causal, int64_t split_tokens,
-                      at::Tensor k_signs, at::Tensor v_signs, int64_t rotation_block) {
+                      at::Tensor k_signs, at::Tensor v_signs, int64_t rotation_block, int64_t qdot) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B,HQ,QN,D]");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous(), "out like q");
   TORCH_CHECK(exact_k.scalar_type() == at::kFloat && exact_k.is_contiguous() && exact_v.is_contiguous() &&
@@ -823,6 +1176,10 @@ void packed_attention(at::Tensor out, at::Tensor q,
   P.mask_b = mask_b;
   P.mask_q = mask_q;
   P.causal = causal && !P.mask && P.QN > 1;
+  TORCH_CHECK(qdot >= 0 && qdot <= kQInt8Scalar && (int8_modes() >> qdot & 1),
+              "qdot mode ", qdot, " is not built here (modes available: bit mask ", int8_modes(), ")");
+  P.qdot = static_cast<int>(qdot == kQInt8 ? best_int8_mode() : qdot);
+  if ((P.qdot == kQInt8Avx2 || P.qdot == kQInt8Vnni) && P.D % 64) P.qdot = kQInt8Scalar;  // same bits, plain loops
   const Store ks = make_store(k_codes, k_scale, k_zero, k_head_mean, k_channel_mean, k_bits, k_axis, k_group,
                               k_kind, k_norms, k_codebook, tokens, P.D, page_tokens, fills);
   const Store vs = make_store(v_codes, v_scale, v_zero, v_head_mean, v_channel_mean, v_bits, v_axis, v_group,
@@ -892,4 +1249,5 @@ void packed_attention(at::Tensor out, at::Tensor q,
 
 TORCH_LIBRARY(kvshrink_cpu, m) {
   m.def("packed_attention", &packed_attention);
+  m.def("int8_modes", &int8_modes);
 }

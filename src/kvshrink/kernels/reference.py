@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..codecs.quant import encode_block
+from ..codecs.packing import unpack
+from ..codecs.quant import GroupCodec, encode_block
 from ..codecs.store import PagedStore
 
 quantize_pack = encode_block
@@ -35,11 +36,58 @@ def check_mask(mask: torch.Tensor | None, tkeys: int, b: int | None = None, qn: 
             mask = mask.contiguous()
     return mask
 
+def int8_keys(codec) -> bool:
+    """Whether `qdot="int8"` changes how keys of this codec are scored: per-channel groups of 2-8 bits without a
+    head mean (the groups whose scales the kernel folds into the query)."""
+    return isinstance(codec, GroupCodec) and codec.bits != 16 and codec.axis == "channel" and codec.center != "head"
+
+
+def int8_query(query: torch.Tensor, key_store: PagedStore, scaling: float) -> tuple:
+    """The CPU kernel's int8 query, as it computes it: per query row and key group, the folded row q * scale (q in
+    float32, times `scaling`) rounded to int8 with the scale a = max|q * scale| / 127. Returns (qi [B, HQ, QN, NG, D]
+    float holding integers, a [B, HQ, QN, NG], c0 = q . (zero + channel mean) [B, HQ, QN, NG] in float64, codes
+    [B, HKV, NG, G, D] float64)."""
+    b, hq, qn, d = query.shape
+    f = key_store.fields()
+    hkv = f["codes"].shape[1]
+    codes = unpack(f["codes"], key_store.codec.bits, d).double()  # [B, HKV, NG, G, D]
+    scale, zero = f["scale"][:, :, :, 0].float(), f["zero"][:, :, :, 0].float()  # [B, HKV, NG, D]
+    cm = key_store.state.get("channel_mean")
+    if cm is not None:
+        zero = zero + cm.float()
+    rep = hq // hkv
+    q = (query.float() * scaling).reshape(b, hkv, rep * qn, 1, d)
+    qs = q * scale[:, :, None]  # [B, HKV, R, NG, D]
+    amax = qs.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    qi = torch.round(qs * inv[..., None]).clamp(-127, 127)
+    a = amax / 127.0
+    c0 = (q.double() * zero[:, :, None].double()).sum(-1)
+    shape = (b, hq, qn, -1)
+    return qi.reshape(*shape, d), a.reshape(shape), c0.reshape(shape), codes
+
+
+def _int8_scores(query: torch.Tensor, key_store: PagedStore, scaling: float) -> torch.Tensor:
+    """Scores [B, HQ, QN, T] of the stored keys as the CPU kernel's int8 path computes them: a * (qi . code) + c0,
+    the integer sums exact."""
+    b, hq, qn, d = query.shape
+    qi, a, c0, codes = int8_query(query, key_store, scaling)
+    hkv = codes.shape[1]
+    qi = qi.double().reshape(b, hkv, hq // hkv, qn, qi.shape[3], d)
+    dots = torch.einsum("bhrqnd,bhngd->bhrqng", qi, codes).reshape(b, hq, qn, qi.shape[4], -1)
+    scores = a.double()[..., None] * dots + c0[..., None]
+    return scores.reshape(b, hq, qn, -1)
+
+
 def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: PagedStore,
                      exact_keys: torch.Tensor, exact_values: torch.Tensor, exact_index: torch.Tensor,
                      key0: int, mask: torch.Tensor | None = None, scaling: float | None = None,
-                     causal: bool = True) -> torch.Tensor:
-    """Same contract as `kvshrink.kernels.packed_attention`, in float32 PyTorch; returns query's dtype."""
+                     causal: bool = True, qdot: str = "float") -> torch.Tensor:
+    """Same contract as `kvshrink.kernels.packed_attention`, in float32 PyTorch; returns query's dtype.
+    qdot="int8": the stored keys of per-channel groups without a head mean are scored as the CPU kernel's int8
+    path scores them (`int8_query`)."""
+    if qdot not in ("float", "int8"):
+        raise ValueError(f"qdot must be 'float' or 'int8', got {qdot!r}")
     b, hq, qn, d = query.shape
     hkv = exact_keys.shape[1]
     scaling = d ** -0.5 if scaling is None else scaling
@@ -55,6 +103,9 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
     v = torch.cat(parts_v, 2).repeat_interleave(hq // hkv, 1)
     tk = k.shape[2]
     scores = query.float() @ k.transpose(-1, -2) * scaling
+    if qdot == "int8" and key_store.tokens and int8_keys(key_store.codec):
+        n0 = int(before.sum())
+        scores[..., n0:n0 + key_store.tokens] = _int8_scores(query, key_store, scaling).float()
     if mask is not None:
         allowed = (mask if mask.dim() == 4 else mask[:, None]).to(scores.device)
     else:

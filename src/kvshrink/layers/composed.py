@@ -59,12 +59,18 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
     def __init__(self, key_codec: Codec, value_codec: Codec, *, window: int = 32, sinks: int = 4,
                  policy: Policy | None = None, budget: float = 1.0, tokens: int = 0, observe: int = 32,
                  low_codecs: tuple[Codec, Codec] | None = None, exact_dtype: torch.dtype | None = None,
-                 backend: str = "torch", layer_idx: int = -1, sliding_window: int | None = None, shard=None):
+                 backend: str = "torch", layer_idx: int = -1, sliding_window: int | None = None, shard=None,
+                 qdot: str = "float"):
         super().__init__()
         where = f"layer {layer_idx}"
         check_counts(layer_idx, window=window, sinks=sinks, tokens=tokens, observe=observe)
         if backend not in BACKENDS:
             raise ValueError(f"{where}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if qdot not in ("float", "int8"):
+            raise ValueError(f"{where}: qdot must be 'float' or 'int8', got {qdot!r}")
+        if qdot != "float" and backend != "cpu":
+            raise ValueError(f"{where}: qdot={qdot!r} is an option of the CPU kernel (backend 'cpu'), got backend "
+                             f"{backend!r}")
         if exact_dtype is not None and exact_dtype not in _EXACT_DTYPES:
             raise ValueError(f"{where}: exact_dtype must be float16, bfloat16, float32 or None, got {exact_dtype}")
         if policy is not None:
@@ -102,6 +108,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self.window, self.sinks, self.layer_idx = window, sinks, layer_idx
         self.exact_dtype = exact_dtype
         self.backend = backend
+        self.qdot = qdot
         self.shard = shard
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
@@ -272,10 +279,12 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         index = torch.cat([torch.arange(sinks, device=dev, dtype=torch.int32),
                            torch.arange(sinks + stored, sinks + stored + self.keys.shape[-2], device=dev,
                                         dtype=torch.int32)])
+        extra = {"qdot": self.qdot} if self.backend == "cpu" else {}
         attention = cpu_kernel.packed_attention if self.backend == "cpu" else gpu_kernels.packed_attention
         out = attention(
             query, self.key_store, self.value_store, torch.cat([self.sink_keys, self.keys], -2),
-            torch.cat([self.sink_values, self.values], -2), index, sinks, mask=attention_mask, scaling=scaling)
+            torch.cat([self.sink_values, self.values], -2), index, sinks, mask=attention_mask, scaling=scaling,
+            **extra)
         self._flush()  # as on the PyTorch path: this step attended its tokens exactly, now they may be compressed
         if self.sliding_window is not None:
             self._forget_outside_window()

@@ -9,7 +9,7 @@ import torch
 
 from .. import attention, kernels
 from ..codecs.quant import GroupCodec
-from ..kernels import cpu
+from ..kernels import cpu, reference
 from ..layers.composed import ComposedLayer
 from ..models import head_dim_of, text_config
 from .base import StoringMethod, option, register
@@ -17,6 +17,7 @@ from .base import StoringMethod, option, register
 
 _EXACT_DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _KERNELS = ("auto", "triton", "torch", "cpu")
+_QDOT = ("float", "int8")
 
 
 @register
@@ -41,6 +42,9 @@ class Kivi(StoringMethod):
                                  "codes), 'cpu' (a C++ kernel reading the packed codes on the CPU), 'torch' "
                                  "(decode the store, then SDPA) or 'auto' (triton on CUDA when installed, the CPU "
                                  "kernel for a model on the CPU, else torch)")
+    qdot: str = option("float", "how the CPU kernel scores keys of per-channel groups without a head mean: 'float' "
+                                "or 'int8' (the query rounded to int8 per head and key group, integer dot "
+                                "products: VNNI or AVX2; faster, scores differ by the query's rounding)")
 
     def center(self) -> str:
         return "none"
@@ -66,6 +70,11 @@ class Kivi(StoringMethod):
             raise ValueError(f"{self.name}: exact_dtype must be one of {', '.join(_EXACT_DTYPES)}, got {self.exact_dtype!r}")
         if self.kernel not in _KERNELS:
             raise ValueError(f"{self.name}: kernel must be one of {', '.join(_KERNELS)}, got {self.kernel!r}")
+        if self.qdot not in _QDOT:
+            raise ValueError(f"{self.name}: qdot must be one of {', '.join(_QDOT)}, got {self.qdot!r}")
+        if self.qdot != "float" and self.kernel in ("torch", "triton"):
+            raise ValueError(f"{self.name}: qdot={self.qdot!r} is an option of the CPU kernel, but kernel="
+                             f"{self.kernel!r}: use kernel='cpu' or 'auto' (a model on the CPU), or qdot='float'")
         for arg in ("window", "sinks"):
             if getattr(self, arg) < 0:
                 raise ValueError(f"{self.name}: {arg} must be >= 0, got {getattr(self, arg)}")
@@ -74,12 +83,34 @@ class Kivi(StoringMethod):
         key_codec, value_codec = self.specs(layer_idx)
         return ComposedLayer(key_codec, value_codec, window=self.window, sinks=self.sinks,
                              exact_dtype=_EXACT_DTYPES[self.exact_dtype], backend=self._layer_backend(layer_idx),
+                             qdot=self.qdot if self._layer_backend(layer_idx) == "cpu" else "float",
                              layer_idx=layer_idx, sliding_window=sliding_window, shard=getattr(self, "_shard", None))
 
     def prepare(self, model_or_config):
         self._use_kernels = self._resolve_kernel(model_or_config)
         if self._use_kernels:
             attention.enable(model_or_config)
+        if self.qdot != "float":
+            self._check_qdot(model_or_config)
+
+    def _check_qdot(self, model_or_config) -> None:
+        """qdot='int8' where it cannot act: an error for a GPU model or a config (a setting that never applies), a
+        warning where the CPU kernel is unavailable or no layer's keys are per-channel groups without a head mean."""
+        if self._use_kernels is True:
+            raise ValueError(f"{self.name}: qdot={self.qdot!r} is an option of the CPU kernel; this model decodes "
+                             "with the Triton kernels: use qdot='float'")
+        if self._use_kernels is False:
+            if not hasattr(model_or_config, "set_attn_implementation"):
+                raise ValueError(f"{self.name}: qdot={self.qdot!r} needs the CPU kernel, which a config cannot "
+                                 "switch on (give make_cache the model)")
+            warnings.warn(f"{self.name}: qdot={self.qdot!r} has no effect: the layers decode with the PyTorch path",
+                          stacklevel=3)
+            return
+        layers = range(text_config(model_or_config).num_hidden_layers)
+        if not any(reference.int8_keys(self.specs(i)[0]) for i in layers if self._layer_backend(i) == "cpu"):
+            warnings.warn(f"{self.name}: qdot={self.qdot!r} changes no layer: it applies to keys of per-channel "
+                          "groups without a head mean (key_axis='channel', mean 'none' or 'channel'), and no layer "
+                          "here has them", stacklevel=3)
 
     def _layer_backend(self, layer_idx: int) -> str:
         """The decode backend of one layer: "torch" (decode, then SDPA), "triton" or "cpu"."""
