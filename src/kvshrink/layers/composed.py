@@ -30,6 +30,7 @@ import torch
 
 from .. import kernels as gpu_kernels
 from ..attention import SelfAttending
+from ..compat import query_length as _query_length
 from ..codecs.base import PARTS, Codec
 from ..codecs.exact import ExactCodec
 from ..codecs.rotation import RotationCodec, decode_rotated, fwht, unrotate
@@ -348,7 +349,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.scored:
-            return self.seen + query_length, 0  # masks by position; the layer gathers what it holds
+            return self.seen + _query_length(query_length), 0  # masks by position; the layer gathers what it holds
         return super().get_mask_sizes(query_length)
 
     def held(self) -> int:
