@@ -46,7 +46,10 @@ class KVPress(EvictionMethod):
         adapter.capture(model_or_config, self._press)
 
     def spec(self) -> str:
-        return specs.format_part(self.name, [(k, v) for k, v in self.options().items() if k != "args" or v])
+        """Every option but an empty `args`, and `sinks`/`window` only where not 0: in `POLICY + CODEC` an option
+        written on the policy side counts as given, and 0 against the codec's own window would conflict."""
+        return specs.format_part(self.name, [(k, v) for k, v in self.options().items()
+                                             if not (k in ("args", "sinks", "window") and not v)])
 
     def label(self) -> str:
         return f"kvpress:{self.press}"
