@@ -18,6 +18,7 @@ from transformers import DynamicCache  # noqa: E402
 
 import kvshrink as ks  # noqa: E402
 
+SEED = 1234
 PROMPT = 96  # a quarter and a half of it are whole numbers: kvpress's int() and kvshrink's ceil() keep the same count
 
 
@@ -41,6 +42,7 @@ def _kvpress_choice(model, press, ids):
         return s
 
     press.score = recording
+    torch.manual_seed(SEED)  # presses with a random sketch (LeverageScore, Compactor) draw the same numbers
     with torch.no_grad(), press(model):
         model(ids, past_key_values=DynamicCache(), use_cache=True)
     return got
@@ -58,6 +60,12 @@ CASES = [
     ("StreamingLLMPress", "n_sink=2", {"n_sink": 2}),
     ("ObservedAttentionPress", "", {}),
     ("LagKVPress", "lag_size=16", {"lag_size": 16}),
+    ("CURPress", "", {}),
+    ("CapPress", "n_future_positions=64", {"n_future_positions": 64}),
+    ("CompactorPress", "chunk_size=32", {"chunk_size": 32}),
+    ("NonCausalAttnPress", "chunk_size=32", {"chunk_size": 32}),
+    ("RandomPress", "seed=3", {"seed": 3}),
+    ("LeverageScorePress", "sketch_dimension=24", {"sketch_dimension": 24}),
 ]
 
 
@@ -71,6 +79,7 @@ def test_the_kept_tokens_are_the_ones_kvpress_keeps(press, args, kwargs, budget)
     theirs = _kvpress_choice(model, getattr(kvpress, press)(compression_ratio=1 - budget, **kwargs), ids)
     spec = f"kvpress:press={press},budget={budget},exact_dtype=model" + (f",args={args}" if args else "")
     cache = ks.make_cache(model, spec)  # sinks=0, window=0: the press alone decides, as in kvpress
+    torch.manual_seed(SEED)
     with torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True)
     assert sorted(theirs) == list(range(len(cache.layers)))
