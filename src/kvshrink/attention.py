@@ -7,6 +7,9 @@ and answered by SDPA: an evicting layer's prefill). The hand-off is keyed by tha
 generating at once, in two threads or one, each get their own layer's answer. Every other layer (the `full` cache,
 quantized layers read by SDPA, sliding-window layers) gets transformers' own SDPA attention unchanged, so a model
 switched to "kvshrink" computes exactly what it computed with "sdpa".
+
+Token policies that project their own queries from a layer's input (kvpress's scorers) read that input through
+`capture_inputs` / `layer_inputs`: hooks on the attention modules, installed only by the methods that need them.
 """
 from __future__ import annotations
 
