@@ -6,7 +6,7 @@ STAMP := $(VENV)/.kvshrink-setup
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: setup setup-qwen run test eval bench clean
+.PHONY: setup setup-qwen run test test-kvpress eval bench clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,19 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# the kvpress adapter's tests (tests/kvpress/), in kvpress's own environment: kvpress 0.5.5 pins transformers<5.3,
+# kvshrink's main environment has the newest 5.x. The venv is the peer comparison's (benchmarks/peers/kvpress/.venv)
+# with this checkout of kvshrink installed into it (about 1 minute to build from the local wheels)
+KVPRESS_VENV := benchmarks/peers/kvpress/.venv
+KVPRESS_STAMP := $(KVPRESS_VENV)/.kvshrink-setup
+
+$(KVPRESS_STAMP): pyproject.toml Makefile benchmarks/peers/kvpress/setup.sh
+	benchmarks/peers/kvpress/setup.sh --with-kvshrink
+	touch $(KVPRESS_STAMP)
+
+test-kvpress: $(KVPRESS_STAMP)
+	$(KVPRESS_VENV)/bin/python -m pytest -q tests/kvpress $(PYTEST_ARGS)
+
 eval: setup
 	$(BIN)/kvshrink eval $(ARGS)
 
@@ -46,4 +59,4 @@ bench: setup
 	$(BIN)/kvshrink bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(KVPRESS_VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -7,11 +7,15 @@ and answered by SDPA: an evicting layer's prefill). The hand-off is keyed by tha
 generating at once, in two threads or one, each get their own layer's answer. Every other layer (the `full` cache,
 quantized layers read by SDPA, sliding-window layers) gets transformers' own SDPA attention unchanged, so a model
 switched to "kvshrink" computes exactly what it computed with "sdpa".
+
+Token policies that project their own queries from a layer's input (kvpress's scorers) read that input through
+`capture_inputs` / `layer_inputs`: hooks on the attention modules, installed only by the methods that need them.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -20,7 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "kvshrink"
-_state = threading.local()  # only the prefill observer (evaluation) lives here; the hand-off below does not
+_state = threading.local()  # the prefill observer (evaluation) and captured layer inputs; the hand-off below is not
 _lock = threading.Lock()
 #: update() -> attention hand-offs, keyed by the identity of the key tensor the cache layer returned: the attention
 #: call that receives exactly that tensor is that layer's, whichever cache, thread or model it runs in
@@ -88,6 +92,47 @@ class SelfAttending:
         if not self._awaiting:
             raise RuntimeError(f"layer {self.layer_idx}: attend() without a preceding update()")
         self._awaiting = False
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """What an attention module was called with: the module, its input hidden states [B, T, hidden] (after the
+    decoder layer's norm) and its other keyword arguments (position embeddings, mask, cache positions)."""
+
+    module: torch.nn.Module
+    hidden_states: torch.Tensor
+    kwargs: dict[str, Any]
+
+
+def capture_inputs(model: Any) -> int:
+    """Forward hooks on each attention module of `model` (`...layers.N.self_attn`) that keep its `LayerInputs` in
+    this thread while it runs (`layer_inputs()`), for token policies that score from them; installed once per
+    model. Only the running module's inputs are referenced, never kept after its forward. Returns how many modules
+    are hooked."""
+    if getattr(model, "_kvshrink_input_hooks", 0):
+        return model._kvshrink_input_hooks
+    modules = [m for name, m in model.named_modules() if name.endswith("self_attn") and hasattr(m, "layer_idx")]
+    if not modules:
+        raise ValueError(f"{type(model).__name__}: no attention module named '...self_attn' with a layer_idx; "
+                         "its inputs cannot be captured")
+
+    def before(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        _state.inputs = LayerInputs(module, hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    def after(module, args, kwargs, output):
+        _state.inputs = None
+
+    for m in modules:
+        m.register_forward_pre_hook(before, with_kwargs=True)
+        m.register_forward_hook(after, with_kwargs=True, always_call=True)
+    model._kvshrink_input_hooks = len(modules)
+    return len(modules)
+
+
+def layer_inputs() -> LayerInputs | None:
+    """The inputs of the attention module running in this thread (None unless `capture_inputs` hooked it)."""
+    return getattr(_state, "inputs", None)
 
 
 @contextlib.contextmanager

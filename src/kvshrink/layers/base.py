@@ -9,6 +9,8 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ..compat import query_length as _query_length
+
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -111,10 +113,15 @@ class CompressedLayer(_BatchOps, CacheLayerMixin, _Reporting):
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        query_length = _query_length(query_length)
         return self.seen + query_length, 0  # masks are indexed by position; the layer gathers what it holds
 
     def get_max_length(self) -> int:
         return -1
+
+    def get_max_cache_shape(self) -> int:
+        """`get_max_length` under its transformers 5.0 - 5.2 name."""
+        return self.get_max_length()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(f"layer {self.layer_idx}: {self.kind} cache cannot be cropped")
@@ -248,6 +255,7 @@ class ExactWindow:
         return self.sink_keys.shape[-2] + self._stored() + self.keys.shape[-2]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        query_length = _query_length(query_length)
         held = self.held()
         return held + query_length, self.seen - held
 

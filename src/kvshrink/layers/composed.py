@@ -30,6 +30,7 @@ import torch
 
 from .. import kernels as gpu_kernels
 from ..attention import SelfAttending
+from ..compat import query_length as _query_length
 from ..codecs.base import PARTS, Codec
 from ..codecs.exact import ExactCodec
 from ..codecs.rotation import RotationCodec, decode_rotated, fwht, unrotate
@@ -146,6 +147,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self.calls = 0
         self._awaiting = False
         self._step = None
+        self._given = None
         self.is_initialized = False
 
     def _stores(self) -> tuple[PagedStore, ...]:
@@ -345,6 +347,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self._begin_update(key_states, value_states)
         b, h, t, _ = key_states.shape
         pos = torch.arange(self.seen, self.seen + t, dtype=torch.int32, device=key_states.device)
+        self._given = (key_states, value_states)  # the policy may read them (ScoreContext.given) until attend
         self._take(key_states, value_states)
         self.positions = torch.cat([self.positions, pos.expand(b, h, t)], -1)
         self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, t)], -1)
@@ -357,7 +360,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.scored:
-            return self.seen + query_length, 0  # masks by position; the layer gathers what it holds
+            return self.seen + _query_length(query_length), 0  # masks by position; the layer gathers what it holds
         return super().get_mask_sizes(query_length)
 
     def held(self) -> int:
@@ -384,7 +387,8 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         """Attention output of a decoding step; None at the prefill, whose attention is plain SDPA over the
         prompt's exact states (nothing is evicted before it), so that only the scores are computed here."""
         prefill = self.calls == 0
-        ctx = ScoreContext(self, query, mask, scaling, prefill)
+        ctx = ScoreContext(self, query, mask, scaling, prefill, self._given)
+        self._given = None
         out = ctx.output if not prefill else None
         self.calls += 1
         self.scores = self.policy.score(ctx)

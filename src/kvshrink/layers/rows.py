@@ -22,6 +22,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .. import attention
+from ..compat import query_length as _query_length
 from .base import _BatchOps, _Reporting
 
 
@@ -112,6 +113,7 @@ class RowSplit(_BatchOps, CacheLayerMixin, _Reporting):
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        query_length = _query_length(query_length)
         # rows see themselves from their first real token (the prefill's pads never reach them); the joined tensors
         # cover every position
         first = self.seen == 0
@@ -121,6 +123,10 @@ class RowSplit(_BatchOps, CacheLayerMixin, _Reporting):
 
     def get_max_length(self) -> int:
         return self.rows[0].get_max_length()
+
+    def get_max_cache_shape(self) -> int:
+        """`get_max_length` under its transformers 5.0 - 5.2 name."""
+        return self.get_max_length()
 
     def reset(self) -> None:
         self.rows = [self._copy(self.template) for _ in self.rows]

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from transformers.cache_utils import CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import CacheLayerMixin
 
 from .. import spec as specs
 from ..cache import CompressedCache, install_padding_hook
 from ..codecs.base import Codec
+from ..compat import layer_types_and_kwargs
 from ..distributed import head_shard
 from ..layers.composed import ComposedLayer
 from ..models import head_dim_of
@@ -84,7 +85,7 @@ class Method:
 
 def build_layers(method: Method, config: Any) -> list[CacheLayerMixin]:
     text = config.get_text_config(decoder=True)
-    layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+    layer_types, layer_kwargs = layer_types_and_kwargs(text)
     head_dim = head_dim_of(text)
     layers = []
     for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs)):

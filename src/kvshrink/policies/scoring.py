@@ -7,7 +7,12 @@ policy reads only when the policy reads it (kvpress's scorers see the same thing
   step), "observed" over the last `observe` queries (SnapKV's observation window), "last" from the last query;
 - `keys`, `values`: the held tokens [B, H, T, D] (decoded, float32), in held order (sinks, stored, window);
 - `queries`: the observation window's queries [B, Hq, observe, D]; `positions` [B, H, T]; `old` the previous scores
-  (0 for tokens new in this call); `prefill`, `seen`, `layer`.
+  (0 for tokens new in this call); `prefill`, `seen`, `layer`;
+- `given`: the keys and values this call added, as the model computed them [B, H, q, D] (at the prefill: the whole
+  prompt, in the model's dtype, before any rounding to the layer's storage);
+- `inputs`: the attention module, its input hidden states and its keyword arguments (`attention.LayerInputs`), for
+  policies that project their own queries (kvpress's scorers); only there when the method captured them
+  (`attention.capture_inputs(model)` in its `prepare`), so other policies' models carry no hooks.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from .. import attention
 from ..options import registrar
 
 POLICIES: dict[str, type["Policy"]] = {}
@@ -26,8 +32,10 @@ register_policy = registrar(POLICIES, "token policy")
 class ScoreContext:
     """What a policy may read about one attention call of a layer, each computed on first use."""
 
-    def __init__(self, layer: Any, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, prefill: bool):
+    def __init__(self, layer: Any, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, prefill: bool,
+                 given: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.layer, self.query, self.mask, self.scaling, self.prefill = layer, query, mask, scaling, prefill
+        self.given = given
         self.old: torch.Tensor = layer.scores
         self.positions: torch.Tensor = layer.positions
         self.seen: int = layer.seen
@@ -64,6 +72,15 @@ class ScoreContext:
     @property
     def queries(self) -> torch.Tensor:
         return self.query[:, :, -self.layer.observe:]
+
+    @property
+    def inputs(self) -> attention.LayerInputs:
+        got = attention.layer_inputs()
+        if got is None or getattr(got.module, "layer_idx", None) != self.layer.layer_idx:
+            raise RuntimeError(f"layer {self.layer.layer_idx}: policy {self.layer.policy.name!r} reads the attention "
+                               "module's inputs, which were not captured (its method's prepare calls "
+                               "kvshrink.attention.capture_inputs(model))")
+        return got
 
 
 class Policy:
