@@ -166,3 +166,19 @@ def test_uniform_specs_keep_their_layers():
     cache = ks.make_cache(model, "snapkv:budget=0.25")
     assert not any(isinstance(layer, HeadSplit) for layer in cache.layers)
     assert "heads" not in ks.canonical_spec("snapkv:budget=0.25")
+
+
+def test_a_replayed_prefill_builds_the_same_per_head_cache():
+    from kvshrink.eval.prefill import record_prefill, replay
+
+    model = _model()
+    ids = _ids()
+    record = record_prefill(model, ids)
+    ran, replayed = ks.make_cache(model, ADAPTIVE), ks.make_cache(model, ADAPTIVE)
+    with torch.no_grad():
+        model(ids, past_key_values=ran)
+    replay(record, replayed)
+    for a, b in zip(ran.layers, replayed.layers):
+        assert a.held_per_head() == b.held_per_head()
+        for x, y in zip(a.heads, b.heads):
+            assert torch.equal(x.positions, y.positions)
