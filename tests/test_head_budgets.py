@@ -182,3 +182,12 @@ def test_a_replayed_prefill_builds_the_same_per_head_cache():
         assert a.held_per_head() == b.held_per_head()
         for x, y in zip(a.heads, b.heads):
             assert torch.equal(x.positions, y.positions)
+
+
+def test_tensor_parallelism_is_refused_clearly():
+    model = _model()
+    method = ks.build_method(ADAPTIVE)
+    method.prepare(model)
+    method._shard = object()  # as make_cache sets it for a head-sharded model
+    with pytest.raises(ValueError, match="not supported under tensor parallelism"):
+        method.layer(0, None)

@@ -165,3 +165,10 @@ def test_a_padded_row_equals_its_run_alone_and_a_codec_stores_the_retrieval_head
     assert alone.memory_report()["by_part"]["codes"] > 0
     with pytest.raises(ValueError, match="mean=head"):
         ks.make_cache(model, f"razor:profile={profile_path},share=0.5 + tada:bits=4")
+
+
+def test_razor_refuses_tensor_parallelism(profile_path):
+    method = ks.build_method(f"razor:profile={profile_path}")
+    method._shard = object()
+    with pytest.raises(ValueError, match="not supported under tensor parallelism"):
+        method.prepare(_model())
