@@ -45,6 +45,14 @@ class CompressedCache(Cache):
             if getattr(layer, "splits_rows", False) and layer.sliding_window is None and not layer.is_initialized:
                 self.layers[i] = RowSplit(layer, pads)
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """A layer whose rows may keep different counts (`splits_batch`: per-head allocation) takes its first
+        batch of several rows as one layer per row (`RowSplit`, nothing padded); then the layer's own update."""
+        layer = self.layers[layer_idx]
+        if getattr(layer, "splits_batch", False) and not layer.is_initialized and key_states.shape[0] > 1:
+            self.layers[layer_idx] = RowSplit(layer, [0] * key_states.shape[0])
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def save(self, path) -> Path:
         """Write this cache to a safetensors file (atomically); `kvshrink.load_cache(path, model)` resumes it."""
         return save_cache(self, path)

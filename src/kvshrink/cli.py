@@ -215,6 +215,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         _, options = parse_spec("tada:" + ",".join(args.option))
     if args.method == "layered":
         return _calibrate_layered(args)
+    if args.method == "razor":
+        from .models import load_model
+        from .retrieval import retrieval_profile
+
+        model, _ = load_model(args.model)
+        profile = retrieval_profile(model, length=args.context or 256, samples=args.samples or 4, seed=args.seed)
+        profile.save(args.output)
+        echo, induction = profile.calibration["echo"], profile.calibration["induction"]
+        print("layer | echo per KV head | induction per KV head")
+        for i, (e, ind) in enumerate(zip(echo, induction)):
+            print(f"{i:5d} | {' '.join(f'{x:.3f}' for x in e)} | {' '.join(f'{x:.3f}' for x in ind)}")
+        print(f"retrieval-head scores of {args.model}; profile: {args.output} (use: razor:profile={args.output})")
+        return 0
     if args.method != "tada":
         profile = calibrate(args.model, method=args.method, target_ratio=args.target_ratio,
                             target_bytes=args.target_bytes, target_bits=args.target_bits, samples=args.samples,
@@ -382,12 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("-o", "--output", default="benchmarks/results", help="directory for JSON + markdown, '' for none")
     be.set_defaults(func=cmd_bench)
 
-    ca = sub.add_parser("calibrate", help="choose tada's bits per layer under a memory budget, or fit the bases of "
-                                          "the low-rank methods (--method tale|dynakv|lowrank)")
+    ca = sub.add_parser("calibrate", help="choose tada's bits per layer under a memory budget, fit the bases of "
+                                          "the low-rank methods (--method tale|dynakv|lowrank), or measure "
+                                          "retrieval heads (--method razor)")
     ca.add_argument("--model", default="smollm2-135m")
-    ca.add_argument("--method", choices=("tada", "layered", "tale", "dynakv", "lowrank"), default="tada",
+    ca.add_argument("--method", choices=("tada", "layered", "tale", "dynakv", "lowrank", "razor"), default="tada",
                     help="tada: per-layer bits (default); layered: per-layer codecs and token shares chosen "
-                         "together (needs --target-ratio); tale/lowrank: per-head bases; dynakv: joint bases")
+                         "together (needs --target-ratio); tale/lowrank: per-head bases; dynakv: joint bases; razor: "
+                         "echo/induction scores per KV head on repeated random tokens (--context: their length, "
+                         "default 256; --samples: default 4)")
     ca.add_argument("--key-codecs", help="layered: key codec specs tried per layer, joined by ';' (default: grouped "
                                          "2/3/4 bits per channel, rotated 2/3/4 bits, exact)")
     ca.add_argument("--value-codecs", help="layered: value codec specs joined by ';' (default: grouped 2/3/4 bits "

@@ -123,6 +123,8 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self._clear()
 
     replays_prefill = True  # the prefill attends over the exact states given (SDPA); see eval.prefill
+    #: the prefill scores but does not evict: a wrapper sets how many tokens stay (`layers/heads.py`)
+    defer_eviction = False
 
     @property
     def scored(self) -> bool:
@@ -392,7 +394,9 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         out = ctx.output if not prefill else None
         self.calls += 1
         self.scores = self.policy.score(ctx)
-        if prefill or self.policy.evicts_while_decoding:
+        if prefill and self.defer_eviction:
+            pass  # a wrapper (layers/heads.py) decides how many tokens this layer keeps, then calls `_evict(keep)`
+        elif prefill or self.policy.evicts_while_decoding:
             self._evict()
         else:
             self._settle()
@@ -411,6 +415,9 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         rep = hq // h
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         pos_q = pos.repeat_interleave(rep, 1).long()  # [B, Hq, T]
+        bias = self._logit_bias()
+        if bias is not None:
+            bias = bias.repeat_interleave(rep, 1)[:, :, None, :]
         q = query.float()
         out = torch.empty(b, hq, ql, v.shape[-1], dtype=torch.float32, device=q.device) if outputs else None
         got_all = q.new_zeros(b, hq, pos.shape[-1])
@@ -423,6 +430,8 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         for start in range(begin, ql, _QUERY_BLOCK):
             stop = min(start + _QUERY_BLOCK, ql)
             s = (q[:, :, start:stop] @ k.transpose(-1, -2)) * scaling
+            if bias is not None:
+                s = s + bias
             if mask is not None:
                 m = mask[:, :, start:stop]
                 allowed = m.expand(b, hq, -1, -1).gather(-1, pos_q[:, :, None, :].expand(-1, -1, stop - start, -1))
@@ -446,17 +455,31 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             received = {name: m.mean(1, keepdim=True).expand(b, h, -1) for name, m in zip(received, every)}
         return (out.to(query.dtype) if outputs else None), received
 
+    def _logit_bias(self) -> torch.Tensor | None:
+        """A term [B, H, T] added to every query's logits over the held tokens (in `_held_tokens` order), or None:
+        a token standing for several (a compensation token) adds the log of their count."""
+        return None
+
+    def ranked_candidates(self) -> tuple[torch.Tensor, int]:
+        """(the policy's rank [B, H, N] of the tokens eviction may drop now: stored ones then those leaving the
+        window; the count of held tokens it may not: sinks and window). What a per-head allocation reads."""
+        n_sink, n_store = self.sink_keys.shape[-2], self.key_store.tokens
+        n_cand = n_store + max(self.keys.shape[-2] - self.window, 0)
+        cand = slice(n_sink, n_sink + n_cand)
+        rank = self.policy.rank(self.scores[..., cand], self.positions[..., cand], self.seen)
+        return rank, self.positions.shape[-1] - n_cand
+
     def budget_tokens(self) -> int:
         """How many tokens stay (exact or stored) now."""
         keep = self.tokens if self.tokens else math.ceil(self.budget * self.seen)
         return max(keep, min(self.seen, self.sinks + self.window))
 
-    def _evict(self) -> None:
+    def _evict(self, keep: int | None = None) -> None:
         """Keep the best-ranked tokens between the protected sinks and window, stored by the codec; the others
-        go to the low tier or are dropped."""
+        go to the low tier or are dropped. `keep`: the tokens to hold (default: `budget_tokens()`)."""
         n_sink, n_store = self.sink_keys.shape[-2], self.key_store.tokens
         leaving = max(self.keys.shape[-2] - self.window, 0)  # window tokens old enough to be ranked
-        keep = self.budget_tokens()
+        keep = self.budget_tokens() if keep is None else keep
         held = self.positions.shape[-1]
         if held <= keep:
             self._settle()

@@ -26,7 +26,7 @@ from ..models import head_dim_of
 from ..options import check_types, option, options_of, registrar
 from ..profile import fingerprint
 
-__all__ = ["METHODS", "Method", "StoringMethod", "CodecRecipe", "register", "option", "method_options", "get_method",
+__all__ = ["METHODS", "Method", "StoringMethod", "PolicyMethod", "CodecRecipe", "register", "option", "method_options", "get_method",
            "build_layers"]
 
 #: dtypes an exact window and sinks may be held in ("model": the model's own)
@@ -115,6 +115,17 @@ class StoringMethod(Method):
     def exact_torch_dtype(self):
         """The dtype of the exact window and sinks (None: the model's)."""
         return None
+
+
+@dataclass
+class PolicyMethod(Method):
+    """A recipe that says which tokens each layer keeps (the eviction methods, razor); it can be the POLICY side of
+    `POLICY + CODEC`, whose CODEC side gives the codecs the kept tokens are stored with."""
+
+    def scored_layer(self, layer_idx: int, key_codec: Codec, value_codec: Codec, exact_dtype, window: int,
+                     sinks: int) -> CacheLayerMixin:
+        """Layer `layer_idx` keeping this recipe's tokens, stored by the given codecs."""
+        raise NotImplementedError
 
 
 @dataclass

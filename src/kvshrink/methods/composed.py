@@ -16,8 +16,7 @@ from typing import Any
 from ..codecs.base import CODECS
 from ..layers.full import FullLayer
 from ..models import text_config
-from .base import Method, StoringMethod
-from .eviction import EvictionMethod
+from .base import Method, PolicyMethod, StoringMethod
 
 
 @dataclass
@@ -36,9 +35,9 @@ class Composition(Method):
     def of(cls, policy: Method, policy_options: dict[str, Any], storing: Method,
            storing_options: dict[str, Any]) -> "Composition":
         """Compose `policy` with `storing` (each built from the options as given, which say what was explicit)."""
-        if not isinstance(policy, EvictionMethod):
+        if not isinstance(policy, PolicyMethod):
             raise ValueError(f"the POLICY side of 'POLICY + CODEC' must be a token-policy method (streamingllm, "
-                             f"window, h2o, snapkv, tova, mixed), got {policy.name!r}")
+                             f"window, h2o, snapkv, tova, mixed, razor), got {policy.name!r}")
         if not isinstance(storing, StoringMethod):
             raise ValueError(f"the CODEC side of 'POLICY + CODEC' must store tokens (kivi, tada, turboquant, or a "
                              f"codec: {', '.join(sorted(CODECS))}), got {storing.name!r}")

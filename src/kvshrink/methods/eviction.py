@@ -14,17 +14,21 @@ from .. import attention
 from .. import spec as specs
 from ..codecs.base import Codec
 from ..codecs.exact import ExactCodec
+from ..codecs.perhead import PerHead
 from ..layers.composed import ComposedLayer
 from ..layers.full import FullSlidingLayer
+from ..layers.heads import HeadSplit
 from ..models import head_dim_of, text_config
-from ..policies.scoring import Policy, get_policy
-from .base import Method, option
+from ..policies.scoring import POLICIES, Policy, get_policy
+from .base import PolicyMethod, option
+
+HEAD_BUDGETS = ("uniform", "adaptive")
 
 DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
-class EvictionMethod(Method):
+class EvictionMethod(PolicyMethod):
     """Options and cache building of the eviction methods (not a method by itself)."""
 
     policy_name: ClassVar[str] = ""
@@ -35,6 +39,11 @@ class EvictionMethod(Method):
     window: int = option(32, "most recent tokens never evicted")
     observe: int = option(32, "last prompt queries whose attention scores the prompt (snapkv)")
     exact_dtype: str = option("float16", "dtype of the kept tokens: model, float16 or bfloat16")
+    heads: str = option("uniform", "how a layer's budget is shared by its KV heads: 'uniform' (the same count in "
+                                   "each) or 'adaptive' (AdaKV: one ranking over all heads' tokens, each head "
+                                   "holding its own count; prompt-only policies such as snapkv)")
+    floor: float = option(0.2, "under heads=adaptive, the share of the uniform per-head budget every head keeps at "
+                               "least (AdaKV's alpha)")
 
     def validate(self) -> None:
         if not 0 < self.budget <= 1:
@@ -44,7 +53,15 @@ class EvictionMethod(Method):
                 raise ValueError(f"{self.name}: {arg} must be >= 0, got {getattr(self, arg)}")
         if self.exact_dtype not in DTYPES:
             raise ValueError(f"{self.name}: exact_dtype must be one of {', '.join(DTYPES)}, got {self.exact_dtype!r}")
-        self.make_policy()
+        policy = self.make_policy()
+        if self.heads not in HEAD_BUDGETS:
+            raise ValueError(f"{self.name}: heads must be one of {', '.join(HEAD_BUDGETS)}, got {self.heads!r}")
+        if not 0 <= self.floor <= 1:
+            raise ValueError(f"{self.name}: floor must be a share in [0, 1], got {self.floor}")
+        if self.heads == "adaptive" and policy.evicts_while_decoding:
+            prompt_only = sorted(n for n, p in POLICIES.items() if not p.evicts_while_decoding)
+            raise ValueError(f"{self.name}: heads=adaptive allocates the prompt's budget once, at the prefill; "
+                             f"{policy.name} evicts while decoding. Policies that work: {', '.join(prompt_only)}")
 
     def scoring_policy(self) -> str:
         return self.policy_name
@@ -62,7 +79,9 @@ class EvictionMethod(Method):
     def prepare(self, model_or_config: Any) -> None:
         if hasattr(model_or_config, "set_attn_implementation"):
             attention.enable(model_or_config)
-        self._head_dim = head_dim_of(text_config(model_or_config))
+        text = text_config(model_or_config)
+        self._head_dim = head_dim_of(text)
+        self._kv_heads = text.num_key_value_heads
 
     def layer(self, layer_idx: int, sliding_window: int | None):
         if sliding_window is not None:
@@ -72,12 +91,30 @@ class EvictionMethod(Method):
 
     def scored_layer(self, layer_idx: int, key_codec: Codec, value_codec: Codec, exact_dtype, window: int,
                      sinks: int) -> ComposedLayer:
-        """This method's policy and budget over the given codecs (the kept tokens' storage)."""
+        """This method's policy and budget over the given codecs (the kept tokens' storage); under
+        heads=adaptive one single-head layer per KV head, their budgets allocated together (`layers/heads.py`)."""
         low, keep = self.low_tier(self._head_dim, layer_idx, None if key_codec.lossless else key_codec)
-        return ComposedLayer(key_codec, value_codec, window=window, sinks=sinks,
-                             policy=self.make_policy(), budget=keep, tokens=self.tokens,
-                             observe=self.observe, low_codecs=low, exact_dtype=exact_dtype, layer_idx=layer_idx,
-                             shard=getattr(self, "_shard", None))
+        shard = getattr(self, "_shard", None)
+
+        def one() -> ComposedLayer:
+            return ComposedLayer(key_codec, value_codec, window=window, sinks=sinks,
+                                 policy=self.make_policy(), budget=keep, tokens=self.tokens,
+                                 observe=self.observe, low_codecs=low, exact_dtype=exact_dtype, layer_idx=layer_idx,
+                                 shard=shard)
+
+        if self.heads == "uniform":
+            return one()
+        where = f"{self.name}: heads=adaptive"
+        if shard is not None:
+            raise ValueError(f"{where} is not supported under tensor parallelism (each rank would allocate its own "
+                             "heads' budget): use heads=uniform")
+        for codec in (key_codec, value_codec, *(low or ())):
+            if isinstance(codec, PerHead) or getattr(codec, "center", "none") == "head":
+                raise ValueError(f"{where} keeps each KV head in a layer of its own: a codec shared across heads "
+                                 f"({codec.name}: per-head codecs or mean=head) cannot store it; use one codec for "
+                                 "every head and mean=none or channel")
+        return HeadSplit([one() for _ in range(self._kv_heads)], floor=self.floor, layer_idx=layer_idx,
+                         label=f"{one().describe()['bits']}, heads adaptive (floor {self.floor:g})")
 
 
 @dataclass
