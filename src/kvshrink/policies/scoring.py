@@ -5,9 +5,12 @@ policy reads only when the policy reads it (kvpress's scorers see the same thing
 - `received`: the attention each held token received in this call, per KV head (averaged over the query heads
   that share it): "all" summed over every query of the call (the whole prompt at prefill, one token per decoding
   step), "observed" over the last `observe` queries (SnapKV's observation window), "last" from the last query;
+  "max" (for a policy whose `needs` name it) the largest from any query and any query head sharing the KV head;
 - `keys`, `values`: the held tokens [B, H, T, D] (decoded, float32), in held order (sinks, stored, window);
 - `queries`: the observation window's queries [B, Hq, observe, D]; `positions` [B, H, T]; `old` the previous scores
-  (0 for tokens new in this call); `prefill`, `seen`, `layer`.
+  (0 for tokens new in this call); `prefill`, `seen`, `layer`;
+- `probe`: during a scoring pass (`ComposedLayer.probing`: tokens that attend over the held ones and are never
+  kept, KVzip's reconstruction), that pass's keys and values; None otherwise.
 """
 from __future__ import annotations
 
@@ -26,8 +29,10 @@ register_policy = registrar(POLICIES, "token policy")
 class ScoreContext:
     """What a policy may read about one attention call of a layer, each computed on first use."""
 
-    def __init__(self, layer: Any, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, prefill: bool):
+    def __init__(self, layer: Any, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, prefill: bool,
+                 probe: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.layer, self.query, self.mask, self.scaling, self.prefill = layer, query, mask, scaling, prefill
+        self.probe = probe
         self.old: torch.Tensor = layer.scores
         self.positions: torch.Tensor = layer.positions
         self.seen: int = layer.seen
@@ -36,7 +41,7 @@ class ScoreContext:
     def _attend(self, outputs: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         if self._result is None or (outputs and self._result[0] is None):
             self._result = self.layer.attention(self.query, self.mask, self.scaling, outputs=outputs,
-                                                needs=self.layer.policy.needs)
+                                                needs=self.layer.policy.needs, extra=self.probe)
         return self._result
 
     @property
@@ -77,7 +82,7 @@ class Policy:
     per_layer: ClassVar[bool] = False
     #: needs the attention weights (StreamingLLM does not)
     needs_attention: ClassVar[bool] = True
-    #: which of the received-attention sums `score` reads ("all", "observed", "last"): a prefill that only scores
+    #: which of the received-attention sums `score` reads ("all", "observed", "last", "max"): a prefill that only scores
     #: computes the queries those need (the observation window, not the whole prompt, for SnapKV and TOVA)
     needs: ClassVar[tuple[str, ...]] = ("all", "observed", "last")
 
