@@ -215,3 +215,18 @@ def test_inputs_embeds_are_refused():
     cache = ks.make_cache(model, "kvzip:prompt=none")
     with torch.no_grad(), pytest.raises(ValueError, match="prefill with input_ids"):
         model(inputs_embeds=model.get_input_embeddings()(_prompt(n=40)), past_key_values=cache, use_cache=True)
+
+
+def test_a_padded_row_is_compressed_as_if_alone():
+    model = tiny_llama()
+    ids = _prompt(batch=2, n=120)
+    mask = torch.ones_like(ids)
+    ids[1, :15], mask[1, :15] = 0, 0
+    spec = "kvzip:budget=0.4,prompt=none,chunk=50"
+    batch = _cache(model, spec)
+    both = greedy(model, ids, batch, n=10, attention_mask=mask)
+    single = _cache(model, spec)
+    alone = greedy(model, ids[1:, 15:], single, n=10)
+    assert torch.equal(both[1], alone[0])
+    for split, own in zip(batch.layers, single.layers):
+        assert torch.equal(split.rows[1].positions, own.positions)

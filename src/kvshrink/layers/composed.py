@@ -441,6 +441,9 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         rep = hq // h
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         pos_q = pos.repeat_interleave(rep, 1).long()  # [B, Hq, T]
+        n = pos.shape[-1]
+        # held in position order from 0 without a gap (strictly increasing per head): the mask's first n columns
+        in_order = mask is not None and n_low == 0 and bool((pos[..., -1] == n - 1).all())
         q = query.float()
         out = torch.empty(b, hq, ql, v.shape[-1], dtype=torch.float32, device=q.device) if outputs else None
         got_all = q.new_zeros(b, hq, pos.shape[-1])
@@ -456,7 +459,8 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             s = (q[:, :, start:stop] @ k.transpose(-1, -2)) * scaling
             if mask is not None:
                 m = mask[:, :, start:stop]
-                allowed = m.expand(b, hq, -1, -1).gather(-1, pos_q[:, :, None, :].expand(-1, -1, stop - start, -1))
+                allowed = m[..., :n] if in_order else m.expand(b, hq, -1, -1).gather(
+                    -1, pos_q[:, :, None, :].expand(-1, -1, stop - start, -1))
                 s = s.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else s + allowed.float()
             else:
                 qpos = torch.arange(q_first + start, q_first + stop, device=q.device)
@@ -464,11 +468,12 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             p = torch.softmax(s, -1).nan_to_num(0.0)
             if outputs:
                 out[:, :, start:stop] = p @ v
-            got_all += p.sum(2)
+            if "all" in needs:
+                got_all += p.sum(2)
             if got_max is not None:
                 got_max = torch.maximum(got_max, p.amax(2))
             first_obs = max(ql - self.observe, start)
-            if first_obs < stop:
+            if first_obs < stop and "observed" in needs:
                 got_obs += p[:, :, first_obs - start:].sum(2)
             if stop == ql:
                 got_last = p[:, :, -1]
@@ -513,9 +518,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         rank = self.policy.rank(self.scores[..., cand], self.positions[..., cand], self.seen)
         if self.policy.per_layer:  # the same tokens in every head: rank by the head-mean score
             rank = gather_heads(self.shard, rank).mean(1, keepdim=True).expand_as(rank)
-        order = torch.sort(rank, dim=-1, descending=True, stable=True).indices
-        kept = order[..., :room].sort(-1).values
-        gone = order[..., room:].sort(-1).values
+        kept, gone = self.policy.choose(rank, room)
         if n_store == 0 or self.low_keys is not None:
             cand_k, cand_v = self._candidates(leaving)
         if self.low_keys is not None:

@@ -17,7 +17,7 @@ from ..codecs.exact import ExactCodec
 from ..layers.composed import ComposedLayer
 from ..layers.full import FullSlidingLayer
 from ..models import head_dim_of, text_config
-from ..policies.scoring import get_policy
+from ..policies.scoring import Policy, get_policy
 from .base import Method, option
 
 DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,6 +49,10 @@ class EvictionMethod(Method):
     def scoring_policy(self) -> str:
         return self.policy_name
 
+    def make_policy(self) -> Policy:
+        """The token policy of one layer (a fresh instance: a policy may hold per-layer settings)."""
+        return get_policy(self.scoring_policy())
+
     def low_tier(self, head_dim: int, layer_idx: int = 0, kept: Codec | None = None
                  ) -> tuple[tuple[Codec, Codec] | None, float]:
         """(key and value codecs of the tier evicted tokens go to, or None to drop them; the share of tokens kept
@@ -71,7 +75,7 @@ class EvictionMethod(Method):
         """This method's policy and budget over the given codecs (the kept tokens' storage)."""
         low, keep = self.low_tier(self._head_dim, layer_idx, None if key_codec.lossless else key_codec)
         return ComposedLayer(key_codec, value_codec, window=window, sinks=sinks,
-                             policy=get_policy(self.scoring_policy()), budget=keep, tokens=self.tokens,
+                             policy=self.make_policy(), budget=keep, tokens=self.tokens,
                              observe=self.observe, low_codecs=low, exact_dtype=exact_dtype, layer_idx=layer_idx,
                              shard=getattr(self, "_shard", None))
 

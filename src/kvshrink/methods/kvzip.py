@@ -78,6 +78,9 @@ class KVzip(EvictionMethod):
         layer = super().scored_layer(*args, **kwargs)
         layer.defer_eviction = True  # held whole until the pass, then `policies.kvzip.reconstruct` evicts
         layer.replays_prefill = False  # a replayed prefill has no model to run the pass: eval prefills itself
-        layer.policy.instruction = getattr(self, "_instruction", None)
-        layer.policy.chunk = self.chunk
         return layer
+
+    def make_policy(self):
+        policy = super().make_policy()
+        policy.instruction, policy.chunk = getattr(self, "_instruction", None), self.chunk
+        return policy

@@ -94,6 +94,12 @@ class Policy:
         """What eviction ranks by (highest kept): the scores themselves unless a policy normalises them."""
         return scores
 
+    def choose(self, rank: torch.Tensor, room: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept, gone): indices [B, H, room] and [B, H, N - room] of the candidates ranked `rank` [B, H, N], each
+        in increasing order: the `room` best-ranked (ties to the earlier) unless a policy chooses otherwise."""
+        order = torch.sort(rank, dim=-1, descending=True, stable=True).indices
+        return order[..., :room].sort(-1).values, order[..., room:].sort(-1).values
+
 
 @register_policy
 class Recency(Policy):
