@@ -17,6 +17,11 @@ after each decoding step for policies that evict while decoding) it keeps the be
 protected sinks and window and stores them with the codec (the `exact` codec: the kept tokens as they are). With a
 low tier the evicted tokens are stored by a second codec instead of dropped (MiKV). Masks are indexed by position.
 
+A layer that defers eviction (`defer_eviction`) keeps the whole prompt exact after the prefill until told how many
+tokens stay (`_evict(keep)`); meanwhile a scoring pass (`probing`, KVzip's reconstruction) may run forward passes
+whose tokens attend over the held prompt and score it but are never kept: the layer's length and positions stay
+the prompt's.
+
 Under tensor parallelism (`shard`) the layer holds its rank's KV heads; a per-layer policy (TOVA: every head keeps
 the same tokens) averages its scores over every rank's heads, gathered, so all ranks keep the same positions.
 """
@@ -123,7 +128,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self._clear()
 
     replays_prefill = True  # the prefill attends over the exact states given (SDPA); see eval.prefill
-    #: the prefill scores but does not evict: a wrapper sets how many tokens stay (`layers/heads.py`)
+    #: the prefill scores but does not evict: whoever set it decides how many tokens stay, then calls `_evict(keep)`
     defer_eviction = False
 
     @property
@@ -150,6 +155,9 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self._awaiting = False
         self._step = None
         self._given = None
+        self.probing = False  # a scoring pass runs: its tokens attend over the held ones and are not kept
+        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.awaiting_keep = False  # deferred eviction: the prefill is held whole until `_evict(keep)`
         self.is_initialized = False
 
     def _stores(self) -> tuple[PagedStore, ...]:
@@ -346,6 +354,13 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
 
     # -- scored layers: a policy keeps a budget of tokens ---------------------------------------------------------
     def _update_scored(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        if self.probing:
+            return self._update_probe(key_states, value_states)
+        if self.awaiting_keep:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: the prompt is held whole until a scoring pass decides how many tokens stay "
+                f"({self.policy.name}'s pass runs after the prefill, from the forward hook that make_cache(model, ...) "
+                "installs); a new step cannot come first. Prefill through the model itself (not a replayed prefill)")
         self._begin_update(key_states, value_states)
         b, h, t, _ = key_states.shape
         pos = torch.arange(self.seen, self.seen + t, dtype=torch.int32, device=key_states.device)
@@ -385,9 +400,22 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             p = torch.cat([self.low_positions, p], -1)
         return k, v, p, p.shape[-1] - self.positions.shape[-1]
 
+    def _update_probe(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """A scoring pass's step: its tokens are attended (by `attend`) after the held ones, and never kept."""
+        self._begin_update(key_states, value_states)
+        self._probe = (key_states, value_states)
+        self._hand_over(key_states)
+        return key_states, value_states
+
     def _attend_scored(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor | None:
         """Attention output of a decoding step; None at the prefill, whose attention is plain SDPA over the
         prompt's exact states (nothing is evicted before it), so that only the scores are computed here."""
+        if self._probe is not None:
+            ctx = ScoreContext(self, query, mask, scaling, False, probe=self._probe)
+            self._probe = None
+            out = ctx.output
+            self.scores = self.policy.score(ctx)
+            return out
         prefill = self.calls == 0
         ctx = ScoreContext(self, query, mask, scaling, prefill, self._given)
         self._given = None
@@ -395,7 +423,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self.calls += 1
         self.scores = self.policy.score(ctx)
         if prefill and self.defer_eviction:
-            pass  # a wrapper (layers/heads.py) decides how many tokens this layer keeps, then calls `_evict(keep)`
+            self.awaiting_keep = True  # held whole (exact, in the window) until `_evict(keep)`
         elif prefill or self.policy.evicts_while_decoding:
             self._evict()
         else:
@@ -403,13 +431,24 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         return out
 
     def attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, outputs: bool = True,
-                  needs: tuple[str, ...] = ("all", "observed", "last")
+                  needs: tuple[str, ...] = ("all", "observed", "last"),
+                  extra: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Attention output [B, Hq, q, d] (None without `outputs`) and the attention each held token received,
-        per KV head ("all" queries, the last `observe` ones, the "last" one), over what the layer holds."""
+        per KV head ("all" queries, the last `observe` ones, the "last" one, averaged over the query heads sharing
+        it; "max": the largest from any query and any of those heads, when asked for), over what the layer holds.
+        `extra`: a scoring pass's own keys and values, attended after the held tokens (at the positions after
+        `seen`) and given no score."""
         k, v, pos, n_low = self._held_tokens()
+        n_held = pos.shape[-1]
         b, hq, ql, _ = query.shape
         h = k.shape[1]
+        q_first = self.seen - ql  # the queries' first position
+        if extra is not None:
+            k, v = torch.cat([k, extra[0].float()], -2), torch.cat([v, extra[1].float()], -2)
+            new = torch.arange(self.seen, self.seen + extra[0].shape[-2], dtype=pos.dtype, device=pos.device)
+            pos = torch.cat([pos, new.expand(b, h, -1)], -1)
+            q_first = self.seen
         if hq % h:
             raise ValueError(f"layer {self.layer_idx}: {hq} query heads for {h} KV heads")
         rep = hq // h
@@ -418,11 +457,15 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         bias = self._logit_bias()
         if bias is not None:
             bias = bias.repeat_interleave(rep, 1)[:, :, None, :]
+        n = pos.shape[-1]
+        # held in position order from 0 without a gap (strictly increasing per head): the mask's first n columns
+        in_order = mask is not None and n_low == 0 and bool((pos[..., -1] == n - 1).all())
         q = query.float()
         out = torch.empty(b, hq, ql, v.shape[-1], dtype=torch.float32, device=q.device) if outputs else None
         got_all = q.new_zeros(b, hq, pos.shape[-1])
         got_obs = q.new_zeros(b, hq, pos.shape[-1])
         got_last = None
+        got_max = q.new_zeros(b, hq, pos.shape[-1]) if "max" in needs else None
         # scoring only (a prefill): the queries the policy reads, not the whole prompt
         begin = 0 if outputs or "all" in needs else ql if not needs else max(ql - self.observe, 0)
         if begin == ql:
@@ -434,22 +477,28 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
                 s = s + bias
             if mask is not None:
                 m = mask[:, :, start:stop]
-                allowed = m.expand(b, hq, -1, -1).gather(-1, pos_q[:, :, None, :].expand(-1, -1, stop - start, -1))
+                allowed = m[..., :n] if in_order else m.expand(b, hq, -1, -1).gather(
+                    -1, pos_q[:, :, None, :].expand(-1, -1, stop - start, -1))
                 s = s.masked_fill(~allowed, float("-inf")) if allowed.dtype == torch.bool else s + allowed.float()
             else:
-                qpos = torch.arange(self.seen - ql + start, self.seen - ql + stop, device=q.device)
+                qpos = torch.arange(q_first + start, q_first + stop, device=q.device)
                 s = s.masked_fill(pos_q[:, :, None, :] > qpos[None, None, :, None], float("-inf"))
             p = torch.softmax(s, -1).nan_to_num(0.0)
             if outputs:
                 out[:, :, start:stop] = p @ v
-            got_all += p.sum(2)
+            if "all" in needs:
+                got_all += p.sum(2)
+            if got_max is not None:
+                got_max = torch.maximum(got_max, p.amax(2))
             first_obs = max(ql - self.observe, start)
-            if first_obs < stop:
+            if first_obs < stop and "observed" in needs:
                 got_obs += p[:, :, first_obs - start:].sum(2)
             if stop == ql:
                 got_last = p[:, :, -1]
-        received = {name: got[..., n_low:].reshape(b, h, rep, -1).mean(2)
+        received = {name: got[..., n_low:n_held].reshape(b, h, rep, -1).mean(2)
                     for name, got in (("all", got_all), ("observed", got_obs), ("last", got_last))}
+        if got_max is not None:
+            received["max"] = got_max[..., n_low:n_held].reshape(b, h, rep, -1).amax(2)
         if self.policy.per_layer:  # one score per token for the layer: the mean over every KV head (every rank's)
             every = gather_heads(self.shard, torch.stack(list(received.values())), dim=2)
             received = {name: m.mean(1, keepdim=True).expand(b, h, -1) for name, m in zip(received, every)}
@@ -477,6 +526,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
     def _evict(self, keep: int | None = None) -> None:
         """Keep the best-ranked tokens between the protected sinks and window, stored by the codec; the others
         go to the low tier or are dropped. `keep`: the tokens to hold (default: `budget_tokens()`)."""
+        self.awaiting_keep = False
         n_sink, n_store = self.sink_keys.shape[-2], self.key_store.tokens
         leaving = max(self.keys.shape[-2] - self.window, 0)  # window tokens old enough to be ranked
         keep = self.budget_tokens() if keep is None else keep
@@ -491,9 +541,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         rank = self.policy.rank(self.scores[..., cand], self.positions[..., cand], self.seen)
         if self.policy.per_layer:  # the same tokens in every head: rank by the head-mean score
             rank = gather_heads(self.shard, rank).mean(1, keepdim=True).expand_as(rank)
-        order = torch.sort(rank, dim=-1, descending=True, stable=True).indices
-        kept = order[..., :room].sort(-1).values
-        gone = order[..., room:].sort(-1).values
+        kept, gone = self.policy.choose(rank, room)
         if n_store == 0 or self.low_keys is not None:
             cand_k, cand_v = self._candidates(leaving)
         if self.low_keys is not None:

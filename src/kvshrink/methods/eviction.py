@@ -67,7 +67,7 @@ class EvictionMethod(PolicyMethod):
         return self.policy_name
 
     def make_policy(self) -> Policy:
-        """The token policy the layers rank by (a recipe whose policy has settings of its own builds it here)."""
+        """The token policy of one layer (a fresh instance: a policy may hold per-layer settings)."""
         return get_policy(self.scoring_policy())
 
     def low_tier(self, head_dim: int, layer_idx: int = 0, kept: Codec | None = None

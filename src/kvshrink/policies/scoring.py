@@ -5,6 +5,7 @@ policy reads only when the policy reads it (kvpress's scorers see the same thing
 - `received`: the attention each held token received in this call, per KV head (averaged over the query heads
   that share it): "all" summed over every query of the call (the whole prompt at prefill, one token per decoding
   step), "observed" over the last `observe` queries (SnapKV's observation window), "last" from the last query;
+  "max" (for a policy whose `needs` name it) the largest from any query and any query head sharing the KV head;
 - `keys`, `values`: the held tokens [B, H, T, D] (decoded, float32), in held order (sinks, stored, window);
 - `queries`: the observation window's queries [B, Hq, observe, D]; `positions` [B, H, T]; `old` the previous scores
   (0 for tokens new in this call); `prefill`, `seen`, `layer`;
@@ -13,6 +14,8 @@ policy reads only when the policy reads it (kvpress's scorers see the same thing
 - `inputs`: the attention module, its input hidden states and its keyword arguments (`attention.LayerInputs`), for
   policies that project their own queries (kvpress's scorers); only there when the method captured them
   (`attention.capture_inputs(model)` in its `prepare`), so other policies' models carry no hooks.
+- `probe`: during a scoring pass (`ComposedLayer.probing`: tokens that attend over the held ones and are never
+  kept, KVzip's reconstruction), that pass's keys and values; None otherwise.
 """
 from __future__ import annotations
 
@@ -33,9 +36,10 @@ class ScoreContext:
     """What a policy may read about one attention call of a layer, each computed on first use."""
 
     def __init__(self, layer: Any, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, prefill: bool,
-                 given: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 given: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 probe: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.layer, self.query, self.mask, self.scaling, self.prefill = layer, query, mask, scaling, prefill
-        self.given = given
+        self.given, self.probe = given, probe
         self.old: torch.Tensor = layer.scores
         self.positions: torch.Tensor = layer.positions
         self.seen: int = layer.seen
@@ -44,7 +48,7 @@ class ScoreContext:
     def _attend(self, outputs: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         if self._result is None or (outputs and self._result[0] is None):
             self._result = self.layer.attention(self.query, self.mask, self.scaling, outputs=outputs,
-                                                needs=self.layer.policy.needs)
+                                                needs=self.layer.policy.needs, extra=self.probe)
         return self._result
 
     @property
@@ -94,7 +98,7 @@ class Policy:
     per_layer: ClassVar[bool] = False
     #: needs the attention weights (StreamingLLM does not)
     needs_attention: ClassVar[bool] = True
-    #: which of the received-attention sums `score` reads ("all", "observed", "last"): a prefill that only scores
+    #: which of the received-attention sums `score` reads ("all", "observed", "last", "max"): a prefill that only scores
     #: computes the queries those need (the observation window, not the whole prompt, for SnapKV and TOVA)
     needs: ClassVar[tuple[str, ...]] = ("all", "observed", "last")
 
@@ -105,6 +109,12 @@ class Policy:
     def rank(self, scores: torch.Tensor, positions: torch.Tensor, seen: int) -> torch.Tensor:
         """What eviction ranks by (highest kept): the scores themselves unless a policy normalises them."""
         return scores
+
+    def choose(self, rank: torch.Tensor, room: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept, gone): indices [B, H, room] and [B, H, N - room] of the candidates ranked `rank` [B, H, N], each
+        in increasing order: the `room` best-ranked (ties to the earlier) unless a policy chooses otherwise."""
+        order = torch.sort(rank, dim=-1, descending=True, stable=True).indices
+        return order[..., :room].sort(-1).values, order[..., room:].sort(-1).values
 
 
 @register_policy

@@ -1,0 +1,194 @@
+"""KVzip (Kim et al. 2025): which prompt tokens the model needs to reproduce the prompt, scored once after the
+prefill, whatever the later questions.
+
+After the prefill the scored layers hold the whole prompt exact (`ComposedLayer.defer_eviction`). A forward hook on
+the model (`install_hook`) then runs the *reconstruction pass*: the model reads a repeat instruction followed by the
+prompt's own tokens (teacher-forced, `chunk` prompt tokens per forward, each later chunk cued by the previous chunk's
+last `OVERLAP` tokens), attending over the held prompt. Those tokens are never kept (the layers are `probing`): the
+cache's length and positions stay the prompt's. A held token's score in a KV head is the largest attention it
+received from any pass query of any query head sharing that KV head.
+
+Budgets come from one ranking of every (layer, head, token) score across the cache (`global_rooms`): a layer whose
+heads need many tokens to reconstruct the prompt keeps more. Storage is rectangular (every head of a layer keeps
+the same count, each its own best tokens), so a layer's count is its share of the globally chosen (head, token)
+pairs divided by its heads; the counts sum to what a uniform budget would keep. Sinks and window are protected and
+counted, as in every policy.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..cache import CompressedCache
+from ..layers.composed import ComposedLayer
+from ..layers.rows import RowSplit
+from .scoring import Policy, ScoreContext, register_policy
+
+#: repeat instructions by name: the text the pass reads before the prompt's tokens ("none": the tokens alone)
+PROMPTS = {"repeat": "\n\nRepeat the previous context exactly.\n", "none": ""}
+#: tokens of the previous chunk that cue each later chunk of the pass
+OVERLAP = 8
+
+
+@register_policy
+class ContextReconstruction(Policy):
+    """The largest attention a held token receives while the model reproduces the prompt (KVzip)."""
+
+    name = "kvzip"
+    summary = ("largest attention from a pass that repeats the prompt after it (query-agnostic); one ranking "
+               "across layers (KVzip)")
+    evicts_while_decoding = False
+    needs = ("max",)
+
+    def __init__(self) -> None:
+        self.instruction: list[int] | None = None  # token ids of the repeat instruction (set by the method)
+        self.chunk = 2048
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        if ctx.probe is None:  # the prefill and decoding steps score nothing: only the pass does
+            return ctx.old
+        return torch.maximum(ctx.old, ctx.received["max"])
+
+
+def awaits_pass(layer: Any) -> bool:
+    """Whether a cache layer holds a prompt waiting for its reconstruction pass (a split batch: any of its rows)."""
+    if isinstance(layer, RowSplit):
+        return any(awaits_pass(row) for row in layer.rows)
+    return bool(getattr(layer, "awaiting_keep", False)) and isinstance(getattr(layer, "policy", None),
+                                                                       ContextReconstruction)
+
+
+def pass_inputs(ids: torch.Tensor, instruction: list[int], chunk: int) -> list[torch.Tensor]:
+    """The pass's forward inputs for a prompt `ids` [B, N]: per chunk of `chunk` prompt tokens, the instruction,
+    the previous chunk's last `OVERLAP` tokens (none for the first), then the chunk."""
+    head = torch.tensor(instruction, dtype=ids.dtype, device=ids.device).expand(ids.shape[0], -1)
+    return [torch.cat([head, ids[:, max(start - OVERLAP, 0):start], ids[:, start:start + chunk]], 1)
+            for start in range(0, ids.shape[1], chunk)]
+
+
+def global_rooms(ranks: list[torch.Tensor], rooms: list[int]) -> list[int]:
+    """How many candidates each head of each layer keeps under one ranking across layers.
+
+    ranks[l]: [B, H, N_l] scores of layer l's candidates (tokens neither sink nor window); rooms[l] <= N_l: what a
+    uniform budget lets each head of layer l keep among them. The sum of rooms[l] x B x H best (layer, row, head,
+    token) scores are chosen together; layer l keeps its share of them divided by B x H (the rows of an unsplit
+    batch share a count), rounded by largest remainder so that the counts sum to sum(rooms)."""
+    if len(ranks) != len(rooms):
+        raise ValueError(f"{len(ranks)} layers of scores but {len(rooms)} budgets")
+    if not ranks:
+        return []
+    slots = ranks[0].shape[0] * ranks[0].shape[1]
+    for i, (r, room) in enumerate(zip(ranks, rooms)):
+        if r.shape[0] * r.shape[1] != slots:
+            raise ValueError(f"layer {i}: {r.shape[0]} x {r.shape[1]} rows x heads, the first layer {slots}")
+        if not 0 <= room <= r.shape[-1]:
+            raise ValueError(f"layer {i}: a budget of {room} among {r.shape[-1]} candidates")
+    total = sum(rooms) * slots
+    if total == 0:
+        return [0] * len(ranks)
+    flat = torch.cat([r.reshape(-1).float().cpu() for r in ranks])
+    owner = torch.cat([torch.full((r.numel(),), i, dtype=torch.long) for i, r in enumerate(ranks)])
+    chosen = torch.sort(flat, descending=True, stable=True).indices[:total]
+    counts = torch.bincount(owner[chosen], minlength=len(ranks)).tolist()
+    out = [c // slots for c in counts]
+    short = sum(rooms) - sum(out)
+    for i in sorted(range(len(ranks)), key=lambda i: -(counts[i] - out[i] * slots))[:short]:
+        out[i] += 1
+    return out
+
+
+def compress(layers: list[ComposedLayer]) -> list[int]:
+    """Evict every scored layer of one prompt to its share of one ranking across layers; the tokens each keeps."""
+    candidates = [x.ranked_candidates() for x in layers]
+    rooms = [x.budget_tokens() - protected for x, (_, protected) in zip(layers, candidates)]
+    kept = []
+    for x, (_, protected), room in zip(layers, candidates, global_rooms([r for r, _ in candidates], rooms)):
+        x._evict(protected + room)
+        kept.append(protected + room)
+    return kept
+
+
+def _pass_layer(layer: Any, i: int, row: int | None, length: int) -> Any:
+    """What layer `i` is during the pass: a probing layer itself; a plain transformers layer as a shallow copy (its
+    updates replace tensors, so the copy's pass tokens never reach the original), cut to one row's tokens when the
+    batch is split by rows."""
+    if isinstance(layer, ComposedLayer) and layer.awaiting_keep:
+        return layer
+    if not isinstance(layer, DynamicLayer):
+        raise ValueError(f"kvzip: layer {i} ({type(layer).__name__}) would keep the reconstruction pass's tokens: "
+                         "only plain (full, sliding-window) layers can sit beside kvzip's layers")
+    out = copy.copy(layer)
+    if row is not None and layer.is_initialized:
+        n = min(length, layer.keys.shape[-2])
+        out.keys, out.values = layer.keys[row:row + 1, :, -n:], layer.values[row:row + 1, :, -n:]
+        if hasattr(layer, "cumulative_length"):
+            out.cumulative_length = length
+    return out
+
+
+@torch.no_grad()
+def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None) -> dict[str, Any]:
+    """Run the reconstruction pass of a prefilled `cache` whose prompt was `ids` [B, N], then evict to the global
+    budgets. Returns (and keeps as `cache.reconstruction`) the pass's seconds, tokens and forwards."""
+    if ids is None or not torch.is_tensor(ids) or ids.dim() != 2:
+        raise ValueError("kvzip: the reconstruction pass repeats the prompt's token ids; the prefill gave none "
+                         "(inputs_embeds?): prefill with input_ids")
+    start = time.perf_counter()
+    layers = list(cache.layers)
+    split = next((x for x in layers if isinstance(x, RowSplit)), None)
+    if split is None:
+        runs = [([_pass_layer(x, i, None, 0) for i, x in enumerate(layers)], ids)]
+    else:  # a left-padded batch: one pass per row, over the row's own tokens and positions
+        runs = []
+        for b, pad in enumerate(split.pads):
+            n = ids.shape[1] - pad
+            runs.append(([x.rows[b] if isinstance(x, RowSplit) else _pass_layer(x, i, b, n)
+                          for i, x in enumerate(layers)], ids[b:b + 1, pad:]))
+    tokens = forwards = 0
+    for view, row_ids in runs:
+        probed = [x for x in view if isinstance(x, ComposedLayer) and x.awaiting_keep]
+        policy = probed[0].policy
+        if policy.instruction is None:
+            raise RuntimeError("kvzip: the repeat instruction was never tokenized (the cache was made from a config, "
+                               "not a model): make_cache(model, 'kvzip...')")
+        for x in probed:
+            if x.seen != row_ids.shape[1]:
+                raise RuntimeError(f"kvzip: layer {x.layer_idx} holds {x.seen} tokens, the prompt has "
+                                   f"{row_ids.shape[1]}: the pass must follow the prefill directly")
+        for inputs in pass_inputs(row_ids, policy.instruction, policy.chunk):
+            fresh = [x if x in probed else _pass_layer(x, i, None, 0) for i, x in enumerate(view)]
+            for x in probed:
+                x.probing = True
+            try:
+                model(input_ids=inputs.to(model.device), past_key_values=Cache(layers=fresh), use_cache=True,
+                      logits_to_keep=1)
+            finally:
+                for x in probed:
+                    x.probing, x._probe = False, None
+            tokens += inputs.numel()
+            forwards += 1
+        compress(probed)
+    stats = {"seconds": time.perf_counter() - start, "tokens": tokens, "forwards": forwards}
+    cache.reconstruction = stats
+    return stats
+
+
+def install_hook(model: Any) -> None:
+    """A forward hook on `model` that runs the reconstruction pass right after a prefill leaves kvzip layers
+    waiting (once per model; the pass's own forwards use a plain `Cache` view and so do not trigger it)."""
+    if getattr(model, "_kvshrink_reconstruction_hook", False) or not hasattr(model, "register_forward_hook"):
+        return
+
+    def after_forward(module, args, kwargs, output):
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, CompressedCache) or not any(awaits_pass(x) for x in cache.layers):
+            return None
+        reconstruct(module, cache, kwargs.get("input_ids", args[0] if args else None))
+        return None
+
+    model.register_forward_hook(after_forward, with_kwargs=True)
+    model._kvshrink_reconstruction_hook = True

@@ -1,0 +1,232 @@
+"""KVzip: the reconstruction pass after the prefill, its scores, the ranking across layers, and what it keeps."""
+import math
+
+import pytest
+import torch
+from conftest import greedy, tiny_gemma3, tiny_llama
+from transformers import DynamicCache
+
+import kvshrink as ks
+from kvshrink.eval.prefill import record_prefill, replay, replayable
+from kvshrink.eval.runner import Env
+from kvshrink.methods import build_method
+from kvshrink.policies.kvzip import OVERLAP, compress, global_rooms
+
+
+class FakeTokenizer:
+    """Ids inside the tiny models' vocabulary for any text (one per word)."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [3 + (sum(map(ord, w)) % 80) for w in text.split()]
+
+
+def _prompt(batch=1, n=100, seed=2):
+    return torch.randint(2, 95, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _cache(model, spec, tokenizer=None):
+    method = build_method(spec)
+    if tokenizer is not None:
+        method.tokenizer = tokenizer
+    return method.make_cache(model)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+@pytest.mark.parametrize("prompt", ["none", "repeat"])
+def test_a_full_budget_reproduces_full(make, prompt):
+    model = make()
+    ids = _prompt(batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0  # left padding in the second row: one pass per row
+    ref = greedy(model, ids, DynamicCache(config=model.config), n=20, attention_mask=mask)
+    cache = _cache(model, f"kvzip:budget=1.0,prompt={prompt},chunk=48", FakeTokenizer())
+    out = greedy(model, ids, cache, n=20, attention_mask=mask)
+    assert cache.reconstruction["forwards"] == 3 + 2  # row 0: 100 tokens in 3 chunks, row 1: 93 in 2
+    assert torch.equal(out, ref)
+
+
+def test_the_pass_keeps_none_of_its_tokens_and_leaves_the_next_logits_unchanged():
+    model = tiny_llama()
+    ids = _prompt(n=90)
+    nxt = torch.tensor([[7]])
+    caches = {}
+    for spec in ("kvzip:budget=1.0,chunk=32", "snapkv:budget=1.0"):  # snapkv: the same layer, no pass
+        cache = _cache(model, spec + ",exact_dtype=model", FakeTokenizer())
+        with torch.no_grad():
+            first = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+        caches[spec.split(":")[0]] = (cache, first, logits)
+    cache, first, logits = caches["kvzip"]
+    _, first_ref, logits_ref = caches["snapkv"]
+    instruction = len(FakeTokenizer().encode("Repeat the previous context exactly."))
+    assert cache.reconstruction == {**cache.reconstruction, "forwards": 3,
+                                    "tokens": 3 * instruction + 90 + 2 * OVERLAP}
+    for layer in cache.layers:
+        assert layer.seen == 91 and layer.get_seq_length() == 91
+        assert layer.positions[0, 0].tolist() == list(range(91))
+        assert (layer.scores[..., :90] > 0).all()  # every prompt token was scored by the pass
+    assert torch.equal(first, first_ref)
+    assert torch.equal(logits, logits_ref)
+    with torch.no_grad():
+        full = DynamicCache(config=model.config)
+        model(ids, past_key_values=full, use_cache=True)
+        ref = model(nxt, past_key_values=full, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_global_rooms_follow_one_ranking_across_layers():
+    hot = torch.tensor([[[0.9, 0.8, 0.7, 0.6], [0.95, 0.85, 0.5, 0.4]]])  # [B=1, H=2, N=4]
+    cold = torch.full((1, 2, 4), 0.1)
+    assert global_rooms([hot, cold], [2, 2]) == [4, 0]
+    assert global_rooms([cold, hot], [1, 1]) == [0, 2]
+    assert global_rooms([hot, hot.clone()], [3, 1]) == [2, 2]  # equal layers share evenly
+    # 5 of 8 slots chosen in layer 0 (0.9, 0.8, 0.7, 0.95, 0.85), 3 in layer 1: 2.5 and 1.5 per head
+    mid = torch.tensor([[[0.75, 0.1, 0.1, 0.1], [0.65, 0.62, 0.1, 0.1]]])
+    assert global_rooms([hot, mid], [2, 2]) == [3, 1] or global_rooms([hot, mid], [2, 2]) == [2, 2]
+    assert sum(global_rooms([hot, mid], [2, 2])) == 4
+    with pytest.raises(ValueError, match="budget of 5 among 4"):
+        global_rooms([hot], [5])
+
+
+def test_compress_gives_the_attended_layer_the_tokens():
+    """Two layers whose pass scores are set by hand: the hot layer takes the whole candidate budget."""
+    model = tiny_llama()
+    cache = _cache(model, "kvzip:budget=0.5,sinks=2,window=4,prompt=none")
+    ids = _prompt(n=40)
+    with torch.no_grad():
+        model.model(ids, past_key_values=cache, use_cache=True)  # the inner model: no pass runs
+    layers = list(cache.layers)
+    assert all(x.awaiting_keep for x in layers)
+    g = torch.Generator().manual_seed(0)
+    layers[0].scores = torch.rand(1, 2, 40, generator=g) + 1.0  # every layer-0 score beats every layer-1 score
+    layers[1].scores = torch.rand(1, 2, 40, generator=g)
+    kept = compress(layers)
+    # uniform: 20 per layer = 6 protected + 14; together 28 candidates per head, all of them in layer 0 (34 there)
+    assert kept == [6 + 28, 6 + 0]
+    assert layers[1].positions[0, 0].tolist() == [0, 1, 36, 37, 38, 39]
+    assert layers[0].positions.shape[-1] == 34
+    assert not any(x.awaiting_keep for x in layers)
+
+
+def test_compress_keeps_each_heads_own_best_tokens():
+    model = tiny_llama()
+    cache = _cache(model, "kvzip:budget=0.5,sinks=2,window=4,prompt=none")
+    with torch.no_grad():
+        model.model(_prompt(n=40), past_key_values=cache, use_cache=True)
+    layers = list(cache.layers)
+    g = torch.Generator().manual_seed(1)
+    scores = [torch.rand(1, 2, 40, generator=g) for _ in layers]
+    for x, s in zip(layers, scores):
+        x.scores = s.clone()
+    kept = compress(layers)
+    assert sum(kept) == 2 * 20
+    for x, s, k in zip(layers, scores, kept):
+        for h in range(2):
+            cand = s[0, h, 2:36]
+            best = (torch.argsort(cand, descending=True, stable=True)[:k - 6] + 2).sort().values.tolist()
+            assert x.positions[0, h].tolist() == [0, 1] + best + [36, 37, 38, 39]
+
+
+def test_the_budget_is_kept_over_the_whole_cache_and_layers_differ():
+    model = tiny_llama(num_hidden_layers=4)
+    ids = _prompt(n=200)
+    cache = _cache(model, "kvzip:budget=0.3,sinks=2,window=8,prompt=none")
+    greedy(model, ids, cache, n=5)
+    counts = [x.positions.shape[-1] - 4 for x in cache.layers]  # 4 decoded tokens kept after the prompt
+    assert sum(counts) == 4 * math.ceil(0.3 * 200)
+    assert len(set(counts)) > 1, counts
+    for x in cache.layers:
+        for row in x.positions[0].tolist():
+            assert row[:2] == [0, 1] and row[-12:] == list(range(192, 204)) and row == sorted(set(row))
+
+
+def test_bytes_are_the_held_tensors():
+    model = tiny_llama()
+    cache = _cache(model, "kvzip:budget=0.4,sinks=2,window=8,prompt=none")
+    greedy(model, _prompt(n=120), cache, n=3)
+    report = cache.memory_report()
+    want = 0
+    for x in cache.layers:
+        b, h, t = x.positions.shape
+        want += b * h * t * (2 * 16 * 2 + 4 + 4)  # fp16 keys and values (head dim 16), int32 position, fp32 score
+    assert report["nbytes"] == want
+    assert report["tokens"] == 122
+
+
+def test_composed_with_a_codec():
+    model = tiny_llama()
+    ids = _prompt(n=160)
+    ref = greedy(model, ids, ks.make_cache(model, "snapkv:budget=1.0 + kivi:bits=2,group=16"), n=12)
+    lossless = ks.make_cache(model, "kvzip:budget=1.0,prompt=none + kivi:bits=2,group=16")
+    assert torch.equal(greedy(model, ids, lossless, n=12), ref)  # all tokens kept, stored alike
+    ids = _prompt(n=600)
+    small = ks.make_cache(model, "kvzip:budget=0.25,prompt=none + kivi:bits=2,group=16")
+    greedy(model, ids, small, n=12)
+    alone = ks.make_cache(model, "kvzip:budget=0.25,prompt=none")
+    greedy(model, ids, alone, n=12)
+    assert sum(x.positions.shape[-1] for x in small.layers) == 2 * (150 + 11)
+    assert all(x.key_store.tokens > 0 for x in small.layers)  # the kept tokens beyond the window are coded
+    coded, exact = small.memory_report(), alone.memory_report()
+    assert coded["by_part"]["codes"] > 0 and coded["nbytes"] < 0.75 * exact["nbytes"]
+
+
+def test_eval_takes_its_own_prefill():
+    model = tiny_llama()
+    ids = _prompt(n=80)
+    cache = ks.make_cache(model, "kvzip:budget=0.5,prompt=none")
+    assert not replayable(cache, 80)
+    with pytest.raises(ValueError, match="run the prefill through it"):
+        replay(record_prefill(model, ids), cache)
+    env = Env(model, None, "")
+    cache, logits, how = env.prefilled("kvzip:budget=0.5,prompt=none", ids)
+    assert how["shared"] is False and cache.reconstruction["forwards"] == 1
+    assert all(x.positions.shape[-1] == 40 for x in cache.layers)
+
+
+def test_a_step_before_the_pass_is_refused():
+    model = tiny_llama()
+    cache = ks.make_cache(model, "kvzip:budget=0.5,prompt=none")
+    with torch.no_grad():
+        model.model(_prompt(n=50), past_key_values=cache, use_cache=True)  # no hook on the inner model
+        with pytest.raises(RuntimeError, match="scoring pass"):
+            model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("kvzip:prompt=please", "prompt must be one of repeat, none"),
+    ("kvzip:chunk=0", "chunk must be >= 1"),
+    ("kvzip:budget=0", "budget must be in"),
+    ("kvzip:budget=1.5", "budget must be in"),
+    ("kvzip:chunks=4", "has no option 'chunks'"),
+])
+def test_bad_options_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        build_method(spec)
+
+
+def test_an_instruction_needs_a_tokenizer():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        ks.make_cache(model, "kvzip:prompt=repeat")
+
+
+def test_inputs_embeds_are_refused():
+    model = tiny_llama()
+    cache = ks.make_cache(model, "kvzip:prompt=none")
+    with torch.no_grad(), pytest.raises(ValueError, match="prefill with input_ids"):
+        model(inputs_embeds=model.get_input_embeddings()(_prompt(n=40)), past_key_values=cache, use_cache=True)
+
+
+def test_a_padded_row_is_compressed_as_if_alone():
+    model = tiny_llama()
+    ids = _prompt(batch=2, n=120)
+    mask = torch.ones_like(ids)
+    ids[1, :15], mask[1, :15] = 0, 0
+    spec = "kvzip:budget=0.4,prompt=none,chunk=50"
+    batch = _cache(model, spec)
+    both = greedy(model, ids, batch, n=10, attention_mask=mask)
+    single = _cache(model, spec)
+    alone = greedy(model, ids[1:, 15:], single, n=10)
+    assert torch.equal(both[1], alone[0])
+    for split, own in zip(batch.layers, single.layers):
+        assert torch.equal(split.rows[1].positions, own.positions)
