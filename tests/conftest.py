@@ -6,7 +6,10 @@ import torch
 
 # tests/kvpress/ runs in kvpress's own environment (`make test-kvpress`: kvpress pins transformers<5.3); where kvpress
 # is not installed the folder is not collected at all, rather than reported as skipped tests
-collect_ignore = [] if importlib.util.find_spec("kvpress") else ["kvpress"]
+# (tests/ is on sys.path, so this folder itself would be found as a namespace package named kvpress: ask for a module
+# with a file)
+_kvpress = importlib.util.find_spec("kvpress")
+collect_ignore = [] if _kvpress is not None and _kvpress.origin not in (None, "namespace") else ["kvpress"]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # without a GPU the Triton kernels run in Triton's interpreter; it is chosen when a kernel is defined, so before
