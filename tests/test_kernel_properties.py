@@ -40,21 +40,16 @@ def codecs(draw, d: int):
     return RotationCodec(16, seed=seed)
 
 
-@settings(**SETTINGS)
-@given(data=st.data(), d=st.sampled_from([32, 64, 128]), hkv=st.integers(1, 3), rep=st.sampled_from([1, 2, 3, 6]),
-       b=st.integers(1, 2), groups=st.integers(0, 20), exact=st.integers(0, 40), qn=st.sampled_from([1, 2, 4]),
-       masked=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       split=st.sampled_from([None, 64, 128]), seed=st.integers(0, 2**31 - 1))
-def test_kernel_equals_reference_on_random_problems(data, d, hkv, rep, b, groups, exact, qn, masked, dtype, split,
-                                                     seed):
-    kc, vc = data.draw(codecs(d), "keys"), data.draw(codecs(d), "values")
-    stored = 32 * groups  # whole per-channel groups; up to 640 tokens: three 256-token pages
+def _problem(kc, vc, b, hkv, rep, qn, d, stored, exact, piece, pieces, masked, dtype, seed):
+    """A random decode problem: `stored` tokens coded in stores (appended in random pieces of up to `pieces - 1` x
+    `piece` tokens, as a cache flushes blocks), `exact` exact tokens of which up to 4 are sinks, queries, a mask
+    with left padding when `masked`."""
     exact = max(exact, qn) if stored == 0 else exact
     g = torch.Generator().manual_seed(seed)
     ks, vs = PagedStore(kc, "keys"), PagedStore(vc, "values")
     done = 0
-    while done < stored:  # appended in random pieces, as a cache flushes blocks
-        n = min(stored - done, 32 * int(torch.randint(1, 9, (1,), generator=g)))
+    while done < stored:
+        n = min(stored - done, piece * int(torch.randint(1, pieces, (1,), generator=g)))
         ks.append(torch.randn(b, hkv, n, d, generator=g) * 2 + torch.randn(1, 1, 1, d, generator=g))
         vs.append(torch.randn(b, hkv, n, d, generator=g))
         done += n
@@ -67,6 +62,20 @@ def test_kernel_equals_reference_on_random_problems(data, d, hkv, rep, b, groups
     if masked:
         mask = torch.rand(b, 1, qn, stored + exact, generator=g) > 0.3
         mask[0, :, :, :int(torch.randint(0, stored + exact, (1,), generator=g))] = False  # left padding
+    return q, ks, vs, ek, ev, index, sinks, mask
+
+
+@settings(**SETTINGS)
+@given(data=st.data(), d=st.sampled_from([32, 64, 128]), hkv=st.integers(1, 3), rep=st.sampled_from([1, 2, 3, 6]),
+       b=st.integers(1, 2), groups=st.integers(0, 20), exact=st.integers(0, 40), qn=st.sampled_from([1, 2, 4]),
+       masked=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       split=st.sampled_from([None, 64, 128]), seed=st.integers(0, 2**31 - 1))
+def test_kernel_equals_reference_on_random_problems(data, d, hkv, rep, b, groups, exact, qn, masked, dtype, split,
+                                                     seed):
+    kc, vc = data.draw(codecs(d), "keys"), data.draw(codecs(d), "values")
+    stored = 32 * groups  # whole per-channel groups; up to 640 tokens: three 256-token pages
+    q, ks, vs, ek, ev, index, sinks, mask = _problem(kc, vc, b, hkv, rep, qn, d, stored, exact, 32, 9, masked, dtype,
+                                                     seed)
     want = reference.packed_attention(q.float(), ks, vs, ek.float(), ev.float(), index, sinks, mask=mask,
                                       scaling=0.25)
     got = cpu.packed_attention(q, ks, vs, ek, ev, index, sinks, mask=mask, scaling=0.25, block_tokens=split)
@@ -88,25 +97,8 @@ def test_int8_key_scores_equal_the_reference_emulation_on_random_problems(data, 
     kc = GroupCodec(data.draw(st.sampled_from([2, 3, 4, 8]), "key bits"), data.draw(st.sampled_from([16, 32, 64])),
                     "channel", data.draw(st.sampled_from(["none", "channel"])))
     vc = data.draw(codecs(d), "values")
-    stored = 64 * groups
-    exact = max(exact, qn) if stored == 0 else exact
-    g = torch.Generator().manual_seed(seed)
-    ks, vs = PagedStore(kc, "keys"), PagedStore(vc, "values")
-    done = 0
-    while done < stored:
-        n = min(stored - done, 64 * int(torch.randint(1, 5, (1,), generator=g)))
-        ks.append(torch.randn(b, hkv, n, d, generator=g) * 2 + torch.randn(1, 1, 1, d, generator=g))
-        vs.append(torch.randn(b, hkv, n, d, generator=g))
-        done += n
-    sinks = min(4, exact)
-    ek = torch.randn(b, hkv, exact, d, generator=g).to(dtype)
-    ev = torch.randn(b, hkv, exact, d, generator=g).to(dtype)
-    q = torch.randn(b, hkv * rep, qn, d, generator=g).to(dtype)
-    index = torch.cat([torch.arange(sinks), torch.arange(sinks + stored, stored + exact)])
-    mask = None
-    if masked:
-        mask = torch.rand(b, 1, qn, stored + exact, generator=g) > 0.3
-        mask[0, :, :, :int(torch.randint(0, stored + exact, (1,), generator=g))] = False
+    q, ks, vs, ek, ev, index, sinks, mask = _problem(kc, vc, b, hkv, rep, qn, d, 64 * groups, exact, 64, 5, masked,
+                                                     dtype, seed)
     want = reference.packed_attention(q.float(), ks, vs, ek.float(), ev.float(), index, sinks, mask=mask,
                                       scaling=0.25, qdot="int8")
     got = cpu.packed_attention(q, ks, vs, ek, ev, index, sinks, mask=mask, scaling=0.25, block_tokens=split,
