@@ -71,12 +71,20 @@ def _geometry(model) -> tuple[int, int, int]:
 
 
 def fill_random(cache, model, context: int):
-    """Push `context` tokens of random keys and values (the model's dtype) through every layer of `cache`."""
+    """Push `context` tokens of random keys and values (the model's dtype) through every layer of `cache`; a layer
+    with a token policy scores them with random queries and keeps its budget, as after a prefill."""
     _, kv_heads, head_dim = _geometry(model)
     dtype = next(model.parameters()).dtype
-    x = torch.randn(1, kv_heads, context, head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, kv_heads, context, head_dim, generator=gen).to(dtype)
+    queries = None
     for layer in cache.layers:
         layer.update(x, x)
+        if getattr(layer, "scored", False):
+            if queries is None:
+                heads = model.config.get_text_config(decoder=True).num_attention_heads
+                queries = torch.randn(1, heads, context, head_dim, generator=gen).to(dtype)
+            layer.attend(queries, None, head_dim ** -0.5)
     return cache
 
 

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache
 
+from .calibrate import calibration_windows, fill_random
 from .codecs.base import codec_from_spec
 from .distributed import refuse_sharded
 from .eval.corpus import CALIBRATION_SOURCE, calibration_text, text_digest
@@ -109,7 +110,6 @@ def probe_samples(tokenizer, text: str, count: int, context: int, seed: int) -> 
 
 def text_samples(tokenizer, text: str, count: int, context: int, scored: int, seed: int) -> list[Sample]:
     """Plain-text samples: `context` tokens, then `scored` tokens of continuation."""
-    from .calibrate import calibration_windows
 
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     return [Sample(c, s, "text") for c, s in calibration_windows(ids, count, context, scored, seed)]
@@ -272,7 +272,7 @@ def calibrate_joint(
     fp16 = 2 * 2 * text_config(model.config).num_key_value_heads * head_dim_of(text_config(model.config)) \
         * budget_context
     lossless = combo_bytes(model, exact, policy, budget_context, window, sinks, torch.float16)
-    if target_ratio * fp16 * n_layers >= lossless * n_layers:
+    if target_ratio * fp16 >= lossless:
         raise ValueError(f"--target-ratio {target_ratio:g}: every layer exact already meets it "
                          f"({lossless / fp16:.3f} of a 16-bit cache); nothing to calibrate")
     budget = int(target_ratio * fp16 * n_layers)
@@ -339,7 +339,7 @@ def calibrate_joint(
         "evaluations": measure.evaluations, "seconds": round(time.perf_counter() - start, 1),
     }
     profile = Profile(fingerprint(model), "layered", options, recipes, None, report)
-    measured = _measured_ratio(model, profile, budget_context)
+    measured = fill_random(Layered.of(profile).make_cache(model), model, budget_context).memory_report()["ratio"]
     profile.predicted_ratio = measured
     report["measured_ratio"] = measured
     if measured > target_ratio + 1e-9:
@@ -372,18 +372,3 @@ def _reuse(path, model, options: dict[str, Any], settings: dict[str, Any], n_lay
                 raise ProfileError(f"profile {path} did not measure {key} (other candidates): measure them")
             out[(i, what, choice)] = float(cal["sensitivity"][key])
     return out
-
-
-def _measured_ratio(model, profile: Profile, context: int) -> float:
-    """`memory_report()["ratio"]` of the cache the profile builds, after a prompt of `context` random tokens (each
-    scored layer's policy scoring them with random queries): the real cache, not the byte model."""
-    cfg = text_config(model.config)
-    d, h, hq = head_dim_of(cfg), cfg.num_key_value_heads, cfg.num_attention_heads
-    cache = Layered.of(profile).make_cache(model)
-    gen = torch.Generator().manual_seed(1)
-    for layer in cache.layers:
-        k = torch.randn(1, h, context, d, generator=gen)
-        layer.update(k, torch.randn(1, h, context, d, generator=gen))
-        if getattr(layer, "scored", False):
-            layer.attend(torch.randn(1, hq, context, d, generator=gen), None, d ** -0.5)
-    return cache.memory_report()["ratio"]
