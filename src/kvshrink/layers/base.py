@@ -146,6 +146,8 @@ class CompressedLayer(_BatchOps, CacheLayerMixin, _Reporting):
     # -- declared state: what a saved cache holds ----------------------------------------------------------------
     #: scalar attributes saved beside the tensors (`_batch_tensors`) and stores (`_batch_stores`)
     _state_counts: tuple[str, ...] = ("seen",)
+    #: scalar attributes saved only when set (not None): a cache saved before they existed still loads
+    _optional_counts: tuple[str, ...] = ()
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors by declared name, counts) of everything the layer holds."""
@@ -156,6 +158,7 @@ class CompressedLayer(_BatchOps, CacheLayerMixin, _Reporting):
         counts["dtype"] = str(self.dtype).removeprefix("torch.")
         counts["shape"] = [self.keys.shape[0], self.keys.shape[1], self.keys.shape[3], self.values.shape[3]]
         counts.update({name: getattr(self, name) for name in self._state_counts})
+        counts.update({name: getattr(self, name) for name in self._optional_counts if getattr(self, name) is not None})
         for name in self._batch_tensors:
             t = getattr(self, name, None)
             if t is not None:
@@ -186,6 +189,8 @@ class CompressedLayer(_BatchOps, CacheLayerMixin, _Reporting):
                 setattr(self, name, tensors[name])
         for name in self._state_counts:
             setattr(self, name, counts[name])
+        for name in self._optional_counts:
+            setattr(self, name, counts.get(name))
         for name in self._batch_stores:
             store = getattr(self, name, None)
             if store is not None:

@@ -17,6 +17,15 @@ after each decoding step for policies that evict while decoding) it keeps the be
 protected sinks and window and stores them with the codec (the `exact` codec: the kept tokens as they are). With a
 low tier the evicted tokens are stored by a second codec instead of dropped (MiKV). Masks are indexed by position.
 
+A policy that compresses the prompt only (SnapKV) keeps every generated token by default (`generated="keep"`), so a
+long generation grows the cache past the budget. `generated="budget"` holds the generated tokens to the budget too:
+each decoding step adds the attention the step's query gives every held token, and whenever `chunk` more tokens
+have left the recent window the layer keeps, among those that left, as many as the budget allows, ranked by the
+attention they received per query since they arrived (the queries after them: SnapKV's observation window on the
+generation); the oldest kept ones are stored in whole codec units, the few left over wait exact at the window's
+front (ranked again with the next chunk), and the others are dropped (or sent to the low tier). The held count is
+then the budget of the tokens seen, plus at most one chunk and one codec unit waiting.
+
 A layer that defers eviction (`defer_eviction`) keeps the whole prompt exact after the prefill until told how many
 tokens stay (`_evict(keep)`); meanwhile a scoring pass (`probing`, KVzip's reconstruction) may run forward passes
 whose tokens attend over the held prompt and score it but are never kept: the layer's length and positions stay
@@ -49,6 +58,8 @@ from ..policies.scoring import Policy, ScoreContext
 from .base import CompressedLayer, ExactWindow, check_counts
 
 BACKENDS = ("torch", "cpu", "triton", "rotated")
+GENERATED = ("keep", "budget")  # what a prompt-only policy does with generated tokens (see the module doc)
+_MIN_CHUNK = 32  # generated=budget: at least this many tokens are ranked together
 _QUERY_BLOCK = 512  # queries per block when a scored layer attends (bounds the score matrix at block x tokens)
 _EXACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -66,9 +77,15 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
                  policy: Policy | None = None, budget: float = 1.0, tokens: int = 0, observe: int = 32,
                  low_codecs: tuple[Codec, Codec] | None = None, exact_dtype: torch.dtype | None = None,
                  backend: str = "torch", layer_idx: int = -1, sliding_window: int | None = None, shard=None,
-                 qdot: str = "float"):
+                 qdot: str = "float", generated: str = "keep"):
         super().__init__()
         where = f"layer {layer_idx}"
+        if generated not in GENERATED:
+            raise ValueError(f"{where}: generated must be one of {', '.join(GENERATED)}, got {generated!r}")
+        if generated != "keep" and (policy is None or policy.evicts_while_decoding):
+            what = "no token policy" if policy is None else f"{policy.name}, which evicts while decoding"
+            raise ValueError(f"{where}: generated={generated!r} holds the tokens generated after the prompt to a "
+                             f"prompt-only policy's budget; this layer has {what} (only 'keep' applies)")
         check_counts(layer_idx, window=window, sinks=sinks, tokens=tokens, observe=observe)
         if backend not in BACKENDS:
             raise ValueError(f"{where}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -121,6 +138,8 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         # tokens moved to the stores together: whole units of every codec (one token at a time under a policy
         # whose codecs allow it: what it evicts is single tokens)
         self.block = lcm_units(key_codec, value_codec)
+        self.generated = generated
+        self.chunk = max(self.block, _MIN_CHUNK)  # generated=budget: tokens past the window ranked together
         self.page_tokens = -(-PAGE_TOKENS // self.block) * self.block
         self.kind = "a scored" if policy is not None else "a kernel-attending" if backend != "torch" else "a compressed"
         # a short prompt goes through the kernel path, whose attention is not SDPA
@@ -158,6 +177,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self.probing = False  # a scoring pass runs: its tokens attend over the held ones and are not kept
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
         self.awaiting_keep = False  # deferred eviction: the prefill is held whole until `_evict(keep)`
+        self.decode_from: int | None = None  # generated=budget: the first decoded position (scores restart there)
         self.is_initialized = False
 
     def _stores(self) -> tuple[PagedStore, ...]:
@@ -421,6 +441,9 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self._given = None
         out = ctx.output if not prefill else None
         self.calls += 1
+        if not prefill and self.generated == "budget":
+            self._hold_generated(ctx.received["last"], query.shape[-2])
+            return out
         self.scores = self.policy.score(ctx)
         if prefill and self.defer_eviction:
             self.awaiting_keep = True  # held whole (exact, in the window) until `_evict(keep)`
@@ -569,6 +592,50 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
                              -1)
         self.positions, self.scores = self.positions.gather(2, keep_idx), self.scores.gather(2, keep_idx)
 
+    def _hold_generated(self, heard: torch.Tensor, steps: int) -> None:
+        """generated=budget, after a decoding step: add the attention `heard` [B, H, T] each held token got from the
+        step's last query to its score (the prompt's scores are done with: they restart at the first step); once
+        `chunk` tokens (past the few kept ones still waiting for a whole unit) have left the window, keep the
+        budget's share of those that left, ranked by attention received per query since they arrived: whole codec
+        units of them (the oldest) are stored, the rest wait exact at the window's front and are ranked again with
+        the next chunk; the others are dropped (or sent to the low tier)."""
+        if self.decode_from is None:
+            self.decode_from = self.seen - steps
+            self.scores = torch.zeros_like(self.scores)
+        self.scores = self.scores + heard
+        leaving = max(self.keys.shape[-2] - self.window, 0)
+        if leaving < self.chunk + self.block - 1:  # fewer than `block` kept ones wait from the last time
+            return
+        n_sink, n_store = self.sink_keys.shape[-2], self.key_store.tokens
+        held = self.positions.shape[-1]
+        start = n_sink + n_store  # the leaving tokens: the window's oldest, right after the stored ones
+        room = min(max(self.budget_tokens() - (held - leaving), 0), leaving)
+        cand = slice(start, start + leaving)
+        pos = self.positions[..., cand]
+        rank = self.scores[..., cand] / (self.seen - pos.clamp_min(self.decode_from)).clamp_min(1).float()
+        if self.policy.per_layer:
+            rank = gather_heads(self.shard, rank).mean(1, keepdim=True).expand_as(rank)
+        kept, gone = Policy.choose(self.policy, rank, room)
+        lk, lv = self.keys[:, :, :leaving], self.values[:, :, :leaving]
+        d = lk.shape[-1]
+        if self.low_keys is not None and gone.shape[-1]:
+            idx = gone[..., None].expand(-1, -1, -1, d)
+            self.low_keys.append(lk.gather(2, idx))
+            self.low_values.append(lv.gather(2, idx))
+            self.low_positions = torch.cat([self.low_positions, pos.gather(2, gone)], -1)
+        stored = room // self.block * self.block
+        if stored:
+            idx = kept[..., :stored, None].expand(-1, -1, -1, d)
+            self.key_store.append(lk.gather(2, idx))
+            self.value_store.append(lv.gather(2, idx))
+        rest = kept[..., stored:, None].expand(-1, -1, -1, d)  # wait exact, in position order, before the window
+        self.keys = torch.cat([lk.gather(2, rest), self.keys[:, :, leaving:]], -2)
+        self.values = torch.cat([lv.gather(2, rest), self.values[:, :, leaving:]], -2)
+        b, h = kept.shape[:2]
+        keep_idx = torch.cat([torch.arange(start, device=kept.device).expand(b, h, -1), kept + start,
+                              torch.arange(start + leaving, held, device=kept.device).expand(b, h, -1)], -1)
+        self.positions, self.scores = self.positions.gather(2, keep_idx), self.scores.gather(2, keep_idx)
+
     def _candidates(self, leaving: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored tokens (decoded) then the ones leaving the window, in the window's dtype."""
         k, v = self.key_store.decode(self.keys.dtype), self.value_store.decode(self.values.dtype)
@@ -607,7 +674,8 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             budget = f"{self.tokens} tokens" if self.tokens else f"{self.budget:.0%} of tokens"
             low = f", evicted at {getattr(self.low_codecs[0], 'bits', 16)} bits" if self.low_codecs else ""
             kept = "" if isinstance(k, ExactCodec) else f", kept as {kb}/{vb}-bit {k.name}"
-            out["bits"] = f"{self.policy.name}: {budget}{kept}{low}"
+            held = ", generated tokens too" if self.generated == "budget" else ""
+            out["bits"] = f"{self.policy.name}: {budget}{held}{kept}{low}"
             out["kept"] = 0 if self.positions is None else self.positions.shape[-1]
             out["low"] = 0 if self.low_positions is None else self.low_positions.shape[-1]
         return out
@@ -616,3 +684,4 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
     _batch_tensors = ("keys", "values", "sink_keys", "sink_values", "positions", "scores", "low_positions")
     _batch_stores = ("key_store", "value_store", "low_keys", "low_values")
     _state_counts = ("seen", "calls")
+    _optional_counts = ("decode_from",)

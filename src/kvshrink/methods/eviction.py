@@ -15,7 +15,7 @@ from .. import spec as specs
 from ..codecs.base import Codec
 from ..codecs.exact import ExactCodec
 from ..codecs.perhead import PerHead
-from ..layers.composed import ComposedLayer
+from ..layers.composed import GENERATED, ComposedLayer
 from ..layers.full import FullSlidingLayer
 from ..layers.heads import HeadSplit
 from ..models import head_dim_of, text_config
@@ -44,6 +44,9 @@ class EvictionMethod(PolicyMethod):
                                    "holding its own count; prompt-only policies such as snapkv)")
     floor: float = option(0.2, "under heads=adaptive, the share of the uniform per-head budget every head keeps at "
                                "least (AdaKV's alpha)")
+    generated: str = option("keep", "tokens generated after the prompt, under a prompt-only policy (snapkv): 'keep' "
+                                    "every one (SnapKV) or 'budget' (held to the same budget, ranked by the "
+                                    "attention the later queries give them)")
 
     def validate(self) -> None:
         if not 0 < self.budget <= 1:
@@ -58,6 +61,11 @@ class EvictionMethod(PolicyMethod):
             raise ValueError(f"{self.name}: heads must be one of {', '.join(HEAD_BUDGETS)}, got {self.heads!r}")
         if not 0 <= self.floor <= 1:
             raise ValueError(f"{self.name}: floor must be a share in [0, 1], got {self.floor}")
+        if self.generated not in GENERATED:
+            raise ValueError(f"{self.name}: generated must be one of {', '.join(GENERATED)}, got {self.generated!r}")
+        if self.generated == "budget" and policy.evicts_while_decoding:
+            raise ValueError(f"{self.name}: generated=budget is for policies that compress the prompt only; "
+                             f"{policy.name} evicts while decoding, so generated tokens already stay in its budget")
         if self.heads == "adaptive" and policy.evicts_while_decoding:
             prompt_only = sorted(n for n, p in POLICIES.items() if not p.evicts_while_decoding)
             raise ValueError(f"{self.name}: heads=adaptive allocates the prompt's budget once, at the prefill; "
@@ -100,7 +108,7 @@ class EvictionMethod(PolicyMethod):
             return ComposedLayer(key_codec, value_codec, window=window, sinks=sinks,
                                  policy=self.make_policy(), budget=keep, tokens=self.tokens,
                                  observe=self.observe, low_codecs=low, exact_dtype=exact_dtype, layer_idx=layer_idx,
-                                 shard=shard)
+                                 shard=shard, generated=self.generated)
 
         if self.heads == "uniform":
             return one()

@@ -14,7 +14,7 @@ from typing import Any
 from .. import attention
 from ..codecs.base import codec_from_spec
 from ..codecs.perhead import PerHead
-from ..layers.composed import ComposedLayer
+from ..layers.composed import GENERATED, ComposedLayer
 from ..layers.full import FullSlidingLayer
 from ..models import head_dim_of, text_config
 from ..profile import LayerRecipe, Profile, ProfileError, load_profile
@@ -33,12 +33,16 @@ class Layered(StoringMethod):
     window: int = option(32, "recent tokens kept exact")
     sinks: int = option(4, "first tokens kept exact")
     exact_dtype: str = option("float16", "dtype of the exact window and sinks: model, float16 or bfloat16")
+    generated: str = option("keep", "tokens generated after the prompt in layers whose policy compresses the prompt "
+                                    "only: 'keep' every one or 'budget' (held to the layer's share too)")
 
     def validate(self) -> None:
         if not self.profile:
             raise ValueError("layered: needs profile=... (a version-3 profile with per-layer codecs and policies)")
         if self.exact_dtype not in DTYPES:
             raise ValueError(f"layered: exact_dtype must be one of {', '.join(DTYPES)}, got {self.exact_dtype!r}")
+        if self.generated not in GENERATED:
+            raise ValueError(f"layered: generated must be one of {', '.join(GENERATED)}, got {self.generated!r}")
         self._use(load_profile(self.profile))
 
     @classmethod
@@ -65,6 +69,10 @@ class Layered(StoringMethod):
             setattr(self, key, value)
         self._profile = prof
         self._policies = [self._policy(r.policy) for r in prof.layers]
+        if self.generated == "budget":  # every prompt-only policy holds its generated tokens to its share
+            for policy in self._policies:
+                if policy is not None and not policy.make_policy().evicts_while_decoding:
+                    policy.generated = "budget"
         for i in range(len(prof.layers)):
             self.layer_codecs(i)  # unknown codecs and options fail here, naming the layer
 
