@@ -143,6 +143,14 @@ def test_canonical_specs_spell_each_spec_one_way():
         ks.canonical_spec("kivi:bits=2,bits=4")
 
 
+@pytest.mark.parametrize("spec", ["snapkv:window=8 + kivi:bits=2", "snapkv:sinks=2 + turboquant",
+                                  "h2o:budget=0.3 + grouped:bits=4,axis=token", "tova + kivi:window=16,key_axis=token"])
+def test_a_composition_spec_builds_the_same_composition_again(spec):
+    method = ks.build_method(spec)
+    again = ks.build_method(method.spec())
+    assert (again.window, again.sinks) == (method.window, method.sinks) and again.spec() == method.spec()
+
+
 def test_codecs_declare_the_tensors_their_stores_hold():
     """Every registered codec's store holds exactly the fields its layout declares, with their dtypes and shapes."""
     x = torch.randn(2, 3, 64, 32)

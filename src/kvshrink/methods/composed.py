@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .. import spec as specs
 from ..codecs.base import CODECS
 from ..layers.full import FullLayer
 from ..models import text_config
@@ -63,7 +64,14 @@ class Composition(Method):
                 "sinks": self.sinks}
 
     def spec(self) -> str:
-        return f"{self.policy.spec()} + {self.storing.spec()}"
+        """Both sides' specs, each naming the window and sinks the composition uses (so the spec builds it again)."""
+        def side(text: str) -> str:
+            (part,) = specs.parse(text)
+            shared = {"window": self.window, "sinks": self.sinks}
+            opts = [(k, specs.format_value(shared[k]) if k in shared else v) for k, v in part.options]
+            return specs.format_spec([(part.name, opts)])
+
+        return f"{side(self.policy.spec())} + {side(self.storing.spec())}"
 
     def prepare(self, model_or_config: Any) -> None:
         for side in (self.policy, self.storing):
