@@ -230,3 +230,36 @@ def test_a_padded_row_is_compressed_as_if_alone():
     assert torch.equal(both[1], alone[0])
     for split, own in zip(batch.layers, single.layers):
         assert torch.equal(split.rows[1].positions, own.positions)
+
+
+def test_per_head_budgets_follow_one_ranking_over_every_layers_heads():
+    model = tiny_llama(num_hidden_layers=3)
+    ids = _prompt(n=160)
+    cache = _cache(model, "kvzip:budget=0.3,sinks=2,window=8,prompt=none,heads=adaptive")
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    held = [n for x in cache.layers for n in x.held_per_head()]
+    assert sum(held) == 3 * 2 * math.ceil(0.3 * 160)  # what uniform budgets would hold, summed
+    assert len(set(held)) > 1, held  # heads of one layer and of different layers keep different counts
+    # the counts are one ranking of every head's pass scores: recompute it from the scores the heads kept
+    heads = [h for x in cache.layers for h in x.heads]
+    for h in heads:
+        assert h.positions[0, 0, :2].tolist() == [0, 1] and h.positions[0, 0, -8:].tolist() == list(range(152, 160))
+    cut = min(h.scores[0, 0, 2:-8].min() for h in heads if h.positions.shape[-1] > 10)
+    plain = _cache(model, "kvzip:budget=1.0,sinks=2,window=8,prompt=none,heads=adaptive")
+    with torch.no_grad():
+        model(ids, past_key_values=plain, use_cache=True)
+    for x, y in zip(cache.layers, plain.layers):
+        for h, full in zip(x.heads, y.heads):
+            kept = set(h.positions[0, 0].tolist())
+            scores = full.scores[0, 0]
+            dropped = [p for p in range(2, 152) if p not in kept]
+            assert all(scores[p] <= cut + 1e-6 for p in dropped)  # nothing dropped outranks what any head kept
+
+
+def test_per_head_kvzip_at_a_full_budget_reproduces_full():
+    model = tiny_llama()
+    ids = _prompt(n=90)
+    ref = greedy(model, ids, DynamicCache(config=model.config), n=12)
+    out = greedy(model, ids, _cache(model, "kvzip:budget=1.0,prompt=none,heads=adaptive"), n=12)
+    assert torch.equal(out, ref)

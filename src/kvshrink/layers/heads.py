@@ -85,7 +85,8 @@ class HeadSplit(SelfAttending, _BatchOps, CacheLayerMixin, _Reporting):
                 attention.withdraw(head)  # this layer answers the call, head by head
             else:
                 self._plain[i] = out
-        self.seen += t
+        if not any(getattr(head, "probing", False) for head in self.heads):
+            self.seen += t  # a scoring pass's tokens (KVzip's reconstruction) are attended, never held
         self._hand_over(key_states)  # the prefill's SDPA reads it; later calls are answered here
         return key_states, value_states
 

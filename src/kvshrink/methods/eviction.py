@@ -121,8 +121,16 @@ class EvictionMethod(PolicyMethod):
                 raise ValueError(f"{where} keeps each KV head in a layer of its own: a codec shared across heads "
                                  f"({codec.name}: per-head codecs or mean=head) cannot store it; use one codec for "
                                  "every head and mean=none or channel")
-        return HeadSplit([one() for _ in range(self._kv_heads)], floor=self.floor, layer_idx=layer_idx,
-                         label=f"{one().describe()['bits']}, heads adaptive (floor {self.floor:g})")
+        return HeadSplit([one() for _ in range(self._kv_heads)], floor=self.head_floor(), layer_idx=layer_idx,
+                         label=f"{one().describe()['bits']}, {self.head_label()}")
+
+    def head_floor(self) -> float | None:
+        """Under heads=adaptive, the floor of the layer's own allocation over its heads (AdaKV); None where the
+        method allocates the heads' counts itself (kvzip: one ranking over every layer's heads)."""
+        return self.floor
+
+    def head_label(self) -> str:
+        return f"heads adaptive (floor {self.floor:g})"
 
 
 @dataclass

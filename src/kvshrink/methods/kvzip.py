@@ -24,7 +24,8 @@ def _tokenizer_at(path: str) -> Any:
 class KVzip(EvictionMethod):
     name = "kvzip"
     summary = ("compress the prompt by the attention of a pass that repeats it (query-agnostic, one ranking across "
-               "layers: non-uniform layer budgets); decoding keeps all; the pass costs about one more prefill (KVzip)")
+               "layers: non-uniform layer budgets, and per-head ones with heads=adaptive); decoding keeps all; the "
+               "pass costs about one more prefill (KVzip)")
     policy_name = "kvzip"
 
     prompt: str = option("repeat", "what the pass reads before the prompt's tokens: 'repeat' (the instruction "
@@ -76,9 +77,17 @@ class KVzip(EvictionMethod):
 
     def scored_layer(self, *args: Any, **kwargs: Any):
         layer = super().scored_layer(*args, **kwargs)
-        layer.defer_eviction = True  # held whole until the pass, then `policies.kvzip.reconstruct` evicts
+        for x in getattr(layer, "heads", [layer]):  # heads=adaptive: one layer per KV head, each ranked globally
+            x.defer_eviction = True  # held whole until the pass, then `policies.kvzip.reconstruct` evicts
+            x.replays_prefill = False
         layer.replays_prefill = False  # a replayed prefill has no model to run the pass: eval prefills itself
         return layer
+
+    def head_floor(self) -> None:
+        return None  # the heads' counts come from the one ranking over every layer's heads (KVzip), not AdaKV's
+
+    def head_label(self) -> str:
+        return "heads ranked with every layer's heads"
 
     def make_policy(self):
         policy = super().make_policy()

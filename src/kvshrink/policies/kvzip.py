@@ -9,10 +9,11 @@ cache's length and positions stay the prompt's. A held token's score in a KV hea
 received from any pass query of any query head sharing that KV head.
 
 Budgets come from one ranking of every (layer, head, token) score across the cache (`global_rooms`): a layer whose
-heads need many tokens to reconstruct the prompt keeps more. Storage is rectangular (every head of a layer keeps
-the same count, each its own best tokens), so a layer's count is its share of the globally chosen (head, token)
-pairs divided by its heads; the counts sum to what a uniform budget would keep. Sinks and window are protected and
-counted, as in every policy.
+heads need many tokens to reconstruct the prompt keeps more. By default storage is rectangular (every head of a
+layer keeps the same count, each its own best tokens), so a layer's count is its share of the globally chosen
+(head, token) pairs divided by its heads; with `heads=adaptive` each KV head is a layer of its own
+(`layers/heads.py`) and keeps exactly its share of the ranking, as KVzip does. Either way the counts sum to what a
+uniform budget would keep. Sinks and window are protected and counted, as in every policy.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..cache import CompressedCache
 from ..layers.composed import ComposedLayer
+from ..layers.heads import HeadSplit
 from ..layers.rows import RowSplit
 from .scoring import Policy, ScoreContext, register_policy
 
@@ -55,9 +57,12 @@ class ContextReconstruction(Policy):
 
 
 def awaits_pass(layer: Any) -> bool:
-    """Whether a cache layer holds a prompt waiting for its reconstruction pass (a split batch: any of its rows)."""
+    """Whether a cache layer holds a prompt waiting for its reconstruction pass (a split batch: any of its rows; a
+    layer split by KV head: any of its heads)."""
     if isinstance(layer, RowSplit):
         return any(awaits_pass(row) for row in layer.rows)
+    if isinstance(layer, HeadSplit):
+        return any(awaits_pass(head) for head in layer.heads)
     return bool(getattr(layer, "awaiting_keep", False)) and isinstance(getattr(layer, "policy", None),
                                                                        ContextReconstruction)
 
@@ -116,7 +121,7 @@ def _pass_layer(layer: Any, i: int, row: int | None, length: int) -> Any:
     """What layer `i` is during the pass: a probing layer itself; a plain transformers layer as a shallow copy (its
     updates replace tensors, so the copy's pass tokens never reach the original), cut to one row's tokens when the
     batch is split by rows."""
-    if isinstance(layer, ComposedLayer) and layer.awaiting_keep:
+    if awaits_pass(layer):
         return layer
     if not isinstance(layer, DynamicLayer):
         raise ValueError(f"kvzip: layer {i} ({type(layer).__name__}) would keep the reconstruction pass's tokens: "
@@ -150,7 +155,8 @@ def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None) ->
                           for i, x in enumerate(layers)], ids[b:b + 1, pad:]))
     tokens = forwards = 0
     for view, row_ids in runs:
-        probed = [x for x in view if isinstance(x, ComposedLayer) and x.awaiting_keep]
+        waiting = [x for x in view if awaits_pass(x)]
+        probed = [h for x in waiting for h in (x.heads if isinstance(x, HeadSplit) else [x])]
         policy = probed[0].policy
         if policy.instruction is None:
             raise RuntimeError("kvzip: the repeat instruction was never tokenized (the cache was made from a config, "
@@ -160,7 +166,7 @@ def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None) ->
                 raise RuntimeError(f"kvzip: layer {x.layer_idx} holds {x.seen} tokens, the prompt has "
                                    f"{row_ids.shape[1]}: the pass must follow the prefill directly")
         for inputs in pass_inputs(row_ids, policy.instruction, policy.chunk):
-            fresh = [x if x in probed else _pass_layer(x, i, None, 0) for i, x in enumerate(view)]
+            fresh = [x if any(x is w for w in waiting) else _pass_layer(x, i, None, 0) for i, x in enumerate(view)]
             for x in probed:
                 x.probing = True
             try:
