@@ -239,6 +239,10 @@ def test_a_layered_profile_is_checked_where_it_is_read(tmp_path):
     path = _layered_profile(model, tmp_path, [("exact", "exact", "kivi:bits=2"), ("exact", "exact", None)])
     with pytest.raises(ValueError, match="'kivi:bits=2' is not a token-policy method"):
         ks.make_cache(model, profile=str(path))
+    kvzip = _layered_profile(model, tmp_path, [("exact", "exact", "kvzip:budget=0.5"), ("exact", "exact", None)])
+    with pytest.raises(ValueError, match="kvzip cannot be one layer's policy"):
+        ks.make_cache(model, profile=str(kvzip))
+    path = _layered_profile(model, tmp_path, [("exact", "exact", "kivi:bits=2"), ("exact", "exact", None)])
     raw = json.loads(path.read_text())
     raw["layers"][0]["key"] = 3
     from kvshrink.profile import _body_digest

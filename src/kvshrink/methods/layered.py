@@ -82,6 +82,11 @@ class Layered(StoringMethod):
         method = build_method(text)
         if not isinstance(method, EvictionMethod):
             raise ValueError(f"profile {self.profile}: policy {text!r} is not a token-policy method")
+        if method.make_policy().name == "kvzip":
+            raise ValueError(f"profile {self.profile}: policy {text!r}: kvzip cannot be one layer's policy in a "
+                             "layered profile (its reconstruction pass runs through the whole model, and coded "
+                             "layers beside it would keep the pass's tokens); use the kvzip method itself, "
+                             "'kvzip:budget=B + CODEC'")
         return method
 
     def _codec(self, entry: str | tuple[str, ...], layer_idx: int, what: str):
