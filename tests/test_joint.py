@@ -1,6 +1,7 @@
 """Joint calibration (tokens and bits per layer): the allocator's optimum on known cases, real bytes, the probe, the
 profile it writes within budget and loadable by make_cache."""
 import itertools
+import re
 
 import pytest
 import torch
@@ -61,14 +62,18 @@ def test_combo_bytes_are_what_a_layer_holds():
     assert coded < half / 2  # 2-bit codes, scales, positions, scores, and up to a code block of exact tokens
 
 
-def test_probes_plant_a_fact_and_score_its_answer(real_model):
+@pytest.mark.parametrize("style", ["digits", "hex", "both"])
+def test_probes_plant_a_fact_and_score_its_answer(real_model, style):
     tok = real_model[1]
     text = ks.eval.corpus.calibration_text()[:60000]
-    probes = probe_samples(tok, text, 3, 300, seed=0)
+    probes = probe_samples(tok, text, 3, 300, seed=0, style=style)
     assert len({tok.decode(p.scored[0]) for p in probes}) == 3
-    for p in probes:
+    forms = {"digits": [r"\d{3}-\d{3}-\d{3}"] * 3, "hex": [r"[0-9a-f]{4}(-[0-9a-f]{4}){3}"] * 3}
+    forms["both"] = [forms["digits"][0], forms["hex"][0], forms["digits"][0]]
+    for p, form in zip(probes, forms[style]):
         assert p.context.shape == (1, 300) and p.kind == "probe"
         answer = tok.decode(p.scored[0]).strip().rstrip(".")
+        assert re.fullmatch(form, answer), answer
         context = tok.decode(p.context[0])
         assert f"is {answer}.)" in context and context.count(answer) == 1
         assert context.rstrip().endswith("vault is")
@@ -115,6 +120,8 @@ def test_joint_calibration_refuses_bad_targets_and_candidates(real_model):
         calibrate_joint(model, target_ratio=3, **kw)
     with pytest.raises(ValueError, match="policy must be one of snapkv"):
         calibrate_joint(model, target_ratio=0.1, policy="h2o", **kw)
+    with pytest.raises(ValueError, match="probe_style must be one of digits, hex, both"):
+        calibrate_joint(model, target_ratio=0.1, probe_style="uuid", **kw)
     with pytest.raises(ValueError, match="shares must be fractions"):
         calibrate_joint(model, target_ratio=0.1, shares=(0.5, 1.5), **kw)
     with pytest.raises(ValueError, match="grouped"):

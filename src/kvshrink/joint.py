@@ -82,14 +82,24 @@ class Sample:
     kind: str  # "text" or "probe"
 
 
-def probe_samples(tokenizer, text: str, count: int, context: int, seed: int) -> list[Sample]:
-    """Retrieval probes: `context` tokens of `text` with a planted passphrase sentence, a question, the answer."""
+PROBE_STYLES = ("digits", "hex", "both")
+
+
+def probe_samples(tokenizer, text: str, count: int, context: int, seed: int, style: str = "digits") -> list[Sample]:
+    """Retrieval probes: `context` tokens of `text` with a planted passphrase sentence, a question, the answer.
+    style: the passphrase's alphabet, "digits" (three groups of 3 digits), "hex" (four groups of 4 hex digits: many
+    rare tokens, the kind of string a 2-bit code or a thin token budget loses first) or "both" (alternating)."""
+    if style not in PROBE_STYLES:
+        raise ValueError(f"probe style must be one of {', '.join(PROBE_STYLES)}, got {style!r}")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     rng = random.Random(f"joint-probe:{seed}")
     out = []
-    for _ in range(count):
+    for n in range(count):
         vault = "".join(rng.choice(_SYLLABLES) for _ in range(3)).capitalize()
-        phrase = "-".join(str(rng.randint(100, 999)) for _ in range(3))
+        if style == "hex" or (style == "both" and n % 2):
+            phrase = "-".join("".join(rng.choice("0123456789abcdef") for _ in range(4)) for _ in range(4))
+        else:
+            phrase = "-".join(str(rng.randint(100, 999)) for _ in range(3))
         fact = tokenizer(f"\n(Aside: the passphrase of the {vault} vault is {phrase}.)\n",
                          add_special_tokens=False).input_ids
         question = tokenizer(f"\n\nWhat is the passphrase of the {vault} vault? The passphrase of the {vault} vault "
@@ -222,6 +232,7 @@ def calibrate_joint(
     context: int = 2048,
     samples: int = 2,
     probes: int = 2,
+    probe_style: str = "digits",
     scored: int = 32,
     key_codecs: Sequence[str] = KEY_CODECS,
     value_codecs: Sequence[str] = VALUE_CODECS,
@@ -248,6 +259,8 @@ def calibrate_joint(
         raise ValueError(f"shares must be fractions in (0, 1], got {list(shares)}")
     if samples < 0 or probes < 0 or samples + probes < 1:
         raise ValueError(f"samples and probes must be >= 0 and at least one sample in all, got {samples}, {probes}")
+    if probe_style not in PROBE_STYLES:
+        raise ValueError(f"probe_style must be one of {', '.join(PROBE_STYLES)}, got {probe_style!r}")
     if scored < 2 or context < 64:
         raise ValueError(f"scored must be >= 2 and context >= 64, got {scored} and {context}")
     for what, given in (("key", key_codecs), ("value", value_codecs)):
@@ -280,7 +293,7 @@ def calibrate_joint(
     source = {"text": CALIBRATION_SOURCE if text is None else "text given to calibrate_joint()"}
     text = text if text is not None else calibration_text()
     pool = text_samples(tokenizer, text, samples, context, scored, seed) if samples else []
-    pool += probe_samples(tokenizer, text, probes, context, seed)
+    pool += probe_samples(tokenizer, text, probes, context, seed, probe_style)
     measure = _Measure(model, pool, options)
 
     every = [exact.recipe(policy)] * n_layers
@@ -290,6 +303,8 @@ def calibrate_joint(
         + [("share", f"{s:g}") for s in shares if s < 1]
     settings = {"samples": samples, "probes": probes, "context": context, "scored": scored, "seed": seed,
                 "policy": policy, "text_sha256": text_digest(text)}
+    if probe_style != "digits":  # recorded when not the first probes' style (their profiles' settings stay as written)
+        settings["probe_style"] = probe_style
     if sensitivity_from is not None:
         singles = _reuse(sensitivity_from, model, options, settings, n_layers, trials)
     bar = tqdm(total=n_layers * len(trials), desc="sensitivity", unit="eval", disable=not progress or bool(singles))
@@ -327,8 +342,8 @@ def calibrate_joint(
     report = {
         "target_ratio": target_ratio, "budget_bytes": budget, "budget_context": budget_context,
         "fp16_bytes": fp16 * n_layers, "predicted_bytes": spent, "predicted_ratio": spent / (fp16 * n_layers),
-        "samples": samples, "probes": probes, "context": context, "scored": scored, "seed": seed, "policy": policy,
-        **source, "text_sha256": text_digest(text),
+        "samples": samples, "probes": probes, "probe_style": probe_style, "context": context, "scored": scored,
+        "seed": seed, "policy": policy, **source, "text_sha256": text_digest(text),
         "candidates": {"key": list(key_codecs), "value": list(value_codecs), "shares": list(shares)},
         "combo_bytes": {f"{c.key} | {c.value} | {c.share:g}": b for c, b in cost.items()},
         "sensitivity": {f"{i}/{w}/{c}": v for (i, w, c), v in singles.items()},
