@@ -112,6 +112,23 @@ def test_joint_calibration_writes_a_loadable_profile_within_budget(tmp_path, rea
     assert cache.memory_report()["tokens"] > 0
 
 
+def test_per_head_retention_is_a_calibration_choice(tmp_path, real_model):
+    tok = real_model[1]
+    model = tiny_llama(vocab_size=len(tok), head_dim=32, num_hidden_layers=2)
+    out = tmp_path / "adakv.json"
+    profile = calibrate_joint(model, tokenizer=tok, target_ratio=0.4, budget_context=256, context=160, samples=1,
+                              probes=1, scored=8, key_codecs=("exact",), value_codecs=("exact",), shares=(1.0, 0.25),
+                              policy="snapkv:heads=adaptive,floor=0.5", window=8, sinks=2,
+                              text=ks.eval.corpus.calibration_text()[:60000], output=out, progress=False)
+    assert profile.calibration["measured_ratio"] <= 0.4
+    chosen = [r.policy for r in profile.layers]
+    assert "snapkv:heads=adaptive,floor=0.5,budget=0.25" in chosen  # 0.4 of fp16 needs a quarter in some layer
+    cache = ks.make_cache(model, profile=str(out))
+    greedy(model, tok("def f(x):\n" * 40, return_tensors="pt").input_ids, cache, n=3)
+    split = [x for x in cache.layers if hasattr(x, "held_per_head")]
+    assert split and all(len(x.held_per_head()) == 2 for x in split)
+
+
 def test_joint_calibration_refuses_bad_targets_and_candidates(real_model):
     tok = real_model[1]
     model = tiny_llama(vocab_size=len(tok), head_dim=32)
@@ -120,6 +137,10 @@ def test_joint_calibration_refuses_bad_targets_and_candidates(real_model):
         calibrate_joint(model, target_ratio=3, **kw)
     with pytest.raises(ValueError, match="policy must be one of snapkv"):
         calibrate_joint(model, target_ratio=0.1, policy="h2o", **kw)
+    with pytest.raises(ValueError, match="option 'budget' is set by the calibration"):
+        calibrate_joint(model, target_ratio=0.1, policy="snapkv:budget=0.3", **kw)
+    with pytest.raises(ValueError, match="heads must be one of uniform, adaptive"):
+        calibrate_joint(model, target_ratio=0.1, policy="snapkv:heads=some", **kw)
     with pytest.raises(ValueError, match="probe_style must be one of digits, hex, both"):
         calibrate_joint(model, target_ratio=0.1, probe_style="uuid", **kw)
     with pytest.raises(ValueError, match="shares must be fractions"):

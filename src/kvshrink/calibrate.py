@@ -72,7 +72,8 @@ def _geometry(model) -> tuple[int, int, int]:
 
 def fill_random(cache, model, context: int):
     """Push `context` tokens of random keys and values (the model's dtype) through every layer of `cache`; a layer
-    with a token policy scores them with random queries and keeps its budget, as after a prefill."""
+    with a token policy (or split by KV head, with one) scores them with random queries and keeps its budget, as after
+    a prefill."""
     _, kv_heads, head_dim = _geometry(model)
     dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(0)
@@ -80,7 +81,7 @@ def fill_random(cache, model, context: int):
     queries = None
     for layer in cache.layers:
         layer.update(x, x)
-        if getattr(layer, "scored", False):
+        if getattr(layer, "scored", False) or any(getattr(h, "scored", False) for h in getattr(layer, "heads", ())):
             if queries is None:
                 heads = model.config.get_text_config(decoder=True).num_attention_heads
                 queries = torch.randn(1, heads, context, head_dim, generator=gen).to(dtype)

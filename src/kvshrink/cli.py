@@ -188,7 +188,7 @@ def _calibrate_layered(args: argparse.Namespace) -> int:
     profile = calibrate_joint(
         args.model, target_ratio=args.target_ratio, budget_context=args.budget_context,
         context=args.context or 2048, samples=2 if args.samples is None else args.samples, probes=args.probes,
-        probe_style=args.probe_style, scored=args.scored, key_codecs=split(args.key_codecs, KEY_CODECS),
+        probe_style=args.probe_style, policy=args.policy, scored=args.scored, key_codecs=split(args.key_codecs, KEY_CODECS),
         value_codecs=split(args.value_codecs, VALUE_CODECS),
         shares=tuple(float(x) for x in args.shares.split(",")) if args.shares else SHARES, seed=args.seed,
         sensitivity_from=args.sensitivity_from, output=args.output)
@@ -413,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--probes", type=int, default=2,
                     help="layered: retrieval probes (a planted passphrase, asked for) beside the text windows "
                          "(default: %(default)s)")
+    ca.add_argument("--policy", default="snapkv",
+                    help="layered: the retention policy whose share each layer chooses: snapkv, or snapkv:heads=adaptive "
+                         "(AdaKV's per-head budgets inside each layer; also floor=, observe=) (default: %(default)s)")
     ca.add_argument("--probe-style", choices=("digits", "hex", "both"), default="digits",
                     help="layered: the probes' passphrase: digits (3 groups of 3), hex (4 groups of 4 hex digits, "
                          "UUID-like) or both, alternating (default: %(default)s)")

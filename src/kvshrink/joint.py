@@ -56,6 +56,8 @@ VALUE_CODECS = ("grouped:bits=2,axis=token", "grouped:bits=3,axis=token", "group
 SHARES = (1.0, 0.5, 0.25, 0.125)
 #: token policies a layer may take: prompt-only ones, whose kept tokens can be coded in groups along tokens
 POLICIES = ("snapkv",)
+#: options a retention policy may carry (`snapkv:heads=adaptive`: AdaKV's per-head budgets inside each layer)
+POLICY_OPTIONS = ("heads", "floor", "observe")
 
 _SYLLABLES = ("bra", "cel", "dov", "fen", "gar", "hul", "jas", "kor", "lim", "mab", "nor", "pel", "quin", "ros",
               "sul", "tam", "ulv", "ves", "wyn", "zed")
@@ -70,7 +72,28 @@ class Combo:
     share: float
 
     def recipe(self, policy: str) -> LayerRecipe:
-        return LayerRecipe(self.key, self.value, None if self.share >= 1 else f"{policy}:budget={self.share:g}")
+        if self.share >= 1:
+            return LayerRecipe(self.key, self.value, None)
+        return LayerRecipe(self.key, self.value, f"{policy}{',' if ':' in policy else ':'}budget={self.share:g}")
+
+
+def check_policy(policy: str) -> None:
+    """A retention policy for joint calibration: a prompt-only policy (its kept tokens may be coded in groups along
+    tokens) with at most the options in POLICY_OPTIONS; a clear error otherwise."""
+    from .spec import parse
+
+    try:
+        (part,) = parse(policy)
+    except ValueError as e:
+        raise ValueError(f"policy {policy!r}: {e}") from None
+    if part.name not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)} (prompt-only: the kept tokens may be coded "
+                         f"in groups along tokens), with options {', '.join(POLICY_OPTIONS)}; got {policy!r}")
+    extra = [k for k, _ in part.options if k not in POLICY_OPTIONS]
+    if extra:
+        raise ValueError(f"policy {policy!r}: option {extra[0]!r} is set by the calibration or not allowed here; "
+                         f"allowed: {', '.join(POLICY_OPTIONS)}")
+    build_method(Combo("exact", "exact", 0.5).recipe(policy).policy)  # option values are checked here
 
 
 @dataclass
@@ -252,9 +275,7 @@ def calibrate_joint(
 
     if not 0 < target_ratio < 1:
         raise ValueError(f"target_ratio must be in (0, 1) (a share of the 16-bit cache), got {target_ratio}")
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)} (prompt-only: the kept tokens may be coded "
-                         f"in groups along tokens), got {policy!r}")
+    check_policy(policy)
     if not shares or any(not 0 < s <= 1 for s in shares):
         raise ValueError(f"shares must be fractions in (0, 1], got {list(shares)}")
     if samples < 0 or probes < 0 or samples + probes < 1:

@@ -111,9 +111,11 @@ class Layered(StoringMethod):
         if hasattr(model_or_config, "set_attn_implementation"):
             attention.enable(model_or_config)
         self._head_dim = head_dim_of(text_config(model_or_config))
+        kv_heads = text_config(model_or_config).num_key_value_heads
         for policy in self._policies:
             if policy is not None:
                 policy._head_dim, policy._shard = self._head_dim, getattr(self, "_shard", None)
+                policy._kv_heads = kv_heads  # heads=adaptive splits a layer into its KV heads
 
     def layer(self, layer_idx: int, sliding_window: int | None):
         if sliding_window is not None:
