@@ -109,3 +109,17 @@ def test_generated_is_checked():
         ks.make_cache(model, "h2o:generated=budget")
     with pytest.raises(ValueError, match="only 'keep' applies"):
         ComposedLayer(ExactCodec("float32"), ExactCodec("float32"), generated="budget")
+
+
+def test_heads_with_their_own_prompt_counts_keep_them_and_a_share_of_the_generated_tokens():
+    model = tiny_llama()
+    cache = ks.make_cache(model, "snapkv:budget=0.25,window=8,heads=adaptive,floor=0.2,generated=budget")
+    greedy(model, _prompt(n=160), cache, n=121)
+    for layer in cache.layers:
+        for head in layer.heads:
+            generated = head.seen - head.decode_from
+            assert generated == 120
+            want = head.prompt_held + math.ceil(0.25 * generated)
+            assert want <= head.positions.shape[-1] < want + head.chunk
+        prompt = [h.prompt_held for h in layer.heads]
+        assert sum(prompt) == 2 * math.ceil(0.25 * 160)  # the layer's prompt budget, split by AdaKV

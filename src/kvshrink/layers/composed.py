@@ -24,7 +24,8 @@ have left the recent window the layer keeps, among those that left, as many as t
 attention they received per query since they arrived (the queries after them: SnapKV's observation window on the
 generation); the oldest kept ones are stored in whole codec units, the few left over wait exact at the window's
 front (ranked again with the next chunk), and the others are dropped (or sent to the low tier). The held count is
-then the budget of the tokens seen, plus at most one chunk and one codec unit waiting.
+then what the prompt kept plus the budget's share of the generated tokens (the budget of all tokens seen, when the
+prompt kept its share), plus at most one chunk and one codec unit waiting.
 
 A layer that defers eviction (`defer_eviction`) keeps the whole prompt exact after the prefill until told how many
 tokens stay (`_evict(keep)`); meanwhile a scoring pass (`probing`, KVzip's reconstruction) may run forward passes
@@ -178,6 +179,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
         self.awaiting_keep = False  # deferred eviction: the prefill is held whole until `_evict(keep)`
         self.decode_from: int | None = None  # generated=budget: the first decoded position (scores restart there)
+        self.prompt_held: int | None = None  # generated=budget: tokens held after the prompt was compressed
         self.is_initialized = False
 
     def _stores(self) -> tuple[PagedStore, ...]:
@@ -601,6 +603,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         the next chunk; the others are dropped (or sent to the low tier)."""
         if self.decode_from is None:
             self.decode_from = self.seen - steps
+            self.prompt_held = self.positions.shape[-1] - steps
             self.scores = torch.zeros_like(self.scores)
         self.scores = self.scores + heard
         leaving = max(self.keys.shape[-2] - self.window, 0)
@@ -609,7 +612,11 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         n_sink, n_store = self.sink_keys.shape[-2], self.key_store.tokens
         held = self.positions.shape[-1]
         start = n_sink + n_store  # the leaving tokens: the window's oldest, right after the stored ones
-        room = min(max(self.budget_tokens() - (held - leaving), 0), leaving)
+        # what the prompt kept stays (a head or layer given more of the prompt by a shared ranking keeps it), and the
+        # generated tokens get the budget's share of their own count; a fixed `tokens` count is the whole cache's
+        keep = self.budget_tokens() if self.tokens else \
+            self.prompt_held + math.ceil(self.budget * (self.seen - self.decode_from))
+        room = min(max(keep - (held - leaving), 0), leaving)
         cand = slice(start, start + leaving)
         pos = self.positions[..., cand]
         rank = self.scores[..., cand] / (self.seen - pos.clamp_min(self.decode_from)).clamp_min(1).float()
@@ -684,4 +691,4 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
     _batch_tensors = ("keys", "values", "sink_keys", "sink_values", "positions", "scores", "low_positions")
     _batch_stores = ("key_store", "value_store", "low_keys", "low_values")
     _state_counts = ("seen", "calls")
-    _optional_counts = ("decode_from",)
+    _optional_counts = ("decode_from", "prompt_held")
