@@ -129,6 +129,21 @@ def test_per_head_retention_is_a_calibration_choice(tmp_path, real_model):
     assert split and all(len(x.held_per_head()) == 2 for x in split)
 
 
+def test_gear_is_a_candidate_like_any_codec(tmp_path, real_model):
+    tok = real_model[1]
+    model = tiny_llama(vocab_size=len(tok), head_dim=32, num_hidden_layers=2)
+    gear = "gear:bits=2,block=32,rank=2,outliers=0.01"
+    profile = calibrate_joint(model, tokenizer=tok, target_ratio=0.75, budget_context=256, context=160, samples=1,
+                              probes=1, scored=8, key_codecs=(gear, "exact"), value_codecs=("exact",), shares=(1.0,),
+                              window=8, sinks=2, text=ks.eval.corpus.calibration_text()[:60000],
+                              output=tmp_path / "gear.json", progress=False)
+    cal = profile.calibration
+    assert f"{gear} | exact | 1" in cal["combo_bytes"] and cal["measured_ratio"] <= 0.75
+    assert [r.key for r in profile.layers].count(gear) >= 1  # exact keys everywhere hold more than 0.75
+    cache = ks.make_cache(model, profile=str(tmp_path / "gear.json"))
+    greedy(model, tok("def f(x):\n" * 40, return_tensors="pt").input_ids, cache, n=3)
+
+
 def test_joint_calibration_refuses_bad_targets_and_candidates(real_model):
     tok = real_model[1]
     model = tiny_llama(vocab_size=len(tok), head_dim=32)
