@@ -1,6 +1,6 @@
 """Eviction methods (streamingllm, h2o, snapkv, tova) and evict-to-low-bits (mixed)."""
 import math
-
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -168,3 +168,35 @@ def test_eviction_options_are_checked():
         ks.make_cache(model, "mixed:mean=head")
     with pytest.raises(ValueError, match="below the cost of keeping every token at 2 bits"):
         ks.make_cache(model, "mixed:budget=0.1,group=8")
+
+
+def test_mixed_takes_its_low_tier_from_a_tada_profile(tmp_path):
+    from kvshrink.codecs.quant import GroupCodec
+    from kvshrink.codecs.rotation import RotationCodec
+    from kvshrink.profile import LayerChoice, Profile, fingerprint
+
+    model = tiny_llama()
+    path = tmp_path / "tada.json"
+    Profile(fingerprint(model), "tada", {}, [LayerChoice(3, 2, value_rotate=True),
+                                              LayerChoice(2, 4, key_rotate=True, value_rotate=True)]).save(path)
+    ids = _prompt(batch=1, n=200)
+    cache = ks.make_cache(model, f"mixed:policy=snapkv,budget=0.4,group=8,low={path}")
+    greedy(model, ids, cache, n=10)
+    first, second = cache.layers
+    k0, v0 = first.low_codecs
+    assert isinstance(k0, GroupCodec) and (k0.bits, k0.axis, k0.center) == (3, "token", "channel")
+    assert isinstance(v0, RotationCodec) and v0.bits == 2
+    k1, v1 = second.low_codecs
+    assert isinstance(k1, RotationCodec) and (k1.bits, v1.bits) == (2, 4)
+    for layer in cache.layers:
+        assert layer.positions.shape[-1] + layer.low_positions.shape[-1] == 209  # none dropped
+    r = cache.memory_report()
+    kv = sum(r["by_part"][p] for p in ("codes", "scales", "means", "window"))  # positions and scores on top
+    assert abs(kv / r["fp16_nbytes"] - 0.4) < 0.05
+    lossless = ks.make_cache(model, f"mixed:policy=snapkv,budget=1.0,group=8,low={path}")
+    assert torch.equal(greedy(model, ids, lossless, n=10), greedy(model, ids, DynamicCache(config=model.config), n=10))
+    layered = Path(__file__).resolve().parent.parent / "benchmarks/profiles/qwen2.5-coder-1.5b-layered-0.10.json"
+    with pytest.raises(ValueError, match="is a 'layered' profile; the low tier takes a TaDA profile"):
+        ks.make_cache(model, f"mixed:low={layered}")
+    with pytest.raises(ValueError, match=f"mixed: low={path}"):  # calibrated for another model
+        ks.make_cache(tiny_llama(num_hidden_layers=3), f"mixed:low={path}")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ..codecs.base import BIT_WIDTHS, Codec
 from ..codecs.quant import GroupCodec
 from ..codecs.rotation import RotationCodec
+from ..profile import LayerChoice, load_profile
 from .base import option, register
 from .eviction import EvictionMethod
 
@@ -35,6 +36,11 @@ class Mixed(EvictionMethod):
                                    "kept and its direction coded by a Lloyd-Max codebook: no group spends its range "
                                    "on an outlier channel, and it works for tokens evicted one at a time)")
 
+    low: str = option("", "a TaDA profile (path or shipped name) whose per-layer bits and rotation code the low tier "
+                          "instead of `bits`/`codec`/`mean`: a rotated choice gives rotated codes; an unrotated one "
+                          "per-token groups of `group` channels, keys centred per channel (per-channel key groups "
+                          "cannot take tokens evicted one at a time)")
+
     def scoring_policy(self) -> str:
         return self.policy
 
@@ -50,19 +56,50 @@ class Mixed(EvictionMethod):
             raise ValueError(f"mixed: codec must be 'grouped' or 'rotated', got {self.codec!r}")
         if self.codec == "rotated" and (self.mean != "none" or self.bits == 8):
             raise ValueError("mixed: codec='rotated' takes bits 2, 3 or 4 and mean 'none'")
+        self._low_profile = None
+        if self.low:
+            prof = load_profile(self.low)
+            if prof.method != "tada" or not all(isinstance(c, LayerChoice) for c in prof.layers):
+                raise ValueError(f"mixed: low={self.low!r} is a {prof.method!r} profile; the low tier takes a TaDA "
+                                 "profile's per-layer bits (kvshrink calibrate --method tada)")
+            self._low_profile = prof
+
+    def prepare(self, model_or_config) -> None:
+        super().prepare(model_or_config)
+        if self._low_profile is not None:
+            self._low_profile.check_model(model_or_config, f"mixed: low={self.low}")
+
+    def _low_codecs(self, layer_idx: int) -> tuple[Codec, Codec]:
+        """The low tier's key and value codecs of one layer: from `low`'s profile, or `bits`/`codec`/`mean`."""
+        if self._low_profile is None:
+            if self.codec == "rotated":
+                spec = RotationCodec(self.bits, "lloydmax", layer=layer_idx)
+            else:
+                spec = GroupCodec(self.bits, self.group, "token", self.mean)
+            return spec, spec
+        layers = self._low_profile.layers
+        if layer_idx >= len(layers):
+            raise ValueError(f"mixed: low={self.low!r} has {len(layers)} layers; the model has layer {layer_idx}")
+        c = layers[layer_idx]
+
+        def one(bits: int, rotate: bool, centre: str) -> Codec:
+            if rotate:
+                return RotationCodec(bits, "lloydmax", layer=layer_idx)
+            return GroupCodec(bits, self.group, "token", centre if bits < 16 else "none")
+
+        return one(c.key_bits, c.key_rotate, "channel"), one(c.value_bits, c.value_rotate, "none")
 
     def low_tier(self, head_dim, layer_idx: int = 0, kept: Codec | None = None):
-        if self.codec == "rotated":
-            spec = RotationCodec(self.bits, "lloydmax", layer=layer_idx)
-        else:
-            spec = GroupCodec(self.bits, self.group, "token", self.mean)
-        spec.check_head_dim(head_dim, "mixed low tier")
+        key, value = self._low_codecs(layer_idx)
+        for codec in (key, value):
+            codec.check_head_dim(head_dim, "mixed low tier")
         # bytes of one token's keys and values in one head: exact (16-bit) unless a composition codes the kept ones
         high = 4 * head_dim if kept is None else 2 * kept.layout(head_dim).token_bytes()
-        low = 2 * spec.layout(head_dim).token_bytes()
+        low = key.layout(head_dim).token_bytes() + value.layout(head_dim).token_bytes()
         fp16 = 4 * head_dim
         share = (self.budget * fp16 - low) / (high - low) if high > low else 1.0
         if share <= 0:
-            raise ValueError(f"mixed: budget {self.budget} is below the cost of keeping every token at {self.bits} "
-                             f"bits ({low / fp16:.3f} of fp16): raise it or lower bits")
-        return (spec, spec), min(share, 1.0)
+            what = f"layer {layer_idx}'s codes from {self.low}" if self.low else f"{self.bits} bits"
+            raise ValueError(f"mixed: budget {self.budget} is below the cost of keeping every token at {what} "
+                             f"({low / fp16:.3f} of fp16): raise it or lower bits")
+        return (key, value), min(share, 1.0)
