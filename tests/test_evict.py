@@ -195,6 +195,18 @@ def test_mixed_takes_its_low_tier_from_a_tada_profile(tmp_path):
     assert abs(kv / r["fp16_nbytes"] - 0.4) < 0.05
     lossless = ks.make_cache(model, f"mixed:policy=snapkv,budget=1.0,group=8,low={path}")
     assert torch.equal(greedy(model, ids, lossless, n=10), greedy(model, ids, DynamicCache(config=model.config), n=10))
+    # the budget is the whole cache's: one under the dearer layer's low tier but over the mean of the two builds,
+    # every layer keeping the same share exact; one under the mean is refused
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    costs = [sum(c.layout(hd).token_bytes() for c in layer.low_codecs) / (4 * hd) for layer in cache.layers]
+    assert max(costs) > sum(costs) / 2 + 0.02
+    between = (max(costs) + sum(costs) / 2) / 2
+    split = ks.make_cache(model, f"mixed:policy=snapkv,budget={between:.4f},group=8,low={path}")
+    greedy(model, ids, split, n=10)
+    kept = [layer.positions.shape[-1] for layer in split.layers]
+    assert kept[0] == kept[1] < 209
+    with pytest.raises(ValueError, match=r"codes of .* \(mean over its 2 layers\)"):
+        ks.make_cache(model, f"mixed:policy=snapkv,budget={sum(costs) / 2 - 0.01:.4f},group=8,low={path}")
     layered = Path(__file__).resolve().parent.parent / "benchmarks/profiles/qwen2.5-coder-1.5b-layered-0.10.json"
     with pytest.raises(ValueError, match="is a 'layered' profile; the low tier takes a TaDA profile"):
         ks.make_cache(model, f"mixed:low={layered}")
