@@ -134,6 +134,13 @@ def test_records_resume_and_survive_a_cut_line(tiny, tokenizer, tmp_path, monkey
     assert len(resumed) == 6 and len(calls) == 1
     assert len(load_records(path)) == 6  # the cut line is gone, the recomputed record appended whole
 
+    # without resume the cells asked for are measured again and appended; the file's other records stay
+    calls.clear()
+    again = _eval(tiny, tokenizer, ["kivi:bits=4"], tmp_path, resume=False)
+    assert len(again) == 3 and len(calls) == 1
+    after = load_records(path)
+    assert len(after) == 9 and sum(r["method"] == "full" for r in after) == 3
+
 
 def test_table_and_plot(tiny, tokenizer, tmp_path, corrupt_method):
     records = _eval(tiny, tokenizer, ["full", "kivi:bits=2", corrupt_method])

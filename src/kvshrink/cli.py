@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", default=None,
                     help="PNG plot path, '' for none (default: the output's path with .png, e.g. results/eval.png)")
     ev.add_argument("--no-resume", dest="resume", action="store_false",
-                    help="recompute records already in the output file")
+                    help="measure the cells asked for again even where the output file has them (appended: "
+                         "readers take a cell's last record; the file's other records stay)")
     ev.set_defaults(func=cmd_eval)
 
     be = sub.add_parser("bench", help="prefill time, decode speed and memory against the plain cache")

@@ -337,8 +337,8 @@ def evaluate(
             _rewrite(output, kept)
         for r in kept:
             done[record_key(r)] = r
-    elif output is not None and output.exists():
-        output.unlink()
+    # without resume the cells asked for are measured again and appended: readers take a cell's last record, and the
+    # file's other records (other methods, seeds, contexts) stay
     meta = environment()
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     # task-major inside a (context, seed): every method meets a prompt while its recorded prefill is at hand
