@@ -144,6 +144,29 @@ def test_gear_is_a_candidate_like_any_codec(tmp_path, real_model):
     greedy(model, tok("def f(x):\n" * 40, return_tensors="pt").input_ids, cache, n=3)
 
 
+def test_a_low_rank_codec_is_a_candidate_with_its_bases_counted(tmp_path, real_model):
+    from kvshrink.bases import bases_profile
+
+    tok = real_model[1]
+    model = tiny_llama(vocab_size=len(tok), head_dim=32, num_hidden_layers=2)
+    text = ks.eval.corpus.calibration_text()[:60000]
+    bases = tmp_path / "bases.json"
+    bases_profile(model, tok(text, return_tensors="pt").input_ids[:, :1024], method="tale", samples=2, context=256,
+                  progress=False).save(bases)
+    low = f"projected:bases={bases},rank=8,bits=4"
+    profile = calibrate_joint(model, tokenizer=tok, target_ratio=0.5, budget_context=256, context=160, samples=1,
+                              probes=1, scored=8, key_codecs=(low, "exact"), value_codecs=(low, "exact"),
+                              shares=(1.0,), window=8, sinks=2, text=text, output=tmp_path / "low.json",
+                              progress=False)
+    cal = profile.calibration
+    assert cal["measured_ratio"] <= 0.5
+    chosen = [r.key for r in profile.layers] + [r.value for r in profile.layers]
+    assert low in chosen  # exact keys and values everywhere hold 1.0
+    cache = ks.make_cache(model, profile=str(tmp_path / "low.json"))
+    greedy(model, tok("def f(x):\n" * 80, return_tensors="pt").input_ids, cache, n=3)
+    assert cache.memory_report()["by_part"]["bases"] > 0  # the bases a coded layer holds are in its bytes
+
+
 def test_joint_calibration_refuses_bad_targets_and_candidates(real_model):
     tok = real_model[1]
     model = tiny_llama(vocab_size=len(tok), head_dim=32)

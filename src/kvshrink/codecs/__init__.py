@@ -3,9 +3,10 @@ declared layout, see `base`); `store.PagedStore` holds a codec's fields in pages
 from .base import BIT_WIDTHS, CODECS, PARTS, Codec, Field, Layout, get_codec, make_codec, register_codec
 from .exact import ExactCodec
 from .gear import GearCodec
+from .projected import ProjectedCodec
 from .quant import GroupCodec
 from .rotation import RotationCodec
 from .store import PagedStore
 
 __all__ = ["BIT_WIDTHS", "CODECS", "PARTS", "Codec", "Field", "Layout", "get_codec", "make_codec", "register_codec",
-           "ExactCodec", "GearCodec", "GroupCodec", "RotationCodec", "PagedStore"]
+           "ExactCodec", "GearCodec", "GroupCodec", "ProjectedCodec", "RotationCodec", "PagedStore"]

@@ -35,7 +35,7 @@ def by_part(tensors: list[tuple[str, torch.Tensor]]) -> dict[str, list[torch.Ten
 class PagedStore:
     """The encoded tokens of one tensor of one layer; decoded, they are [batch, heads, tokens, head_dim]."""
 
-    def __init__(self, codec: Codec, name: str = "tensor", page_tokens: int = PAGE_TOKENS):
+    def __init__(self, codec: Codec, name: str = "tensor", page_tokens: int = PAGE_TOKENS, role: str | None = None):
         if not isinstance(page_tokens, int) or page_tokens < 1:
             raise ValueError(f"{name}: page_tokens must be a positive integer, got {page_tokens!r}")
         self.codec = codec
@@ -55,6 +55,10 @@ class PagedStore:
         self.encoder: Callable | None = None
         # the global KV heads held under tensor parallelism (set by the layer)
         self.shard = None
+        # what the store holds: "key" or "value" (a codec whose parameters differ by side reads it), and which of
+        # the layer's (or rank's) KV heads, when a head split gave it some of them
+        self.role = role
+        self.head_index: torch.Tensor | None = None
 
     # -- writing ----------------------------------------------------------------------------------------------
     def append(self, x: torch.Tensor) -> None:
@@ -250,14 +254,16 @@ class HeadSplitStore:
     """A store whose KV heads are coded by different codecs (`PerHead`): one `PagedStore` per distinct codec over
     the heads that use it, read back in head order. Every head holds the same tokens, so the page fills agree."""
 
-    def __init__(self, codec, name: str = "tensor", page_tokens: int = PAGE_TOKENS):
+    def __init__(self, codec, name: str = "tensor", page_tokens: int = PAGE_TOKENS, role: str | None = None):
         self.codec = codec
         self.name = name
         order: dict = {}
         for h, c in enumerate(codec.codecs):
             order.setdefault(c, []).append(h)
-        self.groups = [(torch.tensor(heads), PagedStore(c, f"{name} heads {heads}", page_tokens))
+        self.groups = [(torch.tensor(heads), PagedStore(c, f"{name} heads {heads}", page_tokens, role))
                        for c, heads in order.items()]
+        for heads, store in self.groups:
+            store.head_index = heads
         self.shard = None
 
     @property
@@ -327,7 +333,9 @@ class HeadSplitStore:
             store.load_state_dict({k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}, c)
 
 
-def make_store(codec: Codec, name: str, page_tokens: int = PAGE_TOKENS) -> "PagedStore | HeadSplitStore":
-    """The store a codec's tokens go to: paged, or split by head when the heads have codecs of their own."""
-    return HeadSplitStore(codec, name, page_tokens) if isinstance(codec, PerHead) else PagedStore(codec, name,
-                                                                                                     page_tokens)
+def make_store(codec: Codec, name: str, page_tokens: int = PAGE_TOKENS,
+               role: str | None = None) -> "PagedStore | HeadSplitStore":
+    """The store a codec's tokens go to (`role`: "key" or "value"): paged, or split by head when the heads have
+    codecs of their own."""
+    kind = HeadSplitStore if isinstance(codec, PerHead) else PagedStore
+    return kind(codec, name, page_tokens, role)

@@ -156,7 +156,8 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         return self.policy is not None
 
     def _store(self, codec: Codec, what: str) -> PagedStore:
-        store = make_store(codec, f"layer {self.layer_idx} {what}", self.page_tokens)
+        store = make_store(codec, f"layer {self.layer_idx} {what}", self.page_tokens,
+                           "value" if what.endswith("values") else "key")
         store.shard = self.shard
         return store
 
