@@ -64,7 +64,9 @@ TABLES: dict[str, dict] = {
         "`tada`, calibrated at 0.20 with rotation allowed": f"tada:profile={P}-tada-rotate-0.20.json",
         "`tada`, calibrated at 0.20, groups of 64, no rotation": f"tada:profile={P}-tada-g64-0.20.json",
         "`snapkv:budget=0.25`": "snapkv:budget=0.25",
-        "transformers `QuantizedCache` (quanto, 4-bit)": "hf-quanto:bits=4"}},
+        "transformers `QuantizedCache` (quanto, 4-bit)": "hf-quanto:bits=4",
+        "joint profile at 0.10 (`layered`)": f"layered:profile={P}-layered-0.10.json",
+        "joint profile at 0.06 (`layered`)": f"layered:profile={P}-layered-0.06.json"}},
     "readme-qwen-16k": {"doc": "README.md", "kind": "ruler", "records": QWEN_RULER, "context": 16384, "rows": {
         "`full`": "full",
         "`tada`, calibrated at 0.20 with rotation allowed": f"tada:profile={P}-tada-rotate-0.20.json",
