@@ -105,6 +105,16 @@ def test_joint_calibration_writes_a_loadable_profile_within_budget(tmp_path, rea
     assert again.calibration["measured_ratio"] <= 0.25
     with pytest.raises(ProfileError, match="seed=0, this run uses 1"):
         calibrate_joint(model, target_ratio=0.25, sensitivity_from=out, **{**kw, "seed": 1})
+    # a candidate the earlier run did not try is measured, layer by layer; the others are reused
+    wider = calibrate_joint(model, target_ratio=0.25, sensitivity_from=out,
+                            **{**kw, "key_codecs": ("grouped:bits=2,axis=channel", "grouped:bits=4,axis=channel",
+                                                    "exact")})
+    sens = wider.calibration["sensitivity"]
+    assert {k: v for k, v in sens.items() if k in cal["sensitivity"]} == cal["sensitivity"]
+    assert sorted(set(sens) - set(cal["sensitivity"])) == [f"{i}/key/grouped:bits=4,axis=channel" for i in range(3)]
+    # three new single-layer evaluations; the rest (the baseline, the chosen profile, the uniform pairings) as before
+    w, a = wider.calibration, again.calibration
+    assert w["evaluations"] - len(w["uniform"]) == a["evaluations"] - len(a["uniform"]) + 3
     # the written profile builds a cache that generates and holds the bytes calibration said
     ids = tok("def f(x):\n    return x", return_tensors="pt").input_ids
     cache = ks.make_cache(model, profile=str(out))

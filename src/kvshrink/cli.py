@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tada: run each window's prefill for every allocation instead of recording it once and "
                          "building each allocation's cache from the record (same KLs, slower)")
     ca.add_argument("--sensitivity-from", metavar="PROFILE",
-                    help="reuse the layer sensitivities measured by this earlier profile (same model and settings)")
+                    help="layered/tada: reuse the layer sensitivities measured by this earlier profile (same model and "
+                         "settings); layered measures only the candidates it did not")
     ca.add_argument("-O", "--option", action="append", metavar="KEY=VALUE",
                     help="tada options kept fixed (group, window, sinks, ...; exact_dtype defaults to float16)")
     ca.add_argument("-o", "--output", default="profile.json", help="profile file (default: %(default)s)")

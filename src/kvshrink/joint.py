@@ -326,17 +326,17 @@ def calibrate_joint(
                 "policy": policy, "text_sha256": text_digest(text)}
     if probe_style != "digits":  # recorded when not the first probes' style (their profiles' settings stay as written)
         settings["probe_style"] = probe_style
-    if sensitivity_from is not None:
+    if sensitivity_from is not None:  # what an earlier calibration measured is reused; new candidates are measured
         singles = _reuse(sensitivity_from, model, options, settings, n_layers, trials)
-    bar = tqdm(total=n_layers * len(trials), desc="sensitivity", unit="eval", disable=not progress or bool(singles))
-    for i in range(n_layers if not singles else 0):
-        for what, choice in trials:
-            c = Combo(choice if what == "key" else "exact", choice if what == "value" else "exact",
-                      float(choice) if what == "share" else 1.0)
-            recipes = list(every)
-            recipes[i] = c.recipe(policy)
-            singles[(i, what, choice)] = max(measure(recipes)["all"] - base_kl, 0.0)
-            bar.update()
+    missing = [(i, what, choice) for i in range(n_layers) for what, choice in trials if (i, what, choice) not in singles]
+    bar = tqdm(total=len(missing), desc="sensitivity", unit="eval", disable=not progress or not missing)
+    for i, what, choice in missing:
+        c = Combo(choice if what == "key" else "exact", choice if what == "value" else "exact",
+                  float(choice) if what == "share" else 1.0)
+        recipes = list(every)
+        recipes[i] = c.recipe(policy)
+        singles[(i, what, choice)] = max(measure(recipes)["all"] - base_kl, 0.0)
+        bar.update()
     bar.close()
 
     def predicted(i: int, c: Combo) -> float:
@@ -400,11 +400,5 @@ def _reuse(path, model, options: dict[str, Any], settings: dict[str, Any], n_lay
                                "its sensitivities do not apply")
     if old.options != options:
         raise ProfileError(f"profile {path} was calibrated with options {old.options}, this run uses {options}")
-    out = {}
-    for i in range(n_layers):
-        for what, choice in trials:
-            key = f"{i}/{what}/{choice}"
-            if key not in cal["sensitivity"]:
-                raise ProfileError(f"profile {path} did not measure {key} (other candidates): measure them")
-            out[(i, what, choice)] = float(cal["sensitivity"][key])
-    return out
+    return {(i, what, choice): float(cal["sensitivity"][f"{i}/{what}/{choice}"])
+            for i in range(n_layers) for what, choice in trials if f"{i}/{what}/{choice}" in cal["sensitivity"]}
