@@ -59,7 +59,7 @@ def evaluation_prompts(model: str) -> dict[tuple, int | None]:
             if not line.strip():
                 continue
             r = json.loads(line)
-            if r.get("model") != model:
+            if r.get("model") != model or "task" not in r:  # not an evaluation record (e.g. a generation's memory)
                 continue
             if r["task"] in ESSAY_TASKS:
                 cells[(r["task"], r["context"], r["seed"], None)] = r["metrics"].get("prompt_tokens")

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 import kvshrink as ks
 from kvshrink import attention
-from kvshrink.bases import bases_profile
+from kvshrink.bases import bases_profile, lowrank_recipe
 from kvshrink.codecs.lowrank import DROP, Level, LevelStore, energy, fit_basis, level_token_bytes, parse_levels
 from kvshrink.codecs.packing import packed_size
 from kvshrink.layers import LatentLayer
@@ -549,3 +549,38 @@ def test_channel_codes_decode_end_to_end_latent_equal_to_reconstruct(method, tmp
     assert loaded.memory_report()["nbytes"] == cache.memory_report()["nbytes"]
     again = torch.cat([ids, first], 1)  # a generated 0 is the pad id: the mask must not hide it
     assert torch.equal(greedy(model, again, loaded, n=8, attention_mask=torch.ones_like(again)), whole[:, 8:])
+
+
+@pytest.mark.parametrize("method", ["tale", "dynakv"])
+def test_a_recipe_profile_builds_the_same_cache_as_bases_and_options(method, tmp_path):
+    model = tiny_llama()
+    bases = _bases(model, method)
+    row = bases.tensors["layer0.key_basis"].shape[1]
+    opts = dict(window=8, sinks=2, coeff_axis="channel", coeff_group=16, target_ratio=0.2,
+                levels=f"r{row // 2}b4/r{row // 4}b4/r{row // 8}b4")
+    path = lowrank_recipe(bases, method, **opts).save(tmp_path / "recipe.json")
+    recipe = load_profile(path)
+    assert recipe.method == method and recipe.options["coeff_axis"] == "channel"
+    # the bases are cut to the largest level's rank and stored in float16
+    assert recipe.tensors["layer0.key_basis"].shape[-1] == row // 2
+    assert json.loads(path.read_text())["tensors"]["layer0.key_basis"]["dtype"] == "float16"
+    prompt = torch.randint(2, 95, (1, 160), generator=torch.Generator().manual_seed(5))
+    ref_cache = ks.build_method(method, **opts).use_profile(bases).make_cache(model)
+    ref = greedy(model, prompt, ref_cache, n=12)
+    cache = ks.make_cache(model, profile=str(path))
+    layer = cache.layers[0]
+    assert isinstance(layer, LatentLayer) and layer.groups == (1 if method == "dynakv" else layer.kv_heads)
+    assert torch.equal(greedy(model, prompt, cache, n=12), ref)
+    # the same bytes: the cache held the cut bases in float16 either way
+    assert cache.memory_report()["nbytes"] == ref_cache.memory_report()["nbytes"]
+    # an explicit option different from the recipe's is refused; the same one is fine
+    with pytest.raises(ValueError, match="is a recipe with target_ratio=0.2"):
+        ks.make_cache(model, method, profile=str(path), target_ratio=0.3)
+    ks.make_cache(model, method, profile=str(path), target_ratio=0.2)
+    other = "dynakv" if method == "tale" else "tale"
+    with pytest.raises(ValueError, match=f"is a '{method}' recipe"):
+        ks.build_method(other, profile=str(path))
+    with pytest.raises(ValueError, match="not a recipe option"):
+        lowrank_recipe(bases, method, joint=True)
+    with pytest.raises(ProfileError, match="starts from a bases profile"):
+        lowrank_recipe(recipe, method)

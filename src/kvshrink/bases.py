@@ -85,10 +85,14 @@ def bases_profile(model, ids: torch.Tensor, *, method: str = "tale", samples: in
                    tensors)
 
 
+RECIPE_METHODS = ("tale", "dynakv", "lowrank")  # methods a low-rank recipe profile may name
+
+
 def layer_bases(profile: Profile, layer_idx: int, joint: bool, where: str,
                 key_space: str = "post_rope") -> tuple[torch.Tensor, ...]:
-    """(key basis, key sigma, value basis, value sigma) of one layer from a bases profile, checked."""
-    if profile.method != "lowrank" or "joint" not in profile.options:
+    """(key basis, key sigma, value basis, value sigma) of one layer from a bases profile or a low-rank recipe,
+    checked. A basis is [groups, row, rank], rank <= row (a recipe cuts its columns to the rank its levels use)."""
+    if profile.method not in RECIPE_METHODS or "joint" not in profile.options:
         raise ProfileError(f"{where} holds no low-rank bases (method {profile.method!r}); make one with "
                            "`kvshrink calibrate --method tale` (or dynakv)")
     if bool(profile.options["joint"]) != joint:
@@ -106,11 +110,40 @@ def layer_bases(profile: Profile, layer_idx: int, joint: bool, where: str,
             raise ProfileError(f"{where} lacks layer{layer_idx}.{name}")
         out.append(t)
     kb, ks, vb, vs = out
-    if kb.dim() != 3 or kb.shape[1] != kb.shape[2] or vb.shape != kb.shape or ks.shape != kb.shape[:2] \
+    if kb.dim() != 3 or kb.shape[2] > kb.shape[1] or vb.shape != kb.shape or ks.shape != (kb.shape[0], kb.shape[2]) \
             or vs.shape != ks.shape:
         raise ProfileError(f"{where}: layer {layer_idx} bases have inconsistent shapes {tuple(kb.shape)}, "
                            f"{tuple(ks.shape)}, {tuple(vb.shape)}, {tuple(vs.shape)}")
     return kb, ks, vb, vs
+
+
+def lowrank_recipe(bases: Profile, method: str, **options: Any) -> Profile:
+    """A profile that `make_cache(model, profile=PATH)` builds as `method` with `options`: the bases of `bases` (a
+    `kvshrink calibrate --method tale|dynakv` profile) cut to the largest rank the method's levels use and held in
+    float16 (what the cache holds with the default `basis_dtype`), and the options. Loading it as that method with
+    a different explicit option is an error, as for a TaDA profile."""
+    from .methods.build import build_method
+
+    if method not in RECIPE_METHODS:
+        raise ValueError(f"a low-rank recipe is for methods {', '.join(RECIPE_METHODS)}, got {method!r}")
+    if bases.method != "lowrank" or "joint" not in bases.options:
+        raise ProfileError(f"a low-rank recipe starts from a bases profile (method 'lowrank'), got {bases.method!r}")
+    for key in ("profile", "joint"):
+        if key in options:
+            raise ValueError(f"{key!r} is not a recipe option (the bases come from the bases profile)")
+    if options.get("basis_dtype", "float16") != "float16":
+        raise ValueError("a recipe holds its bases in float16; basis_dtype must stay float16")
+    built = build_method(method, **options)
+    if built.joint != bool(bases.options["joint"]):
+        raise ProfileError(f"{method} needs {'joint' if built.joint else 'per-head'} bases; the bases profile holds "
+                           f"{'joint' if bases.options['joint'] else 'per-head'} ones")
+    first = bases.tensors["layer0.key_basis"]
+    levels, _ = built.level_plan(first.shape[1])
+    rank = max(lv.rank for lv in levels)
+    tensors = {name: (t[..., :rank] if name.endswith(("_basis", "_sigma")) else t).to(torch.float16).contiguous()
+               for name, t in bases.tensors.items()}
+    calibration = {**bases.calibration, "recipe": {"method": method, "rank": rank, "from_rank": int(first.shape[2])}}
+    return Profile(bases.model, method, {**bases.options, **options}, [], None, calibration, tensors)
 
 
 def rank_bases(bases: tuple[torch.Tensor, ...], shard, joint: bool) -> tuple[torch.Tensor, ...]:

@@ -205,6 +205,22 @@ def _calibrate_layered(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lowrank_recipe(args: argparse.Namespace, options: dict) -> int:
+    from .bases import RECIPE_METHODS, lowrank_recipe
+    from .profile import load_profile
+
+    if args.method not in RECIPE_METHODS:
+        raise ValueError(f"--bases makes a low-rank recipe: --method must be one of {', '.join(RECIPE_METHODS)}, "
+                         f"got {args.method!r}")
+    recipe = lowrank_recipe(load_profile(args.bases), args.method, **options)
+    recipe.save(args.output)
+    made = recipe.calibration["recipe"]
+    print(f"{args.method} recipe: {', '.join(f'{k}={v}' for k, v in sorted(options.items())) or 'defaults'}; bases "
+          f"cut from rank {made['from_rank']} to {made['rank']}, float16; profile: {args.output} "
+          f"(use: make_cache(model, profile=...) or --method {args.method}:profile=...)")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
 
@@ -212,7 +228,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.option:
         from .methods import parse_spec
 
-        _, options = parse_spec("tada:" + ",".join(args.option))
+        _, options = parse_spec(("tada" if args.bases is None else args.method) + ":" + ",".join(args.option))
+    if args.bases is not None:
+        return _lowrank_recipe(args, options)
     if args.method == "layered":
         return _calibrate_layered(args)
     if args.method == "razor":
@@ -420,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--probe-style", choices=("digits", "hex", "both"), default="digits",
                     help="layered: the probes' passphrase: digits (3 groups of 3), hex (4 groups of 4 hex digits, "
                          "UUID-like) or both, alternating (default: %(default)s)")
+    ca.add_argument("--bases", metavar="PROFILE",
+                    help="tale/dynakv/lowrank: write a recipe instead of fitting: these bases (cut to the largest "
+                         "rank the levels use, float16) with the method options given by -O, one profile that "
+                         "make_cache(model, profile=...) builds")
     ca.add_argument("--key-space", choices=("post_rope", "pre_rope"), default="post_rope",
                     help="low-rank bases: fit keys after the rotary embedding (default) or with it undone")
     target = ca.add_mutually_exclusive_group()
@@ -443,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="layered/tada: reuse the layer sensitivities measured by this earlier profile (same model and "
                          "settings); layered measures only the candidates it did not")
     ca.add_argument("-O", "--option", action="append", metavar="KEY=VALUE",
-                    help="tada options kept fixed (group, window, sinks, ...; exact_dtype defaults to float16)")
+                    help="tada options kept fixed (group, window, sinks, ...; exact_dtype defaults to float16); with "
+                         "--bases, the low-rank method's options (target_ratio, levels, coeff_axis, ...)")
     ca.add_argument("-o", "--output", default="profile.json", help="profile file (default: %(default)s)")
     ca.set_defaults(func=cmd_calibrate)
 

@@ -5,7 +5,9 @@
   Version 2 added `key_rotate` / `value_rotate`; version-1 files, which have neither, still load (nothing rotated).
 - `layered` profiles (version 3): per layer, a codec spec for the keys and one for the values (or a list of one
   per KV head), and a token policy spec or none (`LayerRecipe`): tokens and bits chosen together, per layer and head.
-- low-rank profiles (`tale`, `dynakv`, `lowrank`): fitted bases as tensors.
+- low-rank profiles: fitted bases as tensors, under method `lowrank` (bases alone, `kvshrink calibrate --method
+  tale|dynakv`) or under `tale` / `dynakv` / `lowrank` with that method's options too (a recipe: bases cut to the
+  largest rank its levels use and held in float16, `bases.lowrank_recipe`).
 
 A profile names the model it was calibrated for by a fingerprint (architecture, layer count, head shapes and a hash
 of the config); loading it for another model is an error. Files are written atomically and read with `json` only;
@@ -121,7 +123,7 @@ class Profile:
     layers: list[LayerChoice]
     predicted_ratio: float | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # bases of low-rank methods, float32
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # bases of low-rank methods (float32 when loaded)
 
     def to_json(self) -> dict[str, Any]:
         out = {"format": FORMAT, "version": VERSION, "model": self.model, "method": self.method,
@@ -154,16 +156,25 @@ def _body_digest(raw: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+_TENSOR_DTYPES = {"float32": ("<f4", torch.float32), "float16": ("<f2", torch.float16)}
+
+
 def _encode_tensor(t: torch.Tensor) -> dict[str, Any]:
-    data = t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
-    return {"dtype": "float32", "shape": list(t.shape), "sha256": hashlib.sha256(data).hexdigest(),
+    """A tensor as base64 little-endian bytes: float16 if it is held in float16 (a recipe's bases), else float32."""
+    name = "float16" if t.dtype == torch.float16 else "float32"
+    code, dtype = _TENSOR_DTYPES[name]
+    data = t.detach().to("cpu", dtype).contiguous().numpy().astype(code).tobytes()
+    return {"dtype": name, "shape": list(t.shape), "sha256": hashlib.sha256(data).hexdigest(),
             "data": base64.b64encode(data).decode("ascii")}
 
 
 def _decode_tensor(entry: Any, where: str) -> torch.Tensor:
-    if not isinstance(entry, dict) or entry.get("dtype") != "float32" or not isinstance(entry.get("shape"), list) \
+    """The float32 tensor of an entry written by `_encode_tensor` (float16 entries are widened exactly)."""
+    if not isinstance(entry, dict) or entry.get("dtype") not in _TENSOR_DTYPES or not isinstance(entry.get("shape"), list) \
             or not isinstance(entry.get("data"), str) or not isinstance(entry.get("sha256"), str):
-        raise ProfileError(f"{where}: expected a float32 tensor entry with shape, sha256 and data")
+        raise ProfileError(f"{where}: expected a tensor entry with dtype ({', '.join(_TENSOR_DTYPES)}), shape, "
+                           "sha256 and data")
+    code, _ = _TENSOR_DTYPES[entry["dtype"]]
     try:
         data = base64.b64decode(entry["data"], validate=True)
     except ValueError:
@@ -171,9 +182,10 @@ def _decode_tensor(entry: Any, where: str) -> torch.Tensor:
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ProfileError(f"{where}: data does not match its sha256 (corrupted?)")
     shape = entry["shape"]
-    if not all(isinstance(n, int) and n >= 0 for n in shape) or 4 * int(np.prod(shape)) != len(data):
-        raise ProfileError(f"{where}: shape {shape} does not match {len(data)} bytes of float32 data")
-    return torch.from_numpy(np.frombuffer(data, dtype="<f4").copy()).reshape(shape)
+    size = np.dtype(code).itemsize
+    if not all(isinstance(n, int) and n >= 0 for n in shape) or size * int(np.prod(shape)) != len(data):
+        raise ProfileError(f"{where}: shape {shape} does not match {len(data)} bytes of {entry['dtype']} data")
+    return torch.from_numpy(np.frombuffer(data, dtype=code).astype("<f4")).reshape(shape)
 
 
 SHIPPED = Path(__file__).parent / "profiles"

@@ -9,6 +9,7 @@ Under tensor parallelism each rank holds the bases of its KV heads (per-head), o
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,9 @@ class LatentMethod(Method):
     coeff_group: int = option(32, "tokens sharing one fp16 scale and zero point per coefficient (coeff_axis=channel)")
 
     def validate(self) -> None:
+        self._profile: Profile | None = load_profile(self.profile) if self.profile else None
+        if self._profile is not None:
+            self._apply_recipe(self._profile)
         if self.exact_dtype not in ("model", "float16", "bfloat16"):
             raise ValueError(f"{self.name}: exact_dtype must be model, float16 or bfloat16, got {self.exact_dtype!r}")
         if self.basis_dtype not in ("float16", "float32"):
@@ -89,10 +93,31 @@ class LatentMethod(Method):
                              "coeff_axis=channel each coefficient has its own scale per coeff_group tokens: leave "
                              "code_group=0")
         self._exact_layers = _layer_list(self.exact_layers, self.name)
-        self._profile: Profile | None = load_profile(self.profile) if self.profile else None
+
+    def _apply_recipe(self, profile: Profile) -> None:
+        """A recipe profile (`bases.lowrank_recipe`) names this method and carries its options: take them; an
+        explicit different value is an error. A bases profile (method `lowrank`, no method options) sets nothing."""
+        recipe = {k: v for k, v in profile.options.items() if k != "joint"}
+        if profile.method == "lowrank" and set(recipe) <= {"key_space"}:
+            return
+        if profile.method != self.name:
+            raise ValueError(f"profile {self.profile or '(in memory)'} is a {profile.method!r} recipe; build it as "
+                             f"{profile.method} (make_cache(model, profile=PATH)) or give {self.name} a bases profile")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, value in recipe.items():
+            if key not in defaults or key == "profile":
+                raise ValueError(f"profile {self.profile}: option {key!r} cannot be set by a profile")
+            mine = getattr(self, key)
+            if mine != value and mine != defaults[key]:
+                raise ValueError(f"profile {self.profile} is a recipe with {key}={value!r}; {key}={mine!r} was asked "
+                                 f"for: leave {key} out, or give the bases profile it was made from")
+            setattr(self, key, value)
 
     def use_profile(self, profile: Profile) -> "LatentMethod":
-        """Take the bases from an in-memory profile (as the `profile` option does from a file)."""
+        """Take the bases (and a recipe's options) from an in-memory profile (as the `profile` option does from a
+        file)."""
+        self._apply_recipe(profile)
+        self.validate()  # the recipe's options checked as if given (the `profile` option stays as it was)
         self._profile = profile
         return self
 
