@@ -83,6 +83,20 @@ class Method:
         return cache
 
 
+def take_profile_options(method: Method, options: dict[str, Any], refused: tuple[str, ...], where: str,
+                         made: str = "was calibrated with", fix: str = "recalibrate, or leave {key} out") -> None:
+    """Set `method`'s options from a profile's: an option the method lacks or in `refused` is an error, and so is an
+    explicit value (one not the default) that differs from the profile's."""
+    defaults = {f.name: f.default for f in dataclasses.fields(method)}
+    for key, value in options.items():
+        if key not in defaults or key in refused:
+            raise ValueError(f"{where}: option {key!r} cannot be set by a profile")
+        mine = getattr(method, key)
+        if mine != value and mine != defaults[key]:
+            raise ValueError(f"{where} {made} {key}={value!r}; {key}={mine!r} was asked for: {fix.format(key=key)}")
+        setattr(method, key, value)
+
+
 def build_layers(method: Method, config: Any) -> list[CacheLayerMixin]:
     text = config.get_text_config(decoder=True)
     layer_types, layer_kwargs = layer_types_and_kwargs(text)

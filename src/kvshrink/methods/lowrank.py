@@ -9,7 +9,6 @@ Under tensor parallelism each rank holds the bases of its KV heads (per-head), o
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ from ..layers.full import FullLayer, FullSlidingLayer
 from ..layers.latent import MODES, LatentLayer
 from ..models import text_config
 from ..profile import Profile, load_profile
-from .base import Method, option, register
+from .base import Method, option, register, take_profile_options
 
 _DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -103,15 +102,8 @@ class LatentMethod(Method):
         if profile.method != self.name:
             raise ValueError(f"profile {self.profile or '(in memory)'} is a {profile.method!r} recipe; build it as "
                              f"{profile.method} (make_cache(model, profile=PATH)) or give {self.name} a bases profile")
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for key, value in recipe.items():
-            if key not in defaults or key == "profile":
-                raise ValueError(f"profile {self.profile}: option {key!r} cannot be set by a profile")
-            mine = getattr(self, key)
-            if mine != value and mine != defaults[key]:
-                raise ValueError(f"profile {self.profile} is a recipe with {key}={value!r}; {key}={mine!r} was asked "
-                                 f"for: leave {key} out, or give the bases profile it was made from")
-            setattr(self, key, value)
+        take_profile_options(self, recipe, ("profile",), f"profile {self.profile or '(in memory)'}", "is a recipe with",
+                             "leave {key} out, or give the bases profile it was made from")
 
     def use_profile(self, profile: Profile) -> "LatentMethod":
         """Take the bases (and a recipe's options) from an in-memory profile (as the `profile` option does from a

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..codecs.quant import MEAN_HEADS, GroupCodec
 from ..codecs.rotation import RotationCodec
 from ..profile import ROTATABLE_BITS, Profile, load_profile
-from .base import option, register
+from .base import option, register, take_profile_options
 from .kivi import Kivi
 
 
@@ -58,15 +58,8 @@ class Tada(Kivi):
 
     def _apply_profile_options(self, profile: Profile) -> None:
         """Take the options the profile was calibrated with; an explicit different value is an error."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for key, value in profile.options.items():
-            if key not in defaults or key in ("profile", "bits", "key_bits", "value_bits", "mean", "rotate"):
-                raise ValueError(f"profile {self.profile}: option {key!r} cannot be set by a profile")
-            mine = getattr(self, key)
-            if mine != value and mine != defaults[key]:
-                raise ValueError(f"profile {self.profile} was calibrated with {key}={value!r}; "
-                                 f"{key}={mine!r} was asked for: recalibrate, or leave {key} out")
-            setattr(self, key, value)
+        take_profile_options(self, profile.options, ("profile", "bits", "key_bits", "value_bits", "mean", "rotate"),
+                             f"profile {self.profile}")
 
     def specs(self, layer_idx: int | None = None) -> tuple[GroupCodec | RotationCodec, GroupCodec | RotationCodec]:
         if self._profile is None or layer_idx is None:
