@@ -582,5 +582,7 @@ def test_a_recipe_profile_builds_the_same_cache_as_bases_and_options(method, tmp
         ks.build_method(other, profile=str(path))
     with pytest.raises(ValueError, match="not a recipe option"):
         lowrank_recipe(bases, method, joint=True)
+    with pytest.raises(ValueError, match="fitted post-rope; key_space='pre_rope'"):
+        lowrank_recipe(bases, method, key_space="pre_rope", attention="reconstruct")
     with pytest.raises(ProfileError, match="starts from a bases profile"):
         lowrank_recipe(recipe, method)

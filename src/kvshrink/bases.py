@@ -131,6 +131,10 @@ def lowrank_recipe(bases: Profile, method: str, **options: Any) -> Profile:
     for key in ("profile", "joint"):
         if key in options:
             raise ValueError(f"{key!r} is not a recipe option (the bases come from the bases profile)")
+    fitted = bases.options.get("key_space", "post_rope")
+    if options.get("key_space", fitted) != fitted:
+        raise ValueError(f"the bases were fitted {fitted.replace('_', '-')}; key_space={options['key_space']!r} "
+                         "cannot be given to them")
     if options.get("basis_dtype", "float16") != "float16":
         raise ValueError("a recipe holds its bases in float16; basis_dtype must stay float16")
     built = build_method(method, **options)
