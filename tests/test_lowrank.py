@@ -586,3 +586,19 @@ def test_a_recipe_profile_builds_the_same_cache_as_bases_and_options(method, tmp
         lowrank_recipe(bases, method, key_space="pre_rope", attention="reconstruct")
     with pytest.raises(ProfileError, match="starts from a bases profile"):
         lowrank_recipe(recipe, method)
+
+
+def test_calibrate_bases_writes_a_recipe_from_the_command_line(tmp_path, capsys):
+    from kvshrink.cli import main
+
+    bases = _bases(tiny_llama()).save(tmp_path / "bases.json")
+    out = tmp_path / "tale.json"
+    assert main(["calibrate", "--method", "tale", "--bases", str(bases), "-O", "target_ratio=0.3",
+                 "-O", "levels=r8b4/r4b4", "-o", str(out)]) == 0
+    recipe = load_profile(out)
+    assert recipe.method == "tale" and recipe.options["target_ratio"] == 0.3
+    assert recipe.tensors["layer0.key_basis"].shape[-1] == 8
+    assert "cut from rank 16 to 8" in capsys.readouterr().out
+    assert main(["calibrate", "--method", "tada", "--bases", str(bases), "-o", str(tmp_path / "x.json")]) == 2
+    assert "--method must be one of tale, dynakv, lowrank" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
