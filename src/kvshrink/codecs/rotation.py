@@ -121,6 +121,26 @@ def lloydmax_encode(u: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.bucketize(z.contiguous(), edges).to(torch.uint8)
 
 
+@functools.lru_cache(maxsize=None)
+def _lloydmax_tables(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(edges, centroids) as `lloydmax_encode` / `lloydmax_decode` compute them, float32 and contiguous."""
+    c, _ = gaussian_codebook(bits)
+    return ((c[1:] + c[:-1]) / 2).contiguous(), c.contiguous()
+
+
+# Native steps for encoding a few tokens on the CPU (the one token per layer a decode step moves into the store):
+# `kernels.cpu` sets them once its compiled extension is loaded. They compute the same float32 operations as the
+# PyTorch steps of `RotationCodec.encode` (the same bits; the norms stay torch's), in a few calls instead of ~50.
+_native = None
+NATIVE_MAX_ROWS = 256  # (batch x heads x tokens) rows up to which the native steps encode; larger calls use torch
+
+
+def set_native_ops(ops) -> None:
+    """Register the compiled `rotate_tokens` / `lloydmax_tokens` ops (None: always the PyTorch steps)."""
+    global _native
+    _native = ops
+
+
 def lloydmax_decode(codes: torch.Tensor, bits: int, d: int) -> torch.Tensor:
     c, _ = gaussian_codebook(bits)
     return c.to(codes.device)[codes.long()] / math.sqrt(d)
@@ -232,7 +252,16 @@ class RotationCodec(Codec):
         if not torch.isfinite(x).all():
             raise ValueError("non-finite values cannot be stored")
         d = x.shape[-1]
-        y = self.to_rotated(x, store)
+        native = (_native is not None and self.quantizer == "lloydmax" and self.bits in (2, 3, 4)
+                  and x.device.type == "cpu" and d % 8 == 0 and x[..., 0].numel() <= NATIVE_MAX_ROWS)
+        if native:  # the same bits as to_rotated
+            y = x.float().contiguous()
+            if self.rotate:
+                out = torch.empty_like(y)
+                _native.rotate_tokens(out, y, self.signs(store, x.shape[1], d).float().contiguous(), hadamard_block(d))
+                y = out
+        else:
+            y = self.to_rotated(x, store)
         norm_dtype = NORM_DTYPES[self.norm]
         if self.bits == 16:
             return {"codes": y.half()}
@@ -245,15 +274,21 @@ class RotationCodec(Codec):
             codes = (y / scale.float()).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
             return {"codes": codes, "norms": scale}
         n = y.norm(dim=-1, keepdim=True)
-        u = y / n.clamp_min(1e-30)
-        raw = lloydmax_encode(u, self.bits)
+        if native:
+            edges, book = _lloydmax_tables(self.bits)
+            codes = torch.empty(*y.shape[:3], d * self.bits // 8, dtype=torch.uint8)
+            back = torch.empty_like(y)
+            _native.lloydmax_tokens(codes, back, y, n, edges, book, math.sqrt(d), self.bits)
+        else:
+            raw = lloydmax_encode(y / n.clamp_min(1e-30), self.bits)
+            codes = pack(raw, self.bits)
         if self.norm_correction:
-            back = lloydmax_decode(raw, self.bits, d).norm(dim=-1, keepdim=True)
+            back = (back if native else lloydmax_decode(raw, self.bits, d)).norm(dim=-1, keepdim=True)
             n = n / back.clamp_min(1e-30)
         norms = n.to(norm_dtype)
         if not torch.isfinite(norms).all():
             raise ValueError(f"a vector norm exceeds the {self.norm} range")
-        return {"codes": pack(raw, self.bits), "norms": norms}
+        return {"codes": codes, "norms": norms}
 
     def decode_rotated(self, fields: dict[str, torch.Tensor], store) -> torch.Tensor:
         """Tokens in the rotated space, float32 [B, H, T, d]."""

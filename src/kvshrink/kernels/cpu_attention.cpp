@@ -1245,9 +1245,81 @@ void packed_attention(at::Tensor out, at::Tensor q,
   });
 }
 
+// ---- Encoding a few tokens for the `rotated` codec (the decode step's flush) ------------------------------------
+// The same float32 operations as codecs/rotation.py, so the same bits: rotate (signs, then the butterflies of
+// `fwht`), and from the rotated rows and their norms (computed by torch, whose reduction order this file does not
+// reproduce) the Lloyd-Max codes and the decoded directions. Per-call overhead is what these save: a decode step
+// moves one token per layer into the store, and the PyTorch path spends ~50 small tensor operations on it.
+
+// x [B, H, T, D] float32 turned into the rotated space, H (signs * x), into out (the same shape); signs [H, D].
+void rotate_tokens(at::Tensor out, at::Tensor x, at::Tensor signs, int64_t block) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [B,H,T,D]");
+  const int64_t H = x.size(1), T = x.size(2), D = x.size(3);
+  TORCH_CHECK(signs.scalar_type() == at::kFloat && signs.is_contiguous() && signs.numel() == H * D,
+              "signs: contiguous float32 [H, D]");
+  TORCH_CHECK(block > 0 && D % block == 0, "block must divide D");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous(), "out like x");
+  rotate_rows(x.data_ptr<float>(), out.data_ptr<float>(), x.numel() / D, D, T, H, signs.data_ptr<float>(), block);
+}
+
+// y [..., D] float32 rows and their norms n (one per row): the codes of u = y / max(n, 1e-30), z = u * sqrt_d against the
+// ascending edges (the number of edges below z, as torch.bucketize with right=False), packed `bits` wide (low bits
+// first; 3 bits: 8 codes per little-endian 3-byte word) into packed (uint8 [N, D * bits / 8]), and the decoded
+// directions codebook[code] / sqrt_d into dec (float32 [N, D]).
+void lloydmax_tokens(at::Tensor packed, at::Tensor dec, at::Tensor y, at::Tensor n, at::Tensor edges,
+                     at::Tensor codebook, double sqrt_d, int64_t bits) {
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() >= 1, "y: contiguous float32 [..., D]");
+  const int64_t D = y.size(-1), N = y.numel() / std::max<int64_t>(D, 1);
+  TORCH_CHECK(n.scalar_type() == at::kFloat && n.is_contiguous() && n.numel() == N, "n: float32, one norm per row");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "bits 2/3/4");
+  TORCH_CHECK(edges.scalar_type() == at::kFloat && edges.numel() == (int64_t(1) << bits) - 1, "edges");
+  TORCH_CHECK(codebook.scalar_type() == at::kFloat && codebook.numel() == (int64_t(1) << bits), "codebook");
+  TORCH_CHECK(D % 8 == 0, "D must be a multiple of 8");
+  const int64_t nbytes = D * bits / 8;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == N * nbytes,
+              "packed: contiguous uint8 [N, D * bits / 8]");
+  TORCH_CHECK(dec.scalar_type() == at::kFloat && dec.is_contiguous() && dec.numel() == N * D, "dec: float32 [N, D]");
+  const float* yp = y.data_ptr<float>();
+  const float* np = n.data_ptr<float>();
+  const float* e = edges.data_ptr<float>();
+  const float* c = codebook.data_ptr<float>();
+  const int ne = static_cast<int>(edges.numel());
+  const float sd = static_cast<float>(sqrt_d), floor_n = static_cast<float>(1e-30);
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  float* dp = dec.data_ptr<float>();
+  std::vector<uint8_t> code(D);
+  for (int64_t i = 0; i < N; ++i) {
+    const float* row = yp + i * D;
+    const float nc = std::max(np[i], floor_n);
+    for (int64_t d = 0; d < D; ++d) {
+      const float z = (row[d] / nc) * sd;
+      int k = 0;
+      while (k < ne && e[k] < z) ++k;
+      code[d] = static_cast<uint8_t>(k);
+      dp[i * D + d] = c[k] / sd;
+    }
+    uint8_t* o = out + i * nbytes;
+    std::memset(o, 0, nbytes);
+    if (bits == 3) {
+      for (int64_t w = 0; w < D / 8; ++w) {
+        uint32_t word = 0;
+        for (int j = 0; j < 8; ++j) word |= uint32_t(code[8 * w + j]) << (3 * j);
+        o[3 * w] = word & 0xFF;
+        o[3 * w + 1] = (word >> 8) & 0xFF;
+        o[3 * w + 2] = (word >> 16) & 0xFF;
+      }
+    } else {
+      const int per = 8 / static_cast<int>(bits);
+      for (int64_t d = 0; d < D; ++d) o[d / per] |= static_cast<uint8_t>(code[d] << (bits * (d % per)));
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kvshrink_cpu, m) {
   m.def("packed_attention", &packed_attention);
   m.def("int8_modes", &int8_modes);
+  m.def("rotate_tokens", &rotate_tokens);
+  m.def("lloydmax_tokens", &lloydmax_tokens);
 }
