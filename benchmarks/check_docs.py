@@ -93,6 +93,8 @@ TABLES: dict[str, dict] = {
     "seed-claims-16k-22": {"doc": "docs/seed-claims.md", "kind": "ruler", "records": QWEN_RULER, "context": 16384},
     "seed-claims-tale": {"doc": "docs/seed-claims.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096},
     "seed-claims-dynakv": {"doc": "docs/seed-claims.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096},
+    "seed-claims-kvdirect-44": {"doc": "docs/seed-claims.md", "kind": "ruler", "records": QWEN_RULER,
+                                "context": 4096},
     "seed-claims-mikv-44": {"doc": "docs/seed-claims.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096},
     "seed-claims-peers": {"doc": "docs/seed-claims.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096,
                           "rows": {"kvpress full": "kvpress:full:1",
