@@ -476,6 +476,35 @@ def test_native_rotated_encode_gives_the_pytorch_steps_bits(bits, rotate, norm_c
 
 
 @needs_kernel
+def test_native_rotate_gives_the_butterflies_bits():
+    """`codecs.rotation.rotate` on a few CPU rows (the native op) equals the PyTorch butterflies bit for bit, for head
+    dims of one and of several Hadamard blocks, and for query rows whose heads repeat a KV head's signs."""
+    from kvshrink.codecs import rotation
+    cpu._load()
+    ops = rotation._native
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ops, name)
+
+    g = torch.Generator().manual_seed(7)
+    try:
+        for b, h, t, d in [(1, 2, 1, 128), (2, 12, 1, 128), (1, 3, 5, 64), (1, 2, 3, 96)]:
+            x = torch.randn(b, h, t, d, generator=g) * 3
+            s = rotation.signs(11, 2, h, d)
+            rotation.set_native_ops(Counting())
+            got = rotation.rotate(x, s)
+            assert calls.pop() == "rotate_tokens"
+            rotation.set_native_ops(None)
+            want = rotation.rotate(x, s)
+            assert torch.equal(got, want), (b, h, t, d)
+    finally:
+        rotation.set_native_ops(ops)
+
+
+@needs_kernel
 def test_a_rotated_cache_decodes_the_same_tokens_with_the_native_encode():
     """turboquant through a tiny Llama on the kernel (head dim 64; each step flushes one token per layer into the
     store): the same logits with the native encode as with the PyTorch steps, and the native one did the flushing."""

@@ -77,8 +77,32 @@ def signs(seed: int, layer: int, heads: int, d: int) -> torch.Tensor:
     return _signs(seed, layer, heads, d)
 
 
+# Native steps for rotating and encoding a few tokens on the CPU (a decode step's query, and the one token per layer
+# it moves into the store): `kernels.cpu` sets them once its compiled extension is loaded. They compute the same
+# float32 operations as the PyTorch steps here (the same bits; norms stay torch's), in one call instead of ~20-50.
+_native = None
+NATIVE_MAX_ROWS = 256  # (batch x heads x tokens) rows up to which the native steps run; larger calls use torch
+
+
+def set_native_ops(ops) -> None:
+    """Register the compiled `rotate_tokens` / `lloydmax_tokens` ops (None: always the PyTorch steps)."""
+    global _native
+    _native = ops
+
+
+def _native_rows(x: torch.Tensor) -> bool:
+    """Whether the native steps take x [B, H, T, d]: float32 on the CPU, few rows."""
+    return (_native is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x[..., 0].numel() <= NATIVE_MAX_ROWS)
+
+
 def rotate(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """R x = H (D x) for x [B, H, T, d] (float32) and signs s [H, d]."""
+    if _native_rows(x):
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        _native.rotate_tokens(out, x, s.to(torch.float32).contiguous(), hadamard_block(x.shape[-1]))
+        return out
     return fwht(x * s[None, :, None, :].to(x.device, x.dtype))
 
 
@@ -126,19 +150,6 @@ def _lloydmax_tables(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(edges, centroids) as `lloydmax_encode` / `lloydmax_decode` compute them, float32 and contiguous."""
     c, _ = gaussian_codebook(bits)
     return ((c[1:] + c[:-1]) / 2).contiguous(), c.contiguous()
-
-
-# Native steps for encoding a few tokens on the CPU (the one token per layer a decode step moves into the store):
-# `kernels.cpu` sets them once its compiled extension is loaded. They compute the same float32 operations as the
-# PyTorch steps of `RotationCodec.encode` (the same bits; the norms stay torch's), in a few calls instead of ~50.
-_native = None
-NATIVE_MAX_ROWS = 256  # (batch x heads x tokens) rows up to which the native steps encode; larger calls use torch
-
-
-def set_native_ops(ops) -> None:
-    """Register the compiled `rotate_tokens` / `lloydmax_tokens` ops (None: always the PyTorch steps)."""
-    global _native
-    _native = ops
 
 
 def lloydmax_decode(codes: torch.Tensor, bits: int, d: int) -> torch.Tensor:
@@ -252,16 +263,8 @@ class RotationCodec(Codec):
         if not torch.isfinite(x).all():
             raise ValueError("non-finite values cannot be stored")
         d = x.shape[-1]
-        native = (_native is not None and self.quantizer == "lloydmax" and self.bits in (2, 3, 4)
-                  and x.device.type == "cpu" and d % 8 == 0 and x[..., 0].numel() <= NATIVE_MAX_ROWS)
-        if native:  # the same bits as to_rotated
-            y = x.float().contiguous()
-            if self.rotate:
-                out = torch.empty_like(y)
-                _native.rotate_tokens(out, y, self.signs(store, x.shape[1], d).float().contiguous(), hadamard_block(d))
-                y = out
-        else:
-            y = self.to_rotated(x, store)
+        y = self.to_rotated(x, store)
+        native = self.quantizer == "lloydmax" and self.bits in (2, 3, 4) and d % 8 == 0 and _native_rows(y)
         norm_dtype = NORM_DTYPES[self.norm]
         if self.bits == 16:
             return {"codes": y.half()}
@@ -276,6 +279,7 @@ class RotationCodec(Codec):
         n = y.norm(dim=-1, keepdim=True)
         if native:
             edges, book = _lloydmax_tables(self.bits)
+            y = y.contiguous()
             codes = torch.empty(*y.shape[:3], d * self.bits // 8, dtype=torch.uint8)
             back = torch.empty_like(y)
             _native.lloydmax_tokens(codes, back, y, n, edges, book, math.sqrt(d), self.bits)
