@@ -7,9 +7,11 @@ Run with kvshrink's environment:
 
 kvpress's answers (`results-ruler-<model>.jsonl`) are scored with kvshrink's `string_match_all` against the
 references of the prompts in the inputs file; kvshrink's rows are its eval records for the same model, contexts and
-seeds. Prints one markdown table: per-task means, their average with its 95% bootstrap interval, the difference
-from kvpress's own uncompressed row in points (paired by prompt, with its interval; the bootstrap is
-`benchmarks/ruler_table.py`'s), and the prompts each row covers.
+seeds (`--methods` picks some). Prints one markdown table: per-task means, their average with its 95% bootstrap
+interval, the difference from a reference row in points (paired by prompt, with its interval; the bootstrap is
+`benchmarks/ruler_table.py`'s), and the prompts each row covers. The reference is kvpress's own uncompressed row
+unless `--reference` names another row by its label (for example "kvshrink `full`", or one of kvshrink's profiles
+to compare a peer with it prompt by prompt).
 """
 from __future__ import annotations
 
@@ -32,7 +34,10 @@ def main() -> None:
     ap.add_argument("--inputs", required=True)
     ap.add_argument("--theirs", help="default: results-ruler-<model>.jsonl beside this script")
     ap.add_argument("--ours", help="kvshrink eval records (JSONL) for the same prompts")
+    ap.add_argument("--methods", help="kvshrink's method specs to show, separated by ';' (default: every one)")
+    ap.add_argument("--reference", default="kvpress full", help="label of the row the differences are taken from")
     args = ap.parse_args()
+    wanted = {m.strip() for m in args.methods.split(";") if m.strip()} if args.methods else None
     inputs = json.loads(Path(args.inputs).read_text())
     refs = {(p["task"], p["context"], p["seed"]): p["references"] for p in inputs["prompts"]}
     scores: dict[tuple[str, int], dict[tuple[str, int], float]] = defaultdict(dict)
@@ -45,10 +50,12 @@ def main() -> None:
     if args.ours:
         for r in records(Path(args.ours)):
             key = (r.get("task"), r.get("context"), r.get("seed"))
-            if r.get("model") == inputs["model"] and key in refs:
+            if r.get("model") == inputs["model"] and key in refs and (wanted is None or r["method"] in wanted):
                 scores[(f"kvshrink `{r['method']}`", r["context"])][(r["task"], r["seed"])] = r["metrics"][r["task"]]
+    if not any(label == args.reference for label, _ in scores):
+        ap.error(f"no row is labelled {args.reference!r}; rows: {sorted({label for label, _ in scores})}")
     tasks = [t for t in TASKS if any(t == task for v in scores.values() for task, _ in v)]
-    head = ["row", "context", *tasks, "avg [95% interval]", "vs full, points [95% interval]", "prompts"]
+    head = ["row", "context", *tasks, "avg [95% interval]", f"vs {args.reference}, points [95% interval]", "prompts"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (label, context), cells in sorted(scores.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         keys = prompt_order(cells)
@@ -58,7 +65,7 @@ def main() -> None:
         means = {t: sum(v) / len(v) for t, v in by_task.items()}
         avg = sum(means.values()) / len(means)
         lo, hi = interval([cells[k] for k in keys], resamples(len(keys)))
-        full = scores.get(("kvpress full", context), {})
+        full = scores.get((args.reference, context), {})
         paired = [k for k in keys if k in full]
         ref: dict[str, list[float]] = defaultdict(list)
         for task, seed in paired:

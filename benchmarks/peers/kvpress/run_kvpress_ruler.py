@@ -30,7 +30,8 @@ HERE = Path(__file__).parent
 
 
 def presses() -> dict:
-    """kvpress's presses by the names kvshrink uses for the same methods (imported here: kvpress's env only)."""
+    """kvpress's presses by the names kvshrink uses for the same methods, each a function of the compression ratio
+    (imported here: kvpress's env only). `adakv_snapkv` is AdaKV's head-adaptive budget over SnapKV's scores."""
     import kvpress
 
     out = {"snapkv": kvpress.SnapKVPress, "h2o": kvpress.ObservedAttentionPress,
@@ -38,6 +39,9 @@ def presses() -> dict:
     for name, attr in (("expected_attention", "ExpectedAttentionPress"), ("kvzip", "KVzipPress")):
         if hasattr(kvpress, attr):
             out[name] = getattr(kvpress, attr)
+    if hasattr(kvpress, "AdaKVPress"):
+        out["adakv_snapkv"] = lambda compression_ratio: kvpress.AdaKVPress(
+            kvpress.SnapKVPress(compression_ratio=compression_ratio))
     return out
 
 
@@ -61,7 +65,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--inputs", required=True, help="ruler-<model>.json from make_ruler_inputs.py")
-    ap.add_argument("--presses", default="snapkv,h2o", help="comma-separated; 'full' is always run first")
+    ap.add_argument("--presses", default="snapkv,h2o", help="comma-separated; 'full' is run first")
+    ap.add_argument("--no-full", action="store_true", help="do not answer with the uncompressed cache first")
+    ap.add_argument("--seeds", help="comma-separated seeds of the inputs to answer (default: all)")
     ap.add_argument("--budgets", default="0.25,0.125", help="shares of the prompt's tokens kept")
     ap.add_argument("-o", "--output", help="default: results-ruler-<model>.jsonl beside this script")
     args = ap.parse_args()
@@ -75,6 +81,14 @@ def main() -> None:
         ap.error(f"budgets must be shares in (0, 1), got {budgets}")
     hf_logging.disable_progress_bar()
     inputs = json.loads(Path(args.inputs).read_text())
+    prompts = inputs["prompts"]
+    if args.seeds:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+        have = sorted({p["seed"] for p in prompts})
+        missing = [s for s in seeds if s not in have]
+        if missing:
+            ap.error(f"seeds {missing} are not in {args.inputs}; it holds seeds {have}")
+        prompts = [p for p in prompts if p["seed"] in seeds]
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = getattr(torch, inputs["dtype"])
     models = {}
@@ -95,9 +109,10 @@ def main() -> None:
            "kvpress": getattr(sys.modules["kvpress"], "__version__", "unknown"), "dtype": inputs["dtype"],
            "model": inputs["model"]}
     stops = set(inputs["stop_ids"])
-    for name, budget in [("full", 1.0)] + [(n, b) for n in names for b in budgets]:
+    runs = ([] if args.no_full else [("full", 1.0)]) + [(n, b) for n in names for b in budgets]
+    for name, budget in runs:
         press = None if name == "full" else known[name](compression_ratio=1.0 - budget)
-        for p in inputs["prompts"]:
+        for p in prompts:
             key = (name, budget, p["task"], p["context"], p["seed"])
             if key in done:
                 continue
