@@ -212,12 +212,14 @@ def percentile_interval(values: list[float], resampled: list[list[int]]) -> tupl
 class RulerTable:
     """The figures of a RULER table's rows: each row over the prompts every kvshrink row of the table has."""
 
-    def __init__(self, records: str, context: int, methods: list[str]):
+    def __init__(self, records: str, context: int, methods: list[str], seeds: list[int] | None = None):
         ours, peers = ruler_cells(records, context), kvpress_cells(context)
         self.cells = {m: (peers if m.startswith("kvpress:") else ours).get(m) for m in methods}
         have = [set(c) for m, c in self.cells.items() if c and not m.startswith("kvpress:")]
         have = have or [set(c) for c in self.cells.values() if c]
         self.prompts = sorted(set.intersection(*have), key=lambda k: (TASKS.index(k[0]), k[1])) if have else []
+        if seeds is not None:  # a table limited to some seeds (a peer answered only those)
+            self.prompts = [k for k in self.prompts if k[1] in seeds]
         self.full = ours.get("full", {})
         self.peer_full = peers.get("kvpress:full:1", {})  # a peer's rows are compared with its own full cache
         self._draws: dict[int, list[list[int]]] = {}
@@ -413,7 +415,8 @@ def check_table(spec: dict, header: list[str], body: list[list[str]]) -> list[st
     contexts = sorted({spec["context"]} | {int(m.group(1)) * 1024 for c in header
                                               for m in [re.search(r"\b(\d+)k\b", c)] if m})
     left_out = spec.get("left_out", {})
-    by_ctx = {c: RulerTable(spec["records"], c, [m for m in methods.values() if m not in left_out.get(c, ())])
+    by_ctx = {c: RulerTable(spec["records"], c, [m for m in methods.values() if m not in left_out.get(c, ())],
+                            spec.get("seeds"))
               for c in contexts}
     for row in body:
         method = methods.get(row[0])

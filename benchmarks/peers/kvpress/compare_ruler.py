@@ -36,10 +36,15 @@ def main() -> None:
     ap.add_argument("--ours", help="kvshrink eval records (JSONL) for the same prompts")
     ap.add_argument("--methods", help="kvshrink's method specs to show, separated by ';' (default: every one)")
     ap.add_argument("--reference", default="kvpress full", help="label of the row the differences are taken from")
+    ap.add_argument("--seeds", help="comma-separated seeds to keep (default: every prompt of the inputs)")
     args = ap.parse_args()
     wanted = {m.strip() for m in args.methods.split(";") if m.strip()} if args.methods else None
     inputs = json.loads(Path(args.inputs).read_text())
-    refs = {(p["task"], p["context"], p["seed"]): p["references"] for p in inputs["prompts"]}
+    seeds = {int(x) for x in args.seeds.split(",") if x} if args.seeds else None
+    refs = {(p["task"], p["context"], p["seed"]): p["references"] for p in inputs["prompts"]
+            if seeds is None or p["seed"] in seeds}
+    if not refs:
+        ap.error(f"no prompt of {args.inputs} has seeds {sorted(seeds)}")
     scores: dict[tuple[str, int], dict[tuple[str, int], float]] = defaultdict(dict)
     theirs = Path(args.theirs) if args.theirs else HERE / f"results-ruler-{inputs['model']}.jsonl"
     for r in records(theirs):
