@@ -253,7 +253,21 @@ void scores_tile(const float* __restrict Q, int64_t R, const float* __restrict K
       const float* k0 = K + j0 * D;
       for (int64_t r = 0; r < R; r += 2) {
         const float* q0 = Q + r * D;
-        const float* q1 = r + 1 < R ? q0 + D : q0;
+        if (r + 1 == R) {  // an odd last row alone (SmolLM2's 3 query heads per KV head): half the multiply-adds
+          __m256 a[4];
+          for (auto& x : a) x = _mm256_setzero_ps();
+          for (int64_t d = 0; d < D; d += 8) {
+            const __m256 x0 = _mm256_loadu_ps(q0 + d);
+            for (int k = 0; k < 4; ++k) a[k] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(k0 + k * D + d), a[k]);
+          }
+          const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+          const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+          alignas(16) float out[4];
+          _mm_store_ps(out, sum);
+          for (int k = 0; k < 4; ++k) S[r * stride + j0 + k] = out[k];
+          break;
+        }
+        const float* q1 = q0 + D;
         __m256 a[8];
         for (auto& x : a) x = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) {
@@ -271,8 +285,7 @@ void scores_tile(const float* __restrict Q, int64_t R, const float* __restrict K
         alignas(32) float out[8];
         _mm256_store_ps(out, sum);
         for (int k = 0; k < 4; ++k) S[r * stride + j0 + k] = out[k];
-        if (r + 1 < R)
-          for (int k = 0; k < 4; ++k) S[(r + 1) * stride + j0 + k] = out[4 + k];
+        for (int k = 0; k < 4; ++k) S[(r + 1) * stride + j0 + k] = out[4 + k];
       }
     }
   }
@@ -288,16 +301,30 @@ void values_tile(const float* __restrict P, int64_t R, int64_t stride, const flo
   if (D % 32 == 0) {
     // two rows x 32 channels in eight accumulators; each value vector loaded once for both rows
     for (int64_t r = 0; r < R; r += 2) {
-      const bool pair = r + 1 < R;
+      if (r + 1 == R) {  // an odd last row alone: four accumulators, half the multiply-adds
+        const float* p0 = P + r * stride;
+        float* y0 = acc + r * D;
+        for (int64_t d = 0; d < D; d += 32) {
+          __m256 a[4];
+          for (int i = 0; i < 4; ++i) a[i] = _mm256_loadu_ps(y0 + d + 8 * i);
+          for (int64_t j = 0; j < n; ++j) {
+            const float* v = V + j * D + d;
+            const __m256 w0 = _mm256_set1_ps(p0[j]);
+            for (int i = 0; i < 4; ++i) a[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(v + 8 * i), a[i]);
+          }
+          for (int i = 0; i < 4; ++i) _mm256_storeu_ps(y0 + d + 8 * i, a[i]);
+        }
+        break;
+      }
       const float* p0 = P + r * stride;
-      const float* p1 = pair ? p0 + stride : p0;
+      const float* p1 = p0 + stride;
       float* y0 = acc + r * D;
-      float* y1 = pair ? y0 + D : y0;
+      float* y1 = y0 + D;
       for (int64_t d = 0; d < D; d += 32) {
         __m256 a[8];
         for (int i = 0; i < 4; ++i) {
           a[i] = _mm256_loadu_ps(y0 + d + 8 * i);
-          a[4 + i] = pair ? _mm256_loadu_ps(y1 + d + 8 * i) : _mm256_setzero_ps();
+          a[4 + i] = _mm256_loadu_ps(y1 + d + 8 * i);
         }
         for (int64_t j = 0; j < n; ++j) {
           const float* v = V + j * D + d;
@@ -310,7 +337,7 @@ void values_tile(const float* __restrict P, int64_t R, int64_t stride, const flo
         }
         for (int i = 0; i < 4; ++i) {
           _mm256_storeu_ps(y0 + d + 8 * i, a[i]);
-          if (pair) _mm256_storeu_ps(y1 + d + 8 * i, a[4 + i]);
+          _mm256_storeu_ps(y1 + d + 8 * i, a[4 + i]);
         }
       }
     }
