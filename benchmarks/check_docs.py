@@ -103,6 +103,24 @@ TABLES: dict[str, dict] = {
                                    "kvpress h2o (keeps 0.25)": "kvpress:h2o:0.25",
                                    "kvpress snapkv (keeps 0.125)": "kvpress:snapkv:0.125",
                                    "kvpress snapkv (keeps 0.25)": "kvpress:snapkv:0.25"}},
+    "seed-claims-peers-010": {"doc": "docs/seed-claims.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096,
+                               "seeds": [0],
+                               "rows": {"kvpress full": "kvpress:full:1",
+                                        "kvpress adakv_snapkv (keeps 0.1)": "kvpress:adakv_snapkv:0.1",
+                                        "kvpress kvzip (keeps 0.1)": "kvpress:kvzip:0.1",
+                                        "`full`": "full",
+                                        "joint profile at 0.10 (`layered`)": f"layered:profile={P}-layered-0.10.json",
+                                        "`snapkv:budget=0.45 + tada:profile=<rotation-aware 0.20>`":
+                                            f"snapkv:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json",
+                                        "`kvzip:budget=0.45 + tada:profile=<rotation-aware 0.20>`":
+                                            f"kvzip:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json"}},
+    "kvzip-codes-010": {"doc": "docs/kvzip.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096, "seeds": [0],
+                         "rows": {"`full`": "full",
+                                  "`kvzip:budget=0.45 + tada:profile=<rotation-aware 0.20>`":
+                                      f"kvzip:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json",
+                                  "`snapkv:budget=0.45 + tada:profile=<rotation-aware 0.20>`":
+                                      f"snapkv:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json",
+                                  "joint profile at 0.10 (`layered`)": f"layered:profile={P}-layered-0.10.json"}},
     "rotation-44": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096},
     "rotation-22": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096},
     "rotation-16k": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 16384},
