@@ -40,7 +40,10 @@ def main() -> None:
     args = ap.parse_args()
     wanted = {m.strip() for m in args.methods.split(";") if m.strip()} if args.methods else None
     inputs = json.loads(Path(args.inputs).read_text())
-    seeds = {int(x) for x in args.seeds.split(",") if x} if args.seeds else None
+    try:
+        seeds = {int(x) for x in args.seeds.split(",") if x.strip()} if args.seeds else None
+    except ValueError:
+        ap.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     refs = {(p["task"], p["context"], p["seed"]): p["references"] for p in inputs["prompts"]
             if seeds is None or p["seed"] in seeds}
     if not refs:

@@ -83,7 +83,10 @@ def main() -> None:
     inputs = json.loads(Path(args.inputs).read_text())
     prompts = inputs["prompts"]
     if args.seeds:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            ap.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
         have = sorted({p["seed"] for p in prompts})
         missing = [s for s in seeds if s not in have]
         if missing:
