@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 import kvshrink as ks
+from kvshrink.eval.bench import context_ids
 from kvshrink.eval.corpus import heldout_text
 from kvshrink.io import atomic_write_text
 from kvshrink.models import load_model
@@ -88,10 +89,7 @@ def main() -> None:
     if args.context < 1 or args.steps < 1:
         ap.error(f"--context and --steps must be >= 1, got {args.context} and {args.steps}")
     model, tok = load_model(args.model)
-    ids = tok(heldout_text(), return_tensors="pt", add_special_tokens=False).input_ids
-    if ids.shape[1] < args.context:
-        ids = ids.repeat(1, -(-args.context // ids.shape[1]))
-    ids = ids[:, :args.context]
+    ids = context_ids(tok(heldout_text(), return_tensors="pt", add_special_tokens=False).input_ids, args.context)
     result = {"model": args.model, "dtype": str(model.dtype), "context": args.context, "steps": args.steps,
               "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": {}}
     for name, make in (("DynamicCache", DynamicCache), (args.method, lambda: ks.make_cache(model, args.method))):

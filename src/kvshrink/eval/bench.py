@@ -35,6 +35,13 @@ def parse_length(text: str | int) -> int:
         raise ValueError(f"context length {text!r} is not a number of tokens (e.g. 1024, 1k, 4k)") from None
 
 
+def context_ids(text_ids: torch.Tensor, context: int) -> torch.Tensor:
+    """The first `context` tokens of `text_ids` [1, T], the text repeated when it is shorter."""
+    if context > text_ids.shape[1]:
+        text_ids = text_ids.repeat(1, -(-context // text_ids.shape[1]))
+    return text_ids[:, :context]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -95,11 +102,7 @@ def bench(
     refs: dict[tuple[int, int], dict[str, Any]] = {}  # the plain cache runs once per context and repeat
     bar = tqdm(total=len(cells) + len(contexts) * repeats, desc="bench", unit="run", disable=not progress)
     for context, rep, spec in cells:
-        if context > text_ids.shape[1]:
-            reps = -(-context // text_ids.shape[1])
-            ids = text_ids.repeat(1, reps)[:, :context]
-        else:
-            ids = text_ids[:, :context]
+        ids = context_ids(text_ids, context)
         if (context, rep) not in refs:
             bar.set_postfix_str(f"DynamicCache @ {context}")
             refs[context, rep] = run_one(model, lambda: env.make_cache(None), ids, decode_tokens)
