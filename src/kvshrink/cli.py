@@ -188,7 +188,7 @@ def _calibrate_layered(args: argparse.Namespace) -> int:
     profile = calibrate_joint(
         args.model, target_ratio=args.target_ratio, budget_context=args.budget_context,
         context=args.context or 2048, samples=2 if args.samples is None else args.samples, probes=args.probes,
-        probe_style=args.probe_style, policy=args.policy, scored=args.scored, key_codecs=split(args.key_codecs, KEY_CODECS),
+        probe_style=args.probe_style, policy=args.policy or "snapkv", scored=args.scored, key_codecs=split(args.key_codecs, KEY_CODECS),
         value_codecs=split(args.value_codecs, VALUE_CODECS),
         shares=tuple(float(x) for x in args.shares.split(",")) if args.shares else SHARES, seed=args.seed,
         sensitivity_from=args.sensitivity_from, output=args.output)
@@ -202,6 +202,27 @@ def _calibrate_layered(args: argparse.Namespace) -> int:
         print(f"uniform {row['key']} | {row['value']} | share {row['share']:g}: ratio {row['ratio']:.3f}, "
               f"KL {row['kl']['all']:.4f}")
     print(f"profile: {args.output}")
+    return 0
+
+
+def _pairing(args: argparse.Namespace) -> int:
+    from .methods.pairing import pairing_profile
+
+    if not args.policy or not args.codec:
+        raise ValueError("calibrate --method pairing needs --policy and --codec (e.g. --policy kvzip:budget=0.45 "
+                         "--codec tada:profile=P)")
+    config = None
+    if "profile=" not in args.codec:
+        from transformers import AutoConfig
+
+        from .models import resolve_model
+
+        config = AutoConfig.from_pretrained(resolve_model(args.model), local_files_only=True)
+    profile = pairing_profile(args.policy, args.codec, config)
+    profile.save(args.output)
+    print(f"pairing: {profile.options['policy']} + {profile.options['codec']}"
+          f"{' with ' + str(len(profile.layers)) + ' layers of codec choices' if profile.layers else ''}; profile: "
+          f"{args.output} (use: make_cache(model, profile=...) or --methods pairing:profile=...)")
     return 0
 
 
@@ -233,6 +254,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return _lowrank_recipe(args, options)
     if args.method == "layered":
         return _calibrate_layered(args)
+    if args.method == "pairing":
+        return _pairing(args)
     if args.method == "razor":
         from .models import load_model
         from .retrieval import retrieval_profile
@@ -418,9 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
                                           "the low-rank methods (--method tale|dynakv|lowrank), or measure "
                                           "retrieval heads (--method razor)")
     ca.add_argument("--model", default="smollm2-135m")
-    ca.add_argument("--method", choices=("tada", "layered", "tale", "dynakv", "lowrank", "razor"), default="tada",
+    ca.add_argument("--method", choices=("tada", "layered", "pairing", "tale", "dynakv", "lowrank", "razor"),
+                    default="tada",
                     help="tada: per-layer bits (default); layered: per-layer codecs and token shares chosen "
-                         "together (needs --target-ratio); tale/lowrank: per-head bases; dynakv: joint bases; razor: "
+                         "together (needs --target-ratio); pairing: write --policy + --codec as one profile (the "
+                         "codec's profile copied in); tale/lowrank: per-head bases; dynakv: joint bases; razor: "
                          "echo/induction scores per KV head on repeated random tokens (--context: their length, "
                          "default 256; --samples: default 4)")
     ca.add_argument("--key-codecs", help="layered: key codec specs tried per layer, joined by ';' (default: grouped "
@@ -432,9 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--probes", type=int, default=2,
                     help="layered: retrieval probes (a planted passphrase, asked for) beside the text windows "
                          "(default: %(default)s)")
-    ca.add_argument("--policy", default="snapkv",
-                    help="layered: the retention policy whose share each layer chooses: snapkv, or snapkv:heads=adaptive "
-                         "(AdaKV's per-head budgets inside each layer; also floor=, observe=) (default: %(default)s)")
+    ca.add_argument("--policy",
+                    help="layered: the retention policy whose share each layer chooses: snapkv (the default), or "
+                         "snapkv:heads=adaptive (AdaKV's per-head budgets inside each layer; also floor=, observe=); "
+                         "pairing: the token policy's spec, e.g. kvzip:budget=0.45")
+    ca.add_argument("--codec", help="pairing: the codec side's spec, e.g. tada:profile=P (P's choices are copied in)")
     ca.add_argument("--probe-style", choices=("digits", "hex", "both"), default="digits",
                     help="layered: the probes' passphrase: digits (3 groups of 3), hex (4 groups of 4 hex digits, "
                          "UUID-like) or both, alternating (default: %(default)s)")

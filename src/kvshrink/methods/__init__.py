@@ -1,5 +1,5 @@
 """Named methods. Each module registers one recipe; importing this package makes them all available."""
-from . import dynakv, full, h2o, kivi, kvcrush, kvdirect, kvpress, kvzip, layered, lowrank, mixed, razor, snapkv, streamingllm, tada, tale, tova, turboquant, window  # noqa: F401
+from . import dynakv, full, h2o, kivi, kvcrush, kvdirect, kvpress, kvzip, layered, lowrank, mixed, pairing, razor, snapkv, streamingllm, tada, tale, tova, turboquant, window  # noqa: F401
 from .base import METHODS, Method, StoringMethod, get_method, method_options, register
 from .build import build_method, canonical_spec, make_cache, parse_spec, with_options
 from .composed import Composition
