@@ -263,3 +263,37 @@ def test_per_head_kvzip_at_a_full_budget_reproduces_full():
     ref = greedy(model, ids, DynamicCache(config=model.config), n=12)
     out = greedy(model, ids, _cache(model, "kvzip:budget=1.0,prompt=none,heads=adaptive"), n=12)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("make,heads", [(tiny_llama, {}), (tiny_llama, {"num_attention_heads": 6, "hidden_size": 96}), (tiny_gemma3, {})])
+def test_the_fused_pass_scores_as_the_general_path(monkeypatch, make, heads):
+    """The pass's CPU fast path (fused SDPA with its log-sum-exp, max from one more product over the held keys)
+    keeps the tokens, scores and answers of the general path (softmax over the materialised scores)."""
+    from kvshrink.layers import composed
+
+    model = make(**heads)
+    ids = _prompt(batch=2, n=150, seed=5)
+    mask = torch.ones_like(ids)
+    ids[1, :9], mask[1, :9] = 0, 0  # a left-padded row: one pass per row, each with its own mask
+    runs, taken = {}, []
+    fast = composed.ComposedLayer._probe_attention
+
+    def spy(self, *args):
+        got = fast(self, *args)
+        taken.append(got is not None)
+        return got
+
+    monkeypatch.setattr(composed.ComposedLayer, "_probe_attention", spy)
+    for name, flash in (("fast", composed._FLASH_CPU), ("general", None)):
+        monkeypatch.setattr(composed, "_FLASH_CPU", flash)
+        cache = _cache(model, "kvzip:budget=0.3,window=8,chunk=64", FakeTokenizer())
+        out = greedy(model, ids, cache, n=12, attention_mask=mask)
+        rows = [r for x in cache.layers for r in getattr(x, "rows", [x]) if hasattr(r, "scores")]
+        assert rows
+        runs[name] = (out, [(r.positions.clone(), r.scores.clone()) for r in rows])
+        if name == "fast":
+            assert taken and all(taken)  # every pass call went through the fused path
+    assert torch.equal(runs["fast"][0], runs["general"][0])
+    for (pa, sa), (pb, sb) in zip(runs["fast"][1], runs["general"][1]):
+        assert torch.equal(pa, pb)
+        torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-6)

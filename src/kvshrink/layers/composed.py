@@ -63,6 +63,8 @@ GENERATED = ("keep", "budget")  # what a prompt-only policy does with generated 
 _MIN_CHUNK = 32  # generated=budget: at least this many tokens are ranked together
 _QUERY_BLOCK = 512  # queries per block when a scored layer attends (bounds the score matrix at block x tokens)
 _EXACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: PyTorch's fused CPU attention that also returns each query's log-sum-exp (a scoring pass's fast path)
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
@@ -478,6 +480,10 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         if hq % h:
             raise ValueError(f"layer {self.layer_idx}: {hq} query heads for {h} KV heads")
         rep = hq // h
+        if extra is not None and outputs and set(needs) == {"max"}:
+            fast = self._probe_attention(query, mask, scaling, k, v, pos, n_low, n_held)
+            if fast is not None:
+                return fast
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         pos_q = pos.repeat_interleave(rep, 1).long()  # [B, Hq, T]
         bias = self._logit_bias()
@@ -529,6 +535,57 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             every = gather_heads(self.shard, torch.stack(list(received.values())), dim=2)
             received = {name: m.mean(1, keepdim=True).expand(b, h, -1) for name, m in zip(received, every)}
         return (out.to(query.dtype) if outputs else None), received
+
+    def _probe_attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, k: torch.Tensor,
+                         v: torch.Tensor, pos: torch.Tensor, n_low: int, n_held: int
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """`attention` for a scoring pass that reads only "max" (KVzip's reconstruction), or None where this path
+        does not apply (not on the CPU, a low tier, a logit bias, held tokens not in position order, or a mask other
+        than "every held token, and the pass causally"). PyTorch's fused CPU attention, which also returns each
+        query's log-sum-exp, runs twice without a mask (over the held tokens; over the pass's own tokens, causal)
+        and the two are merged by their log-sum-exps; a held token's largest probability is exp(max over queries of
+        score - log-sum-exp), from one more product over the held keys. Per KV head, its query heads in turn: no
+        key or value is repeated. The same numbers as the general path up to float rounding (tests/test_kvzip.py).
+        """
+        if query.device.type != "cpu" or n_low or self._logit_bias() is not None or _FLASH_CPU is None:
+            return None
+        b, hq, ql, d = query.shape
+        h, n = k.shape[1], pos.shape[-1]
+        rep = hq // h
+        if not bool((pos[..., -1] == n - 1).all()):  # held with a gap (evicted before): the general path
+            return None
+        if mask is not None:  # the pass must see every held token, and itself causally: nothing else is handled
+            if mask.dim() != 4 or mask.shape[-1] < n or mask.shape[-2] != ql or n - n_held != ql:
+                return None
+            cols = mask[..., :n] if mask.dtype == torch.bool else mask[..., :n] == 0
+            causal = torch.ones(ql, ql, dtype=torch.bool).tril()
+            if not (bool(cols[..., :n_held].all()) and bool((cols[..., n_held:] == causal).all())):
+                return None
+        elif n - n_held != ql:
+            return None
+        q = query.float()
+        kh, vh = k[:, :, :n_held].contiguous(), v[:, :, :n_held].contiguous()
+        kp, vp = k[:, :, n_held:].contiguous(), v[:, :, n_held:].contiguous()
+        held_t = kh.reshape(b * h, n_held, d).transpose(-1, -2)
+        out = torch.empty(b, hq, ql, d, dtype=torch.float32)
+        best = torch.full((b, h, n_held), float("-inf"))
+        for r in range(rep):
+            qr = q[:, r::rep].contiguous()  # each KV head's r-th query head: [B, H, q, D]
+            o_pass, lse_pass = _FLASH_CPU(qr, kp, vp, 0.0, True, scale=scaling)  # the pass over itself, causal
+            for start in range(0, ql, _QUERY_BLOCK):
+                stop = min(start + _QUERY_BLOCK, ql)
+                qb = qr[:, :, start:stop]
+                o_held, lse_held = _FLASH_CPU(qb, kh, vh, 0.0, False, scale=scaling)  # every held token
+                o_own, lse_own = o_pass[:, :, start:stop], lse_pass[:, :, start:stop]
+                lse = torch.logaddexp(lse_held, lse_own)
+                out[:, r::rep, start:stop] = (o_held * (lse_held - lse).exp()[..., None]
+                                              + o_own * (lse_own - lse).exp()[..., None])
+                logp = torch.baddbmm(-lse.reshape(b * h, -1, 1), (qb * scaling).reshape(b * h, -1, d), held_t)
+                best = torch.maximum(best, logp.amax(1).reshape(b, h, n_held))
+        got = best[..., n_low:].exp()
+        if self.policy.per_layer:
+            got = gather_heads(self.shard, got).mean(1, keepdim=True).expand(b, h, -1)
+        return out.to(query.dtype), {"max": got}
 
     def _logit_bias(self) -> torch.Tensor | None:
         """A term [B, H, T] added to every query's logits over the held tokens (in `_held_tokens` order), or None:
