@@ -297,3 +297,53 @@ def test_the_fused_pass_scores_as_the_general_path(monkeypatch, make, heads):
     for (pa, sa), (pb, sb) in zip(runs["fast"][1], runs["general"][1]):
         assert torch.equal(pa, pb)
         torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("codec", ["kivi:bits=2", "tada:bits=4,mean=head", "turboquant:bits=3", "grouped:bits=4"])
+def test_a_byte_budget_holds_the_prompt_at_its_share(codec):
+    """kvzip:ratio=R keeps the ranking's best tokens while the layers' bytes stay within R of 16-bit, everything
+    counted; the byte model it spends by equals what the layers then hold, byte for byte."""
+    from kvshrink.policies import kvzip as kz
+
+    model = tiny_llama(head_dim=32, hidden_size=128, num_hidden_layers=3)
+    ids = _prompt(n=400, seed=3)
+    predicted = {}
+    real = kz.layer_bytes
+
+    def spy(layer, protected):
+        f = real(layer, protected)
+        predicted[layer.layer_idx] = f
+        return f
+
+    kz.layer_bytes = spy
+    try:
+        for ratio in (0.3, 0.18):
+            cache = _cache(model, f"kvzip:budget=1.0,ratio={ratio},prompt=none,chunk=128 + {codec},exact_dtype=float16")
+            with torch.no_grad():
+                model(ids, past_key_values=cache, use_cache=True)
+            report = cache.memory_report()
+            assert ratio - 0.03 < report["ratio"] <= ratio, (codec, ratio, report["ratio"])
+            for layer in cache.layers:
+                room = layer.positions.shape[-1] - layer.sinks - layer.window
+                assert predicted[layer.layer_idx](room) == layer.nbytes()
+            counts = [x.positions.shape[-1] for x in cache.layers]
+            assert len(set(counts)) > 1  # still one ranking across layers
+    finally:
+        kz.layer_bytes = real
+    tokens_only = _cache(model, f"kvzip:budget=0.3,prompt=none,chunk=128 + {codec}")
+    capped = _cache(model, f"kvzip:budget=0.3,ratio=0.9,prompt=none,chunk=128 + {codec}")
+    with torch.no_grad():
+        for c in (tokens_only, capped):
+            model(ids, past_key_values=c, use_cache=True)
+    assert [x.positions.tolist() for x in capped.layers] == [x.positions.tolist() for x in tokens_only.layers]
+
+
+def test_a_byte_budget_is_checked():
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
+        build_method("kvzip:ratio=1.5")
+    model = tiny_llama(head_dim=32, hidden_size=128)
+    cache = _cache(model, "kvzip:budget=1.0,ratio=0.05,prompt=none + kivi:bits=2")  # window and sinks: 0.18
+    with pytest.warns(UserWarning, match="below what the sinks and windows alone hold"):
+        with torch.no_grad():
+            model(_prompt(n=400), past_key_values=cache, use_cache=True)
+    assert all(x.positions.shape[-1] == x.sinks + x.window for x in cache.layers)

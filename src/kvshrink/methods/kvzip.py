@@ -32,6 +32,9 @@ class KVzip(EvictionMethod):
                                    "'Repeat the previous context exactly.', tokenized by the model's tokenizer) or "
                                    "'none' (the tokens alone)")
     chunk: int = option(2048, "prompt tokens per forward of the reconstruction pass (bounds its memory)")
+    ratio: float = option(0.0, "a byte budget too (0 = none): the ranking's best tokens are kept while the layers "
+                               "hold at most this share of their 16-bit bytes for the prompt, everything counted "
+                               "(codes, scales, positions, sinks, window), and at most `budget` of the tokens")
 
     #: the tokenizer of the repeat instruction; None: the one saved beside the model (its `name_or_path`)
     tokenizer: ClassVar[Any] = None
@@ -42,6 +45,8 @@ class KVzip(EvictionMethod):
             raise ValueError(f"kvzip: prompt must be one of {', '.join(PROMPTS)}, got {self.prompt!r}")
         if self.chunk < 1:
             raise ValueError(f"kvzip: chunk must be >= 1 token, got {self.chunk}")
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"kvzip: ratio must be in [0, 1) (0: no byte budget), got {self.ratio}")
 
     def prepare(self, model_or_config: Any) -> None:
         if getattr(self, "_shard", None) is not None:
@@ -92,4 +97,5 @@ class KVzip(EvictionMethod):
     def make_policy(self):
         policy = super().make_policy()
         policy.instruction, policy.chunk = getattr(self, "_instruction", None), self.chunk
+        policy.ratio = self.ratio
         return policy

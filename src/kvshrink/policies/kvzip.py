@@ -18,8 +18,10 @@ uniform budget would keep. Sinks and window are protected and counted, as in eve
 from __future__ import annotations
 
 import copy
+import math
 import time
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -49,6 +51,7 @@ class ContextReconstruction(Policy):
     def __init__(self) -> None:
         self.instruction: list[int] | None = None  # token ids of the repeat instruction (set by the method)
         self.chunk = 2048
+        self.ratio = 0.0  # > 0: a byte budget too, a share of the 16-bit bytes (set by the method)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         if ctx.probe is None:  # the prefill and decoding steps score nothing: only the pass does
@@ -106,12 +109,85 @@ def global_rooms(ranks: list[torch.Tensor], rooms: list[int]) -> list[int]:
     return out
 
 
-def compress(layers: list[ComposedLayer]) -> list[int]:
-    """Evict every scored layer of one prompt to its share of one ranking across layers; the tokens each keeps."""
+def _token_bytes(codec: Any, head_dim: int, heads: int) -> tuple[float, int]:
+    """(bytes one stored token costs per KV head, on average over the heads, a field shared by the heads - a head
+    mean - counted once per token; bytes of the fixed fields per head)."""
+    codecs = getattr(codec, "codecs", None) or (codec,)  # per-head codecs: one per KV head
+    per_token = fixed = 0.0
+    for c in codecs:
+        layout = c.layout(head_dim)
+        for f in layout.fields:
+            size = math.prod(f.shape) * torch.empty((), dtype=f.dtype).element_size() / (heads if f.shared_heads else 1)
+            if f.tokens:
+                per_token += size / f.tokens
+            else:
+                fixed += size
+    return per_token / len(codecs), int(math.ceil(fixed / len(codecs)))
+
+
+def layer_bytes(layer: ComposedLayer, protected: int) -> Callable[[int], int]:
+    """The bytes `layer` holds after keeping its `protected` tokens (sinks, window) and `room` candidates, as a
+    function of `room`: whole units of its codecs stored (codes, scales, means), the rest exact at the window's
+    front (as `_evict` leaves them), every kept token's position and score, the sinks and window exact."""
+    b, h = layer.positions.shape[:2]
+    d = layer.keys.shape[-1]
+    exact = 2 * d * layer.keys.element_size()
+    index = layer.positions.element_size() + layer.scores.element_size()
+    key_tok, key_fixed = _token_bytes(layer.key_store.codec, d, h)
+    value_tok, value_fixed = _token_bytes(layer.value_store.codec, d, h)
+    block = layer.block
+
+    def nbytes(room: int) -> int:
+        stored = room // block * block
+        coded = stored * (key_tok + value_tok) + (key_fixed + value_fixed if stored else 0)
+        return int(math.ceil(b * h * (coded + (protected + room - stored) * exact + (protected + room) * index)))
+
+    return nbytes
+
+
+def byte_rooms(ranks: list[torch.Tensor], rooms: list[int], costs: list[Callable[[int], int]],
+               spend: int) -> list[int]:
+    """`global_rooms` under a byte budget too: the longest prefix of the same ranking (never past `rooms`) whose
+    counts (each layer's chosen candidates divided by its rows x heads, rounded down) cost at most `spend` bytes by
+    `costs[l](count)`, found by bisection (the cost grows with the prefix)."""
+    slots = ranks[0].shape[0] * ranks[0].shape[1]
+    flat = torch.cat([r.reshape(-1).float().cpu() for r in ranks])
+    owner = torch.cat([torch.full((r.numel(),), i, dtype=torch.long) for i, r in enumerate(ranks)])
+    order = owner[torch.sort(flat, descending=True, stable=True).indices]
+    cap = torch.tensor(rooms)
+
+    def counts(n: int) -> list[int]:
+        return torch.minimum(torch.bincount(order[:n], minlength=len(ranks)) // slots, cap).tolist()
+
+    def cost(n: int) -> int:
+        return sum(f(c) for f, c in zip(costs, counts(n)))
+
+    lo, hi = 0, min(len(order), sum(rooms) * slots)
+    if cost(lo) > spend:
+        warnings.warn(f"kvzip: the byte budget ({spend} bytes) is below what the sinks and windows alone hold "
+                      f"({cost(0)} bytes): only those are kept", stacklevel=3)
+        return counts(0)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= spend else (lo, mid - 1)
+    return counts(lo)
+
+
+def compress(layers: list[ComposedLayer], ratio: float = 0.0) -> list[int]:
+    """Evict every scored layer of one prompt to its share of one ranking across layers; the tokens each keeps.
+    `ratio` > 0: at most that share of these layers' 16-bit bytes for the prompt's tokens, everything counted
+    (`layer_bytes`), as well as at most their token budgets (which alone decide where they cost less)."""
     candidates = [x.ranked_candidates() for x in layers]
     rooms = [x.budget_tokens() - protected for x, (_, protected) in zip(layers, candidates)]
+    ranks = [r for r, _ in candidates]
+    chosen = global_rooms(ranks, rooms)
+    if ratio > 0:  # the token budget's counts, unless they cost more than the byte budget
+        fp16 = sum(x.positions.shape[0] * x.positions.shape[1] * x.seen * 4 * x.keys.shape[-1] for x in layers)
+        costs = [layer_bytes(x, protected) for x, (_, protected) in zip(layers, candidates)]
+        if sum(f(c) for f, c in zip(costs, chosen)) > ratio * fp16:
+            chosen = byte_rooms(ranks, rooms, costs, int(ratio * fp16))
     kept = []
-    for x, (_, protected), room in zip(layers, candidates, global_rooms([r for r, _ in candidates], rooms)):
+    for x, (_, protected), room in zip(layers, candidates, chosen):
         x._evict(protected + room)
         kept.append(protected + room)
     return kept
@@ -177,7 +253,7 @@ def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None) ->
                     x.probing, x._probe = False, None
             tokens += inputs.numel()
             forwards += 1
-        compress(probed)
+        compress(probed, getattr(policy, "ratio", 0.0))
     stats = {"seconds": time.perf_counter() - start, "tokens": tokens, "forwards": forwards}
     cache.reconstruction = stats
     return stats
