@@ -103,3 +103,9 @@ def test_calibrate_method_pairing_writes_the_profile(tmp_path, capsys):
     out.unlink()
     assert main(["calibrate", "--method", "pairing", "--codec", f"tada:profile={codes}", "-o", str(out)]) != 0
     assert "--method pairing needs --policy and --codec" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_shipped_codec_profile_is_copied_in_by_name(tmp_path):
+    prof = pairing_profile("snapkv:budget=0.5", "tada:profile=smollm2-135m-tada-0.27")
+    assert prof.calibration["codec_profile"]["file"] == "smollm2-135m-tada-0.27.json"
+    assert prof.model["architecture"] == "llama" and len(prof.layers) == prof.model["layers"]

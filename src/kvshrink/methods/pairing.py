@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .. import spec as specs
-from ..profile import Profile, ProfileError, load_profile
+from ..profile import Profile, ProfileError, fingerprint, load_profile, resolve_profile
 from .base import Method, option, register
 from .build import build_method, canonical_spec, parse_spec
 from .composed import Composition
@@ -36,8 +35,6 @@ def pairing_profile(policy: str, codec: str, model_or_config: Any = None) -> Pro
     """A pairing profile of `policy + codec`. A codec given with `profile=P` (a tada or low-rank profile) has that
     profile's per-layer choices, options and tensors copied in, and P's model; P's file name and digest are recorded
     under `calibration`. Without P, `model_or_config` names the model."""
-    from ..profile import fingerprint
-
     build_method(f"{policy} + {codec}")  # every error of the composition itself surfaces here
     policy_spec, codec_spec = _split(canonical_spec(f"{policy} + {codec}"), "pairing")
     name, codec_options = parse_spec(codec_spec)
@@ -51,8 +48,9 @@ def pairing_profile(policy: str, codec: str, model_or_config: Any = None) -> Pro
             raise ProfileError(f"profile {source} builds {codec_profile.method!r}, not {name!r}")
         layers, tensors = codec_profile.layers, codec_profile.tensors
         codec_options = {**codec_profile.options, **codec_options}
-        raw = Path(source).read_bytes()
-        calibration["codec_profile"] = {"file": Path(source).name, "sha256": hashlib.sha256(raw).hexdigest(),
+        path = resolve_profile(source)  # a shipped profile's name or a path
+        raw = path.read_bytes()
+        calibration["codec_profile"] = {"file": path.name, "sha256": hashlib.sha256(raw).hexdigest(),
                                         "predicted_ratio": codec_profile.predicted_ratio}
     elif model_or_config is None:
         raise ValueError(f"pairing: codec {codec!r} names no profile, so the model must be given")
