@@ -109,3 +109,19 @@ def test_a_shipped_codec_profile_is_copied_in_by_name(tmp_path):
     prof = pairing_profile("snapkv:budget=0.5", "tada:profile=smollm2-135m-tada-0.27")
     assert prof.calibration["codec_profile"]["file"] == "smollm2-135m-tada-0.27.json"
     assert prof.model["architecture"] == "llama" and len(prof.layers) == prof.model["layers"]
+
+
+def test_a_pairing_cache_is_saved_and_resumed(tmp_path):
+    model = tiny_llama(head_dim=32, hidden_size=128)
+    codes = _tada_profile(model, tmp_path / "codes.json")
+    path = tmp_path / "pair.json"
+    pairing_profile("snapkv:budget=0.5,window=8", f"tada:profile={codes}").save(path)
+    ids = _ids(150, 4)
+    whole = greedy(model, ids, ks.make_cache(model, profile=str(path)), n=16)
+    cache = ks.make_cache(model, profile=str(path))
+    first = greedy(model, ids, cache, n=8)
+    saved = cache.save(tmp_path / "conv.safetensors")
+    loaded = ks.load_cache(saved, model)
+    assert loaded.memory_report()["nbytes"] == cache.memory_report()["nbytes"]
+    rest = greedy(model, torch.cat([ids, first], 1), loaded, n=8)
+    assert torch.equal(torch.cat([first, rest], 1), whole)
