@@ -66,12 +66,16 @@ TABLES: dict[str, dict] = {
         "`snapkv:budget=0.25`": "snapkv:budget=0.25",
         "transformers `QuantizedCache` (quanto, 4-bit)": "hf-quanto:bits=4",
         "joint profile at 0.10 (`layered`)": f"layered:profile={P}-layered-0.10.json",
-        "joint profile at 0.06 (`layered`)": f"layered:profile={P}-layered-0.06.json"}},
+        "joint profile at 0.06 (`layered`)": f"layered:profile={P}-layered-0.06.json",
+        "KVzip's tokens, rotation-aware 0.20 codes (`pairing` profile)":
+            f"kvzip:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json"}},
     "readme-qwen-16k": {"doc": "README.md", "kind": "ruler", "records": QWEN_RULER, "context": 16384, "rows": {
         "`full`": "full",
         "`tada`, calibrated at 0.20 with rotation allowed": f"tada:profile={P}-tada-rotate-0.20.json",
         "joint profile at 0.10 (`layered`)": f"layered:profile={P}-layered-0.10.json",
-        "joint profile at 0.06 (`layered`)": f"layered:profile={P}-layered-0.06.json"}},
+        "joint profile at 0.06 (`layered`)": f"layered:profile={P}-layered-0.06.json",
+        "KVzip's tokens, rotation-aware 0.20 codes (`pairing` profile)":
+            f"kvzip:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json"}},
     "readme-smollm2": {"doc": "README.md", "kind": "heldout", "context": 2048, "rows": {
         "`full`": ("benchmarks/results/eval-rotation-smollm2.jsonl", "full"),
         "`tada`, calibrated profile at 0.27 (the default of `kvshrink run`)":
@@ -114,7 +118,7 @@ TABLES: dict[str, dict] = {
                                             f"snapkv:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json",
                                         "`kvzip:budget=0.45 + tada:profile=<rotation-aware 0.20>`":
                                             f"kvzip:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json"}},
-    "kvzip-codes-010": {"doc": "docs/kvzip.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096, "seeds": [0],
+    "kvzip-codes-010": {"doc": "docs/kvzip.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096,
                          "rows": {"`full`": "full",
                                   "`kvzip:budget=0.45 + tada:profile=<rotation-aware 0.20>`":
                                       f"kvzip:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json",
