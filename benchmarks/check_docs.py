@@ -147,6 +147,12 @@ TABLES: dict[str, dict] = {
                                              "turboquant:preset=turboquant_3bit_nc")}}},
     "rotation-qwen-heldout": {"doc": "docs/rotation.md", "kind": "heldout", "context": 4096,
                               "records": "benchmarks/results/eval-rotation-qwen.jsonl"},
+    "kvzip-heldout": {"doc": "docs/kvzip.md", "kind": "heldout", "context": 4096, "rows": {
+        "`full`": ("benchmarks/results/eval-rotation-qwen.jsonl", "full"),
+        "`tada:profile=<rotation-aware 0.20>`": ("benchmarks/results/eval-rotation-qwen.jsonl",
+                                                 f"tada:profile={P}-tada-rotate-0.20.json"),
+        "`kvzip:budget=0.45 + tada:profile=<rotation-aware 0.20>`": ("benchmarks/results/eval-rotation-qwen.jsonl",
+                                                                     f"kvzip:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json")}},
 }
 MARK = re.compile(r"<!--\s*check_docs:\s*([\w-]+)\s*-->")
 
