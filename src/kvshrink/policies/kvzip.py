@@ -13,7 +13,9 @@ heads need many tokens to reconstruct the prompt keeps more. By default storage 
 layer keeps the same count, each its own best tokens), so a layer's count is its share of the globally chosen
 (head, token) pairs divided by its heads; with `heads=adaptive` each KV head is a layer of its own
 (`layers/heads.py`) and keeps exactly its share of the ranking, as KVzip does. Either way the counts sum to what a
-uniform budget would keep. Sinks and window are protected and counted, as in every policy.
+uniform budget would keep. Sinks and window are protected and counted, as in every policy. With a byte budget
+(`kvzip:ratio=R`) the same ranking is read from the top only while the layers' bytes, everything counted
+(`layer_bytes`), stay within R of their 16-bit bytes (`byte_rooms`).
 """
 from __future__ import annotations
 
