@@ -215,8 +215,10 @@ def _pairing(args: argparse.Namespace) -> int:
     if not args.policy or not args.codec:
         raise ValueError("calibrate --method pairing needs --policy and --codec (e.g. --policy kvzip:budget=0.45 "
                          "--codec tada:profile=P)")
+    from .methods import parse_spec
+
     config = None
-    if "profile=" not in args.codec:
+    if not parse_spec(args.codec)[1].get("profile"):  # else the codec profile names the model
         from transformers import AutoConfig
 
         from .models import resolve_model

@@ -78,15 +78,22 @@ class Layout:
         """Fields held once per store."""
         return tuple(f for f in self.fields if not f.tokens)
 
-    def token_bytes(self) -> float:
-        """Bytes one token costs in one head (fixed fields excluded; a shared-heads field counted per head)."""
-        total = 0.0
-        for f in self.growing:
-            n = 1
-            for s in f.shape:
-                n *= s
-            total += n * torch.empty((), dtype=f.dtype).element_size() / f.tokens
-        return total
+    def token_bytes(self, heads: int = 1) -> float:
+        """Bytes one token costs in one head (fixed fields excluded); a shared-heads field counted per head, or, with
+        `heads`, split among that many heads (what it costs a head when they all hold it once)."""
+        return sum(_field_bytes(f, heads) / f.tokens for f in self.growing)
+
+    def fixed_bytes(self, heads: int = 1) -> float:
+        """Bytes of the fields held once per store, per head (a shared-heads one split among `heads`)."""
+        return sum(_field_bytes(f, heads) for f in self.fixed)
+
+
+def _field_bytes(f: Field, heads: int) -> float:
+    """Bytes of one entry of a field in one head (a shared-heads field's entry split among `heads`)."""
+    n = 1
+    for s in f.shape:
+        n *= s
+    return n * torch.empty((), dtype=f.dtype).element_size() / (heads if f.shared_heads else 1)
 
 
 @dataclass(frozen=True)

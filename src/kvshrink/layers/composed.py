@@ -480,8 +480,11 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         if hq % h:
             raise ValueError(f"layer {self.layer_idx}: {hq} query heads for {h} KV heads")
         rep = hq // h
-        if extra is not None and outputs and set(needs) == {"max"}:
-            fast = self._probe_attention(query, mask, scaling, k, v, pos, n_low, n_held)
+        n = pos.shape[-1]
+        # held in position order from 0 without a gap (strictly increasing per head): the mask's first n columns
+        in_order = n_low == 0 and bool((pos[..., -1] == n - 1).all())
+        if extra is not None and outputs and set(needs) == {"max"} and in_order:
+            fast = self._probe_attention(query, mask, scaling, k, v, n_held)
             if fast is not None:
                 return fast
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -489,9 +492,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         bias = self._logit_bias()
         if bias is not None:
             bias = bias.repeat_interleave(rep, 1)[:, :, None, :]
-        n = pos.shape[-1]
-        # held in position order from 0 without a gap (strictly increasing per head): the mask's first n columns
-        in_order = mask is not None and n_low == 0 and bool((pos[..., -1] == n - 1).all())
+        in_order = in_order and mask is not None
         q = query.float()
         out = torch.empty(b, hq, ql, v.shape[-1], dtype=torch.float32, device=q.device) if outputs else None
         got_all = q.new_zeros(b, hq, pos.shape[-1])
@@ -537,23 +538,20 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         return (out.to(query.dtype) if outputs else None), received
 
     def _probe_attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, k: torch.Tensor,
-                         v: torch.Tensor, pos: torch.Tensor, n_low: int, n_held: int
-                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-        """`attention` for a scoring pass that reads only "max" (KVzip's reconstruction), or None where this path
-        does not apply (not on the CPU, a low tier, a logit bias, held tokens not in position order, or a mask other
-        than "every held token, and the pass causally"). PyTorch's fused CPU attention, which also returns each
+                         v: torch.Tensor, n_held: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """`attention` for a scoring pass that reads only "max" (KVzip's reconstruction) over held tokens in position
+        order without a low tier (the caller checks), or None where this path does not apply (not on the CPU, a
+        logit bias, or a mask other than "every held token, and the pass causally"). PyTorch's fused CPU attention, which also returns each
         query's log-sum-exp, runs twice without a mask (over the held tokens; over the pass's own tokens, causal)
         and the two are merged by their log-sum-exps; a held token's largest probability is exp(max over queries of
         score - log-sum-exp), from one more product over the held keys. Per KV head, its query heads in turn: no
         key or value is repeated. The same numbers as the general path up to float rounding (tests/test_kvzip.py).
         """
-        if query.device.type != "cpu" or n_low or self._logit_bias() is not None or _FLASH_CPU is None:
+        if query.device.type != "cpu" or self._logit_bias() is not None or _FLASH_CPU is None:
             return None
         b, hq, ql, d = query.shape
-        h, n = k.shape[1], pos.shape[-1]
+        h, n = k.shape[1], k.shape[-2]
         rep = hq // h
-        if not bool((pos[..., -1] == n - 1).all()):  # held with a gap (evicted before): the general path
-            return None
         if mask is not None:  # the pass must see every held token, and itself causally: nothing else is handled
             if mask.dim() != 4 or mask.shape[-1] < n or mask.shape[-2] != ql or n - n_held != ql:
                 return None
@@ -582,7 +580,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
                                               + o_own * (lse_own - lse).exp()[..., None])
                 logp = torch.baddbmm(-lse.reshape(b * h, -1, 1), (qb * scaling).reshape(b * h, -1, d), held_t)
                 best = torch.maximum(best, logp.amax(1).reshape(b, h, n_held))
-        got = best[..., n_low:].exp()
+        got = best.exp()
         if self.policy.per_layer:
             got = gather_heads(self.shard, got).mean(1, keepdim=True).expand(b, h, -1)
         return out.to(query.dtype), {"max": got}

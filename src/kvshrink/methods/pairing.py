@@ -23,34 +23,26 @@ from .composed import Composition
 OPTIONS = ("policy", "codec")
 
 
-def _split(spec: str, where: str) -> tuple[str, str]:
-    """(policy spec, codec spec) of a composition spec; an error naming `where` for anything else."""
-    parts = specs.parse(spec)
-    if len(parts) != 2:
-        raise ValueError(f"{where}: expected 'POLICY + CODEC', got {spec!r}")
-    return tuple(specs.format_spec([(p.name, list(p.options))]) for p in parts)  # type: ignore[return-value]
-
-
 def pairing_profile(policy: str, codec: str, model_or_config: Any = None) -> Profile:
     """A pairing profile of `policy + codec`. A codec given with `profile=P` (a tada or low-rank profile) has that
     profile's per-layer choices, options and tensors copied in, and P's model; P's file name and digest are recorded
     under `calibration`. Without P, `model_or_config` names the model."""
-    build_method(f"{policy} + {codec}")  # every error of the composition itself surfaces here
-    policy_spec, codec_spec = _split(canonical_spec(f"{policy} + {codec}"), "pairing")
+    build_method(f"{policy} + {codec}")  # every error of the composition itself surfaces here (one policy, one codec)
+    policy_spec, codec_spec = (specs.format_spec([(p.name, list(p.options))])
+                               for p in specs.parse(canonical_spec(f"{policy} + {codec}")))
     name, codec_options = parse_spec(codec_spec)
     layers, tensors, calibration = [], {}, {"policy": policy_spec}
     source = codec_options.pop("profile", "")
     if source:
-        codec_profile = load_profile(source)
+        path = resolve_profile(source)  # a shipped profile's name or a path
+        codec_profile = load_profile(path)
         if model_or_config is not None:
             codec_profile.check_model(model_or_config, f"profile {source}")
         if codec_profile.method != name:
             raise ProfileError(f"profile {source} builds {codec_profile.method!r}, not {name!r}")
         layers, tensors = codec_profile.layers, codec_profile.tensors
         codec_options = {**codec_profile.options, **codec_options}
-        path = resolve_profile(source)  # a shipped profile's name or a path
-        raw = path.read_bytes()
-        calibration["codec_profile"] = {"file": path.name, "sha256": hashlib.sha256(raw).hexdigest(),
+        calibration["codec_profile"] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                                         "predicted_ratio": codec_profile.predicted_ratio}
     elif model_or_config is None:
         raise ValueError(f"pairing: codec {codec!r} names no profile, so the model must be given")

@@ -80,13 +80,22 @@ def pass_inputs(ids: torch.Tensor, instruction: list[int], chunk: int) -> list[t
             for start in range(0, ids.shape[1], chunk)]
 
 
-def global_rooms(ranks: list[torch.Tensor], rooms: list[int]) -> list[int]:
+def owners_by_rank(ranks: list[torch.Tensor]) -> torch.Tensor:
+    """The layer of every (layer, row, head, token) candidate, best score first (one ranking across layers; ties to
+    the earlier layer, then the earlier candidate)."""
+    flat = torch.cat([r.reshape(-1).float().cpu() for r in ranks])
+    owner = torch.cat([torch.full((r.numel(),), i, dtype=torch.long) for i, r in enumerate(ranks)])
+    return owner[torch.sort(flat, descending=True, stable=True).indices]
+
+
+def global_rooms(ranks: list[torch.Tensor], rooms: list[int], order: torch.Tensor | None = None) -> list[int]:
     """How many candidates each head of each layer keeps under one ranking across layers.
 
     ranks[l]: [B, H, N_l] scores of layer l's candidates (tokens neither sink nor window); rooms[l] <= N_l: what a
     uniform budget lets each head of layer l keep among them. The sum of rooms[l] x B x H best (layer, row, head,
     token) scores are chosen together; layer l keeps its share of them divided by B x H (the rows of an unsplit
-    batch share a count), rounded by largest remainder so that the counts sum to sum(rooms)."""
+    batch share a count), rounded by largest remainder so that the counts sum to sum(rooms). `order`: the ranking's
+    `owners_by_rank`, when the caller has it."""
     if len(ranks) != len(rooms):
         raise ValueError(f"{len(ranks)} layers of scores but {len(rooms)} budgets")
     if not ranks:
@@ -100,10 +109,8 @@ def global_rooms(ranks: list[torch.Tensor], rooms: list[int]) -> list[int]:
     total = sum(rooms) * slots
     if total == 0:
         return [0] * len(ranks)
-    flat = torch.cat([r.reshape(-1).float().cpu() for r in ranks])
-    owner = torch.cat([torch.full((r.numel(),), i, dtype=torch.long) for i, r in enumerate(ranks)])
-    chosen = torch.sort(flat, descending=True, stable=True).indices[:total]
-    counts = torch.bincount(owner[chosen], minlength=len(ranks)).tolist()
+    order = owners_by_rank(ranks) if order is None else order
+    counts = torch.bincount(order[:total], minlength=len(ranks)).tolist()
     out = [c // slots for c in counts]
     short = sum(rooms) - sum(out)
     for i in sorted(range(len(ranks)), key=lambda i: -(counts[i] - out[i] * slots))[:short]:
@@ -114,17 +121,9 @@ def global_rooms(ranks: list[torch.Tensor], rooms: list[int]) -> list[int]:
 def _token_bytes(codec: Any, head_dim: int, heads: int) -> tuple[float, int]:
     """(bytes one stored token costs per KV head, on average over the heads, a field shared by the heads - a head
     mean - counted once per token; bytes of the fixed fields per head)."""
-    codecs = getattr(codec, "codecs", None) or (codec,)  # per-head codecs: one per KV head
-    per_token = fixed = 0.0
-    for c in codecs:
-        layout = c.layout(head_dim)
-        for f in layout.fields:
-            size = math.prod(f.shape) * torch.empty((), dtype=f.dtype).element_size() / (heads if f.shared_heads else 1)
-            if f.tokens:
-                per_token += size / f.tokens
-            else:
-                fixed += size
-    return per_token / len(codecs), int(math.ceil(fixed / len(codecs)))
+    layouts = [c.layout(head_dim) for c in getattr(codec, "codecs", None) or (codec,)]  # per-head codecs: one per head
+    return (sum(x.token_bytes(heads) for x in layouts) / len(layouts),
+            int(math.ceil(sum(x.fixed_bytes(heads) for x in layouts) / len(layouts))))
 
 
 def layer_bytes(layer: ComposedLayer, protected: int) -> Callable[[int], int]:
@@ -147,19 +146,15 @@ def layer_bytes(layer: ComposedLayer, protected: int) -> Callable[[int], int]:
     return nbytes
 
 
-def byte_rooms(ranks: list[torch.Tensor], rooms: list[int], costs: list[Callable[[int], int]],
+def byte_rooms(order: torch.Tensor, slots: int, rooms: list[int], costs: list[Callable[[int], int]],
                spend: int) -> list[int]:
-    """`global_rooms` under a byte budget too: the longest prefix of the same ranking (never past `rooms`) whose
-    counts (each layer's chosen candidates divided by its rows x heads, rounded down) cost at most `spend` bytes by
-    `costs[l](count)`, found by bisection (the cost grows with the prefix)."""
-    slots = ranks[0].shape[0] * ranks[0].shape[1]
-    flat = torch.cat([r.reshape(-1).float().cpu() for r in ranks])
-    owner = torch.cat([torch.full((r.numel(),), i, dtype=torch.long) for i, r in enumerate(ranks)])
-    order = owner[torch.sort(flat, descending=True, stable=True).indices]
+    """`global_rooms` under a byte budget too: the longest prefix of the same ranking (`owners_by_rank`; never past
+    `rooms`) whose counts (each layer's chosen candidates divided by its `slots`, rows x heads, rounded down) cost at
+    most `spend` bytes by `costs[l](count)`, found by bisection (the cost grows with the prefix)."""
     cap = torch.tensor(rooms)
 
     def counts(n: int) -> list[int]:
-        return torch.minimum(torch.bincount(order[:n], minlength=len(ranks)) // slots, cap).tolist()
+        return torch.minimum(torch.bincount(order[:n], minlength=len(rooms)) // slots, cap).tolist()
 
     def cost(n: int) -> int:
         return sum(f(c) for f, c in zip(costs, counts(n)))
@@ -182,12 +177,14 @@ def compress(layers: list[ComposedLayer], ratio: float = 0.0) -> list[int]:
     candidates = [x.ranked_candidates() for x in layers]
     rooms = [x.budget_tokens() - protected for x, (_, protected) in zip(layers, candidates)]
     ranks = [r for r, _ in candidates]
-    chosen = global_rooms(ranks, rooms)
-    if ratio > 0:  # the token budget's counts, unless they cost more than the byte budget
+    order = owners_by_rank(ranks) if ranks else None
+    chosen = global_rooms(ranks, rooms, order)
+    if ratio > 0 and ranks:  # the token budget's counts, unless they cost more than the byte budget
         fp16 = sum(x.positions.shape[0] * x.positions.shape[1] * x.seen * 4 * x.keys.shape[-1] for x in layers)
+        spend = int(ratio * fp16)
         costs = [layer_bytes(x, protected) for x, (_, protected) in zip(layers, candidates)]
-        if sum(f(c) for f, c in zip(costs, chosen)) > ratio * fp16:
-            chosen = byte_rooms(ranks, rooms, costs, int(ratio * fp16))
+        if sum(f(c) for f, c in zip(costs, chosen)) > spend:
+            chosen = byte_rooms(order, ranks[0].shape[0] * ranks[0].shape[1], rooms, costs, spend)
     kept = []
     for x, (_, protected), room in zip(layers, candidates, chosen):
         x._evict(protected + room)
