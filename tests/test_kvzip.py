@@ -299,8 +299,10 @@ def test_the_fused_pass_scores_as_the_general_path(monkeypatch, make, heads):
         torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("codec", ["kivi:bits=2", "tada:bits=4,mean=head", "turboquant:bits=3", "grouped:bits=4"])
-def test_a_byte_budget_holds_the_prompt_at_its_share(codec):
+@pytest.mark.parametrize("codec,scores", [("kivi:bits=2", "keep"), ("tada:bits=4,mean=head", "keep"),
+                                          ("turboquant:bits=3", "keep"), ("grouped:bits=4", "keep"),
+                                          ("kivi:bits=2", "free"), ("tada:bits=4,mean=head", "free")])
+def test_a_byte_budget_holds_the_prompt_at_its_share(codec, scores):
     """kvzip:ratio=R keeps the ranking's best tokens while the layers' bytes stay within R of 16-bit, everything
     counted; the byte model it spends by equals what the layers then hold, byte for byte."""
     from kvshrink.policies import kvzip as kz
@@ -318,12 +320,14 @@ def test_a_byte_budget_holds_the_prompt_at_its_share(codec):
     kz.layer_bytes = spy
     try:
         for ratio in (0.3, 0.18):
-            cache = _cache(model, f"kvzip:budget=1.0,ratio={ratio},prompt=none,chunk=128 + {codec},exact_dtype=float16")
+            cache = _cache(model, f"kvzip:budget=1.0,ratio={ratio},prompt=none,chunk=128,scores={scores} + {codec},"
+                                  "exact_dtype=float16")
             with torch.no_grad():
                 model(ids, past_key_values=cache, use_cache=True)
             report = cache.memory_report()
             assert ratio - 0.03 < report["ratio"] <= ratio, (codec, ratio, report["ratio"])
             for layer in cache.layers:
+                assert (layer.scores is None) == (scores == "free")
                 room = layer.positions.shape[-1] - layer.sinks - layer.window
                 assert predicted[layer.layer_idx](room) == layer.nbytes()
             counts = [x.positions.shape[-1] for x in cache.layers]
@@ -336,6 +340,47 @@ def test_a_byte_budget_holds_the_prompt_at_its_share(codec):
         for c in (tokens_only, capped):
             model(ids, past_key_values=c, use_cache=True)
     assert [x.positions.tolist() for x in capped.layers] == [x.positions.tolist() for x in tokens_only.layers]
+
+
+@pytest.mark.parametrize("spec", ["kvzip:budget=0.4,prompt=none,chunk=128", "snapkv:budget=0.4"])
+def test_freed_scores_change_nothing_but_their_bytes(spec, tmp_path):
+    """scores=free: the same kept tokens and greedy answer, 4 bytes less per held token and KV head (the float32
+    scores), nothing scored while decoding, and a saved cache resumes with its scores still freed."""
+    from kvshrink import load_cache, save_cache
+
+    model = tiny_llama(head_dim=32, hidden_size=128, num_hidden_layers=3)
+    ids = _prompt(n=300, seed=5)
+    runs = {}
+    for scores in ("keep", "free"):
+        cache = _cache(model, f"{spec},scores={scores} + kivi:bits=4")
+        out = greedy(model, ids, cache, n=10)
+        runs[scores] = (out, cache)
+    (out_k, keep), (out_f, free) = runs["keep"], runs["free"]
+    assert torch.equal(out_k, out_f)
+    held = 0
+    for a, b in zip(keep.layers, free.layers):
+        assert torch.equal(a.positions, b.positions) and b.scores is None and a.scores is not None
+        held += a.positions.numel()
+        assert a.nbytes() - b.nbytes() == a.scores.numel() * 4
+    assert keep.memory_report()["nbytes"] - free.memory_report()["nbytes"] == held * 4
+    path = tmp_path / "c.safetensors"
+    save_cache(free, path)
+    back = load_cache(path, model)
+    assert all(x.scores is None for x in back.layers)
+    nxt = torch.tensor([[7]])
+    with torch.no_grad():
+        want = model(nxt, past_key_values=free, use_cache=True).logits
+        got = model(nxt, past_key_values=back, use_cache=True).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_freed_scores_are_checked():
+    with pytest.raises(ValueError, match="scores must be one of keep, free"):
+        build_method("kvzip:scores=drop")
+    with pytest.raises(ValueError, match="h2o evicts while decoding"):
+        build_method("h2o:scores=free")
+    with pytest.raises(ValueError, match="generated=budget ranks"):
+        build_method("snapkv:generated=budget,scores=free")
 
 
 def test_a_byte_budget_is_checked():

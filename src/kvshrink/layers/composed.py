@@ -27,6 +27,9 @@ front (ranked again with the next chunk), and the others are dropped (or sent to
 then what the prompt kept plus the budget's share of the generated tokens (the budget of all tokens seen, when the
 prompt kept its share), plus at most one chunk and one codec unit waiting.
 
+Under `generated="keep"` a prompt-only policy never reads its scores after the prompt's eviction; `scores="free"`
+drops them then (4 bytes per held token and KV head; the default keeps them, so existing specs keep their bytes).
+
 A layer that defers eviction (`defer_eviction`) keeps the whole prompt exact after the prefill until told how many
 tokens stay (`_evict(keep)`); meanwhile a scoring pass (`probing`, KVzip's reconstruction) may run forward passes
 whose tokens attend over the held prompt and score it but are never kept: the layer's length and positions stay
@@ -60,6 +63,7 @@ from .base import CompressedLayer, ExactWindow, check_counts
 
 BACKENDS = ("torch", "cpu", "triton", "rotated")
 GENERATED = ("keep", "budget")  # what a prompt-only policy does with generated tokens (see the module doc)
+SCORES = ("keep", "free")  # a prompt-only policy's scores after the prompt's eviction (see the module doc)
 _MIN_CHUNK = 32  # generated=budget: at least this many tokens are ranked together
 _QUERY_BLOCK = 512  # queries per block when a scored layer attends (bounds the score matrix at block x tokens)
 _EXACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -80,7 +84,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
                  policy: Policy | None = None, budget: float = 1.0, tokens: int = 0, observe: int = 32,
                  low_codecs: tuple[Codec, Codec] | None = None, exact_dtype: torch.dtype | None = None,
                  backend: str = "torch", layer_idx: int = -1, sliding_window: int | None = None, shard=None,
-                 qdot: str = "float", generated: str = "keep"):
+                 qdot: str = "float", generated: str = "keep", scores: str = "keep"):
         super().__init__()
         where = f"layer {layer_idx}"
         if generated not in GENERATED:
@@ -89,6 +93,14 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             what = "no token policy" if policy is None else f"{policy.name}, which evicts while decoding"
             raise ValueError(f"{where}: generated={generated!r} holds the tokens generated after the prompt to a "
                              f"prompt-only policy's budget; this layer has {what} (only 'keep' applies)")
+        if scores not in SCORES:
+            raise ValueError(f"{where}: scores must be one of {', '.join(SCORES)}, got {scores!r}")
+        if scores == "free" and (policy is None or policy.evicts_while_decoding or generated != "keep"):
+            what = ("no token policy" if policy is None else f"{policy.name}, which evicts while decoding"
+                    if policy.evicts_while_decoding else "generated='budget', which ranks the generated tokens")
+            raise ValueError(f"{where}: scores='free' drops the held tokens' scores once the prompt is evicted, "
+                             f"which only a prompt-only policy with generated='keep' never reads again; this layer "
+                             f"has {what}")
         check_counts(layer_idx, window=window, sinks=sinks, tokens=tokens, observe=observe)
         if backend not in BACKENDS:
             raise ValueError(f"{where}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -142,6 +154,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         # whose codecs allow it: what it evicts is single tokens)
         self.block = lcm_units(key_codec, value_codec)
         self.generated = generated
+        self.free_scores = scores == "free"
         self.chunk = max(self.block, _MIN_CHUNK)  # generated=budget: tokens past the window ranked together
         self.page_tokens = -(-PAGE_TOKENS // self.block) * self.block
         self.kind = "a scored" if policy is not None else "a kernel-attending" if backend != "torch" else "a compressed"
@@ -392,7 +405,8 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self._given = (key_states, value_states)  # the policy may read them (ScoreContext.given) until attend
         self._take(key_states, value_states)
         self.positions = torch.cat([self.positions, pos.expand(b, h, t)], -1)
-        self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, t)], -1)
+        if self.scores is not None:  # None: freed after the prompt's eviction (scores="free")
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, t)], -1)
         if self.calls == 0:  # the prefill attends over exactly the states it computed (plain SDPA, see attend)
             self._hand_over(key_states)
             return key_states, value_states
@@ -448,6 +462,9 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self.calls += 1
         if not prefill and self.generated == "budget":
             self._hold_generated(ctx.received["last"], query.shape[-2])
+            return out
+        if self.scores is None:  # freed: nothing is scored or evicted again
+            self._settle()
             return out
         self.scores = self.policy.score(ctx)
         if prefill and self.defer_eviction:
@@ -614,6 +631,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         held = self.positions.shape[-1]
         if held <= keep:
             self._settle()
+            self._after_prompt_eviction()
             return
         # candidates: the stored tokens then the ones leaving the window, in position order
         n_cand = n_store + leaving
@@ -649,6 +667,12 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
                               torch.arange(n_sink + n_cand, held, device=kept.device).expand(*kept.shape[:2], -1)],
                              -1)
         self.positions, self.scores = self.positions.gather(2, keep_idx), self.scores.gather(2, keep_idx)
+        self._after_prompt_eviction()
+
+    def _after_prompt_eviction(self) -> None:
+        """scores="free": a prompt-only policy never reads its scores again once the prompt is evicted."""
+        if self.free_scores:
+            self.scores = None
 
     def _hold_generated(self, heard: torch.Tensor, steps: int) -> None:
         """generated=budget, after a decoding step: add the attention `heard` [B, H, T] each held token got from the
@@ -725,7 +749,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             for part, t in store.tensors():
                 out[part].append(t)
         if self.scored and self.is_initialized:
-            out["positions"].extend([self.positions, self.low_positions, self.scores])
+            out["positions"].extend(t for t in (self.positions, self.low_positions, self.scores) if t is not None)
         return self._exact_parts(out)
 
     def describe(self) -> dict[str, Any]:
@@ -748,3 +772,8 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
     _batch_stores = ("key_store", "value_store", "low_keys", "low_values")
     _state_counts = ("seen", "calls")
     _optional_counts = ("decode_from", "prompt_held")
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], counts: dict[str, Any]) -> None:
+        super().load_state_dict(tensors, counts)
+        if self.scored and self.is_initialized and "scores" not in tensors:  # saved after they were freed
+            self.scores = None

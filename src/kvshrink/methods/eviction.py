@@ -15,7 +15,7 @@ from .. import spec as specs
 from ..codecs.base import Codec
 from ..codecs.exact import ExactCodec
 from ..codecs.perhead import PerHead
-from ..layers.composed import GENERATED, ComposedLayer
+from ..layers.composed import GENERATED, SCORES, ComposedLayer
 from ..layers.full import FullSlidingLayer
 from ..layers.heads import HeadSplit
 from ..models import head_dim_of, text_config
@@ -47,6 +47,9 @@ class EvictionMethod(PolicyMethod):
     generated: str = option("keep", "tokens generated after the prompt, under a prompt-only policy (snapkv): 'keep' "
                                     "every one (SnapKV) or 'budget' (held to the same budget, ranked by the "
                                     "attention the later queries give them)")
+    scores: str = option("keep", "a prompt-only policy's per-token scores once the prompt is evicted, under "
+                                 "generated=keep: 'keep' (held: 4 bytes per token and KV head, as before) or 'free' "
+                                 "(dropped: nothing reads them again)")
 
     def validate(self) -> None:
         if not 0 < self.budget <= 1:
@@ -66,6 +69,13 @@ class EvictionMethod(PolicyMethod):
         if self.generated == "budget" and policy.evicts_while_decoding:
             raise ValueError(f"{self.name}: generated=budget is for policies that compress the prompt only; "
                              f"{policy.name} evicts while decoding, so generated tokens already stay in its budget")
+        if self.scores not in SCORES:
+            raise ValueError(f"{self.name}: scores must be one of {', '.join(SCORES)}, got {self.scores!r}")
+        if self.scores == "free" and (policy.evicts_while_decoding or self.generated != "keep"):
+            why = (f"{policy.name} evicts while decoding" if policy.evicts_while_decoding
+                   else "generated=budget ranks the generated tokens by them")
+            raise ValueError(f"{self.name}: scores=free drops the scores once the prompt is evicted, but {why}; "
+                             "use scores=keep")
         if self.heads == "adaptive" and policy.evicts_while_decoding:
             prompt_only = sorted(n for n, p in POLICIES.items() if not p.evicts_while_decoding)
             raise ValueError(f"{self.name}: heads=adaptive allocates the prompt's budget once, at the prefill; "
@@ -108,7 +118,7 @@ class EvictionMethod(PolicyMethod):
             return ComposedLayer(key_codec, value_codec, window=window, sinks=sinks,
                                  policy=self.make_policy(), budget=keep, tokens=self.tokens,
                                  observe=self.observe, low_codecs=low, exact_dtype=exact_dtype, layer_idx=layer_idx,
-                                 shard=shard, generated=self.generated)
+                                 shard=shard, generated=self.generated, scores=self.scores)
 
         if self.heads == "uniform":
             return one()

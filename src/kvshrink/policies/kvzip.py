@@ -129,11 +129,12 @@ def _token_bytes(codec: Any, head_dim: int, heads: int) -> tuple[float, int]:
 def layer_bytes(layer: ComposedLayer, protected: int) -> Callable[[int], int]:
     """The bytes `layer` holds after keeping its `protected` tokens (sinks, window) and `room` candidates, as a
     function of `room`: whole units of its codecs stored (codes, scales, means), the rest exact at the window's
-    front (as `_evict` leaves them), every kept token's position and score, the sinks and window exact."""
+    front (as `_evict` leaves them), every kept token's position and score (unless freed: scores="free"), the
+    sinks and window exact."""
     b, h = layer.positions.shape[:2]
     d = layer.keys.shape[-1]
     exact = 2 * d * layer.keys.element_size()
-    index = layer.positions.element_size() + layer.scores.element_size()
+    index = layer.positions.element_size() + (0 if layer.free_scores else layer.scores.element_size())
     key_tok, key_fixed = _token_bytes(layer.key_store.codec, d, h)
     value_tok, value_fixed = _token_bytes(layer.value_store.codec, d, h)
     block = layer.block
