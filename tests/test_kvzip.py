@@ -374,6 +374,33 @@ def test_freed_scores_change_nothing_but_their_bytes(spec, tmp_path):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_a_freed_layer_attends_as_the_scored_one(chunk):
+    """After the prompt's eviction a freed layer answers through SDPA over its positions; the same logits as the
+    general scored path, on a left-padded batch (rows' masks by position) and on steps of several tokens."""
+    from conftest import logits_through
+
+    model = tiny_llama(head_dim=32, hidden_size=128, num_hidden_layers=3)
+    ids = _prompt(n=200, seed=9, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :11], mask[1, :11] = 0, 0
+    got = {}
+    for scores in ("keep", "free"):
+        cache = _cache(model, f"snapkv:budget=0.3,scores={scores} + kivi:bits=4")
+        got[scores] = logits_through(model, ids, cache, steps=6, chunk=chunk, attention_mask=mask)
+    torch.testing.assert_close(got["free"][0], got["keep"][0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(got["free"][1], got["keep"][1])
+    # any mask, boolean or additive, is read at the held tokens' positions, as the general path reads it
+    layer = cache.layers[0].rows[0] if hasattr(cache.layers[0], "rows") else cache.layers[0]
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, model.config.num_attention_heads, 2, 32, generator=g)
+    allowed = torch.rand(1, 1, 2, layer.seen, generator=g) > 0.3
+    allowed[..., -1] = True
+    for m in (allowed, torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))):
+        want = layer.attention(q, m, 0.2, needs=())[0]
+        torch.testing.assert_close(layer._attend_settled(q, m, 0.2), want, rtol=1e-4, atol=1e-5)
+
+
 def test_freed_scores_are_checked():
     with pytest.raises(ValueError, match="scores must be one of keep, free"):
         build_method("kvzip:scores=drop")

@@ -455,6 +455,12 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             out = ctx.output
             self.scores = self.policy.score(ctx)
             return out
+        if self.scores is None:  # freed (scores="free"): nothing is scored or evicted again
+            self._given = None
+            self.calls += 1
+            out = self._attend_settled(query, mask, scaling)
+            self._settle()
+            return out
         prefill = self.calls == 0
         ctx = ScoreContext(self, query, mask, scaling, prefill, self._given)
         self._given = None
@@ -462,9 +468,6 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self.calls += 1
         if not prefill and self.generated == "budget":
             self._hold_generated(ctx.received["last"], query.shape[-2])
-            return out
-        if self.scores is None:  # freed: nothing is scored or evicted again
-            self._settle()
             return out
         self.scores = self.policy.score(ctx)
         if prefill and self.defer_eviction:
@@ -474,6 +477,32 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         else:
             self._settle()
         return out
+
+    def _attend_settled(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """A step after the prompt's eviction whose scores were freed: plain attention over what the layer holds,
+        decoded in the model's dtype through SDPA (the query heads sharing a KV head read it once), masked by the
+        held tokens' positions; no attention statistics, since nothing reads them."""
+        dt = self.dtype
+        cast = lambda t: t if t.dtype == dt else t.to(dt)  # noqa: E731
+        k = torch.cat([x for x in (cast(self.sink_keys), self.key_store.decode(dt), cast(self.keys)) if x is not None], -2)
+        v = torch.cat([x for x in (cast(self.sink_values), self.value_store.decode(dt), cast(self.values))
+                       if x is not None], -2)
+        b, hq, ql, _ = query.shape
+        h, pos = k.shape[1], self.positions.long()
+        if hq % h:
+            raise ValueError(f"layer {self.layer_idx}: {hq} query heads for {h} KV heads")
+        if mask is None:  # causal by position
+            qpos = torch.arange(self.seen - ql, self.seen, device=query.device)
+            allowed = pos[:, :, None, :] <= qpos[None, None, :, None]
+        else:
+            m = mask.expand(b, h, -1, -1) if mask.shape[1] == 1 else mask[:, ::hq // h]
+            allowed = m.gather(-1, pos[:, :, None, :].expand(-1, -1, m.shape[-2], -1))
+            if allowed.dtype != torch.bool:
+                allowed = allowed.to(query.dtype)
+        allowed = allowed.repeat_interleave(hq // h, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling,
+                                                               enable_gqa=True)
+        return out.nan_to_num(0.0)
 
     def attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, outputs: bool = True,
                   needs: tuple[str, ...] = ("all", "observed", "last"),
