@@ -374,8 +374,9 @@ def test_freed_scores_change_nothing_but_their_bytes(spec, tmp_path):
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("chunk", [1, 3])
-def test_a_freed_layer_attends_as_the_scored_one(chunk):
+@pytest.mark.parametrize("chunk,spec", [(1, "snapkv:budget=0.3"), (3, "snapkv:budget=0.3"),
+                                        (3, "mixed:policy=snapkv,budget=0.3")])
+def test_a_freed_layer_attends_as_the_scored_one(chunk, spec):
     """After the prompt's eviction a freed layer answers through SDPA over its positions; the same logits as the
     general scored path, on a left-padded batch (rows' masks by position) and on steps of several tokens."""
     from conftest import logits_through
@@ -386,12 +387,15 @@ def test_a_freed_layer_attends_as_the_scored_one(chunk):
     ids[1, :11], mask[1, :11] = 0, 0
     got = {}
     for scores in ("keep", "free"):
-        cache = _cache(model, f"snapkv:budget=0.3,scores={scores} + kivi:bits=4")
+        cache = _cache(model, f"{spec},scores={scores}" + (" + kivi:bits=4" if "mixed" not in spec else ""))
         got[scores] = logits_through(model, ids, cache, steps=6, chunk=chunk, attention_mask=mask)
     torch.testing.assert_close(got["free"][0], got["keep"][0], rtol=1e-4, atol=1e-4)
     assert torch.equal(got["free"][1], got["keep"][1])
-    # any mask, boolean or additive, is read at the held tokens' positions, as the general path reads it
     layer = cache.layers[0].rows[0] if hasattr(cache.layers[0], "rows") else cache.layers[0]
+    if "mixed" in spec:  # a low tier: the general path answers, unscored (the logits above)
+        assert layer.low_keys is not None and layer.low_keys.tokens > 0 and layer.scores is None
+        return
+    # any mask, boolean or additive, is read at the held tokens' positions, as the general path reads it
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, model.config.num_attention_heads, 2, 32, generator=g)
     allowed = torch.rand(1, 1, 2, layer.seen, generator=g) > 0.3

@@ -458,7 +458,9 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         if self.scores is None:  # freed (scores="free"): nothing is scored or evicted again
             self._given = None
             self.calls += 1
-            out = self._attend_settled(query, mask, scaling)
+            plain = self.low_keys is None and self._logit_bias() is None  # else the general path, unscored
+            out = self._attend_settled(query, mask, scaling) if plain else self.attention(query, mask, scaling,
+                                                                                          needs=())[0]
             self._settle()
             return out
         prefill = self.calls == 0
