@@ -342,6 +342,18 @@ def test_a_byte_budget_holds_the_prompt_at_its_share(codec, scores):
     assert [x.positions.tolist() for x in capped.layers] == [x.positions.tolist() for x in tokens_only.layers]
 
 
+def test_a_byte_budget_holds_with_adaptive_heads():
+    """kvzip:ratio=R with heads=adaptive (a layer per KV head): at most R of 16-bit, heads of a layer differ."""
+    model = tiny_llama(head_dim=32, hidden_size=128, num_hidden_layers=3)
+    ids = _prompt(n=400, seed=3)
+    cache = _cache(model, "kvzip:budget=1.0,ratio=0.3,prompt=none,chunk=128,heads=adaptive,scores=free + kivi:bits=2")
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    assert 0.27 < cache.memory_report()["ratio"] <= 0.3
+    counts = [[h.positions.shape[-1] for h in layer.heads] for layer in cache.layers]
+    assert any(len(set(c)) > 1 for c in counts), counts
+
+
 @pytest.mark.parametrize("spec", ["kvzip:budget=0.4,prompt=none,chunk=128", "snapkv:budget=0.4"])
 def test_freed_scores_change_nothing_but_their_bytes(spec, tmp_path):
     """scores=free: the same kept tokens and greedy answer, 4 bytes less per held token and KV head (the float32
