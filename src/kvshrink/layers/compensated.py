@@ -65,8 +65,8 @@ class CompensatedLayer(ComposedLayer):
     def _logit_bias(self) -> torch.Tensor | None:
         if not self.evicted():
             return None
-        b, h, n = self.positions.shape
-        bias = torch.zeros((b, h, n + 1), dtype=torch.float32, device=self.positions.device)
+        b, h, n = self.held_positions().shape
+        bias = torch.zeros((b, h, n + 1), dtype=torch.float32, device=self.comp_count.device)
         bias[..., :1] = self.comp_count.float().log()
         return bias
 

@@ -28,7 +28,10 @@ then what the prompt kept plus the budget's share of the generated tokens (the b
 prompt kept its share), plus at most one chunk and one codec unit waiting.
 
 Under `generated="keep"` a prompt-only policy never reads its scores after the prompt's eviction; `scores="free"`
-drops them then (4 bytes per held token and KV head; the default keeps them, so existing specs keep their bytes).
+drops them then (4 bytes per held token and KV head; the default keeps them, so existing specs keep their bytes),
+and `positions="bits"` also holds the kept prompt positions as a bitmask, one bit per prompt token and KV head
+instead of an int32 per kept one (every position after the prompt is held); decoding steps then attend through SDPA
+over the held tokens (`_attend_settled`).
 
 A layer that defers eviction (`defer_eviction`) keeps the whole prompt exact after the prefill until told how many
 tokens stay (`_evict(keep)`); meanwhile a scoring pass (`probing`, KVzip's reconstruction) may run forward passes
@@ -64,6 +67,7 @@ from .base import CompressedLayer, ExactWindow, check_counts
 BACKENDS = ("torch", "cpu", "triton", "rotated")
 GENERATED = ("keep", "budget")  # what a prompt-only policy does with generated tokens (see the module doc)
 SCORES = ("keep", "free")  # a prompt-only policy's scores after the prompt's eviction (see the module doc)
+POSITIONS = ("int32", "bits")  # how a freed layer holds its kept prompt positions (see the module doc)
 _MIN_CHUNK = 32  # generated=budget: at least this many tokens are ranked together
 _QUERY_BLOCK = 512  # queries per block when a scored layer attends (bounds the score matrix at block x tokens)
 _EXACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -84,7 +88,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
                  policy: Policy | None = None, budget: float = 1.0, tokens: int = 0, observe: int = 32,
                  low_codecs: tuple[Codec, Codec] | None = None, exact_dtype: torch.dtype | None = None,
                  backend: str = "torch", layer_idx: int = -1, sliding_window: int | None = None, shard=None,
-                 qdot: str = "float", generated: str = "keep", scores: str = "keep"):
+                 qdot: str = "float", generated: str = "keep", scores: str = "keep", positions: str = "int32"):
         super().__init__()
         where = f"layer {layer_idx}"
         if generated not in GENERATED:
@@ -101,6 +105,11 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             raise ValueError(f"{where}: scores='free' drops the held tokens' scores once the prompt is evicted, "
                              f"which only a prompt-only policy with generated='keep' never reads again; this layer "
                              f"has {what}")
+        if positions not in POSITIONS:
+            raise ValueError(f"{where}: positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+        if positions == "bits" and scores != "free":
+            raise ValueError(f"{where}: positions='bits' packs the kept prompt positions once the prompt is evicted "
+                             "and nothing is evicted again, which scores='free' says; got scores={scores!r}")
         check_counts(layer_idx, window=window, sinks=sinks, tokens=tokens, observe=observe)
         if backend not in BACKENDS:
             raise ValueError(f"{where}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -155,6 +164,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self.block = lcm_units(key_codec, value_codec)
         self.generated = generated
         self.free_scores = scores == "free"
+        self.pack_positions = positions == "bits"
         self.chunk = max(self.block, _MIN_CHUNK)  # generated=budget: tokens past the window ranked together
         self.page_tokens = -(-PAGE_TOKENS // self.block) * self.block
         self.kind = "a scored" if policy is not None else "a kernel-attending" if backend != "torch" else "a compressed"
@@ -186,6 +196,10 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self.keys = self.values = None  # the exact window
         self.sink_keys = self.sink_values = None
         self.positions = self.scores = self.low_positions = None  # scored layers: held tokens' positions, scores
+        # positions="bits", once the prompt is evicted: the kept prompt positions as a bitmask [B, H, ceil(P/8)]
+        # (uint8, bit i of byte j: position 8j+i) and P; every position from P on is held (see held_positions)
+        self.kept_bits: torch.Tensor | None = None
+        self.prompt_end: int | None = None
         self.seen = 0
         self.calls = 0
         self._awaiting = False
@@ -404,7 +418,8 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         pos = torch.arange(self.seen, self.seen + t, dtype=torch.int32, device=key_states.device)
         self._given = (key_states, value_states)  # the policy may read them (ScoreContext.given) until attend
         self._take(key_states, value_states)
-        self.positions = torch.cat([self.positions, pos.expand(b, h, t)], -1)
+        if self.kept_bits is None:  # packed: every position from prompt_end on is held
+            self.positions = torch.cat([self.positions, pos.expand(b, h, t)], -1)
         if self.scores is not None:  # None: freed after the prompt's eviction (scores="free")
             self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, t)], -1)
         if self.calls == 0:  # the prefill attends over exactly the states it computed (plain SDPA, see attend)
@@ -432,12 +447,24 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         parts_v = [self.sink_values.float(), self.value_store.decode(torch.float32), self.values.float()]
         k = torch.cat([x for x in parts_k if x is not None], -2)
         v = torch.cat([x for x in parts_v if x is not None], -2)
-        p = self.positions
+        p = kept = self.held_positions()
         if self.low_keys is not None and self.low_keys.tokens:
             k = torch.cat([self.low_keys.decode(torch.float32), k], -2)
             v = torch.cat([self.low_values.decode(torch.float32), v], -2)
             p = torch.cat([self.low_positions, p], -1)
-        return k, v, p, p.shape[-1] - self.positions.shape[-1]
+        return k, v, p, p.shape[-1] - kept.shape[-1]
+
+    def held_positions(self) -> torch.Tensor:
+        """The kept tokens' positions [B, H, N] int32, in the order they are held (read from the bitmask and the
+        tail after the prompt when packed, positions="bits")."""
+        if self.kept_bits is None:
+            return self.positions
+        b, h = self.kept_bits.shape[:2]
+        shifts = torch.arange(8, dtype=torch.uint8, device=self.kept_bits.device)
+        kept = ((self.kept_bits[..., None] >> shifts) & 1).reshape(b, h, -1)[..., :self.prompt_end].bool()
+        prompt = kept.nonzero()[:, 2].to(torch.int32).reshape(b, h, -1)  # every head keeps the same count
+        tail = torch.arange(self.prompt_end, self.seen, dtype=torch.int32, device=prompt.device)
+        return torch.cat([prompt, tail.expand(b, h, -1)], -1)
 
     def _update_probe(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """A scoring pass's step: its tokens are attended (by `attend`) after the held ones, and never kept."""
@@ -490,7 +517,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         v = torch.cat([x for x in (cast(self.sink_values), self.value_store.decode(dt), cast(self.values))
                        if x is not None], -2)
         b, hq, ql, _ = query.shape
-        h, pos = k.shape[1], self.positions.long()
+        h, pos = k.shape[1], self.held_positions().long()
         if hq % h:
             raise ValueError(f"layer {self.layer_idx}: {hq} query heads for {h} KV heads")
         if mask is None:  # causal by position
@@ -701,9 +728,19 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self._after_prompt_eviction()
 
     def _after_prompt_eviction(self) -> None:
-        """scores="free": a prompt-only policy never reads its scores again once the prompt is evicted."""
+        """scores="free": a prompt-only policy never reads its scores again once the prompt is evicted; with
+        positions="bits" the kept prompt positions become a bitmask (a layer with a low tier or a compensation
+        token keeps them as int32)."""
         if self.free_scores:
             self.scores = None
+        if self.pack_positions and self.low_keys is None and self._logit_bias() is None:
+            b, h, _ = self.positions.shape
+            n = self.seen
+            kept = torch.zeros((b, h, -(-n // 8) * 8), dtype=torch.uint8, device=self.positions.device)
+            kept.scatter_(2, self.positions.long(), 1)
+            shifts = torch.arange(8, dtype=torch.uint8, device=kept.device)
+            self.kept_bits = (kept.reshape(b, h, -1, 8) << shifts).sum(-1).to(torch.uint8)
+            self.prompt_end, self.positions = n, None
 
     def _hold_generated(self, heard: torch.Tensor, steps: int) -> None:
         """generated=budget, after a decoding step: add the attention `heard` [B, H, T] each held token got from the
@@ -780,7 +817,8 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             for part, t in store.tensors():
                 out[part].append(t)
         if self.scored and self.is_initialized:
-            out["positions"].extend(t for t in (self.positions, self.low_positions, self.scores) if t is not None)
+            out["positions"].extend(t for t in (self.positions, self.kept_bits, self.low_positions, self.scores)
+                                    if t is not None)
         return self._exact_parts(out)
 
     def describe(self) -> dict[str, Any]:
@@ -794,17 +832,20 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             kept = "" if isinstance(k, ExactCodec) else f", kept as {kb}/{vb}-bit {k.name}"
             held = ", generated tokens too" if self.generated == "budget" else ""
             out["bits"] = f"{self.policy.name}: {budget}{held}{kept}{low}"
-            out["kept"] = 0 if self.positions is None else self.positions.shape[-1]
+            out["kept"] = 0 if not self.is_initialized else self.held_positions().shape[-1]
             out["low"] = 0 if self.low_positions is None else self.low_positions.shape[-1]
         return out
 
     # -- batch operations and saving ------------------------------------------------------------------------------
-    _batch_tensors = ("keys", "values", "sink_keys", "sink_values", "positions", "scores", "low_positions")
+    _batch_tensors = ("keys", "values", "sink_keys", "sink_values", "positions", "scores", "low_positions",
+                      "kept_bits")
     _batch_stores = ("key_store", "value_store", "low_keys", "low_values")
     _state_counts = ("seen", "calls")
-    _optional_counts = ("decode_from", "prompt_held")
+    _optional_counts = ("decode_from", "prompt_held", "prompt_end")
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], counts: dict[str, Any]) -> None:
         super().load_state_dict(tensors, counts)
         if self.scored and self.is_initialized and "scores" not in tensors:  # saved after they were freed
             self.scores = None
+        if self.scored and self.is_initialized and "kept_bits" in tensors:  # saved packed
+            self.positions = None

@@ -15,7 +15,7 @@ from .. import spec as specs
 from ..codecs.base import Codec
 from ..codecs.exact import ExactCodec
 from ..codecs.perhead import PerHead
-from ..layers.composed import GENERATED, SCORES, ComposedLayer
+from ..layers.composed import GENERATED, POSITIONS, SCORES, ComposedLayer
 from ..layers.full import FullSlidingLayer
 from ..layers.heads import HeadSplit
 from ..models import head_dim_of, text_config
@@ -50,6 +50,9 @@ class EvictionMethod(PolicyMethod):
     scores: str = option("keep", "a prompt-only policy's per-token scores once the prompt is evicted, under "
                                  "generated=keep: 'keep' (held: 4 bytes per token and KV head, as before) or 'free' "
                                  "(dropped: nothing reads them again)")
+    positions: str = option("int32", "under scores=free, how the kept prompt positions are held once the prompt is "
+                                     "evicted: 'int32' (4 bytes per held token and KV head) or 'bits' (a bitmask: "
+                                     "one bit per prompt token and KV head)")
 
     def validate(self) -> None:
         if not 0 < self.budget <= 1:
@@ -76,6 +79,11 @@ class EvictionMethod(PolicyMethod):
                    else "generated=budget ranks the generated tokens by them")
             raise ValueError(f"{self.name}: scores=free drops the scores once the prompt is evicted, but {why}; "
                              "use scores=keep")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"{self.name}: positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        if self.positions == "bits" and self.scores != "free":
+            raise ValueError(f"{self.name}: positions=bits packs the kept positions once nothing is evicted again, "
+                             "which scores=free says; add scores=free")
         if self.heads == "adaptive" and policy.evicts_while_decoding:
             prompt_only = sorted(n for n, p in POLICIES.items() if not p.evicts_while_decoding)
             raise ValueError(f"{self.name}: heads=adaptive allocates the prompt's budget once, at the prefill; "
@@ -118,7 +126,8 @@ class EvictionMethod(PolicyMethod):
             return ComposedLayer(key_codec, value_codec, window=window, sinks=sinks,
                                  policy=self.make_policy(), budget=keep, tokens=self.tokens,
                                  observe=self.observe, low_codecs=low, exact_dtype=exact_dtype, layer_idx=layer_idx,
-                                 shard=shard, generated=self.generated, scores=self.scores)
+                                 shard=shard, generated=self.generated, scores=self.scores,
+                                 positions=self.positions)
 
         if self.heads == "uniform":
             return one()

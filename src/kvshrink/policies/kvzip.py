@@ -129,12 +129,14 @@ def _token_bytes(codec: Any, head_dim: int, heads: int) -> tuple[float, int]:
 def layer_bytes(layer: ComposedLayer, protected: int) -> Callable[[int], int]:
     """The bytes `layer` holds after keeping its `protected` tokens (sinks, window) and `room` candidates, as a
     function of `room`: whole units of its codecs stored (codes, scales, means), the rest exact at the window's
-    front (as `_evict` leaves them), every kept token's position and score (unless freed: scores="free"), the
-    sinks and window exact."""
+    front (as `_evict` leaves them), every kept token's position and score (unless freed: scores="free"; with
+    positions="bits" a bitmask over the prompt instead of the positions), the sinks and window exact."""
     b, h = layer.positions.shape[:2]
     d = layer.keys.shape[-1]
     exact = 2 * d * layer.keys.element_size()
-    index = layer.positions.element_size() + (0 if layer.free_scores else layer.scores.element_size())
+    packed = layer.pack_positions and layer.low_keys is None  # positions="bits": a bitmask over the prompt
+    index = (0 if packed else layer.positions.element_size()) + (0 if layer.free_scores else layer.scores.element_size())
+    bitmask = b * h * math.ceil(layer.seen / 8) if packed else 0
     key_tok, key_fixed = _token_bytes(layer.key_store.codec, d, h)
     value_tok, value_fixed = _token_bytes(layer.value_store.codec, d, h)
     block = layer.block
@@ -142,7 +144,7 @@ def layer_bytes(layer: ComposedLayer, protected: int) -> Callable[[int], int]:
     def nbytes(room: int) -> int:
         stored = room // block * block
         coded = stored * (key_tok + value_tok) + (key_fixed + value_fixed if stored else 0)
-        return int(math.ceil(b * h * (coded + (protected + room - stored) * exact + (protected + room) * index)))
+        return int(math.ceil(b * h * (coded + (protected + room - stored) * exact + (protected + room) * index))) + bitmask
 
     return nbytes
 
