@@ -398,6 +398,21 @@ def test_freed_scores_change_nothing_but_their_bytes(spec, packed, tmp_path):
     torch.testing.assert_close(got, want)
 
 
+def test_a_freed_layer_answers_as_the_scored_one_in_bf16():
+    """In a bf16 model the freed layer still attends in float32, as the scored path does: the same greedy tokens
+    and logits to bf16 rounding (in bf16 SDPA a Qwen RULER answer changed)."""
+    from conftest import logits_through
+
+    model = tiny_llama(head_dim=32, hidden_size=128, num_hidden_layers=3).to(torch.bfloat16)
+    ids = _prompt(n=300, seed=4)
+    got = {}
+    for scores in ("keep", "free,positions=bits"):
+        cache = _cache(model, f"kvzip:budget=0.4,prompt=none,chunk=128,scores={scores} + kivi:bits=4")
+        got[scores] = logits_through(model, ids, cache, steps=12)
+    assert torch.equal(got["free,positions=bits"][1], got["keep"][1])
+    torch.testing.assert_close(got["free,positions=bits"][0], got["keep"][0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("chunk,spec", [(1, "snapkv:budget=0.3"), (3, "snapkv:budget=0.3"),
                                         (3, "snapkv:budget=0.3,positions=bits"),
                                         (3, "mixed:policy=snapkv,budget=0.3"),

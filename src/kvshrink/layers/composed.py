@@ -509,9 +509,10 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
 
     def _attend_settled(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """A step after the prompt's eviction whose scores were freed: plain attention over what the layer holds,
-        decoded in the model's dtype through SDPA (the query heads sharing a KV head read it once), masked by the
-        held tokens' positions; no attention statistics, since nothing reads them."""
-        dt = self.dtype
+        through SDPA (the query heads sharing a KV head read it once), masked by the held tokens' positions, no
+        attention statistics (nothing reads them). In float32, as the scored path computes: in bf16 the answers of
+        a Qwen RULER prompt changed (a UUID needle lost), so freeing the scores changes bytes, not answers."""
+        dt = torch.float32
         cast = lambda t: t if t.dtype == dt else t.to(dt)  # noqa: E731
         k = torch.cat([x for x in (cast(self.sink_keys), self.key_store.decode(dt), cast(self.keys)) if x is not None], -2)
         v = torch.cat([x for x in (cast(self.sink_values), self.value_store.decode(dt), cast(self.values))
@@ -527,11 +528,11 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             m = mask.expand(b, h, -1, -1) if mask.shape[1] == 1 else mask[:, ::hq // h]
             allowed = m.gather(-1, pos[:, :, None, :].expand(-1, -1, m.shape[-2], -1))
             if allowed.dtype != torch.bool:
-                allowed = allowed.to(query.dtype)
+                allowed = allowed.float()
         allowed = allowed.repeat_interleave(hq // h, 1)
-        out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling,
-                                                               enable_gqa=True)
-        return out.nan_to_num(0.0)
+        out = torch.nn.functional.scaled_dot_product_attention(query.float(), k, v, attn_mask=allowed,
+                                                               scale=scaling, enable_gqa=True)
+        return out.nan_to_num(0.0).to(query.dtype)
 
     def attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, outputs: bool = True,
                   needs: tuple[str, ...] = ("all", "observed", "last"),
