@@ -107,7 +107,7 @@ def test_generated_is_checked():
         ks.make_cache(model, "snapkv:generated=all")
     with pytest.raises(ValueError, match="h2o evicts while decoding"):
         ks.make_cache(model, "h2o:generated=budget")
-    with pytest.raises(ValueError, match="only 'keep' applies"):
+    with pytest.raises(ValueError, match="has no token policy, so only generated=keep applies"):
         ComposedLayer(ExactCodec("float32"), ExactCodec("float32"), generated="budget")
 
 

@@ -400,7 +400,9 @@ def test_freed_scores_change_nothing_but_their_bytes(spec, packed, tmp_path):
 
 def test_a_freed_layer_answers_as_the_scored_one_in_bf16():
     """In a bf16 model the freed layer still attends in float32, as the scored path does: the same greedy tokens
-    and logits to bf16 rounding (in bf16 SDPA a Qwen RULER answer changed)."""
+    and logits to bf16 rounding (in bf16 SDPA a Qwen RULER answer changed). The float32 kernels' summation order
+    differs by CPU, and a last-bit difference can round a bf16 activation the other way: the mean |logit change| was
+    0 on an AVX-512 BF16 machine and 0.0044 on an AVX2 one; attending in bf16 SDPA gives 0.032 there."""
     from conftest import logits_through
 
     model = tiny_llama(head_dim=32, hidden_size=128, num_hidden_layers=3).to(torch.bfloat16)
@@ -410,7 +412,8 @@ def test_a_freed_layer_answers_as_the_scored_one_in_bf16():
         cache = _cache(model, f"kvzip:budget=0.4,prompt=none,chunk=128,scores={scores} + kivi:bits=4")
         got[scores] = logits_through(model, ids, cache, steps=12)
     assert torch.equal(got["free,positions=bits"][1], got["keep"][1])
-    torch.testing.assert_close(got["free,positions=bits"][0], got["keep"][0], rtol=0, atol=0)
+    change = (got["free,positions=bits"][0].float() - got["keep"][0].float()).abs().mean().item()
+    assert change < 0.01, change
 
 
 @pytest.mark.parametrize("chunk,spec", [(1, "snapkv:budget=0.3"), (3, "snapkv:budget=0.3"),

@@ -75,6 +75,29 @@ _EXACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def retention_problem(policy: Policy | None, generated: str, scores: str, positions: str) -> str | None:
+    """What is wrong with a layer's `generated`, `scores` and `positions` for its policy (None: nothing); the
+    layer and the method spec (EvictionMethod.validate) both ask, each naming itself before the answer."""
+    what = ("the layer has no token policy" if policy is None
+            else f"{policy.name} evicts while decoding" if policy.evicts_while_decoding else None)
+    if generated not in GENERATED:
+        return f"generated must be one of {', '.join(GENERATED)}, got {generated!r}"
+    if generated != "keep" and what:
+        return (f"generated={generated} holds the tokens generated after the prompt to a prompt-only policy's "
+                f"budget, but {what}, so only generated=keep applies")
+    if scores not in SCORES:
+        return f"scores must be one of {', '.join(SCORES)}, got {scores!r}"
+    if scores == "free" and (what or generated != "keep"):
+        return (f"scores=free drops the held tokens' scores once the prompt is evicted, but "
+                f"{what or 'generated=budget ranks the generated tokens by them'}; use scores=keep")
+    if positions not in POSITIONS:
+        return f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}"
+    if positions == "bits" and scores != "free":
+        return ("positions=bits packs the kept prompt positions once nothing is evicted again, which scores=free "
+                f"says; got scores={scores}: add scores=free")
+    return None
+
+
 class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
     """Exact sinks, a codec's stored tokens (optionally chosen by a policy), an exact recent window.
 
@@ -91,25 +114,9 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
                  qdot: str = "float", generated: str = "keep", scores: str = "keep", positions: str = "int32"):
         super().__init__()
         where = f"layer {layer_idx}"
-        if generated not in GENERATED:
-            raise ValueError(f"{where}: generated must be one of {', '.join(GENERATED)}, got {generated!r}")
-        if generated != "keep" and (policy is None or policy.evicts_while_decoding):
-            what = "no token policy" if policy is None else f"{policy.name}, which evicts while decoding"
-            raise ValueError(f"{where}: generated={generated!r} holds the tokens generated after the prompt to a "
-                             f"prompt-only policy's budget; this layer has {what} (only 'keep' applies)")
-        if scores not in SCORES:
-            raise ValueError(f"{where}: scores must be one of {', '.join(SCORES)}, got {scores!r}")
-        if scores == "free" and (policy is None or policy.evicts_while_decoding or generated != "keep"):
-            what = ("no token policy" if policy is None else f"{policy.name}, which evicts while decoding"
-                    if policy.evicts_while_decoding else "generated='budget', which ranks the generated tokens")
-            raise ValueError(f"{where}: scores='free' drops the held tokens' scores once the prompt is evicted, "
-                             f"which only a prompt-only policy with generated='keep' never reads again; this layer "
-                             f"has {what}")
-        if positions not in POSITIONS:
-            raise ValueError(f"{where}: positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
-        if positions == "bits" and scores != "free":
-            raise ValueError(f"{where}: positions='bits' packs the kept prompt positions once the prompt is evicted "
-                             "and nothing is evicted again, which scores='free' says; got scores={scores!r}")
+        problem = retention_problem(policy, generated, scores, positions)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
         check_counts(layer_idx, window=window, sinks=sinks, tokens=tokens, observe=observe)
         if backend not in BACKENDS:
             raise ValueError(f"{where}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -454,6 +461,12 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             p = torch.cat([self.low_positions, p], -1)
         return k, v, p, p.shape[-1] - kept.shape[-1]
 
+    @property
+    def packs_positions(self) -> bool:
+        """positions="bits" applies: a layer with a low tier keeps int32 positions (its low tier's are interleaved
+        with the kept ones); kvzip's byte model (`layer_bytes`) asks too."""
+        return self.pack_positions and self.low_keys is None
+
     def held_positions(self) -> torch.Tensor:
         """The kept tokens' positions [B, H, N] int32, in the order they are held (read from the bitmask and the
         tail after the prompt when packed, positions="bits")."""
@@ -512,13 +525,9 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         through SDPA (the query heads sharing a KV head read it once), masked by the held tokens' positions, no
         attention statistics (nothing reads them). In float32, as the scored path computes: in bf16 the answers of
         a Qwen RULER prompt changed (a UUID needle lost), so freeing the scores changes bytes, not answers."""
-        dt = torch.float32
-        cast = lambda t: t if t.dtype == dt else t.to(dt)  # noqa: E731
-        k = torch.cat([x for x in (cast(self.sink_keys), self.key_store.decode(dt), cast(self.keys)) if x is not None], -2)
-        v = torch.cat([x for x in (cast(self.sink_values), self.value_store.decode(dt), cast(self.values))
-                       if x is not None], -2)
+        k, v, pos, _ = self._held_tokens()  # no low tier here (see attend)
         b, hq, ql, _ = query.shape
-        h, pos = k.shape[1], self.held_positions().long()
+        h, pos = k.shape[1], pos.long()
         if hq % h:
             raise ValueError(f"layer {self.layer_idx}: {hq} query heads for {h} KV heads")
         if mask is None:  # causal by position
@@ -730,11 +739,10 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
 
     def _after_prompt_eviction(self) -> None:
         """scores="free": a prompt-only policy never reads its scores again once the prompt is evicted; with
-        positions="bits" the kept prompt positions become a bitmask (a layer with a low tier or a compensation
-        token keeps them as int32)."""
+        positions="bits" the kept prompt positions become a bitmask (see packs_positions)."""
         if self.free_scores:
             self.scores = None
-        if self.pack_positions and self.low_keys is None and self._logit_bias() is None:
+        if self.packs_positions:
             b, h, _ = self.positions.shape
             n = self.seen
             kept = torch.zeros((b, h, -(-n // 8) * 8), dtype=torch.uint8, device=self.positions.device)

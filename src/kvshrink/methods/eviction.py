@@ -15,7 +15,7 @@ from .. import spec as specs
 from ..codecs.base import Codec
 from ..codecs.exact import ExactCodec
 from ..codecs.perhead import PerHead
-from ..layers.composed import GENERATED, POSITIONS, SCORES, ComposedLayer
+from ..layers.composed import ComposedLayer, retention_problem
 from ..layers.full import FullSlidingLayer
 from ..layers.heads import HeadSplit
 from ..models import head_dim_of, text_config
@@ -67,23 +67,9 @@ class EvictionMethod(PolicyMethod):
             raise ValueError(f"{self.name}: heads must be one of {', '.join(HEAD_BUDGETS)}, got {self.heads!r}")
         if not 0 <= self.floor <= 1:
             raise ValueError(f"{self.name}: floor must be a share in [0, 1], got {self.floor}")
-        if self.generated not in GENERATED:
-            raise ValueError(f"{self.name}: generated must be one of {', '.join(GENERATED)}, got {self.generated!r}")
-        if self.generated == "budget" and policy.evicts_while_decoding:
-            raise ValueError(f"{self.name}: generated=budget is for policies that compress the prompt only; "
-                             f"{policy.name} evicts while decoding, so generated tokens already stay in its budget")
-        if self.scores not in SCORES:
-            raise ValueError(f"{self.name}: scores must be one of {', '.join(SCORES)}, got {self.scores!r}")
-        if self.scores == "free" and (policy.evicts_while_decoding or self.generated != "keep"):
-            why = (f"{policy.name} evicts while decoding" if policy.evicts_while_decoding
-                   else "generated=budget ranks the generated tokens by them")
-            raise ValueError(f"{self.name}: scores=free drops the scores once the prompt is evicted, but {why}; "
-                             "use scores=keep")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"{self.name}: positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
-        if self.positions == "bits" and self.scores != "free":
-            raise ValueError(f"{self.name}: positions=bits packs the kept positions once nothing is evicted again, "
-                             "which scores=free says; add scores=free")
+        problem = retention_problem(policy, self.generated, self.scores, self.positions)
+        if problem:
+            raise ValueError(f"{self.name}: {problem}")
         if self.heads == "adaptive" and policy.evicts_while_decoding:
             prompt_only = sorted(n for n, p in POLICIES.items() if not p.evicts_while_decoding)
             raise ValueError(f"{self.name}: heads=adaptive allocates the prompt's budget once, at the prefill; "

@@ -134,7 +134,7 @@ def layer_bytes(layer: ComposedLayer, protected: int) -> Callable[[int], int]:
     b, h = layer.positions.shape[:2]
     d = layer.keys.shape[-1]
     exact = 2 * d * layer.keys.element_size()
-    packed = layer.pack_positions and layer.low_keys is None  # positions="bits": a bitmask over the prompt
+    packed = layer.packs_positions  # positions="bits": a bitmask over the prompt
     index = (0 if packed else layer.positions.element_size()) + (0 if layer.free_scores else layer.scores.element_size())
     bitmask = b * h * math.ceil(layer.seen / 8) if packed else 0
     key_tok, key_fixed = _token_bytes(layer.key_store.codec, d, h)
