@@ -272,3 +272,21 @@ def test_records_name_the_source_commit():
     commit = environment()["commit"]
     assert commit == source_commit()
     assert commit.removesuffix("+dirty") == head.stdout.strip()
+
+
+def test_resume_refuses_records_of_another_dtype(tiny, tokenizer, tmp_path):
+    """A row's records share one dtype: resuming bfloat16 records with a float32 model is an error naming both, and
+    the file is left as it was."""
+    _eval(tiny, tokenizer, ["full"], tmp_path)
+    path = tmp_path / "r.jsonl"
+    records = load_records(path)
+    assert {r["dtype"] for r in records} == {"float32"}
+    records[0]["dtype"] = "bfloat16"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = path.read_text()
+    with pytest.raises(ValueError, match=r"1 in bfloat16\) and this run computes in float32.*--dtype bfloat16"):
+        _eval(tiny, tokenizer, ["full"], tmp_path)
+    assert path.read_text() == before
+    # cells not asked for do not count, and measuring again without resume is allowed
+    assert len(_eval(tiny, tokenizer, ["kivi:bits=4"], tmp_path)) == 3
+    assert len(_eval(tiny, tokenizer, ["full"], tmp_path, resume=False)) == 3

@@ -343,6 +343,19 @@ def evaluate(
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     # task-major inside a (context, seed): every method meets a prompt while its recorded prefill is at hand
     cells = [(c, s, m, t) for c in contexts for s in seeds for t in task_names for m in specs]
+    # a row's records share one dtype: resuming bfloat16 records in float32 (the default on a CPU without native
+    # bf16) would mix the two in one table row without a word
+    other = {}
+    for context, seed, spec, task in cells:
+        kept_dtype = done.get((model_name, corpus, spec, task, context, seed, frozen), {}).get("dtype", dtype)
+        if kept_dtype != dtype:
+            other[kept_dtype] = other.get(kept_dtype, 0) + 1
+    if other:
+        held = ", ".join(f"{n} in {d}" for d, n in sorted(other.items()))
+        first = sorted(other)[0]
+        raise ValueError(f"{output} holds cells of this run computed in another dtype ({held}) and this run computes "
+                         f"in {dtype}: a row's records must share one; pass dtype={first!r} (--dtype {first}) to "
+                         f"continue them, resume=False (--no-resume) to measure them again, or another output file")
     results = []
     bar = tqdm(cells, desc="eval", unit="cell", disable=not progress)
     last = None
