@@ -14,6 +14,12 @@
 3. End to end: a randomly initialised Llama-3.1-8B-shaped model (`--layers` of them), prefill then greedy decode,
    tokens/s for `full`, `tada:bits=4` and `tada:bits=2` (kernels), and tada through the PyTorch path.
 
+4. A profile end to end (`--profile`, default the rotation-aware Qwen2.5-Coder-1.5B profile at 0.20): a randomly
+   initialised model of the profile's geometry (Qwen2.5-Coder-1.5B's config, bf16), prefill then greedy decode at
+   `--profile-contexts` x `--profile-batches`, tokens/s for `full`, the profile through the Triton kernels and the
+   profile through the PyTorch path. Random weights: the figures are speed, not quality. A transformers version whose
+   config attributes differ changes the profile's config hash only; the geometry is checked and the run says so.
+
 Figures are ratios against the fp16 baseline measured in the same run, on the device named in the results.
 """
 from __future__ import annotations
@@ -224,6 +230,88 @@ def e2e_bench(layers, context, batch, new_tokens, device, smoke):
     return {"layers": layers, "context": context, "batch": batch, "new_tokens": new_tokens, "rows": rows}
 
 
+QWEN_PROFILE = "benchmarks/profiles/qwen2.5-coder-1.5b-tada-rotate-0.20.json"
+
+
+def qwen15b_config(smoke: bool):
+    """Qwen2.5-Coder-1.5B-Instruct's attention geometry (28 layers, 12 query / 2 KV heads, head dim 128); the smoke
+    run keeps the geometry (a profile is checked against it) and shrinks the vocabulary and the MLP."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=256 if smoke else 151936, hidden_size=1536, intermediate_size=256 if smoke else 8960,
+                       num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True)
+
+
+def _profile_for(model, path: str, folder: Path) -> tuple[str, str | None]:
+    """The profile's path for `model`, or a copy stamped with the model's fingerprint when only the config hash
+    differs (another transformers version names other config attributes); any other difference is an error."""
+    from kvshrink.profile import ProfileError, fingerprint, load_profile
+
+    profile = load_profile(path)
+    try:
+        profile.check_model(model)
+        return path, None
+    except ProfileError:
+        mine = fingerprint(model)
+        other = [k for k in mine if k != "config_hash" and profile.model.get(k) != mine[k]]
+        if other:
+            raise
+        theirs = profile.model.get("config_hash")
+        profile.model = mine
+        copy = profile.save(folder / Path(path).name)
+        return str(copy), (f"the model's config hash here is {mine['config_hash']}, the profile's {theirs} (this "
+                           "transformers names other config attributes); the geometry matches, so a copy of the "
+                           "profile stamped with the model's fingerprint was used")
+
+
+def profile_bench(path, contexts, batches, new_tokens, device, smoke, folder: Path):
+    """Decode tokens/s of a random model of the profile's geometry: `full`, the profile through the Triton kernels
+    (kernel=triton) and through the PyTorch path (kernel=torch)."""
+    from transformers import Qwen2ForCausalLM
+
+    config = qwen15b_config(smoke)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype).eval()
+    used, note = _profile_for(model, path, folder)
+    if note:
+        log(note)
+    specs = {"full": "full", "profile, Triton kernels": f"tada:profile={used},kernel=triton",
+             "profile, PyTorch path": f"tada:profile={used},kernel=torch"}
+    rows = []
+    for t in contexts:
+        for b in batches:
+            ids = torch.randint(0, config.vocab_size, (b, t), device=device)
+            for label, spec in specs.items():
+                cache = ks.make_cache(model, spec)
+                with torch.no_grad():
+                    nxt = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(new_tokens):
+                        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                report = cache.memory_report()
+                rows.append({"context": t, "batch": b, "method": label, "spec": spec,
+                             "decode_tokens_per_s": b * new_tokens / dt, "ratio": report["ratio"]})
+                log(f"profile e2e ctx {t} batch {b} {label}: {b * new_tokens / dt:.1f} tokens/s, "
+                    f"{report['ratio']:.3f} of fp16")
+                del cache
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            base = rows[-len(specs)]["decode_tokens_per_s"]
+            for r in rows[-len(specs):]:
+                r["speed_vs_full"] = r["decode_tokens_per_s"] / base
+    model.set_attn_implementation("sdpa")
+    return {"profile": path, "note": note, "new_tokens": new_tokens, "dtype": str(dtype).removeprefix("torch."),
+            "rows": rows}
+
+
 def to_markdown(result) -> str:
     lines = [f"# GPU decode benchmark — {result['device']}", "", f"`{result['command']}` ({result['date']})", "",
              f"## One decode step of attention ({HQ} query / {HKV} KV heads, head dim {D})", ""]
@@ -248,6 +336,15 @@ def to_markdown(result) -> str:
         lines.append(markdown_table(["method", "decode tokens/s", "vs full", "cache MiB"],
                                     [[f"`{r['method']}`", f"{r['decode_tokens_per_s']:.1f}", f"{r['speed_vs_full']:.2f}",
                                       f"{r['cache_bytes'] / 2**20:.0f}"] for r in e["rows"]]))
+    p = result.get("profile")
+    if p:
+        lines += ["", f"## A profile end to end: `{p['profile']}`, random weights of its geometry ({p['dtype']}), "
+                      f"{p['new_tokens']} new tokens", ""]
+        if p["note"]:
+            lines += [p["note"], ""]
+        lines.append(markdown_table(["context", "batch", "method", "decode tokens/s", "vs full", "share of fp16"],
+                                    [[r["context"], r["batch"], r["method"], f"{r['decode_tokens_per_s']:.1f}",
+                                      f"{r['speed_vs_full']:.2f}", f"{r['ratio']:.3f}"] for r in p["rows"]]))
     return "\n".join(lines) + "\n"
 
 
@@ -263,7 +360,11 @@ def main(argv=None) -> int:
     p.add_argument("--e2e-context", default="4k")
     p.add_argument("--e2e-batch", type=int, default=8)
     p.add_argument("--e2e-tokens", type=int, default=64)
-    p.add_argument("--skip", default="", help="parts to skip: attention,quantize,e2e")
+    p.add_argument("--profile", default=QWEN_PROFILE, help="the profile decoded end to end (part 'profile')")
+    p.add_argument("--profile-contexts", default="4k,16k")
+    p.add_argument("--profile-batches", default="1,8")
+    p.add_argument("--profile-tokens", type=int, default=32)
+    p.add_argument("--skip", default="", help="parts to skip: attention,quantize,e2e,profile")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU with TRITON_INTERPRET=1 allowed)")
     p.add_argument("-o", "--output", default="benchmarks/results", help="folder for the JSON and markdown results")
     a = p.parse_args(argv)
@@ -274,6 +375,7 @@ def main(argv=None) -> int:
     if a.smoke:
         a.contexts, a.batches, a.prefill_contexts, a.e2e_context = "100,200", "1,2", "64", "40"
         a.layers, a.e2e_batch, a.e2e_tokens, a.iters = 2, 2, 3, 1
+        a.profile_contexts, a.profile_batches, a.profile_tokens = "80", "1", 2
     skip = set(filter(None, a.skip.split(",")))
     contexts = [parse_length(c) for c in a.contexts.split(",")]
     batches = [int(b) for b in a.batches.split(",")]
@@ -291,6 +393,13 @@ def main(argv=None) -> int:
         [parse_length(c) for c in a.prefill_contexts.split(",")], bits_list, a.iters, device, a.smoke)
     if "e2e" not in skip:
         result["e2e"] = e2e_bench(a.layers, parse_length(a.e2e_context), a.e2e_batch, a.e2e_tokens, device, a.smoke)
+    if "profile" not in skip:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            result["profile"] = profile_bench(a.profile, [parse_length(c) for c in a.profile_contexts.split(",")],
+                                              [int(b) for b in a.profile_batches.split(",")], a.profile_tokens,
+                                              device, a.smoke, Path(tmp))
     md = to_markdown(result)
     print(md)
     if a.output and not a.smoke:
