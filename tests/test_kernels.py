@@ -195,8 +195,8 @@ def test_packed_attention_splits_do_not_change_the_result():
 
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_tiny_llama_decodes_the_same_through_the_kernels(chunk):
-    model = tiny_llama()
-    ids = torch.randint(2, 90, (2, 45), generator=torch.Generator().manual_seed(1))
+    model = tiny_llama().to(DEV)
+    ids = torch.randint(2, 90, (2, 45), generator=torch.Generator().manual_seed(1)).to(DEV)
     mask = torch.ones_like(ids)
     mask[1, :6] = 0  # left padding
     opts = dict(bits=4, group=16, window=8, sinks=2)
@@ -219,8 +219,8 @@ def test_tiny_llama_decodes_the_same_through_the_kernels(chunk):
 def test_tiny_llama_decodes_rotated_codes_the_same_through_the_kernels(spec, opts):
     """Rotated codes on the GPU path: the Triton kernel reads them in the rotated space; the PyTorch reference
     (decode, then SDPA) gives the same tokens and logits within float tolerance."""
-    model = tiny_llama()
-    ids = torch.randint(2, 90, (1, 45), generator=torch.Generator().manual_seed(3))
+    model = tiny_llama().to(DEV)
+    ids = torch.randint(2, 90, (1, 45), generator=torch.Generator().manual_seed(3)).to(DEV)
     reference_opts = dict(kernel="torch") if spec == "tada" else dict(attention="decode")
     want, want_tok = logits_through(model, ids, ks.make_cache(model, spec, **opts, **reference_opts), 10)
     kernel_opts = dict(kernel="triton") if spec == "tada" else dict(attention="triton")
@@ -233,8 +233,8 @@ def test_tiny_llama_decodes_rotated_codes_the_same_through_the_kernels(spec, opt
 
 
 def test_tiny_gemma3_sliding_layers_through_the_kernels():
-    model = tiny_gemma3(sliding_window=16)
-    ids = torch.randint(2, 90, (1, 40), generator=torch.Generator().manual_seed(2))
+    model = tiny_gemma3(sliding_window=16).to(DEV)
+    ids = torch.randint(2, 90, (1, 40), generator=torch.Generator().manual_seed(2)).to(DEV)
     opts = dict(bits=4, group=16, window=4, sinks=0)
     want = greedy(model, ids, ks.make_cache(model, "kivi", kernel="torch", **opts), n=16)
     got = greedy(model, ids, ks.make_cache(model, "kivi", kernel="triton", **opts), n=16)
@@ -242,28 +242,28 @@ def test_tiny_gemma3_sliding_layers_through_the_kernels():
 
 
 def test_kernel_option_errors_are_clear():
-    model = tiny_llama()
+    model = tiny_llama().to(DEV)
     with pytest.raises(ValueError, match="kernel must be one of auto, triton, torch"):
         ks.make_cache(model, "tada", kernel="cuda")
     with pytest.raises(ValueError, match="config, not the model"):
         ks.make_cache(model.config, "tada", kernel="triton", group=16)
     with pytest.raises(ValueError, match="layer 0 values: per-token groups"):
         ks.make_cache(model, "tada", kernel="triton", bits=3, value_group=4, group=16)
-    auto = ks.make_cache(model, "tada", group=16)  # a CPU model: auto takes the CPU kernel, not Triton
+    auto = ks.make_cache(tiny_llama(), "tada", group=16)  # a CPU model: auto takes the CPU kernel, not Triton
     assert not any(layer.backend == "triton" for layer in auto.layers)
 
 
 def test_kernel_path_refuses_non_finite_values_before_compressing_them():
-    model = tiny_llama()
+    model = tiny_llama().to(DEV)
     cache = ks.make_cache(model, "kivi", kernel="triton", bits=4, group=16, window=4, sinks=0)
     layer = cache.layers[0]
-    k = torch.randn(1, 2, 20, 16)
+    k = torch.randn(1, 2, 20, 16).to(DEV)
     layer.update(k, k)  # a prefill: PyTorch path
     assert layer.key_store.tokens == 16
-    bad = torch.randn(1, 2, 1, 16)
+    bad = torch.randn(1, 2, 1, 16).to(DEV)
     bad[0, 1, 0, 3] = float("nan")
-    step = torch.randn(1, 2, 1, 16)
-    q = torch.randn(1, 4, 1, 16)
+    step = torch.randn(1, 2, 1, 16).to(DEV)
+    q = torch.randn(1, 4, 1, 16).to(DEV)
     layer.update(bad, step)  # a decode step: the kernel path; the NaN stays in the exact window for now
     layer.attend(q, None, 0.25)
     with pytest.raises(ValueError, match=r"layer 0: key_states contain NaN or Inf"):

@@ -17,12 +17,18 @@ except ImportError:  # 5.0 - 5.2: `DynamicCache.__init__` reads the config's lay
 
 __all__ = ["layer_types_and_kwargs", "query_length"]
 
+_WINDOWED = ("sliding_attention", "chunked_attention", "hybrid_sliding")
+
 
 def layer_types_and_kwargs(config: Any) -> tuple[list[str], list[dict]]:
     """The attention type of each decoder layer ("full_attention", "sliding_attention", ...) and the keyword
     arguments its cache layer is built with (`sliding_window`), as transformers' `DynamicCache` derives them."""
     if _upstream_layer_types is not None:
-        return _upstream_layer_types(config)
+        types, kwargs = _upstream_layer_types(config)
+        if isinstance(kwargs, dict):  # 5.3 - 5.2x: one dict for the whole model, read by its windowed layers
+            kwargs = [{"sliding_window": kwargs["sliding_window"]} if t in _WINDOWED and "sliding_window" in kwargs
+                      else {} for t in types]
+        return list(types), list(kwargs)
     # as transformers 5.2's DynamicCache: the config's `layer_types`, else every layer sliding when the config has a
     # sliding window (or an attention chunk), else every layer full
     window = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
@@ -31,7 +37,7 @@ def layer_types_and_kwargs(config: Any) -> tuple[list[str], list[dict]]:
         kind = "full_attention" if window is None else (
             "sliding_attention" if getattr(config, "sliding_window", None) else "chunked_attention")
         types = [kind] * config.num_hidden_layers
-    kwargs = [{"sliding_window": window} if t in ("sliding_attention", "chunked_attention") else {} for t in types]
+    kwargs = [{"sliding_window": window} if t in _WINDOWED[:2] else {} for t in types]
     return list(types), kwargs
 
 

@@ -48,7 +48,14 @@ def _quantize_pack_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, TOKEN_AXIS: tl.constexpr, CENTER: tl.constexpr,
 ):
     """One program: TB tokens of one sequence, all heads. CENTER: 0 none, 1 head mean, 2 channel mean."""
-    b = tl.program_id(1)
+    # constants first: a compiled kernel may not define a constexpr again in each unrolled head (the interpreter
+    # allowed it); P codes to a word of W bytes, code i of a word at bits [i*BITS, (i+1)*BITS)
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    NG: tl.constexpr = D // GROUP
+    P: tl.constexpr = 8 if BITS == 3 else (8 // BITS if BITS <= 8 else 1)  # BITS 16 packs nothing
+    W: tl.constexpr = 3 if BITS == 3 else 1
+    ROW_BYTES: tl.constexpr = D // P * W
+    b = tl.program_id(1).to(tl.int64)  # offsets past 2**31 elements (a long prefill of a large batch)
     t0 = tl.program_id(0) * TB
     t = t0 + tl.arange(0, TB)
     d = tl.arange(0, D)
@@ -72,9 +79,7 @@ def _quantize_pack_kernel(
         if BITS == 16:
             tl.store(CODES + (bh * T) * D + row, x.to(tl.float16), mask=m2)
         else:
-            LEVELS: tl.constexpr = (1 << BITS) - 1
             if TOKEN_AXIS:
-                NG: tl.constexpr = D // GROUP
                 g = tl.reshape(x, (TB, NG, GROUP))
                 lo = tl.min(g, 2)
                 hi = tl.max(g, 2)
@@ -101,10 +106,6 @@ def _quantize_pack_kernel(
                 sidx = (bh * (T // GROUP) + t0 // GROUP) * D + d
                 tl.store(SCALE + sidx, scale16)
                 tl.store(ZERO + sidx, zero16)
-            # pack: P codes to a word of W bytes, code i of a word at bits [i*BITS, (i+1)*BITS)
-            P: tl.constexpr = 8 if BITS == 3 else 8 // BITS
-            W: tl.constexpr = 3 if BITS == 3 else 1
-            ROW_BYTES: tl.constexpr = D // P * W
             words = tl.sum(tl.reshape(code, (TB, D // P, P)) << (tl.arange(0, P) * BITS)[None, None, :], 2)
             j = tl.arange(0, D // P)
             base = CODES + (bh * T + t[:, None]) * ROW_BYTES + j[None, :] * W
@@ -214,7 +215,7 @@ def _packed_split_kernel(
 ):
     """One split of the packed store's tokens for one (sequence, KV head): partial max, normaliser, output."""
     split = tl.program_id(0)
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(1).to(tl.int64)  # offsets into a store past 2**31 bytes (long contexts, large batches)
     b = bhk // HKV
     hk = bhk % HKV
     q, qi, rvalid = _load_query(Q, b, hk, HQ, QN, D, N_REP, BQ)
@@ -255,7 +256,7 @@ def _exact_split_kernel(
     HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_IEEE: tl.constexpr,
 ):
     """The full-precision tokens (sinks, window, this step's) for one (sequence, KV head), into partial slot `slot`."""
-    bhk = tl.program_id(0)
+    bhk = tl.program_id(0).to(tl.int64)
     b = bhk // HKV
     hk = bhk % HKV
     q, qi, rvalid = _load_query(Q, b, hk, HQ, QN, D, N_REP, BQ)
@@ -284,7 +285,7 @@ def _exact_split_kernel(
 def _reduce_kernel(M, L, ACC, OUT, HQ, QN, n_slots,
                    HKV: tl.constexpr, D: tl.constexpr, N_REP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr):
     """Merge the partial results of every split (log-sum-exp) and write [B, HQ, QN, D] in the output's dtype."""
-    bhk = tl.program_id(0)
+    bhk = tl.program_id(0).to(tl.int64)
     b = bhk // HKV
     hk = bhk % HKV
     s = tl.arange(0, BS)
