@@ -38,7 +38,9 @@ def quantize(x: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, t
     too_high = zero.float() > lo
     if too_high.any():
         zero = torch.where(too_high, torch.nextafter(zero, torch.full_like(zero, float("-inf"))), zero)
-    exact_scale = (hi - zero.float()) / levels
+    # a tensor divisor: CUDA's torch divides by a Python scalar as a multiplication by its reciprocal, which rounds
+    # differently in the last bit now and then (seen on an H200); true division gives the CPU's and the kernel's bits
+    exact_scale = (hi - zero.float()) / torch.full_like(hi, levels)
     scale = exact_scale.half()
     too_low = scale.float() < exact_scale
     if too_low.any():
@@ -172,7 +174,7 @@ def head_mean(x: torch.Tensor) -> torch.Tensor:
     s = x[:, 0]
     for h in range(1, x.shape[1]):
         s = s + x[:, h]
-    return (s / x.shape[1]).unsqueeze(1)
+    return (s / torch.full_like(s, x.shape[1])).unsqueeze(1)  # true division on CUDA too (see quantize)
 
 
 def _to_fp16(x: torch.Tensor, what: str) -> torch.Tensor:
