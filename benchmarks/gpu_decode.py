@@ -214,6 +214,8 @@ def e2e_bench(layers, context, batch, new_tokens, device, smoke):
         with torch.no_grad():
             out = model(ids, past_key_values=cache, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
+            for _ in range(WARMUP_STEPS):  # the kernels compile on their first calls: not timed
+                nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -235,6 +237,7 @@ def e2e_bench(layers, context, batch, new_tokens, device, smoke):
 
 
 QWEN_PROFILE = "benchmarks/profiles/qwen2.5-coder-1.5b-tada-rotate-0.20.json"
+WARMUP_STEPS = 4  # untimed decode steps before the timed ones (compilation, allocator)
 
 
 def qwen15b_config(smoke: bool):
@@ -292,6 +295,8 @@ def profile_bench(path, contexts, batches, new_tokens, device, smoke, folder: Pa
                 cache = ks.make_cache(model, spec)
                 with torch.no_grad():
                     nxt = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+                    for _ in range(WARMUP_STEPS):  # the kernels compile on their first calls: not timed
+                        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()

@@ -139,7 +139,10 @@ def quantize_pack(x: torch.Tensor, spec: GroupCodec, channel_mean: torch.Tensor 
             x, codes, dummy if scale is None else scale, dummy if zero is None else zero,
             dummy if head_mean is None else head_mean, dummy if channel_mean is None else channel_mean,
             t, H=h, D=d, TB=tb, BITS=spec.bits, GROUP=spec.group, TOKEN_AXIS=token_axis,
-            CENTER=_CENTERS[spec.center])
+            CENTER=_CENTERS[spec.center],
+            # no fused multiply-adds: (x - zero) * inv then its fraction became one fma, whose unrounded product
+            # moved codes at .5 ties (seen on an H200); the reference rounds the product first
+            enable_fp_fusion=False)
     if head_mean is not None and not torch.isfinite(head_mean).all():
         raise ValueError(f"the head mean exceeds the fp16 range (|x| > {_FP16_MAX:g})")
     if spec.bits == 16:
