@@ -58,6 +58,9 @@ LOWRANK_1K_ROWS = {label: (LOWRANK_1K, m.replace("$T", T).replace("$D", D)) for 
 #: each label is the method's short label); kind "heldout": rows of ppl / kl / passkey records
 #: the committed 0.10 pairing: KVzip's ranking under a byte budget, freed scores, the rotation-aware 0.20 codes
 KVZIP_010 = f"kvzip:budget=0.6,scores=free,ratio=0.096 + tada:profile={P}-tada-rotate-0.20.json"
+#: the committed pairing file's spec (benchmarks/profiles/...-kvzip-rotate-0.10.json): KVzip's ranking at 45%, scores
+#: freed and positions packed after the prompt, the rotation-aware 0.20 codes
+KVZIP_PAIRING = f"kvzip:budget=0.45,scores=free,positions=bits + tada:profile={P}-tada-rotate-0.20.json"
 TABLES: dict[str, dict] = {
     "readme-qwen-headline": {"doc": "README.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096, "rows": {
         "`full`": "full",
@@ -69,8 +72,7 @@ TABLES: dict[str, dict] = {
         "transformers `QuantizedCache` (quanto, 4-bit)": "hf-quanto:bits=4",
         "joint profile at 0.10 (`layered`)": f"layered:profile={P}-layered-0.10.json",
         "joint profile at 0.06 (`layered`)": f"layered:profile={P}-layered-0.06.json",
-        "KVzip's tokens, rotation-aware 0.20 codes (`pairing` profile)":
-            f"kvzip:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json"}},
+        "KVzip's tokens, rotation-aware 0.20 codes (`pairing` profile)": KVZIP_PAIRING}},
     "readme-qwen-16k": {"doc": "README.md", "kind": "ruler", "records": QWEN_RULER, "context": 16384, "rows": {
         "`full`": "full",
         "`tada`, calibrated at 0.20 with rotation allowed": f"tada:profile={P}-tada-rotate-0.20.json",
@@ -124,6 +126,8 @@ TABLES: dict[str, dict] = {
                          "rows": {"`full`": "full",
                                   "`kvzip:budget=0.45 + tada:profile=<rotation-aware 0.20>`":
                                       f"kvzip:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json",
+                                  "`kvzip:budget=0.45,scores=free,positions=bits + tada:profile=<rotation-aware "
+                                  "0.20>`": KVZIP_PAIRING,
                                   "`snapkv:budget=0.45 + tada:profile=<rotation-aware 0.20>`":
                                       f"snapkv:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json",
                                   "joint profile at 0.10 (`layered`)": f"layered:profile={P}-layered-0.10.json"}},
