@@ -37,7 +37,7 @@ def layer_types_and_kwargs(config: Any) -> tuple[list[str], list[dict]]:
         kind = "full_attention" if window is None else (
             "sliding_attention" if getattr(config, "sliding_window", None) else "chunked_attention")
         types = [kind] * config.num_hidden_layers
-    kwargs = [{"sliding_window": window} if t in _WINDOWED[:2] else {} for t in types]
+    kwargs = [{"sliding_window": window} if t in _WINDOWED else {} for t in types]
     return list(types), kwargs
 
 
