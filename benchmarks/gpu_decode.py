@@ -196,6 +196,26 @@ def quantize_bench(contexts, bits_list, iters, device, smoke):
     return rows
 
 
+WARMUP_STEPS = 4  # untimed decode steps before the timed ones (compilation, allocator)
+
+
+def decode_seconds(model, ids, cache, new_tokens, device, **prefill) -> float:
+    """Prefill `ids` into `cache`, decode WARMUP_STEPS greedy tokens untimed (the kernels compile on their first
+    calls), then the seconds of `new_tokens` greedy steps."""
+    with torch.no_grad():
+        nxt = model(ids, past_key_values=cache, use_cache=True, **prefill).logits[:, -1:].argmax(-1)
+        for _ in range(WARMUP_STEPS):
+            nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
 def e2e_bench(layers, context, batch, new_tokens, device, smoke):
     """Decode tokens/s of a random Llama-3.1-8B-shaped model for full and tada 4/2-bit (kernels and PyTorch path)."""
     from transformers import LlamaForCausalLM
@@ -211,19 +231,7 @@ def e2e_bench(layers, context, batch, new_tokens, device, smoke):
     rows = []
     for spec in specs:
         cache = ks.make_cache(model, spec)
-        with torch.no_grad():
-            out = model(ids, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
-            for _ in range(WARMUP_STEPS):  # the kernels compile on their first calls: not timed
-                nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+        dt = decode_seconds(model, ids, cache, new_tokens, device)
         rows.append({"method": spec, "decode_tokens_per_s": batch * new_tokens / dt, "cache_bytes": cache.nbytes()})
         log(f"e2e {spec}: {batch * new_tokens / dt:.1f} tokens/s, cache {cache.nbytes() / 2**20:.0f} MiB")
         del cache
@@ -237,7 +245,6 @@ def e2e_bench(layers, context, batch, new_tokens, device, smoke):
 
 
 QWEN_PROFILE = "benchmarks/profiles/qwen2.5-coder-1.5b-tada-rotate-0.20.json"
-WARMUP_STEPS = 4  # untimed decode steps before the timed ones (compilation, allocator)
 
 
 def qwen15b_config(smoke: bool):
@@ -293,18 +300,7 @@ def profile_bench(path, contexts, batches, new_tokens, device, smoke, folder: Pa
             ids = torch.randint(0, config.vocab_size, (b, t), device=device)
             for label, spec in specs.items():
                 cache = ks.make_cache(model, spec)
-                with torch.no_grad():
-                    nxt = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
-                    for _ in range(WARMUP_STEPS):  # the kernels compile on their first calls: not timed
-                        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for _ in range(new_tokens):
-                        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    dt = time.perf_counter() - t0
+                dt = decode_seconds(model, ids, cache, new_tokens, device, logits_to_keep=1)
                 report = cache.memory_report()
                 rows.append({"context": t, "batch": b, "method": label, "spec": spec,
                              "decode_tokens_per_s": b * new_tokens / dt, "ratio": report["ratio"]})
