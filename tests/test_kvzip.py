@@ -9,6 +9,7 @@ from transformers import DynamicCache
 import kvshrink as ks
 from kvshrink.eval.prefill import record_prefill, replay, replayable
 from kvshrink.eval.runner import Env
+from kvshrink.eval.scoring import continue_greedy
 from kvshrink.methods import build_method
 from kvshrink.policies.kvzip import OVERLAP, compress, global_rooms
 
@@ -170,17 +171,55 @@ def test_composed_with_a_codec():
     assert coded["by_part"]["codes"] > 0 and coded["nbytes"] < 0.75 * exact["nbytes"]
 
 
-def test_eval_takes_its_own_prefill():
-    model = tiny_llama()
-    ids = _prompt(n=80)
-    cache = ks.make_cache(model, "kvzip:budget=0.5,prompt=none")
-    assert not replayable(cache, 80)
-    with pytest.raises(ValueError, match="run the prefill through it"):
-        replay(record_prefill(model, ids), cache)
-    env = Env(model, None, "")
-    cache, logits, how = env.prefilled("kvzip:budget=0.5,prompt=none", ids)
-    assert how["shared"] is False and cache.reconstruction["forwards"] == 1
-    assert all(x.positions.shape[-1] == 40 for x in cache.layers)
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+@pytest.mark.parametrize("spec", ["kvzip:budget=0.5,prompt=none", "kvzip:budget=0.4,prompt=none,heads=adaptive",
+                                  "kvzip:budget=0.5,prompt=none,chunk=32 + kivi:bits=2,group=16",
+                                  "kvzip:budget=0.6,ratio=0.5,prompt=none,scores=free,positions=bits + kivi:bits=2,group=16"])
+def test_a_replayed_prefill_runs_the_pass_and_equals_its_own(make, spec):
+    model = make()
+    ids = _prompt(n=200)
+    own = ks.make_cache(model, spec)
+    with torch.no_grad():
+        logits = model(ids, past_key_values=own, use_cache=True).logits[:, -1]
+    record = record_prefill(model, ids)
+    cache = ks.make_cache(model, spec)
+    assert not replayable(cache, 200) and replayable(cache, 200, model)
+    with pytest.raises(ValueError, match="model=..."):  # without the model the pass could not run
+        replay(record, cache)
+    cache = ks.make_cache(model, spec)
+    assert torch.equal(replay(record, cache, model), logits)
+    assert cache.reconstruction["forwards"] == own.reconstruction["forwards"] > 0
+    held = [[(part, t) for part, ts in sorted(x.parts().items()) for t in ts] for x in cache.layers]
+    ref = [[(part, t) for part, ts in sorted(x.parts().items()) for t in ts] for x in own.layers]
+    assert [[p for p, _ in x] for x in held] == [[p for p, _ in x] for x in ref]
+    for x, y in zip(held, ref):  # every tensor held, bit for bit: the same tokens kept, coded alike
+        for (part, a), (_, b) in zip(x, y):
+            assert a.dtype == b.dtype and torch.equal(a, b), part
+    assert cache.memory_report()["nbytes"] == own.memory_report()["nbytes"]
+    assert torch.equal(continue_greedy(model, cache, logits, 10), continue_greedy(model, own, logits, 10))
+    env = Env(model, None, "")  # the runner shares the recorded prefill and runs the pass on the replayed cache
+    cache, shared_logits, how = env.prefilled(spec, ids)
+    assert how["shared"] is True and cache.reconstruction["forwards"] == own.reconstruction["forwards"]
+    assert torch.equal(shared_logits, logits)
+
+
+def test_coded_sliding_layers_beside_the_pass_keep_the_prompt_only():
+    """Gemma 3's local layers with a codec (`kvzip + CODEC`) are read by the pass decoded, as a decoding step reads
+    them; the pass's tokens never reach their codes: after the prefill they hold what the codec alone holds."""
+    model = tiny_gemma3(sliding_window=48)
+    ids = _prompt(n=150)
+    codec = "kivi:bits=2,group=16,window=8"
+    both, alone = ks.make_cache(model, f"kvzip:budget=0.5,prompt=none,chunk=64 + {codec}"), ks.make_cache(model, codec)
+    with torch.no_grad():
+        model(ids, past_key_values=both, use_cache=True)
+        model(ids, past_key_values=alone, use_cache=True)
+    assert both.reconstruction["forwards"] == 3
+    for i in (0, 1):  # the sliding layers
+        x, y = both.layers[i], alone.layers[i]
+        assert x.key_store.tokens > 0 and x.seen == y.seen == 150
+        for part, tensors in y.parts().items():
+            assert all(torch.equal(a, b) for a, b in zip(x.parts()[part], tensors)), part
+    assert both.layers[2].positions.shape[-1] < 150  # the global layer was evicted after the pass
 
 
 def test_a_step_before_the_pass_is_refused():

@@ -12,7 +12,9 @@ through that method would have built, at the cost of its stores and scores inste
 A cache is replayable when each of its layers says so (`replays_prefill = True`: the layer's prefill attention is
 plain SDPA over the states it was given) or is one of transformers' own dynamic or quantized layers. Others
 (latent layers, which attend over their own reconstruction; KV-Direct's residual layers, which need the residual
-stream) run their own prefill.
+stream) run their own prefill. KVzip's layers (`replay_needs_model`) replay too when the model is given: after the
+replay `replay` runs their reconstruction pass, as the model's forward hook does after a prefill, so a KVzip cell
+shares the prompt's prefill with the others and pays only for its pass.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, QuantizedLayer
 
 from .. import attention
+from ..policies import kvzip
 
 
 @dataclass
@@ -88,17 +91,20 @@ def record_prefill(model, ids: torch.Tensor) -> PrefillRecord:
     return record
 
 
-def replayable(cache, tokens: int | None = None) -> bool:
+def replayable(cache, tokens: int | None = None, model: Any = None) -> bool:
     """Whether `replay` builds exactly the cache that a prefill of `tokens` tokens through `cache` would.
 
     A layer whose kernel answers short prompts itself (`replays_prefill_from`: the shortest prompt that goes through
-    SDPA over the exact states) replays only prompts at least that long; with `tokens` unknown it does not."""
+    SDPA over the exact states) replays only prompts at least that long; with `tokens` unknown it does not. A layer
+    whose prefill ends with a pass through the model (`replay_needs_model`: KVzip's) replays only with `model`."""
     layers = getattr(cache, "layers", None)
     if not layers:
         return False
     plain = (DynamicLayer, DynamicSlidingWindowLayer, QuantizedLayer)
 
     def ok(layer) -> bool:
+        if getattr(layer, "replay_needs_model", False) and model is None:
+            return False
         flag = getattr(layer, "replays_prefill", None)
         if flag is None:
             return isinstance(layer, plain)
@@ -111,9 +117,13 @@ def replayable(cache, tokens: int | None = None) -> bool:
 
 
 @torch.no_grad()
-def replay(record: PrefillRecord, cache) -> torch.Tensor:
-    """Fill `cache` as the recorded prefill would have; return the prefill's last logits [1, vocab]."""
-    if not replayable(cache, record.ids.shape[1]):
+def replay(record: PrefillRecord, cache, model: Any = None) -> torch.Tensor:
+    """Fill `cache` as the recorded prefill would have; return the prefill's last logits [1, vocab]. `model` (the
+    one that made the record): runs what follows a prefill through it, KVzip's reconstruction pass."""
+    if not replayable(cache, record.ids.shape[1], model):
+        if model is None and replayable(cache, record.ids.shape[1], model=True):
+            raise ValueError(f"{type(cache).__name__}: its prefill ends with a pass through the model (kvzip): "
+                             "replay(record, cache, model=...) runs it")
         raise ValueError(f"{type(cache).__name__}: its layers change the prefill's computation; run the prefill "
                          "through it instead")
     if len(cache.layers) != len(record.keys):
@@ -124,4 +134,6 @@ def replay(record: PrefillRecord, cache) -> torch.Tensor:
         layer = attention.claim(i, keys)
         if layer is not None:  # the layer scores (or stores) by the queries it sees: give it the recorded ones
             layer.attend(record.queries[i], record.masks[i], record.scalings[i])
+    if model is not None and any(kvzip.awaits_pass(x) for x in cache.layers):
+        kvzip.reconstruct(model, cache, record.ids)
     return record.logits

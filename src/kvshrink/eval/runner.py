@@ -124,7 +124,7 @@ class Env:
         With `share_prefill`, the prompt runs through the model once (recorded) and every replayable cache is
         built from that record; other caches, and every cache without `share_prefill`, run their own prefill."""
         cache = self.make_cache(spec)
-        if self.share_prefill and replayable(cache, ids.shape[1]):
+        if self.share_prefill and replayable(cache, ids.shape[1], self.model):
             key = ids.numpy().tobytes()
             record = self._records.get(key)
             if record is None:
@@ -135,7 +135,7 @@ class Env:
                     self._records.popitem(last=False)
             else:
                 self._records.move_to_end(key)
-            return cache, replay(record, cache), {"shared": True, "seconds": round(record.seconds, 3)}
+            return cache, replay(record, cache, self.model), {"shared": True, "seconds": round(record.seconds, 3)}
         start = time.perf_counter()
         with torch.no_grad():
             logits = self.model(ids.to(self.model.device), past_key_values=cache, use_cache=True).logits[:, -1]

@@ -84,8 +84,9 @@ class KVzip(EvictionMethod):
         layer = super().scored_layer(*args, **kwargs)
         for x in getattr(layer, "heads", [layer]):  # heads=adaptive: one layer per KV head, each ranked globally
             x.defer_eviction = True  # held whole until the pass, then `policies.kvzip.reconstruct` evicts
-            x.replays_prefill = False
-        layer.replays_prefill = False  # a replayed prefill has no model to run the pass: eval prefills itself
+        # a recorded prefill replays into it (the prefill is SDPA over the exact prompt), but only where the model is
+        # at hand to run the pass afterwards (eval.prefill.replay with model=)
+        layer.replay_needs_model = True
         return layer
 
     def head_floor(self) -> None:

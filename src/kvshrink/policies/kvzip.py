@@ -26,7 +26,7 @@ import warnings
 from typing import Any, Callable
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..cache import CompressedCache
 from ..layers.composed import ComposedLayer
@@ -195,12 +195,31 @@ def compress(layers: list[ComposedLayer], ratio: float = 0.0) -> list[int]:
     return kept
 
 
+def _sliding_view(layer: ComposedLayer) -> DynamicSlidingWindowLayer:
+    """A plain sliding-window layer holding what a coded sliding-window layer (Gemma 3's local layers beside
+    kvzip's, `kvzip + CODEC`) attends over, decoded: the pass reads those tokens as a decoding step would and its
+    own tokens land in the view, never in the codes."""
+    dt = layer.dtype
+    k = torch.cat([t.to(dt) for t in (layer.sink_keys, layer.key_store.decode(dt), layer.keys) if t is not None], -2)
+    v = torch.cat([t.to(dt) for t in (layer.sink_values, layer.value_store.decode(dt), layer.values)
+                   if t is not None], -2)
+    keep = layer.sliding_window - 1
+    view = DynamicSlidingWindowLayer(sliding_window=layer.sliding_window)
+    k, v = k[..., -keep:, :], v[..., -keep:, :]
+    view.lazy_initialization(k, v)
+    view.keys, view.values = k, v
+    view.cumulative_length = layer.seen
+    return view
+
+
 def _pass_layer(layer: Any, i: int, row: int | None, length: int) -> Any:
     """What layer `i` is during the pass: a probing layer itself; a plain transformers layer as a shallow copy (its
     updates replace tensors, so the copy's pass tokens never reach the original), cut to one row's tokens when the
     batch is split by rows."""
     if awaits_pass(layer):
         return layer
+    if isinstance(layer, ComposedLayer) and layer.sliding_window is not None:
+        return _sliding_view(layer)
     if not isinstance(layer, DynamicLayer):
         raise ValueError(f"kvzip: layer {i} ({type(layer).__name__}) would keep the reconstruction pass's tokens: "
                          "only plain (full, sliding-window) layers can sit beside kvzip's layers")
@@ -229,7 +248,7 @@ def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None) ->
         runs = []
         for b, pad in enumerate(split.pads):
             n = ids.shape[1] - pad
-            runs.append(([x.rows[b] if isinstance(x, RowSplit) else _pass_layer(x, i, b, n)
+            runs.append(([_pass_layer(x.rows[b], i, None, 0) if isinstance(x, RowSplit) else _pass_layer(x, i, b, n)
                           for i, x in enumerate(layers)], ids[b:b + 1, pad:]))
     tokens = forwards = 0
     for view, row_ids in runs:
