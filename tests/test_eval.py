@@ -290,3 +290,17 @@ def test_resume_refuses_records_of_another_dtype(tiny, tokenizer, tmp_path):
     # cells not asked for do not count, and measuring again without resume is allowed
     assert len(_eval(tiny, tokenizer, ["kivi:bits=4"], tmp_path)) == 3
     assert len(_eval(tiny, tokenizer, ["full"], tmp_path, resume=False)) == 3
+
+
+def test_kvzip_cells_share_the_prefill_and_the_pass(tiny, tokenizer, tmp_path):
+    specs = ["kvzip:budget=0.5,prompt=none + kivi:bits=4,group=16", "kvzip:budget=0.3,prompt=none,window=8 + kivi:bits=2,group=16"]
+    records = evaluate(tiny, ["full", *specs], tokenizer=tokenizer, tasks=["ppl"], contexts=[200], seeds=[0],
+                       text=TEXT, continuation=12, model_name="tiny", progress=False, output=tmp_path / "r.jsonl")
+    full, a, b = records  # in the order asked
+    assert "reconstruction" not in full and full["shared_prefill_seconds"] > 0
+    first, second = a["reconstruction"], b["reconstruction"]
+    assert first["reused"] is False and second["reused"] is True and second["seconds"] == first["seconds"] > 0
+    assert a["metrics"]["ppl"] != b["metrics"]["ppl"]  # each its own budget and codes
+    rows = {r["method"]: r for r in summarize(records)}  # the reused pass still counts in the method's seconds
+    assert rows[b["method"]]["method_seconds"] >= first["seconds"]
+    assert load_records(tmp_path / "r.jsonl")[-1]["reconstruction"] == second

@@ -203,6 +203,61 @@ def test_a_replayed_prefill_runs_the_pass_and_equals_its_own(make, spec):
     assert torch.equal(shared_logits, logits)
 
 
+def _held(cache):
+    return [[(part, t) for part, ts in sorted(x.parts().items()) for t in ts] for x in cache.layers]
+
+
+def test_a_second_cache_of_the_prompt_reuses_the_pass_and_keeps_what_its_own_would():
+    model = tiny_llama()
+    ids = _prompt(n=200)
+    record = record_prefill(model, ids)
+
+    def check(spec, reused, forwards=1):
+        cache, own = ks.make_cache(model, spec), ks.make_cache(model, spec)
+        replay(record, cache, model)
+        with torch.no_grad():
+            model(ids, past_key_values=own, use_cache=True)
+        assert reused is None or cache.reconstruction["reused"] is reused
+        assert own.reconstruction["reused"] is False
+        assert cache.reconstruction["forwards"] == forwards
+        for x, y in zip(_held(cache), _held(own)):  # every tensor held, bit for bit
+            assert [p for p, _ in x] == [p for p, _ in y]
+            for (part, a), (_, b) in zip(x, y):
+                assert torch.equal(a, b), (spec, part)
+        last = cache.layers[-1]
+        last = getattr(last, "heads", [last])[0]
+        return last.exact_dtype or next(model.parameters()).dtype  # what the prompt was held in
+
+    held = check("kvzip:budget=0.3,prompt=none,window=8 + kivi:bits=2,group=16", False)
+    check("kvzip:budget=0.6,ratio=0.5,prompt=none,scores=free,positions=bits + kivi:bits=4,group=16", True)
+    assert len(record.passes) == 1
+    # the prompt held in another dtype (kvzip alone keeps the 16-bit cache's float16, a codec's window the model's
+    # float32 here: the scores differ in the 4th digit), another pass (chunks), other layers (one per KV head)
+    same = check("kvzip:budget=0.5,prompt=none", None) == held
+    check("kvzip:budget=0.5,prompt=none,chunk=64", False, forwards=4)
+    check("kvzip:budget=0.5,prompt=none,heads=adaptive", False)
+    assert not same and len(record.passes) == 4  # float16 against float32 on this model: not reused
+
+
+def test_a_pass_beside_coded_sliding_layers_is_not_reused():
+    model = tiny_gemma3(sliding_window=48)
+    ids = _prompt(n=150)
+    record = record_prefill(model, ids)
+    for codec in ("kivi:bits=2,group=16,window=8", "kivi:bits=4,group=16,window=8"):
+        cache = ks.make_cache(model, f"kvzip:budget=0.5,prompt=none + {codec}")
+        replay(record, cache, model)
+        assert cache.reconstruction["reused"] is False  # what the pass read of the sliding layers differs by codec
+    assert not record.passes
+    for i, budget in enumerate((0.5, 0.3)):  # plain sliding layers beside: the prompt's exact states, reused
+        spec = f"kvzip:budget={budget},prompt=none"
+        cache, own = ks.make_cache(model, spec), ks.make_cache(model, spec)
+        replay(record, cache, model)
+        with torch.no_grad():
+            model(ids, past_key_values=own, use_cache=True)
+        assert cache.reconstruction["reused"] is (i == 1)
+        assert all(torch.equal(a, b) for x, y in zip(_held(cache), _held(own)) for (_, a), (_, b) in zip(x, y))
+
+
 def test_coded_sliding_layers_beside_the_pass_keep_the_prompt_only():
     """Gemma 3's local layers with a codec (`kvzip + CODEC`) are read by the pass decoded, as a decoding step reads
     them; the pass's tokens never reach their codes: after the prefill they hold what the codec alone holds."""

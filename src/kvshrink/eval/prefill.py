@@ -14,7 +14,8 @@ plain SDPA over the states it was given) or is one of transformers' own dynamic 
 (latent layers, which attend over their own reconstruction; KV-Direct's residual layers, which need the residual
 stream) run their own prefill. KVzip's layers (`replay_needs_model`) replay too when the model is given: after the
 replay `replay` runs their reconstruction pass, as the model's forward hook does after a prefill, so a KVzip cell
-shares the prompt's prefill with the others and pays only for its pass.
+shares the prompt's prefill with the others and pays only for its pass; the record keeps the pass's scores, so a
+second KVzip cache of the prompt with the same pass (another budget, byte cap or codec) pays for neither.
 """
 from __future__ import annotations
 
@@ -43,9 +44,11 @@ class PrefillRecord:
     scalings: dict[int, float] = field(default_factory=dict)
     logits: torch.Tensor | None = None  # [1, vocab], the model's dtype
     seconds: float = 0.0
+    passes: dict = field(default_factory=dict)  # kvzip's reconstruction passes run on it: their scores, by pass
 
     def nbytes(self) -> int:
-        ts = [*self.keys, *self.values, *self.queries.values(), *(m for m in self.masks.values() if m is not None)]
+        ts = [*self.keys, *self.values, *self.queries.values(), *(m for m in self.masks.values() if m is not None),
+              *(t for p in self.passes.values() for t in p["scores"])]
         return sum(t.numel() * t.element_size() for t in ts)
 
 
@@ -119,7 +122,8 @@ def replayable(cache, tokens: int | None = None, model: Any = None) -> bool:
 @torch.no_grad()
 def replay(record: PrefillRecord, cache, model: Any = None) -> torch.Tensor:
     """Fill `cache` as the recorded prefill would have; return the prefill's last logits [1, vocab]. `model` (the
-    one that made the record): runs what follows a prefill through it, KVzip's reconstruction pass."""
+    one that made the record): runs what follows a prefill through it, KVzip's reconstruction pass, whose scores
+    the record keeps (`record.passes`) for the next cache of the prompt that runs the same pass."""
     if not replayable(cache, record.ids.shape[1], model):
         if model is None and replayable(cache, record.ids.shape[1], model=True):
             raise ValueError(f"{type(cache).__name__}: its prefill ends with a pass through the model (kvzip): "
@@ -135,5 +139,5 @@ def replay(record: PrefillRecord, cache, model: Any = None) -> torch.Tensor:
         if layer is not None:  # the layer scores (or stores) by the queries it sees: give it the recorded ones
             layer.attend(record.queries[i], record.masks[i], record.scalings[i])
     if model is not None and any(kvzip.awaits_pass(x) for x in cache.layers):
-        kvzip.reconstruct(model, cache, record.ids)
+        kvzip.reconstruct(model, cache, record.ids, memo=record.passes)
     return record.logits

@@ -18,7 +18,8 @@ def _columns() -> dict[str, tuple[str, str, bool]]:
 
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (method, context): metrics averaged over seeds, bytes from the records' memory reports, and
-    `method_seconds`, a cell's mean wall time less the prefill it shared with the other methods."""
+    `method_seconds`, a cell's mean wall time less the prefill it shared with the other methods, plus the KVzip
+    pass it took from another cell (`reconstruction.reused`)."""
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     order: list[tuple] = []
     for r in records:
@@ -30,7 +31,9 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             if metric in r["metrics"] and r["metrics"][metric] is not None:
                 g[metric].append(float(r["metrics"][metric]))
         g["ratio"].append(r["memory"]["ratio"])
-        g["method_seconds"].append(r["seconds"] - r.get("shared_prefill_seconds", 0.0))
+        passed = r.get("reconstruction") or {}  # a KVzip pass reused from another cell is still this method's cost
+        g["method_seconds"].append(r["seconds"] - r.get("shared_prefill_seconds", 0.0)
+                                   + (passed.get("seconds", 0.0) if passed.get("reused") else 0.0))
         g["bytes_per_token"].append(r["memory"]["bytes_per_token"])
         g["seeds"].append(r["seed"])
     rows = []

@@ -109,6 +109,7 @@ class Env:
     _memo: dict = field(default_factory=dict)
     _records: "OrderedDict[bytes, PrefillRecord]" = field(default_factory=OrderedDict)
     prefill_log: list = field(default_factory=list)  # (prompt tokens, seconds, shared) of every prefill run
+    pass_log: list = field(default_factory=list)  # (seconds, reused) of every KVzip reconstruction pass
 
     def make_cache(self, spec: str | None):
         """A fresh cache for `spec`; None is the reference (`DynamicCache`)."""
@@ -135,13 +136,22 @@ class Env:
                     self._records.popitem(last=False)
             else:
                 self._records.move_to_end(key)
-            return cache, replay(record, cache, self.model), {"shared": True, "seconds": round(record.seconds, 3)}
+            logits = replay(record, cache, self.model)
+            self._log_pass(cache)
+            return cache, logits, {"shared": True, "seconds": round(record.seconds, 3)}
         start = time.perf_counter()
         with torch.no_grad():
             logits = self.model(ids.to(self.model.device), past_key_values=cache, use_cache=True).logits[:, -1]
         seconds = time.perf_counter() - start
         self.prefill_log.append((ids.shape[1], seconds, False))
+        self._log_pass(cache)
         return cache, logits, {"shared": False, "seconds": round(seconds, 3)}
+
+    def _log_pass(self, cache) -> None:
+        """Note a KVzip reconstruction pass of this prefill: (its own seconds, whether its scores were reused)."""
+        stats = getattr(cache, "reconstruction", None)
+        if stats:
+            self.pass_log.append((stats.get("pass_seconds", stats["seconds"]), bool(stats.get("reused", False))))
 
     def stop_ids(self) -> list[int]:
         return stop_tokens(self.model, self.tokenizer)
@@ -370,8 +380,10 @@ def evaluate(
         bar.set_postfix_str(f"{spec} {task} ctx={context} seed={seed}")
         start = time.perf_counter()
         shared_before = sum(sec for _, sec, shared in env.prefill_log if shared)
+        passes_before = len(env.pass_log)
         metrics, memory = task_objs[task].run(env, spec, context, seed)
         shared = sum(sec for _, sec, shared in env.prefill_log if shared) - shared_before
+        passes = env.pass_log[passes_before:]
         record = {
             "version": RECORD_VERSION, "model": model_name, "dtype": dtype, "corpus": corpus, "method": spec,
             "task": task, "context": context, "seed": seed, "settings": settings, "metrics": metrics,
@@ -379,6 +391,9 @@ def evaluate(
             "shared_prefill_seconds": round(shared, 3), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "environment": meta,
         }
+        if passes:  # KVzip: the pass's own seconds, and whether this cell reused another cell's (not in `seconds`)
+            record["reconstruction"] = {"seconds": round(sum(sec for sec, _ in passes), 3),
+                                        "reused": any(reused for _, reused in passes)}
         if output is not None:
             _append(output, record)
         results.append(record)

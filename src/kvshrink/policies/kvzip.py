@@ -232,10 +232,28 @@ def _pass_layer(layer: Any, i: int, row: int | None, length: int) -> Any:
     return out
 
 
+def _pass_key(layers: list, probed: list, row_ids: torch.Tensor, policy: Any) -> tuple | None:
+    """What a pass's scores depend on, as a key under which another cache's identical pass may reuse them; None
+    where they may differ although the key would not (a layer beside kvzip's that is not the prompt's exact states:
+    Gemma 3's coded sliding layers). The scores do not depend on budgets, the byte cap, the codec's codes (the
+    kvzip layers hold the prompt exact until the pass has scored them; the dtype they hold it in is in the key),
+    sinks, window or what is freed afterwards."""
+    if any(not awaits_pass(x) and not isinstance(x, DynamicLayer) for x in layers):  # the cache's own layers
+        return None
+    ids = row_ids.detach().cpu()
+    return (tuple(ids.shape), ids.numpy().tobytes(), tuple(policy.instruction), policy.chunk,
+            tuple((x.layer_idx, tuple(x.scores.shape), str(x.dtype), str(x.keys.dtype), str(x.sink_keys.dtype),
+                   x.low_keys is None) for x in probed))
+
+
 @torch.no_grad()
-def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None) -> dict[str, Any]:
+def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None,
+                memo: dict | None = None) -> dict[str, Any]:
     """Run the reconstruction pass of a prefilled `cache` whose prompt was `ids` [B, N], then evict to the global
-    budgets. Returns (and keeps as `cache.reconstruction`) the pass's seconds, tokens and forwards."""
+    budgets. Returns (and keeps as `cache.reconstruction`) the seconds spent here, the pass's tokens and forwards,
+    and its own seconds (`pass_seconds`). `memo` (a dict the caller keeps, e.g. one per prompt): the scores of
+    every pass run with it, so that a later cache of the same prompt and pass (another budget, byte cap or codec)
+    takes them instead of running the pass again (`reused`: True); the kept tokens are the same as its own pass's."""
     if ids is None or not torch.is_tensor(ids) or ids.dim() != 2:
         raise ValueError("kvzip: the reconstruction pass repeats the prompt's token ids; the prefill gave none "
                          "(inputs_embeds?): prefill with input_ids")
@@ -251,6 +269,7 @@ def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None) ->
             runs.append(([_pass_layer(x.rows[b], i, None, 0) if isinstance(x, RowSplit) else _pass_layer(x, i, b, n)
                           for i, x in enumerate(layers)], ids[b:b + 1, pad:]))
     tokens = forwards = 0
+    pass_seconds, reused = 0.0, False
     for view, row_ids in runs:
         waiting = [x for x in view if awaits_pass(x)]
         probed = [h for x in waiting for h in (x.heads if isinstance(x, HeadSplit) else [x])]
@@ -262,20 +281,37 @@ def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None) ->
             if x.seen != row_ids.shape[1]:
                 raise RuntimeError(f"kvzip: layer {x.layer_idx} holds {x.seen} tokens, the prompt has "
                                    f"{row_ids.shape[1]}: the pass must follow the prefill directly")
-        for inputs in pass_inputs(row_ids, policy.instruction, policy.chunk):
-            fresh = [x if any(x is w for w in waiting) else _pass_layer(x, i, None, 0) for i, x in enumerate(view)]
-            for x in probed:
-                x.probing = True
-            try:
-                model(input_ids=inputs.to(model.device), past_key_values=Cache(layers=fresh), use_cache=True,
-                      logits_to_keep=1)
-            finally:
+        key = _pass_key(layers, probed, row_ids, policy) if memo is not None else None
+        if key is not None and key in memo:
+            done = memo[key]
+            for x, scores in zip(probed, done["scores"]):
+                x.scores = scores.clone()
+            tokens, forwards = tokens + done["tokens"], forwards + done["forwards"]
+            pass_seconds += done["seconds"]
+            reused = True
+        else:
+            run_start, run_tokens, run_forwards = time.perf_counter(), 0, 0
+            for inputs in pass_inputs(row_ids, policy.instruction, policy.chunk):
+                fresh = [x if any(x is w for w in waiting) else _pass_layer(x, i, None, 0)
+                         for i, x in enumerate(view)]
                 for x in probed:
-                    x.probing, x._probe = False, None
-            tokens += inputs.numel()
-            forwards += 1
+                    x.probing = True
+                try:
+                    model(input_ids=inputs.to(model.device), past_key_values=Cache(layers=fresh), use_cache=True,
+                          logits_to_keep=1)
+                finally:
+                    for x in probed:
+                        x.probing, x._probe = False, None
+                run_tokens += inputs.numel()
+                run_forwards += 1
+            run_seconds = time.perf_counter() - run_start
+            if key is not None:
+                memo[key] = {"scores": [x.scores.clone() for x in probed], "seconds": run_seconds,
+                             "tokens": run_tokens, "forwards": run_forwards}
+            tokens, forwards, pass_seconds = tokens + run_tokens, forwards + run_forwards, pass_seconds + run_seconds
         compress(probed, getattr(policy, "ratio", 0.0))
-    stats = {"seconds": time.perf_counter() - start, "tokens": tokens, "forwards": forwards}
+    stats = {"seconds": time.perf_counter() - start, "tokens": tokens, "forwards": forwards,
+             "pass_seconds": pass_seconds, "reused": reused}
     cache.reconstruction = stats
     return stats
 
