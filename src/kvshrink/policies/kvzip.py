@@ -241,7 +241,8 @@ def _pass_key(layers: list, probed: list, row_ids: torch.Tensor, policy: Any) ->
     if any(not awaits_pass(x) and not isinstance(x, DynamicLayer) for x in layers):  # the cache's own layers
         return None
     ids = row_ids.detach().cpu()
-    return (tuple(ids.shape), ids.numpy().tobytes(), tuple(policy.instruction), policy.chunk,
+    return (tuple(ids.shape), ids.numpy().tobytes(), type(policy).__name__, policy.per_layer,
+            tuple(policy.instruction), policy.chunk,
             tuple((x.layer_idx, tuple(x.scores.shape), str(x.dtype), str(x.keys.dtype), str(x.sink_keys.dtype),
                    x.low_keys is None) for x in probed))
 
