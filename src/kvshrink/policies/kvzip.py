@@ -195,20 +195,24 @@ def compress(layers: list[ComposedLayer], ratio: float = 0.0) -> list[int]:
     return kept
 
 
-def _sliding_view(layer: ComposedLayer) -> DynamicSlidingWindowLayer:
+def _sliding_view(layer: ComposedLayer, row: int | None, length: int) -> DynamicSlidingWindowLayer:
     """A plain sliding-window layer holding what a coded sliding-window layer (Gemma 3's local layers beside
     kvzip's, `kvzip + CODEC`) attends over, decoded: the pass reads those tokens as a decoding step would and its
-    own tokens land in the view, never in the codes."""
+    own tokens land in the view, never in the codes. `row`: one row of a left-padded batch, whose prompt is its
+    last `length` tokens."""
     dt = layer.dtype
     k = torch.cat([t.to(dt) for t in (layer.sink_keys, layer.key_store.decode(dt), layer.keys) if t is not None], -2)
     v = torch.cat([t.to(dt) for t in (layer.sink_values, layer.value_store.decode(dt), layer.values)
                    if t is not None], -2)
     keep = layer.sliding_window - 1
+    if row is not None:
+        keep = min(keep, length)
+        k, v = k[row:row + 1], v[row:row + 1]
     view = DynamicSlidingWindowLayer(sliding_window=layer.sliding_window)
     k, v = k[..., -keep:, :], v[..., -keep:, :]
     view.lazy_initialization(k, v)
     view.keys, view.values = k, v
-    view.cumulative_length = layer.seen
+    view.cumulative_length = layer.seen if row is None else length
     return view
 
 
@@ -219,7 +223,7 @@ def _pass_layer(layer: Any, i: int, row: int | None, length: int) -> Any:
     if awaits_pass(layer):
         return layer
     if isinstance(layer, ComposedLayer) and layer.sliding_window is not None:
-        return _sliding_view(layer)
+        return _sliding_view(layer, row, length)
     if not isinstance(layer, DynamicLayer):
         raise ValueError(f"kvzip: layer {i} ({type(layer).__name__}) would keep the reconstruction pass's tokens: "
                          "only plain (full, sliding-window) layers can sit beside kvzip's layers")
