@@ -61,6 +61,14 @@ KVZIP_010 = f"kvzip:budget=0.6,scores=free,ratio=0.096 + tada:profile={P}-tada-r
 #: the committed pairing file's spec (benchmarks/profiles/...-kvzip-rotate-0.10.json): KVzip's ranking at 45%, scores
 #: freed and positions packed after the prompt, the rotation-aware 0.20 codes
 KVZIP_PAIRING = f"kvzip:budget=0.45,scores=free,positions=bits + tada:profile={P}-tada-rotate-0.20.json"
+#: Qwen RULER records computed in float32 (a CPU without native bf16): rows apart from the bf16 ones
+QWEN_RULER_FP32 = "benchmarks/results/eval-ruler-qwen-fp32.jsonl"
+#: KVzip's ranking under a byte cap of 0.058 with the rotation-aware 0.20 codes (uniform and per-head budgets), and
+#: with the 0.15 codes
+KVZIP_006 = f"kvzip:budget=0.6,scores=free,positions=bits,ratio=0.058 + tada:profile={P}-tada-rotate-0.20.json"
+KVZIP_006_HEADS = (f"kvzip:budget=0.6,heads=adaptive,scores=free,positions=bits,ratio=0.058 + "
+                   f"tada:profile={P}-tada-rotate-0.20.json")
+KVZIP_006_015 = f"kvzip:budget=0.6,scores=free,positions=bits,ratio=0.058 + tada:profile={P}-tada-rotate-0.15.json"
 TABLES: dict[str, dict] = {
     "readme-qwen-headline": {"doc": "README.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096, "rows": {
         "`full`": "full",
@@ -131,6 +139,22 @@ TABLES: dict[str, dict] = {
                                   "`snapkv:budget=0.45 + tada:profile=<rotation-aware 0.20>`":
                                       f"snapkv:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json",
                                   "joint profile at 0.10 (`layered`)": f"layered:profile={P}-layered-0.10.json"}},
+    "kvzip-006-fp32": {"doc": "docs/kvzip.md", "kind": "ruler", "records": QWEN_RULER_FP32, "context": 4096,
+                       "rows": {"`full` (float32)": "full",
+                                "`kvzip:budget=0.6,ratio=0.058,scores=free,positions=bits + tada:profile=<rotation-"
+                                "aware 0.20>`": KVZIP_006,
+                                "the same, `heads=adaptive`": KVZIP_006_HEADS}},
+    "kvzip-006-fp32-three": {"doc": "docs/kvzip.md", "kind": "ruler", "records": QWEN_RULER_FP32, "context": 4096,
+                             "rows": {"`full` (float32)": "full", "uniform budgets, 0.20 codes": KVZIP_006,
+                                      "`heads=adaptive`, 0.20 codes": KVZIP_006_HEADS,
+                                      "uniform budgets, 0.15 codes": KVZIP_006_015}},
+    "kvzip-006-bf16-seed0": {"doc": "docs/kvzip.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096,
+                             "seeds": [0],
+                             "rows": {"`full` (bf16)": "full",
+                                      "`snapkv:budget=0.26 + tada:profile=<rotation-aware 0.20>`":
+                                          f"snapkv:budget=0.26 + tada:profile={P}-tada-rotate-0.20.json",
+                                      "joint profile at 0.06 (`layered`)": f"layered:profile={P}-layered-0.06.json",
+                                      "the 0.10 pairing (`kvzip:budget=0.45,...`)": KVZIP_PAIRING}},
     "rotation-44": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096},
     "rotation-22": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096},
     "rotation-16k": {"doc": "docs/rotation.md", "kind": "ruler", "records": QWEN_RULER, "context": 16384},
