@@ -447,13 +447,18 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         low = self.low_positions.shape[-1] if self.scored else 0
         return self.sink_keys.shape[-2] + self.key_store.tokens + self.keys.shape[-2] + low
 
+    def held_states(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of the kept tokens in the order they are held (sinks, stored, window), in `dtype`, the
+        stored ones decoded; what a decoding step attends over besides the low tier."""
+        parts_k = [self.sink_keys, self.key_store.decode(dtype), self.keys]
+        parts_v = [self.sink_values, self.value_store.decode(dtype), self.values]
+        return (torch.cat([x.to(dtype) for x in parts_k if x is not None], -2),
+                torch.cat([x.to(dtype) for x in parts_v if x is not None], -2))
+
     def _held_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(keys, values, positions) of the low tier then the kept tokens in position order (sinks, stored,
         window), float32, and the low tier's length."""
-        parts_k = [self.sink_keys.float(), self.key_store.decode(torch.float32), self.keys.float()]
-        parts_v = [self.sink_values.float(), self.value_store.decode(torch.float32), self.values.float()]
-        k = torch.cat([x for x in parts_k if x is not None], -2)
-        v = torch.cat([x for x in parts_v if x is not None], -2)
+        k, v = self.held_states(torch.float32)
         p = kept = self.held_positions()
         if self.low_keys is not None and self.low_keys.tokens:
             k = torch.cat([self.low_keys.decode(torch.float32), k], -2)

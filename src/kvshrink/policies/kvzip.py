@@ -200,10 +200,7 @@ def _sliding_view(layer: ComposedLayer, row: int | None, length: int) -> Dynamic
     kvzip's, `kvzip + CODEC`) attends over, decoded: the pass reads those tokens as a decoding step would and its
     own tokens land in the view, never in the codes. `row`: one row of a left-padded batch, whose prompt is its
     last `length` tokens."""
-    dt = layer.dtype
-    k = torch.cat([t.to(dt) for t in (layer.sink_keys, layer.key_store.decode(dt), layer.keys) if t is not None], -2)
-    v = torch.cat([t.to(dt) for t in (layer.sink_values, layer.value_store.decode(dt), layer.values)
-                   if t is not None], -2)
+    k, v = layer.held_states(layer.dtype)
     keep = layer.sliding_window - 1
     if row is not None:
         keep = min(keep, length)
