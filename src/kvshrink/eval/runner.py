@@ -151,7 +151,7 @@ class Env:
         """Note a KVzip reconstruction pass of this prefill: (its own seconds, whether its scores were reused)."""
         stats = getattr(cache, "reconstruction", None)
         if stats:
-            self.pass_log.append((stats.get("pass_seconds", stats["seconds"]), bool(stats.get("reused", False))))
+            self.pass_log.append((stats["pass_seconds"], stats["reused"]))
 
     def stop_ids(self) -> list[int]:
         return stop_tokens(self.model, self.tokenizer)
