@@ -171,6 +171,11 @@ def test_composed_with_a_codec():
     assert coded["by_part"]["codes"] > 0 and coded["nbytes"] < 0.75 * exact["nbytes"]
 
 
+def _held(cache):
+    """Every tensor each layer holds, by part, in a fixed order."""
+    return [[(part, t) for part, ts in sorted(x.parts().items()) for t in ts] for x in cache.layers]
+
+
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
 @pytest.mark.parametrize("spec", ["kvzip:budget=0.5,prompt=none", "kvzip:budget=0.4,prompt=none,heads=adaptive",
                                   "kvzip:budget=0.5,prompt=none,chunk=32 + kivi:bits=2,group=16",
@@ -189,8 +194,7 @@ def test_a_replayed_prefill_runs_the_pass_and_equals_its_own(make, spec):
     cache = ks.make_cache(model, spec)
     assert torch.equal(replay(record, cache, model), logits)
     assert cache.reconstruction["forwards"] == own.reconstruction["forwards"] > 0
-    held = [[(part, t) for part, ts in sorted(x.parts().items()) for t in ts] for x in cache.layers]
-    ref = [[(part, t) for part, ts in sorted(x.parts().items()) for t in ts] for x in own.layers]
+    held, ref = _held(cache), _held(own)
     assert [[p for p, _ in x] for x in held] == [[p for p, _ in x] for x in ref]
     for x, y in zip(held, ref):  # every tensor held, bit for bit: the same tokens kept, coded alike
         for (part, a), (_, b) in zip(x, y):
@@ -201,10 +205,6 @@ def test_a_replayed_prefill_runs_the_pass_and_equals_its_own(make, spec):
     cache, shared_logits, how = env.prefilled(spec, ids)
     assert how["shared"] is True and cache.reconstruction["forwards"] == own.reconstruction["forwards"]
     assert torch.equal(shared_logits, logits)
-
-
-def _held(cache):
-    return [[(part, t) for part, ts in sorted(x.parts().items()) for t in ts] for x in cache.layers]
 
 
 def test_a_second_cache_of_the_prompt_reuses_the_pass_and_keeps_what_its_own_would():
