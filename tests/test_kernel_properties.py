@@ -108,3 +108,14 @@ def test_int8_key_scores_equal_the_reference_emulation_on_random_problems(data, 
                                             block_tokens=split, qdot=path), got)
     tol = dict(atol=5e-5, rtol=2e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)
     torch.testing.assert_close(got.float(), want, **tol)
+
+
+def test_int8_reference_divides_as_the_kernel_does():
+    """A problem hypothesis found: one folded query entry sits one ulp above 78.5 when 127 / amax is a true division
+    (the kernel's), and one ulp below when it is torch's `127.0 / tensor` (reciprocal, then multiply), so the two
+    rounded it to different integers and one output row moved by 5e-3. The reference now divides as the kernel does."""
+    kc, vc = GroupCodec(4, 16, "channel", "channel"), RotationCodec(16, seed=0)
+    q, ks, vs, ek, ev, index, sinks, mask = _problem(kc, vc, 1, 1, 6, 4, 128, 192, 0, 64, 5, False, torch.float32, 3)
+    want = reference.packed_attention(q, ks, vs, ek, ev, index, sinks, mask=mask, scaling=0.25, qdot="int8")
+    got = cpu.packed_attention(q, ks, vs, ek, ev, index, sinks, mask=mask, scaling=0.25, qdot="int8")
+    torch.testing.assert_close(got, want, atol=5e-5, rtol=2e-4)

@@ -59,7 +59,9 @@ def int8_query(query: torch.Tensor, key_store: PagedStore, scaling: float) -> tu
     q = (query.float() * scaling).reshape(b, hkv, rep * qn, 1, d)
     qs = q * scale[:, :, None]  # [B, HKV, R, NG, D]
     amax = qs.abs().amax(-1)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # 127 / amax as a true division, as the kernel computes it (`127.0 / tensor` is reciprocal-then-multiply in
+    # torch, one ulp off at times, which flips a rounding at k + 0.5)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     qi = torch.round(qs * inv[..., None]).clamp(-127, 127)
     a = amax / 127.0
     c0 = (q.double() * zero[:, :, None].double()).sum(-1)
