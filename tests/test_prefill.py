@@ -6,6 +6,7 @@ from conftest import tiny_gemma3, tiny_llama
 import kvshrink as ks
 from kvshrink.eval.prefill import record_prefill, replay, replayable
 from kvshrink.eval.scoring import continue_greedy
+from kvshrink.models import last_logits_only
 
 SPECS = ["full", "kivi:bits=2,group=8,window=8", "tada:bits=4,group=8,window=8", "tada:bits=2,mean=channel,group=8,window=8",
          "snapkv:budget=0.3,window=8", "h2o:budget=0.3,window=8", "tova:budget=0.3,window=8",
@@ -28,7 +29,7 @@ def test_a_replayed_cache_equals_a_prefilled_one(make, spec):
     ids = torch.randint(2, 95, (1, 70), generator=torch.Generator().manual_seed(1))
     through = ks.make_cache(model, spec)
     with torch.no_grad():
-        logits = model(ids, past_key_values=through, use_cache=True).logits[:, -1]
+        logits = model(ids, past_key_values=through, use_cache=True, **last_logits_only(model)).logits[:, -1]
     record = record_prefill(model, ids)
     replayed = ks.make_cache(model, spec)
     assert replayable(replayed, ids.shape[1])
@@ -67,7 +68,7 @@ def test_the_quanto_baseline_replays():
     ids = torch.randint(2, 95, (1, 80), generator=torch.Generator().manual_seed(2))
     through = make_baseline_cache(model, "hf-quanto:bits=4")
     with torch.no_grad():
-        logits = model(ids, past_key_values=through, use_cache=True).logits[:, -1]
+        logits = model(ids, past_key_values=through, use_cache=True, **last_logits_only(model)).logits[:, -1]
     replayed = make_baseline_cache(model, "hf-quanto:bits=4")
     assert replayable(replayed)
     record = record_prefill(model, ids)
@@ -100,6 +101,21 @@ def test_a_kernel_attending_cache_replays_long_prompts_only():
     ids = torch.randint(2, 95, (1, 40), generator=torch.Generator().manual_seed(5))
     through = ks.make_cache(model, "kivi:bits=2,group=8,window=8,kernel=cpu")
     with torch.no_grad():
-        logits = model(ids, past_key_values=through, use_cache=True).logits[:, -1]
+        logits = model(ids, past_key_values=through, use_cache=True, **last_logits_only(model)).logits[:, -1]
     assert torch.equal(replay(record_prefill(model, ids), cache), logits)
     assert torch.equal(continue_greedy(model, through, logits, 8), continue_greedy(model, cache, logits, 8))
+
+
+def test_a_prefill_computes_the_last_logits_only_as_generate_does():
+    """The recorded prefill asks for the last position's logits only (`logits_to_keep=1`, which generate() passes
+    too): the same bits as generate's prefill, and no [tokens x vocab] tensor; a forward without the keyword gets
+    none."""
+    model = tiny_llama()
+    assert last_logits_only(model) == {"logits_to_keep": 1}
+    assert last_logits_only(lambda input_ids, past_key_values=None: None) == {}
+    assert last_logits_only(object()) == {}
+    ids = torch.randint(2, 95, (1, 70), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(ids, logits_to_keep=1)
+    record = record_prefill(model, ids)
+    assert out.logits.shape[1] == 1 and torch.equal(record.logits, out.logits[:, -1])

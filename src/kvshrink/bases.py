@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from .codecs.lowrank import energy, fit_basis
 from .distributed import refuse_sharded
+from .models import last_logits_only
 from .profile import Profile, ProfileError, fingerprint
 from .rope import Rope
 
@@ -49,7 +50,8 @@ def fit_bases(model, ids: torch.Tensor, *, joint: bool, samples: int = 4, contex
     for s in tqdm(range(samples), desc="fitting bases", unit="window", disable=not progress):
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(ids[:, s * stride:s * stride + context], past_key_values=cache, use_cache=True)
+            model(ids[:, s * stride:s * stride + context], past_key_values=cache, use_cache=True,
+                  **last_logits_only(model))
         for i, layer in enumerate(cache.layers):
             keys = layer.keys
             if key_space == "pre_rope":

@@ -31,7 +31,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from .eval.scoring import continue_scores
 from .methods import build_method, with_options
-from .models import load_model
+from .models import last_logits_only, load_model
 
 
 def method_spec(method: str, extra: dict[str, Any], profile: str | None = None) -> str:
@@ -81,7 +81,8 @@ class KVShrinkLM(HFLM):
             context = torch.tensor([whole[:-n]], device=self.device)
             cont = torch.tensor([whole[-n:]], device=self.device)
             cache = self.make_cache()
-            first = self.model(context, past_key_values=cache, use_cache=True).logits[:, -1]
+            first = self.model(context, past_key_values=cache, use_cache=True,
+                               **last_logits_only(self.model)).logits[:, -1]
             logprobs = continue_scores(self.model, cache, first, cont)  # [n, vocab], one decoding step per token
             picked = logprobs.gather(1, cont.cpu()[0, :, None])[:, 0]
             answer = (float(picked.sum()), bool((logprobs.argmax(-1) == cont.cpu()[0]).all()))

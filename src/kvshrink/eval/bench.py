@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 
 from ..io import atomic_write_text
-from ..models import load_model
+from ..models import last_logits_only, load_model
 from ..spec import split_specs
 from .corpus import heldout_text
 from ..report import markdown_table
@@ -56,7 +56,7 @@ def run_one(model, make_cache, ids: torch.Tensor, decode_tokens: int) -> dict[st
         cache = make_cache()
         _sync(device)
         t0 = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, past_key_values=cache, use_cache=True, **last_logits_only(model))
         _sync(device)
         t1 = time.perf_counter()
         nxt = out.logits[:, -1:].argmax(-1)

@@ -10,7 +10,6 @@ the conversation, which is what the cache and its working memory add), the token
 """
 from __future__ import annotations
 
-import inspect
 import random
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..models import last_logits_only
 from .corpus import heldout_text
 from .memory import PeakMemory, rss, trim
 
@@ -90,7 +90,7 @@ def play(model, tokenizer, cache, conversation: Conversation, reference: list[li
     share of steps where the method's greedy choice equals the reference's token, so every method sees the same
     conversation whatever it would have said."""
     device = model.device
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    last_only = last_logits_only(model)
     stop = set(stop_ids)
     replies, records = [], []
     trim()

@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, QuantizedLayer
 
 from .. import attention
+from ..models import last_logits_only
 from ..policies import kvzip
 
 
@@ -85,7 +86,8 @@ def record_prefill(model, ids: torch.Tensor) -> PrefillRecord:
 
     start = time.perf_counter()
     with attention.observing(observe):
-        out = model(ids.to(model.device), past_key_values=_RecordingCache(model.config, record), use_cache=True)
+        out = model(ids.to(model.device), past_key_values=_RecordingCache(model.config, record), use_cache=True,
+                    **last_logits_only(model))
     record.logits = out.logits[:, -1].detach()
     record.seconds = time.perf_counter() - start
     if len(record.queries) != len(record.keys):

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from ..methods import build_method, canonical_spec, make_cache
 from ..spec import split_specs
 from ..io import atomic_write_text
-from ..models import load_model
+from ..models import last_logits_only, load_model
 from ..version import __version__
 from .baselines import baseline_memory, is_baseline, make_baseline_cache, parse_baseline
 from .corpus import heldout_text
@@ -141,7 +141,8 @@ class Env:
             return cache, logits, {"shared": True, "seconds": round(record.seconds, 3)}
         start = time.perf_counter()
         with torch.no_grad():
-            logits = self.model(ids.to(self.model.device), past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = self.model(ids.to(self.model.device), past_key_values=cache, use_cache=True,
+                                **last_logits_only(self.model)).logits[:, -1]
         seconds = time.perf_counter() - start
         self.prefill_log.append((ids.shape[1], seconds, False))
         self._log_pass(cache)

@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache
 
+from ..models import last_logits_only
+
 
 @torch.no_grad()
 def score_continuation(model, cache: Cache, context: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
@@ -22,7 +24,7 @@ def score_continuation(model, cache: Cache, context: torch.Tensor, continuation:
     _check_ids(context, "context")
     _check_ids(continuation, "continuation")
     device = model.device
-    out = model(context.to(device), past_key_values=cache, use_cache=True)
+    out = model(context.to(device), past_key_values=cache, use_cache=True, **last_logits_only(model))
     rows = [out.logits[:, -1].float().log_softmax(-1)]
     for i in range(continuation.shape[1] - 1):
         out = model(continuation[:, i:i + 1].to(device), past_key_values=cache, use_cache=True)
@@ -80,7 +82,7 @@ def score_continuation_chunked(model, cache: Cache, context: torch.Tensor, conti
     """
     _check_ids(context, "context")
     _check_ids(continuation, "continuation")
-    out = model(context.to(model.device), past_key_values=cache, use_cache=True)
+    out = model(context.to(model.device), past_key_values=cache, use_cache=True, **last_logits_only(model))
     return score_continuation_after(model, cache, out.logits[:, -1], continuation)
 
 
