@@ -148,6 +148,10 @@ TABLES: dict[str, dict] = {
                              "rows": {"`full` (float32)": "full", "uniform budgets, 0.20 codes": KVZIP_006,
                                       "`heads=adaptive`, 0.20 codes": KVZIP_006_HEADS,
                                       "uniform budgets, 0.15 codes": KVZIP_006_015}},
+    "kvzip-006-fp32-44": {"doc": "docs/kvzip.md", "kind": "ruler", "records": QWEN_RULER_FP32, "context": 4096,
+                          "rows": {"`full` (float32)": "full",
+                                   "`kvzip:budget=0.6,ratio=0.058,heads=adaptive,scores=free,positions=bits + "
+                                   "tada:profile=<rotation-aware 0.20>` (the 0.06 pairing profile)": KVZIP_006_HEADS}},
     "kvzip-006-bf16-seed0": {"doc": "docs/kvzip.md", "kind": "ruler", "records": QWEN_RULER, "context": 4096,
                              "seeds": [0],
                              "rows": {"`full` (bf16)": "full",
