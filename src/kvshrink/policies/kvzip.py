@@ -32,6 +32,7 @@ from ..cache import CompressedCache
 from ..layers.composed import ComposedLayer
 from ..layers.heads import HeadSplit
 from ..layers.rows import RowSplit
+from ..models import last_logits_only
 from .scoring import Policy, ScoreContext, register_policy
 
 #: repeat instructions by name: the text the pass reads before the prompt's tokens ("none": the tokens alone)
@@ -300,7 +301,7 @@ def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None,
                     x.probing = True
                 try:
                     model(input_ids=inputs.to(model.device), past_key_values=Cache(layers=fresh), use_cache=True,
-                          logits_to_keep=1)
+                          **last_logits_only(model))
                 finally:
                     for x in probed:
                         x.probing, x._probe = False, None
