@@ -175,9 +175,57 @@ inline __m256i codes8i(const uint8_t* p) {
   }
 }
 
-template <int BITS>
-inline __m256 codes8(const uint8_t* p) {
-  return _mm256_cvtepi32_ps(codes8i<BITS>(p));
+// 8 codes (2, 3, 4 bits) as int32 lanes from one broadcast 4-byte load: `word` points BACK bytes before the
+// chunk's own BITS bytes (BACK = 0 at the start of a span, 4 - BITS later in it, so that no read leaves a span of
+// at least 16 codes and no scalar assembly is needed).
+template <int BITS, int BACK>
+inline __m256i codes8i_word(const uint8_t* word) {
+  static_assert(BITS == 2 || BITS == 3 || BITS == 4, "2, 3 or 4 bits");
+  const __m256i w = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(word)));
+  const __m256i shifts = _mm256_setr_epi32(8 * BACK, 8 * BACK + BITS, 8 * BACK + 2 * BITS, 8 * BACK + 3 * BITS,
+                                           8 * BACK + 4 * BITS, 8 * BACK + 5 * BITS, 8 * BACK + 6 * BITS,
+                                           8 * BACK + 7 * BITS);
+  return _mm256_and_si256(_mm256_srlv_epi32(w, shifts), _mm256_set1_epi32((1 << BITS) - 1));
+}
+
+// Calls f(i, codes) for the n codes (a multiple of 8) of a span at p, eight at a time (i: the first code's index,
+// codes: int32 lanes): the first chunk read forward, the others through the bytes before them (spans of 16 codes
+// or more; shorter ones and 8 bits load exactly their bytes).
+template <int BITS, class F>
+inline void for_codes8(const uint8_t* __restrict p, int64_t n, F f) {
+  if constexpr (BITS == 8) {
+    for (int64_t i = 0; i < n; i += 8) f(i, codes8i<8>(p + i));
+  } else {
+    if (n < 16) {
+      for (int64_t i = 0; i < n; i += 8) f(i, codes8i<BITS>(p + i / 8 * BITS));
+      return;
+    }
+    f(0, codes8i_word<BITS, 0>(p));
+    constexpr int kBack = 4 - BITS;
+    for (int64_t i = 8; i < n; i += 8) f(i, codes8i_word<BITS, kBack>(p + i / 8 * BITS - kBack));
+  }
+}
+
+// exp(x) of eight lanes, each x <= 0 (exp_nonpos's steps and constants; its result to within an ulp or two): 0 below
+// -87 and for -inf, NaN stays NaN.
+inline __m256 exp8_nonpos(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_blendv_ps(x, lo, tiny);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256 scale = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, scale));
 }
 
 // D (a multiple of 8) Lloyd-Max codes from p as centroids times a: the codebook (2^BITS <= 16 entries, padded to
@@ -185,23 +233,25 @@ inline __m256 codes8(const uint8_t* p) {
 template <int BITS>
 void centroids8(const uint8_t* __restrict p, int64_t D, const float* __restrict cb16, float a, float* __restrict out) {
   const __m256 lo = _mm256_loadu_ps(cb16), hi = _mm256_loadu_ps(cb16 + 8), va = _mm256_set1_ps(a);
-  for (int64_t i = 0; i < D; i += 8) {
-    const __m256i c = codes8i<BITS>(p + i / 8 * BITS);
+  for_codes8<BITS>(p, D, [&](int64_t i, __m256i c) {
     __m256 v = _mm256_permutevar8x32_ps(lo, c);
     if constexpr (BITS == 4)
       v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, c),
                            _mm256_castsi256_ps(_mm256_cmpgt_epi32(c, _mm256_set1_epi32(7))));
     _mm256_storeu_ps(out + i, _mm256_mul_ps(v, va));
-  }
+  });
 }
 
 // n (a multiple of 8) codes from p: out = code * s + z with per-channel s, z (s == nullptr: the codes themselves)
 template <int BITS>
 void dequant8(const uint8_t* __restrict p, int64_t n, const float* __restrict s, const float* __restrict z,
               float* __restrict out) {
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m256 c = codes8<BITS>(p + i / 8 * BITS);
-    _mm256_storeu_ps(out + i, s ? _mm256_fmadd_ps(c, _mm256_loadu_ps(s + i), _mm256_loadu_ps(z + i)) : c);
+  if (s) {
+    for_codes8<BITS>(p, n, [&](int64_t i, __m256i c) {
+      _mm256_storeu_ps(out + i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), _mm256_loadu_ps(s + i), _mm256_loadu_ps(z + i)));
+    });
+  } else {
+    for_codes8<BITS>(p, n, [&](int64_t i, __m256i c) { _mm256_storeu_ps(out + i, _mm256_cvtepi32_ps(c)); });
   }
 }
 
@@ -209,7 +259,81 @@ void dequant8(const uint8_t* __restrict p, int64_t n, const float* __restrict s,
 template <int BITS>
 void dequant8_group(const uint8_t* __restrict p, int64_t n, float a, float z, float* __restrict out) {
   const __m256 va = _mm256_set1_ps(a), vz = _mm256_set1_ps(z);
-  for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(codes8<BITS>(p + i / 8 * BITS), va, vz));
+  for_codes8<BITS>(p, n, [&](int64_t i, __m256i c) {
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), va, vz));
+  });
+}
+
+// ---- Values summed straight from their codes (per-token groups, Lloyd-Max rows) -----------------------------------
+// For a tile of tokens in one page: acc[r][c0 + d] += sum_j Wg[r][j] * f(code_jd) for 16 channels at a time,
+// where f turns codes into floats (the codes themselves for groups, whose scale is folded into Wg and whose zero is
+// added by the caller; the centroids for Lloyd-Max rows, whose norm is folded into Wg). RB rows per pass keep their
+// two accumulators each in registers; the codes of a token are turned into floats once per pass.
+template <int BITS, int RB, bool FIRST, class ToFloat>
+void accum_pass(const float* __restrict Wg, int64_t nt, const uint8_t* __restrict codes0, int64_t tstride,
+                float* __restrict acc, int64_t accstride, ToFloat tf) {
+  __m256 a[RB][2];
+  for (int r = 0; r < RB; ++r) {
+    a[r][0] = _mm256_loadu_ps(acc + r * accstride);
+    a[r][1] = _mm256_loadu_ps(acc + r * accstride + 8);
+  }
+  for (int64_t j = 0; j < nt; ++j) {
+    const uint8_t* cp = codes0 + j * tstride;
+    __m256i c0, c1;
+    if constexpr (BITS == 8) {
+      c0 = codes8i<8>(cp);
+      c1 = codes8i<8>(cp + 8);
+    } else {
+      constexpr int kBack = 4 - BITS;
+      c0 = FIRST ? codes8i_word<BITS, 0>(cp) : codes8i_word<BITS, kBack>(cp - kBack);
+      c1 = codes8i_word<BITS, kBack>(cp + BITS - kBack);
+    }
+    const __m256 v0 = tf(c0), v1 = tf(c1);
+    for (int r = 0; r < RB; ++r) {
+      const __m256 w = _mm256_broadcast_ss(Wg + r * kTile + j);
+      a[r][0] = _mm256_fmadd_ps(w, v0, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(w, v1, a[r][1]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    _mm256_storeu_ps(acc + r * accstride, a[r][0]);
+    _mm256_storeu_ps(acc + r * accstride + 8, a[r][1]);
+  }
+}
+
+// accum_pass over R rows (passes of at most MAXR) and C channels (a multiple of 16) starting at code k of each
+// token (codes0: token 0's byte of code k, a multiple of 8; row_start: k is a row's first code).
+template <int BITS, int MAXR, class ToFloat>
+void accum_codes(const float* Wg, int64_t R, int64_t nt, const uint8_t* codes0, int64_t tstride, float* acc,
+                 int64_t accstride, int64_t C, bool row_start, ToFloat tf) {
+  for (int64_t c = 0; c < C; c += 16) {
+    const uint8_t* cp = codes0 + c / 8 * BITS;
+    const bool first = row_start && c == 0;
+    for (int64_t r0 = 0; r0 < R; r0 += MAXR) {
+      const int64_t rb = std::min<int64_t>(MAXR, R - r0);
+      const float* w = Wg + r0 * kTile;
+      float* y = acc + r0 * accstride + c;
+#define KVSHRINK_PASS(N)                                                                    \
+  case N:                                                                                   \
+    if constexpr (N <= MAXR) {                                                              \
+      if (first)                                                                            \
+        accum_pass<BITS, N, true>(w, nt, cp, tstride, y, accstride, tf);                    \
+      else                                                                                  \
+        accum_pass<BITS, N, false>(w, nt, cp, tstride, y, accstride, tf);                   \
+    }                                                                                       \
+    break;
+      switch (rb) {
+        KVSHRINK_PASS(1)
+        KVSHRINK_PASS(2)
+        KVSHRINK_PASS(3)
+        KVSHRINK_PASS(4)
+        KVSHRINK_PASS(5)
+        KVSHRINK_PASS(6)
+        default: break;
+      }
+#undef KVSHRINK_PASS
+    }
+  }
 }
 
 inline void dequant8_any(int bits, const uint8_t* p, int64_t n, const float* s, const float* z, float* out) {
@@ -802,6 +926,110 @@ class Reader {
 
   bool has_head_mean() const { return !head_mean_.empty(); }
 
+  // Whether fused_tile can read this store: per-token groups of whole rows (2/3/4/8 bits, groups a multiple of 16
+  // channels) or Lloyd-Max rows (2/3/4 bits), no head mean, head dim a multiple of 16 (AVX2 builds).
+  bool can_fuse() const {
+#ifdef KVSHRINK_AVX2
+    if (!head_mean_.empty() || D_ % 16) return false;
+    if (s_.kind == kGrouped)
+      return !s_.channel_axis && s_.bits != 16 && s_.whole_row && s_.group % 16 == 0;
+    return s_.kind == kLloydMax && s_.bits <= 4;
+#else
+    return false;
+#endif
+  }
+
+  // acc[r] += sum_j W[r * stride + j] v_{t+j} for the nt tokens from t, summed from their codes without writing
+  // the rows out: a group's scale goes into the weights (Wg = W * scale), its zero is added once per row and group
+  // (sum_j W zero_j). buf: at least kTile * (R + 2) * groups floats. False (nothing done): the tile spans pages.
+  bool fused_tile(int64_t t, int64_t nt, const float* W, int64_t R, int64_t stride, float* buf, float* acc) {
+#ifdef KVSHRINK_AVX2
+    int64_t p0, l0, p1, l1;
+    s_.locate(t, p0, l0);
+    s_.locate(t + nt - 1, p1, l1);
+    if (p0 != p1) return false;
+    const int64_t D = D_;
+    if (s_.kind == kLloydMax) {
+      float* Wg = buf;
+      const uint8_t* nrm = norms_[p0];
+      for (int64_t j = 0; j < nt; ++j) {
+        const float a = s_.norm32 ? reinterpret_cast<const float*>(nrm)[l0 + j]
+                                  : half1(reinterpret_cast<const uint16_t*>(nrm)[l0 + j]);
+        for (int64_t r = 0; r < R; ++r) Wg[r * kTile + j] = W[r * stride + j] * a;
+      }
+      const uint8_t* codes = codes_[p0] + l0 * s_.row_bytes;
+      const float* cb = s_.codebook.data();
+      const __m256 lo = _mm256_loadu_ps(cb), hi = _mm256_loadu_ps(cb + 8);
+      switch (s_.bits) {
+        case 2: accum_codes<2, 4>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true,
+                                  [lo](__m256i c) { return _mm256_permutevar8x32_ps(lo, c); }); break;
+        case 3: accum_codes<3, 4>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true,
+                                  [lo](__m256i c) { return _mm256_permutevar8x32_ps(lo, c); }); break;
+        default:
+          accum_codes<4, 4>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true, [lo, hi](__m256i c) {
+            return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, c), _mm256_permutevar8x32_ps(hi, c),
+                                    _mm256_castsi256_ps(_mm256_cmpgt_epi32(c, _mm256_set1_epi32(7))));
+          });
+          break;
+      }
+      return true;
+    }
+    const int64_t ng = s_.ngroups, G = s_.group, rb = s_.row_bytes, tstride = ng * rb;
+    float* A = buf;                   // [ng, kTile] scales, group-major
+    float* Z = A + kTile * ng;        // [ng, kTile] zeros
+    float* Wg = Z + kTile * ng;       // [R, kTile] one group's weights
+    if (ng == 1) {
+      half_to_float(scale_[p0] + l0, A, nt);
+      half_to_float(zero_[p0] + l0, Z, nt);
+    } else {
+      const uint16_t* sc = scale_[p0] + l0 * ng;
+      const uint16_t* zc = zero_[p0] + l0 * ng;
+      for (int64_t j = 0; j < nt; ++j)
+        for (int64_t g = 0; g < ng; ++g) {
+          A[g * kTile + j] = half1(sc[j * ng + g]);
+          Z[g * kTile + j] = half1(zc[j * ng + g]);
+        }
+    }
+    const uint8_t* codes = codes_[p0] + l0 * tstride;
+    const auto to_float = [](__m256i c) { return _mm256_cvtepi32_ps(c); };
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* ag = A + g * kTile;
+      const float* zg = Z + g * kTile;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* w = W + r * stride;
+        float* o = Wg + r * kTile;
+        float zs = 0.0f;
+#pragma omp simd reduction(+ : zs)
+        for (int64_t j = 0; j < nt; ++j) {
+          o[j] = w[j] * ag[j];
+          zs += w[j] * zg[j];
+        }
+        float* y = acc + r * D + g * G;
+        const __m256 vz = _mm256_set1_ps(zs);
+        for (int64_t d = 0; d < G; d += 8) _mm256_storeu_ps(y + d, _mm256_add_ps(_mm256_loadu_ps(y + d), vz));
+      }
+      const uint8_t* cg = codes + g * rb;
+      switch (s_.bits) {
+        case 2: accum_codes<2, 6>(Wg, R, nt, cg, tstride, acc + g * G, D, G, g == 0, to_float); break;
+        case 3: accum_codes<3, 6>(Wg, R, nt, cg, tstride, acc + g * G, D, G, g == 0, to_float); break;
+        case 4: accum_codes<4, 6>(Wg, R, nt, cg, tstride, acc + g * G, D, G, g == 0, to_float); break;
+        default: accum_codes<8, 6>(Wg, R, nt, cg, tstride, acc + g * G, D, G, g == 0, to_float); break;
+      }
+    }
+    if (!channel_mean_.empty()) {  // sum_j W (v_j + mean) = sum_j W v_j + mean * sum_j W
+      for (int64_t r = 0; r < R; ++r) {
+        float ws = 0.0f;
+        for (int64_t j = 0; j < nt; ++j) ws += W[r * stride + j];
+        axpy(acc + r * D, ws, channel_mean_.data(), D);
+      }
+    }
+    return true;
+#else
+    (void)t; (void)nt; (void)W; (void)R; (void)stride; (void)buf; (void)acc;
+    return false;
+#endif
+  }
+
   const std::vector<float>& channel_mean() const { return channel_mean_; }
 
   // Channel axis: load the scale and zero of the group holding token t (the channel mean folded into the zero);
@@ -999,14 +1227,13 @@ struct Problem {
 };
 
 // Running softmax of one unit over n keys, a tile of kTile keys at a time: score(t0, nt, S) writes the R rows'
-// scores of keys t0 .. t0 + nt - 1 to S[r * kTile + j]; values(t0, nt, buf) returns their value rows (nt x D
-// floats, in buf or elsewhere); key_index(j) is key j's index (for the mask).
+// scores of keys t0 .. t0 + nt - 1 to S[r * kTile + j]; values(t0, nt, P, acc) adds sum_j P[r * kTile + j] v_j to
+// acc[r]; key_index(j) is key j's index (for the mask).
 template <class Score, class Values, class KeyIndex>
 void attend_keys(const Problem& P, int64_t b, int64_t n, Score score, Values values, KeyIndex key_index, float* m,
                  float* l, float* acc) {
   const int64_t R = P.R, D = P.D, QN = P.QN;
   std::vector<float> S(R * kTile);
-  std::vector<float> vbuf(kTile * D + 16);
   const bool* mask = P.mask ? P.mask + b * P.mask_b : nullptr;
   for (int64_t t0 = 0; t0 < n; t0 += kTile) {
     const int64_t nt = std::min(kTile, n - t0);
@@ -1041,8 +1268,22 @@ void attend_keys(const Problem& P, int64_t b, int64_t n, Score score, Values val
         m[r] = new_max;
       }
       float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < nt; ++j) {
+      int64_t j = 0;
+#ifdef KVSHRINK_AVX2
+      {
+        const __m256 mx = _mm256_set1_ps(new_max);
+        __m256 vsum = _mm256_setzero_ps();
+        for (; j + 8 <= nt; j += 8) {
+          const __m256 p = exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + j), mx));
+          _mm256_storeu_ps(s + j, p);
+          vsum = _mm256_add_ps(vsum, p);
+        }
+        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
+        const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        sum = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+      }
+#endif
+      for (; j < nt; ++j) {
         const float p = exp_nonpos(s[j] - new_max);
         s[j] = p;
         sum += p;
@@ -1051,7 +1292,7 @@ void attend_keys(const Problem& P, int64_t b, int64_t n, Score score, Values val
       any = true;
     }
     if (!any) continue;  // every key of the tile masked for every row
-    values_tile(S.data(), R, kTile, values(t0, nt, vbuf.data()), nt, D, acc);
+    values(t0, nt, S.data(), acc);
   }
 }
 
@@ -1070,6 +1311,8 @@ void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, i
   // qdot=int8: the folded query is rounded to int8 per (row, group) and the codes are summed in integers
   const int mode = fold && ks.kind == kGrouped ? P.qdot : kQFloat;
   const bool slots = mode == kQInt8Avx2 || mode == kQInt8Vnni;
+  // values read straight from their codes into the weighted sum (Reader::fused_tile), where the layout allows
+  const bool fused_values = vr.can_fuse();
   std::vector<float> qs(fold ? R * D : 0), c0(fold ? R : 0), kbuf(kTile * D + 16);
   Int8Query iq(Q, mode != kQFloat ? R : 0, D, ks.bits, slots);
   std::vector<uint8_t> cbuf(mode != kQFloat ? kTile * D : 0);
@@ -1121,9 +1364,12 @@ void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, i
       scores_tile(Q, R, kbuf.data(), nt, D, S, kTile);
     }
   };
-  auto values = [&](int64_t j0, int64_t nt, float* buf) -> const float* {
-    for (int64_t j = 0; j < nt; ++j) vr.row(t_begin + j0 + j, buf + j * D);
-    return buf;
+  std::vector<float> vbuf(kTile * D + 16), wbuf(fused_values ? kTile * (R + 2) * vs.ngroups : 0);
+  auto values = [&](int64_t j0, int64_t nt, const float* W, float* acc_rows) {
+    const int64_t t0 = t_begin + j0;
+    if (fused_values && vr.fused_tile(t0, nt, W, R, kTile, wbuf.data(), acc_rows)) return;
+    for (int64_t j = 0; j < nt; ++j) vr.row(t0 + j, vbuf.data() + j * D);
+    values_tile(W, R, kTile, vbuf.data(), nt, D, acc_rows);
   };
   auto key_index = [&](int64_t j) { return P.key0 + t_begin + j; };
   attend_keys(P, b, t_end - t_begin, score, values, key_index, m, l, acc);
@@ -1136,7 +1382,9 @@ void exact_unit(const Problem& P, int64_t b, int64_t h, float* m, float* l, floa
   const float* K = P.exact_k + (b * P.HKV + h) * P.TE * D;
   const float* V = P.exact_v + (b * P.HKV + h) * P.TE * D;
   auto score = [&](int64_t j0, int64_t nt, float* S) { scores_tile(Q, R, K + j0 * D, nt, D, S, kTile); };
-  auto values = [&](int64_t j0, int64_t, float*) -> const float* { return V + j0 * D; };
+  auto values = [&](int64_t j0, int64_t nt, const float* W, float* acc_rows) {
+    values_tile(W, R, kTile, V + j0 * D, nt, D, acc_rows);
+  };
   auto key_index = [&](int64_t j) { return P.exact_index[j]; };
   attend_keys(P, b, P.TE, score, values, key_index, m, l, acc);
 }
