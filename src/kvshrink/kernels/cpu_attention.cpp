@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX__)
@@ -332,6 +333,74 @@ void accum_codes(const float* Wg, int64_t R, int64_t nt, const uint8_t* codes0, 
         default: break;
       }
 #undef KVSHRINK_PASS
+    }
+  }
+}
+
+// ---- Key scores straight from their codes (per-channel groups with the scales folded into the query, Lloyd-Max
+// rows) ---------------------------------------------------------------------------------------------------------------
+// S[r * kTile + j] = sum_d Qs[r][d] f(code_jd) for RB query rows and nt tokens (TB at a time, RB x TB accumulators in
+// registers), D a multiple of 16: each token's codes are turned into floats once for all RB rows and never written
+// out. Four accumulators are summed together by a transposing horizontal add.
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+
+template <int BITS, int RB, int TB, class ToFloat>
+void scores_pass(const float* __restrict Qs, int64_t D, int64_t nt, const uint8_t* __restrict codes0, int64_t tstride,
+                 float* __restrict S, ToFloat tf) {
+  int64_t j = 0;
+  for (; j + TB <= nt; j += TB) {
+    __m256 a[RB * TB];
+    for (auto& x : a) x = _mm256_setzero_ps();
+    const uint8_t* cp = codes0 + j * tstride;
+    const auto chunk = [&](int64_t k, auto first) {
+      for (int t = 0; t < TB; ++t) {
+        const uint8_t* row = cp + t * tstride;
+        __m256i ci;
+        if constexpr (BITS == 8) {
+          ci = codes8i<8>(row + 8 * k);
+        } else if constexpr (decltype(first)::value) {
+          ci = codes8i_word<BITS, 0>(row);
+        } else {
+          constexpr int kBack = 4 - BITS;
+          ci = codes8i_word<BITS, kBack>(row + k * BITS - kBack);
+        }
+        const __m256 c = tf(ci);
+        for (int r = 0; r < RB; ++r)
+          a[r * TB + t] = _mm256_fmadd_ps(_mm256_loadu_ps(Qs + r * D + 8 * k), c, a[r * TB + t]);
+      }
+    };
+    chunk(0, std::true_type{});
+    for (int64_t k = 1; k < D / 8; ++k) chunk(k, std::false_type{});
+    constexpr int kN = RB * TB;
+    const __m256 z = _mm256_setzero_ps();
+    const auto acc_at = [&](int i) { return i < kN ? a[i] : z; };
+    alignas(16) float out[(kN + 3) / 4 * 4];
+    for (int i = 0; i < kN; i += 4) _mm_store_ps(out + i, hsum4(acc_at(i), acc_at(i + 1), acc_at(i + 2), acc_at(i + 3)));
+    for (int r = 0; r < RB; ++r)
+      for (int t = 0; t < TB; ++t) S[r * kTile + j + t] = out[r * TB + t];
+  }
+  if constexpr (TB > 1) {
+    if (j < nt) scores_pass<BITS, RB, 1>(Qs, D, nt - j, codes0 + j * tstride, tstride, S + j, tf);
+  }
+}
+
+// scores_pass over R rows: four tokens at a time for up to 3 rows (12 accumulators), two for up to 6, passes of 6.
+template <int BITS, class ToFloat>
+void scores_codes(const float* Qs, int64_t R, int64_t D, int64_t nt, const uint8_t* codes0, int64_t tstride,
+                  float* S, ToFloat tf) {
+  for (int64_t r0 = 0; r0 < R; r0 += 6) {
+    const float* q = Qs + r0 * D;
+    float* out = S + r0 * kTile;
+    switch (std::min<int64_t>(6, R - r0)) {
+      case 1: scores_pass<BITS, 1, 4>(q, D, nt, codes0, tstride, out, tf); break;
+      case 2: scores_pass<BITS, 2, 4>(q, D, nt, codes0, tstride, out, tf); break;
+      case 3: scores_pass<BITS, 3, 4>(q, D, nt, codes0, tstride, out, tf); break;
+      case 4: scores_pass<BITS, 4, 2>(q, D, nt, codes0, tstride, out, tf); break;
+      case 5: scores_pass<BITS, 5, 2>(q, D, nt, codes0, tstride, out, tf); break;
+      default: scores_pass<BITS, 6, 2>(q, D, nt, codes0, tstride, out, tf); break;
     }
   }
 }
@@ -926,6 +995,23 @@ class Reader {
 
   bool has_head_mean() const { return !head_mean_.empty(); }
 
+  // Channel axis or Lloyd-Max rows: the codes of tokens t .. t + n - 1, row_bytes apart, when they lie in one page
+  // (else nullptr).
+  const uint8_t* tile_codes(int64_t t, int64_t n) const {
+    int64_t p0, l0, p1, l1;
+    s_.locate(t, p0, l0);
+    s_.locate(t + n - 1, p1, l1);
+    return p0 == p1 ? codes_[p0] + l0 * s_.row_bytes : nullptr;
+  }
+
+  // Lloyd-Max / fp8 rows: token t's norm (scale).
+  float norm(int64_t t) const {
+    int64_t p, lt;
+    s_.locate(t, p, lt);
+    return s_.norm32 ? reinterpret_cast<const float*>(norms_[p])[lt]
+                     : half1(reinterpret_cast<const uint16_t*>(norms_[p])[lt]);
+  }
+
   // Whether fused_tile can read this store: per-token groups of whole rows (2/3/4/8 bits, groups a multiple of 16
   // channels) or Lloyd-Max rows (2/3/4 bits), no head mean, head dim a multiple of 16 (AVX2 builds).
   bool can_fuse() const {
@@ -1313,6 +1399,13 @@ void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, i
   const bool slots = mode == kQInt8Avx2 || mode == kQInt8Vnni;
   // values read straight from their codes into the weighted sum (Reader::fused_tile), where the layout allows
   const bool fused_values = vr.can_fuse();
+  // keys scored straight from their codes: per-channel groups folded into the query (float mode) and Lloyd-Max
+  // rows (2/3/4 bits), head dim a multiple of 16 (AVX2 builds)
+#ifdef KVSHRINK_AVX2
+  const bool fused_keys = D % 16 == 0 && (ks.kind == kLloydMax ? ks.bits <= 4 : fold);
+#else
+  const bool fused_keys = false;
+#endif
   std::vector<float> qs(fold ? R * D : 0), c0(fold ? R : 0), kbuf(kTile * D + 16);
   Int8Query iq(Q, mode != kQFloat ? R : 0, D, ks.bits, slots);
   std::vector<uint8_t> cbuf(mode != kQFloat ? kTile * D : 0);
@@ -1355,10 +1448,44 @@ void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, i
           c0[r] = dot(q, kr.group_zero(), D);
         }
       }
-      for (int64_t j = 0; j < nt; ++j) kr.codes_into(t0 + j, kbuf.data() + j * D);
-      scores_tile(qs.data(), R, kbuf.data(), nt, D, S, kTile);
+      const uint8_t* codes = fused_keys ? kr.tile_codes(t0, nt) : nullptr;
+      if (codes) {
+#ifdef KVSHRINK_AVX2
+        const auto to_float = [](__m256i c) { return _mm256_cvtepi32_ps(c); };
+        switch (ks.bits) {
+          case 2: scores_codes<2>(qs.data(), R, D, nt, codes, ks.row_bytes, S, to_float); break;
+          case 3: scores_codes<3>(qs.data(), R, D, nt, codes, ks.row_bytes, S, to_float); break;
+          case 4: scores_codes<4>(qs.data(), R, D, nt, codes, ks.row_bytes, S, to_float); break;
+          default: scores_codes<8>(qs.data(), R, D, nt, codes, ks.row_bytes, S, to_float); break;
+        }
+#endif
+      } else {
+        for (int64_t j = 0; j < nt; ++j) kr.codes_into(t0 + j, kbuf.data() + j * D);
+        scores_tile(qs.data(), R, kbuf.data(), nt, D, S, kTile);
+      }
       for (int64_t r = 0; r < R; ++r)
         for (int64_t j = 0; j < nt; ++j) S[r * kTile + j] += c0[r];
+    } else if (const uint8_t* codes = fused_keys && ks.kind == kLloydMax ? kr.tile_codes(t0, nt) : nullptr) {
+#ifdef KVSHRINK_AVX2
+      // Lloyd-Max rows: q . (norm * centroids) = norm * (q . centroids)
+      const __m256 lo = _mm256_loadu_ps(ks.codebook.data()), hi = _mm256_loadu_ps(ks.codebook.data() + 8);
+      switch (ks.bits) {
+        case 2: scores_codes<2>(Q, R, D, nt, codes, ks.row_bytes, S,
+                                [lo](__m256i c) { return _mm256_permutevar8x32_ps(lo, c); }); break;
+        case 3: scores_codes<3>(Q, R, D, nt, codes, ks.row_bytes, S,
+                                [lo](__m256i c) { return _mm256_permutevar8x32_ps(lo, c); }); break;
+        default:
+          scores_codes<4>(Q, R, D, nt, codes, ks.row_bytes, S, [lo, hi](__m256i c) {
+            return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, c), _mm256_permutevar8x32_ps(hi, c),
+                                    _mm256_castsi256_ps(_mm256_cmpgt_epi32(c, _mm256_set1_epi32(7))));
+          });
+          break;
+      }
+#endif
+      for (int64_t j = 0; j < nt; ++j) {
+        const float a = kr.norm(t0 + j);
+        for (int64_t r = 0; r < R; ++r) S[r * kTile + j] *= a;
+      }
     } else {
       for (int64_t j = 0; j < nt; ++j) kr.row(t0 + j, kbuf.data() + j * D);
       scores_tile(Q, R, kbuf.data(), nt, D, S, kTile);
