@@ -530,3 +530,29 @@ def test_a_rotated_cache_decodes_the_same_tokens_with_the_native_encode():
         rotation.set_native_ops(ops)
     assert "lloydmax_tokens" in calls
     assert torch.equal(got, want) and torch.equal(got_tok, want_tok)
+
+
+def test_cpu_decode_step_refuses_non_finite_states_and_takes_large_finite_ones():
+    """The CPU path checks a decoding step's states through their sums first: an inf or NaN is refused with the
+    elementwise error before anything is written; finite values whose sum overflows float32 are still taken."""
+    model = tiny_llama()
+    cache = ks.make_cache(model, "kivi", kernel="cpu", bits=4, group=16, window=4, sinks=0)
+    layer = cache.layers[0]
+    k = torch.randn(1, 2, 20, 16)
+    layer.update(k, k)  # a prefill: the PyTorch path
+    held = layer.held()
+    q = torch.randn(1, 4, 1, 16)
+    for pos, value in (((0, 1, 0, 3), float("nan")), ((0, 0, 0, 0), float("-inf"))):
+        bad = torch.randn(1, 2, 1, 16)
+        bad[pos] = value
+        with pytest.raises(ValueError, match=r"layer 0: key_states contain NaN or Inf \(first at .* = \[" +
+                           ", ".join(map(str, pos)) + r"\]\)"):
+            layer.update(bad, torch.randn(1, 2, 1, 16))
+        with pytest.raises(ValueError, match=r"layer 0: value_states contain NaN or Inf"):
+            layer.update(torch.randn(1, 2, 1, 16), bad)
+        assert layer.held() == held  # nothing half-written
+    big = torch.full((1, 2, 1, 16), 3e38)  # each finite; their sum is inf in float32
+    assert not torch.isfinite(big.sum())
+    layer.update(big, torch.randn(1, 2, 1, 16))
+    layer.attend(q, None, 0.25)
+    assert layer.held() == held + 1

@@ -272,7 +272,7 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
         raise ValueError(f"qdot={qdot!r} is not built into this kernel (this CPU's build runs: "
                          f"{', '.join(qdot_paths())})")
     scaling = d ** -0.5 if scaling is None else scaling
-    q = query.float() * scaling
+    q = query if query.dtype == torch.float32 else query.float()  # the kernel applies `scaling`
     # rotated codes are read in their rotated space: the kernel turns the query and the exact keys with the keys'
     # rotation, the exact values with the values', and the output back once per query head
     key_signs, value_signs = _signs(key_store, hkv, d), _signs(value_store, hkv, d)
@@ -286,11 +286,25 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
     if t_store and (key_store.fills != value_store.fills or key_store.page_tokens != value_store.page_tokens):
         raise ValueError(f"the key and value stores are paged differently ({key_store.fills} vs {value_store.fills})")
     out = torch.empty_like(q)
-    op(out, q, *_store_args(key_store, d), *_store_args(value_store, d), t_store, key_store.page_tokens,
-       list(key_store.fills),
-       exact_keys.float().contiguous(), exact_values.float().contiguous(), exact_index.long().contiguous(),
-       key0, mask, mask_b, mask_q, causal, split, key_signs, value_signs, block, QDOT[qdot])
-    return out.to(query.dtype)
+    as_f32 = lambda t: (t if t.dtype == torch.float32 else t.float()).contiguous()  # noqa: E731
+    op(out, q, *_cached_store_args(key_store, d), *_cached_store_args(value_store, d), t_store,
+       key_store.page_tokens, key_store.fills, as_f32(exact_keys), as_f32(exact_values),
+       (exact_index if exact_index.dtype == torch.int64 else exact_index.long()).contiguous(),
+       key0, mask, mask_b, mask_q, causal, split, key_signs, value_signs, block, QDOT[qdot], float(scaling))
+    return out if query.dtype == torch.float32 else out.to(query.dtype)
+
+
+def _cached_store_args(store: PagedStore, head_dim: int) -> tuple:
+    """`_store_args`, kept with the store's page lists until its pages change (every decoding step reads every
+    layer's stores; the arguments change only when tokens are stored or dropped)."""
+    cache = getattr(store, "cache", None)
+    if cache is None:
+        return _store_args(store, head_dim)
+    key = ("pages", "cpu kernel arguments", head_dim)  # "pages" keys are forgotten whenever the pages change
+    args = cache.get(key)
+    if args is None:
+        args = cache[key] = _store_args(store, head_dim)
+    return args
 
 
 def _signs(store: PagedStore, heads: int, d: int) -> torch.Tensor:

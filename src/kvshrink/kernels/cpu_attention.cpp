@@ -1300,7 +1300,7 @@ void rotate_rows(const float* x, float* out, int64_t n, int64_t D, int64_t rows_
 }
 
 struct Problem {
-  const float* q = nullptr;  // [B, HQ, QN, D], already multiplied by the softmax scaling
+  const float* q = nullptr;  // [B, HQ, QN, D], multiplied by the softmax scaling
   int64_t B = 0, HQ = 0, HKV = 0, QN = 0, D = 0, n_rep = 0, R = 0;
   int64_t T = 0, TE = 0, key0 = 0, TK = 0;
   const float* exact_k = nullptr;  // [B, HKV, TE, D]
@@ -1527,7 +1527,8 @@ void packed_attention(at::Tensor out, at::Tensor q,
                       std::vector<at::Tensor> v_norms, at::Tensor v_codebook,
                       int64_t tokens, int64_t page_tokens, std::vector<int64_t> fills, at::Tensor exact_k, at::Tensor exact_v, at::Tensor exact_index, int64_t key0,
                       at::Tensor mask, int64_t mask_b, int64_t mask_q, bool causal, int64_t split_tokens,
-                      at::Tensor k_signs, at::Tensor v_signs, int64_t rotation_block, int64_t qdot) {
+                      at::Tensor k_signs, at::Tensor v_signs, int64_t rotation_block, int64_t qdot,
+                      double scaling) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B,HQ,QN,D]");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous(), "out like q");
   TORCH_CHECK(exact_k.scalar_type() == at::kFloat && exact_k.is_contiguous() && exact_v.is_contiguous() &&
@@ -1535,7 +1536,14 @@ void packed_attention(at::Tensor out, at::Tensor q,
   TORCH_CHECK(exact_index.scalar_type() == at::kLong && exact_index.is_contiguous(), "exact_index: int64");
   TORCH_CHECK(!mask.numel() || (mask.scalar_type() == at::kBool), "mask: bool");
   Problem P;
-  P.q = q.data_ptr<float>();
+  // the query times the softmax scaling (the float32 product torch's `q * scaling` gives), in a copy
+  std::vector<float> q_scaled(q.numel());
+  {
+    const float* src = q.data_ptr<float>();
+    const float sc = static_cast<float>(scaling);
+    for (int64_t i = 0; i < q.numel(); ++i) q_scaled[i] = src[i] * sc;
+  }
+  P.q = q_scaled.data();
   P.B = q.size(0);
   P.HQ = q.size(1);
   P.QN = q.size(2);

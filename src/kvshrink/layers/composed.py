@@ -262,6 +262,15 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
                 "a compressed cache cannot store non-finite values"
             )
 
+    def _check_finite(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """`_check` both, through one sum each first: a sum is finite only if every element is (an inf or NaN makes
+        it inf or NaN), so the elementwise check with its error runs only when a sum is not (bad input, or finite
+        values whose sum overflows)."""
+        if not (key_states.dim() == 4 and value_states.dim() == 4 and math.isfinite(key_states.sum().item())
+                and math.isfinite(value_states.sum().item())):
+            self._check("key_states", key_states)
+            self._check("value_states", value_states)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.scored:
             return self._update_scored(key_states, value_states)
@@ -270,8 +279,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
             # each block before it is compressed (a non-finite value in the exact window harms no stored code). On
             # the CPU the check costs nothing worth saving, so bad input is refused before anything is written.
             if self.backend == "cpu":
-                self._check("key_states", key_states)
-                self._check("value_states", value_states)
+                self._check_finite(key_states, value_states)
             self._begin_update(key_states, value_states)
             self._take(key_states, value_states)
             self._hand_over(self.keys)  # answered by attend(), which then compresses what left the window
