@@ -1,6 +1,7 @@
 """One layer's decode attention on the CPU: the CPU kernel over the packed store against today's PyTorch path.
 
-Qwen2.5-Coder-1.5B shapes (12 query / 2 KV heads, head dim 128, bf16, batch 1, one query token), contexts 4k..64k.
+Qwen2.5-Coder-1.5B shapes (12 query / 2 KV heads, head dim 128, bf16, batch 1, one query token), contexts 4k..64k;
+`--shape smollm2-135m`: SmolLM2-135M's (9 query / 3 KV heads, head dim 64, fp32).
 For each packed layout it times, per call:
 - `kernel`: `kvshrink.kernels.cpu.packed_attention`, reading the packed codes (the `kernel=cpu` decode step);
 - `kernel int8` (layouts whose keys are per-channel groups without a head mean): the same with `qdot="int8"`, key
@@ -35,10 +36,15 @@ from kvshrink.codecs.store import PagedStore
 from kvshrink.kernels import cpu, reference
 
 HQ, HKV, D = 12, 2, 128
+DTYPE = torch.bfloat16
+#: --shape: (query heads, KV heads, head dim, dtype) of one layer
+SHAPES = {"qwen2.5-coder-1.5b": (12, 2, 128, torch.bfloat16), "smollm2-135m": (9, 3, 64, torch.float32)}
 SINKS, WINDOW = 4, 32
 LAYOUTS = {  # name: (key codec, value codec), as the methods build them (group 32)
     "kivi:bits=2": (GroupCodec(2, 32, "channel", "none"), GroupCodec(2, 32, "token", "none")),
     "kivi:bits=4": (GroupCodec(4, 32, "channel", "none"), GroupCodec(4, 32, "token", "none")),
+    # SmolLM2's default profile (tada, calibrated) stores most layers in 2-4 bits of these layouts; 3 bits here
+    "kivi:bits=3": (GroupCodec(3, 32, "channel", "none"), GroupCodec(3, 32, "token", "none")),
     "tada:bits=2": (GroupCodec(2, 32, "channel", "head"), GroupCodec(2, 32, "token", "head")),
     # the rotation-aware profiles' layers (tada rotate=both, turboquant): Lloyd-Max codes of rotated directions
     "rotated:bits=3": (RotationCodec(3), RotationCodec(3)),
@@ -94,8 +100,8 @@ def _nbytes(*tensors) -> int:
 def _layer(tokens: int, kspec, vspec, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     stored = (tokens - SINKS - WINDOW) // 32 * 32
-    keys = (torch.randn(1, HKV, tokens, D, generator=g) + 2 * torch.randn(1, HKV, 1, D, generator=g)).bfloat16()
-    values = torch.randn(1, HKV, tokens, D, generator=g).bfloat16()
+    keys = (torch.randn(1, HKV, tokens, D, generator=g) + 2 * torch.randn(1, HKV, 1, D, generator=g)).to(DTYPE)
+    values = torch.randn(1, HKV, tokens, D, generator=g).to(DTYPE)
     ks, vs = PagedStore(kspec, "keys"), PagedStore(vspec, "values")
     step = 4096  # append in blocks, as the cache does (bounded temporary memory)
     for t0 in range(SINKS, SINKS + stored, step):
@@ -104,7 +110,7 @@ def _layer(tokens: int, kspec, vspec, seed: int = 0):
         vs.append(values[:, :, t0:t1])
     exact = torch.cat([torch.arange(SINKS), torch.arange(SINKS + stored, tokens)])
     ek, ev = keys[:, :, exact].contiguous(), values[:, :, exact].contiguous()
-    q = torch.randn(1, HQ, 1, D, generator=g).bfloat16()
+    q = torch.randn(1, HQ, 1, D, generator=g).to(DTYPE)
     return q, ks, vs, ek, ev, exact, keys, values
 
 
@@ -127,8 +133,8 @@ def run(contexts: list[int], repeat: int, layouts: list[str] | None = None, comp
                 return cpu.packed_attention(q, ks, vs, ek, ev, exact, SINKS, scaling=scaling)
 
             def decode_sdpa():
-                k = torch.cat([ek[:, :, :SINKS], ks.decode(torch.bfloat16), ek[:, :, SINKS:]], 2)
-                v = torch.cat([ev[:, :, :SINKS], vs.decode(torch.bfloat16), ev[:, :, SINKS:]], 2)
+                k = torch.cat([ek[:, :, :SINKS], ks.decode(DTYPE), ek[:, :, SINKS:]], 2)
+                v = torch.cat([ev[:, :, :SINKS], vs.decode(DTYPE), ev[:, :, SINKS:]], 2)
                 return sdpa_attention_forward(module, q, k, v, None, scaling=scaling)[0].transpose(1, 2)
 
             def kernel_int8():
@@ -162,10 +168,13 @@ def run(contexts: list[int], repeat: int, layouts: list[str] | None = None, comp
                 "float_read_share": held / t_kernel / 1e9 / bw["read_gbs"],
             })
             print(_row(rows[-1]), flush=True)
-    return {"threads": torch.get_num_threads(), "bandwidth": bw, "rows": rows, "int8_path": cpu.int8_path(),
+    from kvshrink.eval.runner import source_commit
+
+    return {"commit": source_commit(), "threads": torch.get_num_threads(), "bandwidth": bw, "rows": rows, "int8_path": cpu.int8_path(),
             "load_average": {"start": load_start, "end": list(os.getloadavg())},  # other jobs on the machine
             "repeat": repeat,
-            "shape": {"query_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": "bfloat16", "sinks": SINKS,
+            "shape": {"query_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": str(DTYPE).removeprefix("torch."),
+                      "sinks": SINKS,
                       "window": WINDOW}}
 
 
@@ -198,7 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kernel-only", action="store_true",
                    help="time the kernel (float and int8) only, not the PyTorch decode path or 16-bit SDPA")
     p.add_argument("--layouts", default="", help=f"comma-separated subset of: {', '.join(LAYOUTS)} (default all)")
+    p.add_argument("--shape", default="qwen2.5-coder-1.5b", choices=sorted(SHAPES),
+                   help="the layer's heads, head dim and dtype: Qwen2.5-Coder-1.5B's (bf16) or SmolLM2-135M's (fp32)")
     args = p.parse_args(argv)
+    global HQ, HKV, D, DTYPE
+    HQ, HKV, D, DTYPE = SHAPES[args.shape]
     if args.threads:
         torch.set_num_threads(args.threads)
     why = cpu.unavailable()
