@@ -182,7 +182,9 @@ inline __m256i codes8i(const uint8_t* p) {
 template <int BITS, int BACK>
 inline __m256i codes8i_word(const uint8_t* word) {
   static_assert(BITS == 2 || BITS == 3 || BITS == 4, "2, 3 or 4 bits");
-  const __m256i w = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(word)));
+  uint32_t x;
+  std::memcpy(&x, word, 4);  // one 4-byte load (no aliasing through a float pointer), broadcast to the lanes
+  const __m256i w = _mm256_set1_epi32(static_cast<int>(x));
   const __m256i shifts = _mm256_setr_epi32(8 * BACK, 8 * BACK + BITS, 8 * BACK + 2 * BITS, 8 * BACK + 3 * BITS,
                                            8 * BACK + 4 * BITS, 8 * BACK + 5 * BITS, 8 * BACK + 6 * BITS,
                                            8 * BACK + 7 * BITS);
