@@ -277,7 +277,8 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         if self.backend in ("cpu", "triton") and key_states.shape[-2] <= MAX_QUERY_TOKENS:
             # on a GPU no finiteness check here: it would stop the GPU at every layer of every step; `_flush` checks
             # each block before it is compressed (a non-finite value in the exact window harms no stored code). On
-            # the CPU the check costs nothing worth saving, so bad input is refused before anything is written.
+            # the CPU the check is cheap (one sum per tensor first), so bad input is refused before anything is
+            # written.
             if self.backend == "cpu":
                 self._check_finite(key_states, value_states)
             self._begin_update(key_states, value_states)
