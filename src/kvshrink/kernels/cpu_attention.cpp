@@ -191,6 +191,35 @@ inline __m256i codes8i_word(const uint8_t* word) {
   return _mm256_and_si256(_mm256_srlv_epi32(w, shifts), _mm256_set1_epi32((1 << BITS) - 1));
 }
 
+// Chunk k (codes 8k .. 8k + 7) of a span of at least 16 codes starting at `span`, as int32 lanes: FIRST (k == 0)
+// reads forward, a later chunk through the bytes before its own; 8-bit chunks load exactly their bytes.
+template <int BITS, bool FIRST>
+inline __m256i codes8i_chunk(const uint8_t* span, int64_t k) {
+  if constexpr (BITS == 8) {
+    return codes8i<8>(span + 8 * k);
+  } else if constexpr (FIRST) {
+    return codes8i_word<BITS, 0>(span);
+  } else {
+    constexpr int kBack = 4 - BITS;
+    return codes8i_word<BITS, kBack>(span + k * BITS - kBack);
+  }
+}
+
+// Lloyd-Max codes as their centroids: the codebook (2^BITS <= 16 entries, padded to 16) lives in two registers and
+// each lane picks its centroid by a permute (a blend between the halves at 4 bits).
+template <int BITS>
+struct Centroids {
+  __m256 lo, hi;
+  explicit Centroids(const float* cb16) : lo(_mm256_loadu_ps(cb16)), hi(_mm256_loadu_ps(cb16 + 8)) {}
+  __m256 operator()(__m256i c) const {
+    const __m256 v = _mm256_permutevar8x32_ps(lo, c);
+    if constexpr (BITS == 4)
+      return _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, c),
+                              _mm256_castsi256_ps(_mm256_cmpgt_epi32(c, _mm256_set1_epi32(7))));
+    return v;
+  }
+};
+
 // Calls f(i, codes) for the n codes (a multiple of 8) of a span at p, eight at a time (i: the first code's index,
 // codes: int32 lanes): the first chunk read forward, the others through the bytes before them (spans of 16 codes
 // or more; shorter ones and 8 bits load exactly their bytes).
@@ -203,9 +232,8 @@ inline void for_codes8(const uint8_t* __restrict p, int64_t n, F f) {
       for (int64_t i = 0; i < n; i += 8) f(i, codes8i<BITS>(p + i / 8 * BITS));
       return;
     }
-    f(0, codes8i_word<BITS, 0>(p));
-    constexpr int kBack = 4 - BITS;
-    for (int64_t i = 8; i < n; i += 8) f(i, codes8i_word<BITS, kBack>(p + i / 8 * BITS - kBack));
+    f(0, codes8i_chunk<BITS, true>(p, 0));
+    for (int64_t i = 8; i < n; i += 8) f(i, codes8i_chunk<BITS, false>(p, i / 8));
   }
 }
 
@@ -231,18 +259,12 @@ inline __m256 exp8_nonpos(__m256 x) {
   return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, scale));
 }
 
-// D (a multiple of 8) Lloyd-Max codes from p as centroids times a: the codebook (2^BITS <= 16 entries, padded to
-// 16) lives in two registers and each lane picks its centroid by a permute (a blend between the halves at 4 bits).
+// D (a multiple of 8) Lloyd-Max codes from p as centroids times a (cb16: the codebook padded to 16 entries)
 template <int BITS>
 void centroids8(const uint8_t* __restrict p, int64_t D, const float* __restrict cb16, float a, float* __restrict out) {
-  const __m256 lo = _mm256_loadu_ps(cb16), hi = _mm256_loadu_ps(cb16 + 8), va = _mm256_set1_ps(a);
-  for_codes8<BITS>(p, D, [&](int64_t i, __m256i c) {
-    __m256 v = _mm256_permutevar8x32_ps(lo, c);
-    if constexpr (BITS == 4)
-      v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(hi, c),
-                           _mm256_castsi256_ps(_mm256_cmpgt_epi32(c, _mm256_set1_epi32(7))));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(v, va));
-  });
+  const Centroids<BITS> cb(cb16);
+  const __m256 va = _mm256_set1_ps(a);
+  for_codes8<BITS>(p, D, [&](int64_t i, __m256i c) { _mm256_storeu_ps(out + i, _mm256_mul_ps(cb(c), va)); });
 }
 
 // n (a multiple of 8) codes from p: out = code * s + z with per-channel s, z (s == nullptr: the codes themselves)
@@ -281,17 +303,10 @@ void accum_pass(const float* __restrict Wg, int64_t nt, const uint8_t* __restric
     a[r][1] = _mm256_loadu_ps(acc + r * accstride + 8);
   }
   for (int64_t j = 0; j < nt; ++j) {
+    // cp: the chunk's bytes inside the token's row, so a chunk read through the bytes before it stays in the row
     const uint8_t* cp = codes0 + j * tstride;
-    __m256i c0, c1;
-    if constexpr (BITS == 8) {
-      c0 = codes8i<8>(cp);
-      c1 = codes8i<8>(cp + 8);
-    } else {
-      constexpr int kBack = 4 - BITS;
-      c0 = FIRST ? codes8i_word<BITS, 0>(cp) : codes8i_word<BITS, kBack>(cp - kBack);
-      c1 = codes8i_word<BITS, kBack>(cp + BITS - kBack);
-    }
-    const __m256 v0 = tf(c0), v1 = tf(c1);
+    const __m256 v0 = tf(codes8i_chunk<BITS, FIRST>(cp, 0));
+    const __m256 v1 = tf(codes8i_chunk<BITS, false>(cp, 1));
     for (int r = 0; r < RB; ++r) {
       const __m256 w = _mm256_broadcast_ss(Wg + r * kTile + j);
       a[r][0] = _mm256_fmadd_ps(w, v0, a[r][0]);
@@ -359,17 +374,7 @@ void scores_pass(const float* __restrict Qs, int64_t D, int64_t nt, const uint8_
     const uint8_t* cp = codes0 + j * tstride;
     const auto chunk = [&](int64_t k, auto first) {
       for (int t = 0; t < TB; ++t) {
-        const uint8_t* row = cp + t * tstride;
-        __m256i ci;
-        if constexpr (BITS == 8) {
-          ci = codes8i<8>(row + 8 * k);
-        } else if constexpr (decltype(first)::value) {
-          ci = codes8i_word<BITS, 0>(row);
-        } else {
-          constexpr int kBack = 4 - BITS;
-          ci = codes8i_word<BITS, kBack>(row + k * BITS - kBack);
-        }
-        const __m256 c = tf(ci);
+        const __m256 c = tf(codes8i_chunk<BITS, decltype(first)::value>(cp + t * tstride, k));
         for (int r = 0; r < RB; ++r)
           a[r * TB + t] = _mm256_fmadd_ps(_mm256_loadu_ps(Qs + r * D + 8 * k), c, a[r * TB + t]);
       }
@@ -1000,18 +1005,15 @@ class Reader {
   // Channel axis or Lloyd-Max rows: the codes of tokens t .. t + n - 1, row_bytes apart, when they lie in one page
   // (else nullptr).
   const uint8_t* tile_codes(int64_t t, int64_t n) const {
-    int64_t p0, l0, p1, l1;
-    s_.locate(t, p0, l0);
-    s_.locate(t + n - 1, p1, l1);
-    return p0 == p1 ? codes_[p0] + l0 * s_.row_bytes : nullptr;
+    int64_t p, lt;
+    return one_page(t, n, p, lt) ? codes_[p] + lt * s_.row_bytes : nullptr;
   }
 
   // Lloyd-Max / fp8 rows: token t's norm (scale).
   float norm(int64_t t) const {
     int64_t p, lt;
     s_.locate(t, p, lt);
-    return s_.norm32 ? reinterpret_cast<const float*>(norms_[p])[lt]
-                     : half1(reinterpret_cast<const uint16_t*>(norms_[p])[lt]);
+    return norm_at(p, lt);
   }
 
   // Whether fused_tile can read this store: per-token groups of whole rows (2/3/4/8 bits, groups a multiple of 16
@@ -1032,33 +1034,21 @@ class Reader {
   // (sum_j W zero_j). buf: at least kTile * (R + 2) * groups floats. False (nothing done): the tile spans pages.
   bool fused_tile(int64_t t, int64_t nt, const float* W, int64_t R, int64_t stride, float* buf, float* acc) {
 #ifdef KVSHRINK_AVX2
-    int64_t p0, l0, p1, l1;
-    s_.locate(t, p0, l0);
-    s_.locate(t + nt - 1, p1, l1);
-    if (p0 != p1) return false;
+    int64_t p0, l0;
+    if (!one_page(t, nt, p0, l0)) return false;
     const int64_t D = D_;
     if (s_.kind == kLloydMax) {
       float* Wg = buf;
-      const uint8_t* nrm = norms_[p0];
       for (int64_t j = 0; j < nt; ++j) {
-        const float a = s_.norm32 ? reinterpret_cast<const float*>(nrm)[l0 + j]
-                                  : half1(reinterpret_cast<const uint16_t*>(nrm)[l0 + j]);
+        const float a = norm_at(p0, l0 + j);
         for (int64_t r = 0; r < R; ++r) Wg[r * kTile + j] = W[r * stride + j] * a;
       }
       const uint8_t* codes = codes_[p0] + l0 * s_.row_bytes;
       const float* cb = s_.codebook.data();
-      const __m256 lo = _mm256_loadu_ps(cb), hi = _mm256_loadu_ps(cb + 8);
       switch (s_.bits) {
-        case 2: accum_codes<2, 4>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true,
-                                  [lo](__m256i c) { return _mm256_permutevar8x32_ps(lo, c); }); break;
-        case 3: accum_codes<3, 4>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true,
-                                  [lo](__m256i c) { return _mm256_permutevar8x32_ps(lo, c); }); break;
-        default:
-          accum_codes<4, 4>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true, [lo, hi](__m256i c) {
-            return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, c), _mm256_permutevar8x32_ps(hi, c),
-                                    _mm256_castsi256_ps(_mm256_cmpgt_epi32(c, _mm256_set1_epi32(7))));
-          });
-          break;
+        case 2: accum_codes<2, 4>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true, Centroids<2>(cb)); break;
+        case 3: accum_codes<3, 4>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true, Centroids<3>(cb)); break;
+        default: accum_codes<4, 4>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true, Centroids<4>(cb)); break;
       }
       return true;
     }
@@ -1169,8 +1159,7 @@ class Reader {
     int64_t pg, lt;
     s_.locate(t, pg, lt);
     if (s_.kind != kGrouped) {
-      const float a = s_.norm32 ? reinterpret_cast<const float*>(norms_[pg])[lt]
-                                : half1(reinterpret_cast<const uint16_t*>(norms_[pg])[lt]);
+      const float a = norm_at(pg, lt);
       const uint8_t* p = codes_[pg] + lt * s_.row_bytes;
       if (s_.kind == kFp8) {
         for (int64_t d = 0; d < D; ++d) out[d] = kFp8Values.v[p[d]] * a;
@@ -1256,6 +1245,20 @@ class Reader {
 
 
  private:
+  // Whether tokens t .. t + n - 1 lie in one page; (page, token within it) of t.
+  bool one_page(int64_t t, int64_t n, int64_t& page, int64_t& local) const {
+    int64_t last_page, last_local;
+    s_.locate(t, page, local);
+    s_.locate(t + n - 1, last_page, last_local);
+    return page == last_page;
+  }
+
+  // Lloyd-Max / fp8 rows: the norm (scale) of token `local` of page `page`.
+  float norm_at(int64_t page, int64_t local) const {
+    return s_.norm32 ? reinterpret_cast<const float*>(norms_[page])[local]
+                     : half1(reinterpret_cast<const uint16_t*>(norms_[page])[local]);
+  }
+
   void add_channel_mean(float* __restrict out) const {
     if (channel_mean_.empty()) return;
     const float* m = channel_mean_.data();
@@ -1470,18 +1473,11 @@ void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, i
     } else if (const uint8_t* codes = fused_keys && ks.kind == kLloydMax ? kr.tile_codes(t0, nt) : nullptr) {
 #ifdef KVSHRINK_AVX2
       // Lloyd-Max rows: q . (norm * centroids) = norm * (q . centroids)
-      const __m256 lo = _mm256_loadu_ps(ks.codebook.data()), hi = _mm256_loadu_ps(ks.codebook.data() + 8);
+      const float* cb = ks.codebook.data();
       switch (ks.bits) {
-        case 2: scores_codes<2>(Q, R, D, nt, codes, ks.row_bytes, S,
-                                [lo](__m256i c) { return _mm256_permutevar8x32_ps(lo, c); }); break;
-        case 3: scores_codes<3>(Q, R, D, nt, codes, ks.row_bytes, S,
-                                [lo](__m256i c) { return _mm256_permutevar8x32_ps(lo, c); }); break;
-        default:
-          scores_codes<4>(Q, R, D, nt, codes, ks.row_bytes, S, [lo, hi](__m256i c) {
-            return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, c), _mm256_permutevar8x32_ps(hi, c),
-                                    _mm256_castsi256_ps(_mm256_cmpgt_epi32(c, _mm256_set1_epi32(7))));
-          });
-          break;
+        case 2: scores_codes<2>(Q, R, D, nt, codes, ks.row_bytes, S, Centroids<2>(cb)); break;
+        case 3: scores_codes<3>(Q, R, D, nt, codes, ks.row_bytes, S, Centroids<3>(cb)); break;
+        default: scores_codes<4>(Q, R, D, nt, codes, ks.row_bytes, S, Centroids<4>(cb)); break;
       }
 #endif
       for (int64_t j = 0; j < nt; ++j) {
