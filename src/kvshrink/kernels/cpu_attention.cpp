@@ -37,6 +37,7 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kTile = 32;  // tokens scored before their values are summed
+constexpr int64_t kNegIndex = std::numeric_limits<int64_t>::min();
 
 inline void half_to_float(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
   int64_t i = 0;
@@ -209,6 +210,7 @@ inline __m256i codes8i_chunk(const uint8_t* span, int64_t k) {
 // each lane picks its centroid by a permute (a blend between the halves at 4 bits).
 template <int BITS>
 struct Centroids {
+  static constexpr int kRegs = BITS == 4 ? 3 : 1;  // the codebook's registers (and the blend's constant)
   __m256 lo, hi;
   explicit Centroids(const float* cb16) : lo(_mm256_loadu_ps(cb16)), hi(_mm256_loadu_ps(cb16 + 8)) {}
   __m256 operator()(__m256i c) const {
@@ -290,66 +292,70 @@ void dequant8_group(const uint8_t* __restrict p, int64_t n, float a, float z, fl
 }
 
 // ---- Values summed straight from their codes (per-token groups, Lloyd-Max rows) -----------------------------------
-// For a tile of tokens in one page: acc[r][c0 + d] += sum_j Wg[r][j] * f(code_jd) for 16 channels at a time,
-// where f turns codes into floats (the codes themselves for groups, whose scale is folded into Wg and whose zero is
-// added by the caller; the centroids for Lloyd-Max rows, whose norm is folded into Wg). RB rows per pass keep their
-// two accumulators each in registers; the codes of a token are turned into floats once per pass.
-template <int BITS, int RB, bool FIRST, class ToFloat>
+// For a tile of tokens in one page: acc[r][c0 + d] += sum_j Wg[r][j] * f(code_jd) for CH (8 or 16) channels at a
+// time, where f turns codes into floats (the codes themselves for groups, whose scale is folded into Wg and whose
+// zero is added by the caller; the centroids for Lloyd-Max rows, whose norm is folded into Wg). RB rows per pass keep
+// their CH / 8 accumulators each in registers; the codes of a token are turned into floats once per pass. RB and CH
+// are chosen (accum_codes) so that the accumulators, the codes, a weight and the unpacking constants fit in the 16
+// vector registers: with 6 rows x 16 channels GCC kept the accumulators on the stack and stored all twelve on every
+// token, which made this loop bound by stores (`perf annotate`, Qwen's shapes).
+template <int BITS, int RB, int CH, bool FIRST, class ToFloat>
 void accum_pass(const float* __restrict Wg, int64_t nt, const uint8_t* __restrict codes0, int64_t tstride,
                 float* __restrict acc, int64_t accstride, ToFloat tf) {
-  __m256 a[RB][2];
-  for (int r = 0; r < RB; ++r) {
-    a[r][0] = _mm256_loadu_ps(acc + r * accstride);
-    a[r][1] = _mm256_loadu_ps(acc + r * accstride + 8);
-  }
+  constexpr int kC = CH / 8;
+  __m256 a[RB][kC];
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < kC; ++c) a[r][c] = _mm256_loadu_ps(acc + r * accstride + 8 * c);
   for (int64_t j = 0; j < nt; ++j) {
     // cp: the chunk's bytes inside the token's row, so a chunk read through the bytes before it stays in the row
     const uint8_t* cp = codes0 + j * tstride;
-    const __m256 v0 = tf(codes8i_chunk<BITS, FIRST>(cp, 0));
-    const __m256 v1 = tf(codes8i_chunk<BITS, false>(cp, 1));
+    __m256 v[kC];
+    v[0] = tf(codes8i_chunk<BITS, FIRST>(cp, 0));
+    if constexpr (kC == 2) v[1] = tf(codes8i_chunk<BITS, false>(cp, 1));
     for (int r = 0; r < RB; ++r) {
       const __m256 w = _mm256_broadcast_ss(Wg + r * kTile + j);
-      a[r][0] = _mm256_fmadd_ps(w, v0, a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(w, v1, a[r][1]);
+      for (int c = 0; c < kC; ++c) a[r][c] = _mm256_fmadd_ps(w, v[c], a[r][c]);
     }
   }
-  for (int r = 0; r < RB; ++r) {
-    _mm256_storeu_ps(acc + r * accstride, a[r][0]);
-    _mm256_storeu_ps(acc + r * accstride + 8, a[r][1]);
-  }
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < kC; ++c) _mm256_storeu_ps(acc + r * accstride + 8 * c, a[r][c]);
 }
 
-// accum_pass over R rows (passes of at most MAXR) and C channels (a multiple of 16) starting at code k of each
-// token (codes0: token 0's byte of code k, a multiple of 8; row_start: k is a row's first code).
-template <int BITS, int MAXR, class ToFloat>
+// Codes as floats, for the fused loops (kRegs: vector registers the conversion holds besides the unpacking's).
+struct CodesAsFloat {
+  static constexpr int kRegs = 0;
+  __m256 operator()(__m256i c) const { return _mm256_cvtepi32_ps(c); }
+};
+
+// accum_pass over R rows (passes of at most 6) and C channels (a multiple of 16) starting at code k of each token
+// (codes0: token 0's byte of code k, a multiple of 8; row_start: k is a row's first code). A pass of RB rows takes
+// 16 channels at a time when its 2 RB accumulators, 2 code vectors and the conversion's registers leave room for a
+// weight and the two unpacking constants, else 8.
+template <int BITS, class ToFloat>
 void accum_codes(const float* Wg, int64_t R, int64_t nt, const uint8_t* codes0, int64_t tstride, float* acc,
                  int64_t accstride, int64_t C, bool row_start, ToFloat tf) {
-  for (int64_t c = 0; c < C; c += 16) {
-    const uint8_t* cp = codes0 + c / 8 * BITS;
-    const bool first = row_start && c == 0;
-    for (int64_t r0 = 0; r0 < R; r0 += MAXR) {
-      const int64_t rb = std::min<int64_t>(MAXR, R - r0);
-      const float* w = Wg + r0 * kTile;
-      float* y = acc + r0 * accstride + c;
-#define KVSHRINK_PASS(N)                                                                    \
-  case N:                                                                                   \
-    if constexpr (N <= MAXR) {                                                              \
-      if (first)                                                                            \
-        accum_pass<BITS, N, true>(w, nt, cp, tstride, y, accstride, tf);                    \
-      else                                                                                  \
-        accum_pass<BITS, N, false>(w, nt, cp, tstride, y, accstride, tf);                   \
-    }                                                                                       \
-    break;
-      switch (rb) {
-        KVSHRINK_PASS(1)
-        KVSHRINK_PASS(2)
-        KVSHRINK_PASS(3)
-        KVSHRINK_PASS(4)
-        KVSHRINK_PASS(5)
-        KVSHRINK_PASS(6)
-        default: break;
+  for (int64_t r0 = 0; r0 < R; r0 += 6) {
+    const int64_t rb = std::min<int64_t>(6, R - r0);
+    const float* w = Wg + r0 * kTile;
+    float* y = acc + r0 * accstride;
+    const auto run = [&](auto rows) {
+      constexpr int kRB = decltype(rows)::value;
+      constexpr int kCH = 2 * kRB + 2 + ToFloat::kRegs <= 13 ? 16 : 8;
+      for (int64_t c = 0; c < C; c += kCH) {
+        const uint8_t* cp = codes0 + c / 8 * BITS;
+        if (row_start && c == 0)
+          accum_pass<BITS, kRB, kCH, true>(w, nt, cp, tstride, y + c, accstride, tf);
+        else
+          accum_pass<BITS, kRB, kCH, false>(w, nt, cp, tstride, y + c, accstride, tf);
       }
-#undef KVSHRINK_PASS
+    };
+    switch (rb) {
+      case 1: run(std::integral_constant<int, 1>{}); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      case 3: run(std::integral_constant<int, 3>{}); break;
+      case 4: run(std::integral_constant<int, 4>{}); break;
+      case 5: run(std::integral_constant<int, 5>{}); break;
+      default: run(std::integral_constant<int, 6>{}); break;
     }
   }
 }
@@ -1031,7 +1037,7 @@ class Reader {
 
   // acc[r] += sum_j W[r * stride + j] v_{t+j} for the nt tokens from t, summed from their codes without writing
   // the rows out: a group's scale goes into the weights (Wg = W * scale), its zero is added once per row and group
-  // (sum_j W zero_j). buf: at least kTile * (R + 2) * groups floats. False (nothing done): the tile spans pages.
+  // (sum_j W zero_j). buf: at least kTile * (R + 4) * groups floats. False (nothing done): the tile spans pages.
   bool fused_tile(int64_t t, int64_t nt, const float* W, int64_t R, int64_t stride, float* buf, float* acc) {
 #ifdef KVSHRINK_AVX2
     int64_t p0, l0;
@@ -1046,9 +1052,9 @@ class Reader {
       const uint8_t* codes = codes_[p0] + l0 * s_.row_bytes;
       const float* cb = s_.codebook.data();
       switch (s_.bits) {
-        case 2: accum_codes<2, 4>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true, Centroids<2>(cb)); break;
-        case 3: accum_codes<3, 4>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true, Centroids<3>(cb)); break;
-        default: accum_codes<4, 4>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true, Centroids<4>(cb)); break;
+        case 2: accum_codes<2>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true, Centroids<2>(cb)); break;
+        case 3: accum_codes<3>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true, Centroids<3>(cb)); break;
+        default: accum_codes<4>(Wg, R, nt, codes, s_.row_bytes, acc, D, D, true, Centroids<4>(cb)); break;
       }
       return true;
     }
@@ -1060,16 +1066,18 @@ class Reader {
       half_to_float(scale_[p0] + l0, A, nt);
       half_to_float(zero_[p0] + l0, Z, nt);
     } else {
-      const uint16_t* sc = scale_[p0] + l0 * ng;
-      const uint16_t* zc = zero_[p0] + l0 * ng;
+      // token-major halves to floats in Wg's room (not yet written), then group-major into A and Z
+      float* tmp = Wg;
+      half_to_float(scale_[p0] + l0 * ng, tmp, nt * ng);
+      half_to_float(zero_[p0] + l0 * ng, tmp + nt * ng, nt * ng);
       for (int64_t j = 0; j < nt; ++j)
         for (int64_t g = 0; g < ng; ++g) {
-          A[g * kTile + j] = half1(sc[j * ng + g]);
-          Z[g * kTile + j] = half1(zc[j * ng + g]);
+          A[g * kTile + j] = tmp[j * ng + g];
+          Z[g * kTile + j] = tmp[nt * ng + j * ng + g];
         }
     }
     const uint8_t* codes = codes_[p0] + l0 * tstride;
-    const auto to_float = [](__m256i c) { return _mm256_cvtepi32_ps(c); };
+    const CodesAsFloat to_float;
     for (int64_t g = 0; g < ng; ++g) {
       const float* ag = A + g * kTile;
       const float* zg = Z + g * kTile;
@@ -1088,10 +1096,10 @@ class Reader {
       }
       const uint8_t* cg = codes + g * rb;
       switch (s_.bits) {
-        case 2: accum_codes<2, 6>(Wg, R, nt, cg, tstride, acc + g * G, D, G, g == 0, to_float); break;
-        case 3: accum_codes<3, 6>(Wg, R, nt, cg, tstride, acc + g * G, D, G, g == 0, to_float); break;
-        case 4: accum_codes<4, 6>(Wg, R, nt, cg, tstride, acc + g * G, D, G, g == 0, to_float); break;
-        default: accum_codes<8, 6>(Wg, R, nt, cg, tstride, acc + g * G, D, G, g == 0, to_float); break;
+        case 2: accum_codes<2>(Wg, R, nt, cg, tstride, acc + g * G, D, G, g == 0, to_float); break;
+        case 3: accum_codes<3>(Wg, R, nt, cg, tstride, acc + g * G, D, G, g == 0, to_float); break;
+        case 4: accum_codes<4>(Wg, R, nt, cg, tstride, acc + g * G, D, G, g == 0, to_float); break;
+        default: accum_codes<8>(Wg, R, nt, cg, tstride, acc + g * G, D, G, g == 0, to_float); break;
       }
     }
     if (!channel_mean_.empty()) {  // sum_j W (v_j + mean) = sum_j W v_j + mean * sum_j W
@@ -1329,7 +1337,13 @@ void attend_keys(const Problem& P, int64_t b, int64_t n, Score score, Values val
   for (int64_t t0 = 0; t0 < n; t0 += kTile) {
     const int64_t nt = std::min(kTile, n - t0);
     score(t0, nt, S.data());
-    if (mask || P.causal) {
+    bool visible = !mask;  // causal only: every row sees the whole tile when its last query row's first one does
+    if (visible && P.causal) {
+      int64_t last = kNegIndex;
+      for (int64_t j = 0; j < nt; ++j) last = std::max(last, key_index(t0 + j));
+      visible = last <= P.TK - QN;
+    }
+    if (!visible) {
       for (int64_t j = 0; j < nt; ++j) {
         const int64_t k = key_index(t0 + j);
         for (int64_t r = 0; r < R; ++r) {
@@ -1456,7 +1470,7 @@ void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, i
       const uint8_t* codes = fused_keys ? kr.tile_codes(t0, nt) : nullptr;
       if (codes) {
 #ifdef KVSHRINK_AVX2
-        const auto to_float = [](__m256i c) { return _mm256_cvtepi32_ps(c); };
+        const CodesAsFloat to_float;
         switch (ks.bits) {
           case 2: scores_codes<2>(qs.data(), R, D, nt, codes, ks.row_bytes, S, to_float); break;
           case 3: scores_codes<3>(qs.data(), R, D, nt, codes, ks.row_bytes, S, to_float); break;
@@ -1489,7 +1503,7 @@ void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, i
       scores_tile(Q, R, kbuf.data(), nt, D, S, kTile);
     }
   };
-  std::vector<float> vbuf(kTile * D + 16), wbuf(fused_values ? kTile * (R + 2) * vs.ngroups : 0);
+  std::vector<float> vbuf(kTile * D + 16), wbuf(fused_values ? kTile * (R + 4) * vs.ngroups : 0);
   auto values = [&](int64_t j0, int64_t nt, const float* W, float* acc_rows) {
     const int64_t t0 = t_begin + j0;
     if (fused_values && vr.fused_tile(t0, nt, W, R, kTile, wbuf.data(), acc_rows)) return;
