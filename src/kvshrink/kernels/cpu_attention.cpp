@@ -27,6 +27,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX__)
@@ -291,6 +292,18 @@ void dequant8_group(const uint8_t* __restrict p, int64_t n, float a, float z, fl
   });
 }
 
+// f(std::integral_constant<int, i>{}) for i = 0 .. N - 1, unrolled where the code is written: arrays of registers
+// indexed by these constants stay in registers, where GCC keeps an array indexed by a loop counter in memory (and
+// stores it on every iteration) even when it unrolls the loop later.
+template <class F, int... I>
+inline void unroll_each(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+inline void unroll(F&& f) {
+  unroll_each(f, std::make_integer_sequence<int, N>{});
+}
+
 // ---- Values summed straight from their codes (per-token groups, Lloyd-Max rows) -----------------------------------
 // For a tile of tokens in one page: acc[r][c0 + d] += sum_j Wg[r][j] * f(code_jd) for CH (8 or 16) channels at a
 // time, where f turns codes into floats (the codes themselves for groups, whose scale is folded into Wg and whose
@@ -302,23 +315,31 @@ void dequant8_group(const uint8_t* __restrict p, int64_t n, float a, float z, fl
 template <int BITS, int RB, int CH, bool FIRST, class ToFloat>
 void accum_pass(const float* __restrict Wg, int64_t nt, const uint8_t* __restrict codes0, int64_t tstride,
                 float* __restrict acc, int64_t accstride, ToFloat tf) {
-  constexpr int kC = CH / 8;
-  __m256 a[RB][kC];
-  for (int r = 0; r < RB; ++r)
-    for (int c = 0; c < kC; ++c) a[r][c] = _mm256_loadu_ps(acc + r * accstride + 8 * c);
+  static_assert(CH == 8 || CH == 16, "8 or 16 channels");
+  __m256 a0[RB], a1[RB];  // 8 channels each (a1: the second 8 of 16)
+  unroll<RB>([&](auto r) {
+    a0[r] = _mm256_loadu_ps(acc + r * accstride);
+    if constexpr (CH == 16) a1[r] = _mm256_loadu_ps(acc + r * accstride + 8);
+  });
   for (int64_t j = 0; j < nt; ++j) {
     // cp: the chunk's bytes inside the token's row, so a chunk read through the bytes before it stays in the row
     const uint8_t* cp = codes0 + j * tstride;
-    __m256 v[kC];
-    v[0] = tf(codes8i_chunk<BITS, FIRST>(cp, 0));
-    if constexpr (kC == 2) v[1] = tf(codes8i_chunk<BITS, false>(cp, 1));
-    for (int r = 0; r < RB; ++r) {
-      const __m256 w = _mm256_broadcast_ss(Wg + r * kTile + j);
-      for (int c = 0; c < kC; ++c) a[r][c] = _mm256_fmadd_ps(w, v[c], a[r][c]);
+    const __m256 v0 = tf(codes8i_chunk<BITS, FIRST>(cp, 0));
+    if constexpr (CH == 16) {
+      const __m256 v1 = tf(codes8i_chunk<BITS, false>(cp, 1));
+      unroll<RB>([&](auto r) {
+        const __m256 w = _mm256_broadcast_ss(Wg + r * kTile + j);
+        a0[r] = _mm256_fmadd_ps(w, v0, a0[r]);
+        a1[r] = _mm256_fmadd_ps(w, v1, a1[r]);
+      });
+    } else {
+      unroll<RB>([&](auto r) { a0[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(Wg + r * kTile + j), v0, a0[r]); });
     }
   }
-  for (int r = 0; r < RB; ++r)
-    for (int c = 0; c < kC; ++c) _mm256_storeu_ps(acc + r * accstride + 8 * c, a[r][c]);
+  unroll<RB>([&](auto r) {
+    _mm256_storeu_ps(acc + r * accstride, a0[r]);
+    if constexpr (CH == 16) _mm256_storeu_ps(acc + r * accstride + 8, a1[r]);
+  });
 }
 
 // Codes as floats, for the fused loops (kRegs: vector registers the conversion holds besides the unpacking's).
@@ -376,14 +397,15 @@ void scores_pass(const float* __restrict Qs, int64_t D, int64_t nt, const uint8_
   int64_t j = 0;
   for (; j + TB <= nt; j += TB) {
     __m256 a[RB * TB];
-    for (auto& x : a) x = _mm256_setzero_ps();
+    unroll<RB * TB>([&](auto i) { a[i] = _mm256_setzero_ps(); });
     const uint8_t* cp = codes0 + j * tstride;
     const auto chunk = [&](int64_t k, auto first) {
-      for (int t = 0; t < TB; ++t) {
+      unroll<TB>([&](auto t) {
         const __m256 c = tf(codes8i_chunk<BITS, decltype(first)::value>(cp + t * tstride, k));
-        for (int r = 0; r < RB; ++r)
+        unroll<RB>([&](auto r) {
           a[r * TB + t] = _mm256_fmadd_ps(_mm256_loadu_ps(Qs + r * D + 8 * k), c, a[r * TB + t]);
-      }
+        });
+      });
     };
     chunk(0, std::true_type{});
     for (int64_t k = 1; k < D / 8; ++k) chunk(k, std::false_type{});
@@ -1037,7 +1059,7 @@ class Reader {
 
   // acc[r] += sum_j W[r * stride + j] v_{t+j} for the nt tokens from t, summed from their codes without writing
   // the rows out: a group's scale goes into the weights (Wg = W * scale), its zero is added once per row and group
-  // (sum_j W zero_j). buf: at least kTile * (R + 4) * groups floats. False (nothing done): the tile spans pages.
+  // (sum_j W zero_j). buf: at least kTile * (R + 2) * groups floats. False (nothing done): the tile spans pages.
   bool fused_tile(int64_t t, int64_t nt, const float* W, int64_t R, int64_t stride, float* buf, float* acc) {
 #ifdef KVSHRINK_AVX2
     int64_t p0, l0;
@@ -1066,14 +1088,12 @@ class Reader {
       half_to_float(scale_[p0] + l0, A, nt);
       half_to_float(zero_[p0] + l0, Z, nt);
     } else {
-      // token-major halves to floats in Wg's room (not yet written), then group-major into A and Z
-      float* tmp = Wg;
-      half_to_float(scale_[p0] + l0 * ng, tmp, nt * ng);
-      half_to_float(zero_[p0] + l0 * ng, tmp + nt * ng, nt * ng);
+      const uint16_t* sc = scale_[p0] + l0 * ng;
+      const uint16_t* zc = zero_[p0] + l0 * ng;
       for (int64_t j = 0; j < nt; ++j)
         for (int64_t g = 0; g < ng; ++g) {
-          A[g * kTile + j] = tmp[j * ng + g];
-          Z[g * kTile + j] = tmp[nt * ng + j * ng + g];
+          A[g * kTile + j] = half1(sc[j * ng + g]);
+          Z[g * kTile + j] = half1(zc[j * ng + g]);
         }
     }
     const uint8_t* codes = codes_[p0] + l0 * tstride;
@@ -1503,7 +1523,7 @@ void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, i
       scores_tile(Q, R, kbuf.data(), nt, D, S, kTile);
     }
   };
-  std::vector<float> vbuf(kTile * D + 16), wbuf(fused_values ? kTile * (R + 4) * vs.ngroups : 0);
+  std::vector<float> vbuf(kTile * D + 16), wbuf(fused_values ? kTile * (R + 2) * vs.ngroups : 0);
   auto values = [&](int64_t j0, int64_t nt, const float* W, float* acc_rows) {
     const int64_t t0 = t_begin + j0;
     if (fused_values && vr.fused_tile(t0, nt, W, R, kTile, wbuf.data(), acc_rows)) return;
