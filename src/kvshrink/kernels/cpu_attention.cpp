@@ -304,6 +304,22 @@ inline void unroll(F&& f) {
   unroll_each(f, std::make_integer_sequence<int, N>{});
 }
 
+// The fused loops' rows in passes of at most 6: f(std::integral_constant<int, rb>{}, r0) for each pass of rb rows
+// from row r0, rb a compile-time constant.
+template <class F>
+inline void row_passes(int64_t R, F&& f) {
+  for (int64_t r0 = 0; r0 < R; r0 += 6) {
+    switch (std::min<int64_t>(6, R - r0)) {
+      case 1: f(std::integral_constant<int, 1>{}, r0); break;
+      case 2: f(std::integral_constant<int, 2>{}, r0); break;
+      case 3: f(std::integral_constant<int, 3>{}, r0); break;
+      case 4: f(std::integral_constant<int, 4>{}, r0); break;
+      case 5: f(std::integral_constant<int, 5>{}, r0); break;
+      default: f(std::integral_constant<int, 6>{}, r0); break;
+    }
+  }
+}
+
 // ---- Values summed straight from their codes (per-token groups, Lloyd-Max rows) -----------------------------------
 // For a tile of tokens in one page: acc[r][c0 + d] += sum_j Wg[r][j] * f(code_jd) for CH (8 or 16) channels at a
 // time, where f turns codes into floats (the codes themselves for groups, whose scale is folded into Wg and whose
@@ -355,30 +371,19 @@ struct CodesAsFloat {
 template <int BITS, class ToFloat>
 void accum_codes(const float* Wg, int64_t R, int64_t nt, const uint8_t* codes0, int64_t tstride, float* acc,
                  int64_t accstride, int64_t C, bool row_start, ToFloat tf) {
-  for (int64_t r0 = 0; r0 < R; r0 += 6) {
-    const int64_t rb = std::min<int64_t>(6, R - r0);
+  row_passes(R, [&](auto rows, int64_t r0) {
+    constexpr int kRB = decltype(rows)::value;
+    constexpr int kCH = 2 * kRB + 2 + ToFloat::kRegs <= 13 ? 16 : 8;
     const float* w = Wg + r0 * kTile;
     float* y = acc + r0 * accstride;
-    const auto run = [&](auto rows) {
-      constexpr int kRB = decltype(rows)::value;
-      constexpr int kCH = 2 * kRB + 2 + ToFloat::kRegs <= 13 ? 16 : 8;
-      for (int64_t c = 0; c < C; c += kCH) {
-        const uint8_t* cp = codes0 + c / 8 * BITS;
-        if (row_start && c == 0)
-          accum_pass<BITS, kRB, kCH, true>(w, nt, cp, tstride, y + c, accstride, tf);
-        else
-          accum_pass<BITS, kRB, kCH, false>(w, nt, cp, tstride, y + c, accstride, tf);
-      }
-    };
-    switch (rb) {
-      case 1: run(std::integral_constant<int, 1>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      case 4: run(std::integral_constant<int, 4>{}); break;
-      case 5: run(std::integral_constant<int, 5>{}); break;
-      default: run(std::integral_constant<int, 6>{}); break;
+    for (int64_t c = 0; c < C; c += kCH) {
+      const uint8_t* cp = codes0 + c / 8 * BITS;
+      if (row_start && c == 0)
+        accum_pass<BITS, kRB, kCH, true>(w, nt, cp, tstride, y + c, accstride, tf);
+      else
+        accum_pass<BITS, kRB, kCH, false>(w, nt, cp, tstride, y + c, accstride, tf);
     }
-  }
+  });
 }
 
 // ---- Key scores straight from their codes (per-channel groups with the scales folded into the query, Lloyd-Max
@@ -426,18 +431,10 @@ void scores_pass(const float* __restrict Qs, int64_t D, int64_t nt, const uint8_
 template <int BITS, class ToFloat>
 void scores_codes(const float* Qs, int64_t R, int64_t D, int64_t nt, const uint8_t* codes0, int64_t tstride,
                   float* S, ToFloat tf) {
-  for (int64_t r0 = 0; r0 < R; r0 += 6) {
-    const float* q = Qs + r0 * D;
-    float* out = S + r0 * kTile;
-    switch (std::min<int64_t>(6, R - r0)) {
-      case 1: scores_pass<BITS, 1, 4>(q, D, nt, codes0, tstride, out, tf); break;
-      case 2: scores_pass<BITS, 2, 4>(q, D, nt, codes0, tstride, out, tf); break;
-      case 3: scores_pass<BITS, 3, 4>(q, D, nt, codes0, tstride, out, tf); break;
-      case 4: scores_pass<BITS, 4, 2>(q, D, nt, codes0, tstride, out, tf); break;
-      case 5: scores_pass<BITS, 5, 2>(q, D, nt, codes0, tstride, out, tf); break;
-      default: scores_pass<BITS, 6, 2>(q, D, nt, codes0, tstride, out, tf); break;
-    }
-  }
+  row_passes(R, [&](auto rows, int64_t r0) {
+    constexpr int kRB = decltype(rows)::value;
+    scores_pass<BITS, kRB, kRB <= 3 ? 4 : 2>(Qs + r0 * D, D, nt, codes0, tstride, S + r0 * kTile, tf);
+  });
 }
 
 inline void dequant8_any(int bits, const uint8_t* p, int64_t n, const float* s, const float* z, float* out) {
@@ -1370,7 +1367,8 @@ void attend_keys(const Problem& P, int64_t b, int64_t n, Score score, Values val
   for (int64_t t0 = 0; t0 < n; t0 += kTile) {
     const int64_t nt = std::min(kTile, n - t0);
     score(t0, nt, S.data());
-    bool visible = !mask;  // causal only: every row sees the whole tile when its last query row's first one does
+    // causal only: when the first query row sees the tile's latest key, every row sees the whole tile
+    bool visible = !mask;
     if (visible && P.causal) {
       int64_t last = kNegIndex;
       for (int64_t j = 0; j < nt; ++j) last = std::max(last, key_index(t0 + j));
