@@ -118,6 +118,22 @@ def test_cpu_kernel_reads_rotated_codes_as_the_reference_decodes_them(kspec, vsp
 
 
 @needs_kernel
+@pytest.mark.parametrize("kspec,vspec", [(GroupCodec(3, 32, "channel", "head"), GroupCodec(2, 32, "token")),
+                                         (RotationCodec(3), RotationCodec(4))], ids=["grouped", "rotated"])
+@pytest.mark.parametrize("window", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_16_bit_exact_tokens_and_int32_positions_give_the_widened_inputs_bits(kspec, vspec, window):
+    """The layers hand the kernel their exact window as held (`exact_dtype`, 16 bits) with int32 positions; the
+    op widens them itself, which must give exactly what float32 copies and int64 positions give."""
+    q, k, v, ek, ev, index, sinks, _ = _problem(2, 6, 2, 64, 192, 9, 1, kspec, vspec, False, torch.float32)
+    ek, ev = ek.to(window), ev.to(window)
+    got = cpu.packed_attention(q, k, v, ek, ev, index.int(), sinks, block_tokens=64)
+    want = cpu.packed_attention(q, k, v, ek.float(), ev.float(), index.long(), sinks, block_tokens=64)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="one per exact token"):
+        cpu.packed_attention(q, k, v, ek, ev, index[:-1], sinks, block_tokens=64)
+
+
+@needs_kernel
 def test_work_split_does_not_change_the_result():
     q, k, v, ek, ev, index, sinks, _ = _problem(1, 6, 2, 128, 1024, 8, 1, GroupCodec(2, 32, "channel", "head"),
                                                 GroupCodec(2, 32, "token", "head"), False, torch.float32)

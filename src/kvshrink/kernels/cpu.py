@@ -49,6 +49,7 @@ _LDFLAGS = ["-fopenmp"]
 _STALE_BUILD_S = 3600  # a build folder older than this was left by a killed build
 _warned = False
 _NONE = torch.empty(0)
+_EXACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # exact tokens the op reads as they are
 # how the kernel scores keys of per-channel groups without a head mean (kivi, tada mean=channel/none): "float"
 # (the folded fp32 query) or "int8" (the folded query rounded to int8 per query row and key group, integer dot
 # products: VNNI where the CPU has it, else AVX2, else plain loops, all giving the same bits); the three int8 paths
@@ -249,12 +250,8 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
         raise ValueError(f"the CPU kernel needs CPU tensors, the query is on {query.device}")
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
-    for store in (key_store, value_store):
-        why = unsupported(store.codec, d)
-        if why:
-            raise ValueError(f"{store.name}: {why}")
-        if store.tokens and store.head_dim != d:
-            raise ValueError(f"{store.name}: head_dim {store.head_dim} differs from the query's {d}")
+    key_args, key_signs = _plan(key_store, d, hkv)  # checked once per change of the store's pages
+    value_args, value_signs = _plan(value_store, d, hkv)
     if key_store.tokens != value_store.tokens:
         raise ValueError(f"the key store holds {key_store.tokens} tokens but the value store {value_store.tokens}")
     t_store = key_store.tokens
@@ -275,36 +272,52 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
     q = query if query.dtype == torch.float32 else query.float()  # the kernel applies `scaling`
     # rotated codes are read in their rotated space: the kernel turns the query and the exact keys with the keys'
     # rotation, the exact values with the values', and the output back once per query head
-    key_signs, value_signs = _signs(key_store, hkv, d), _signs(value_store, hkv, d)
     block = hadamard_block(d) if key_signs.numel() or value_signs.numel() else 0
     q = q.contiguous()
     if mask is not None:
         mask_b, mask_q = mask.stride(0), mask.stride(1)
     else:
         mask, mask_b, mask_q = _NONE, 0, 0
-    split = block_tokens or split_tokens(t_store, b * hkv, key_store.codec, value_store.codec)
+    split = block_tokens or _cached_split(key_store, value_store, b * hkv)
     if t_store and (key_store.fills != value_store.fills or key_store.page_tokens != value_store.page_tokens):
         raise ValueError(f"the key and value stores are paged differently ({key_store.fills} vs {value_store.fills})")
     out = torch.empty_like(q)
-    as_f32 = lambda t: (t if t.dtype == torch.float32 else t.float()).contiguous()  # noqa: E731
-    op(out, q, *_cached_store_args(key_store, d), *_cached_store_args(value_store, d), t_store,
-       key_store.page_tokens, key_store.fills, as_f32(exact_keys), as_f32(exact_values),
-       (exact_index if exact_index.dtype == torch.int64 else exact_index.long()).contiguous(),
+    # the op widens 16-bit exact tokens itself and reads int32 or int64 positions
+    exact = lambda t: (t if t.dtype in _EXACT_DTYPES else t.float()).contiguous()  # noqa: E731
+    op(out, q, *key_args, *value_args, t_store,
+       key_store.page_tokens, key_store.fills, exact(exact_keys),
+       exact(exact_values if exact_values.dtype == exact_keys.dtype else exact_values.to(exact_keys.dtype)),
+       (exact_index if exact_index.dtype in (torch.int32, torch.int64) else exact_index.long()).contiguous(),
        key0, mask, mask_b, mask_q, causal, split, key_signs, value_signs, block, QDOT[qdot], float(scaling))
     return out if query.dtype == torch.float32 else out.to(query.dtype)
 
 
-def _cached_store_args(store: PagedStore, head_dim: int) -> tuple:
-    """`_store_args`, kept with the store's page lists until its pages change (every decoding step reads every
-    layer's stores; the arguments change only when tokens are stored or dropped)."""
-    cache = getattr(store, "cache", None)
-    if cache is None:
-        return _store_args(store, head_dim)
-    key = ("pages", "cpu kernel arguments", head_dim)  # "pages" keys are forgotten whenever the pages change
-    args = cache.get(key)
-    if args is None:
-        args = cache[key] = _store_args(store, head_dim)
-    return args
+def _plan(store: PagedStore, head_dim: int, heads: int) -> tuple[tuple, torch.Tensor]:
+    """The store checked against the query's head_dim, its `_store_args` and rotation signs (`_signs`), kept with
+    the store's page lists until its pages change (every decoding step reads every layer's stores; all of this
+    changes only when tokens are stored or dropped). Raises ValueError for a store the kernel cannot read."""
+    key = ("pages", "cpu kernel plan", head_dim, heads)  # "pages" keys are forgotten whenever the pages change
+    cache = getattr(store, "cache", {})
+    plan = cache.get(key)
+    if plan is None:
+        why = unsupported(store.codec, head_dim)
+        if why:
+            raise ValueError(f"{store.name}: {why}")
+        if store.tokens and store.head_dim != head_dim:
+            raise ValueError(f"{store.name}: head_dim {store.head_dim} differs from the query's {head_dim}")
+        plan = cache[key] = (_store_args(store, head_dim), _signs(store, heads, head_dim))
+    return plan
+
+
+def _cached_split(key_store: PagedStore, value_store: PagedStore, units: int) -> int:
+    """`split_tokens` for the stores' tokens, kept with the key store's pages (and this process's thread count)."""
+    threads = torch.get_num_threads()
+    key = ("pages", "cpu kernel split", units, threads, value_store.codec.tokens_per_unit)
+    cache = getattr(key_store, "cache", {})
+    split = cache.get(key)
+    if split is None:
+        split = cache[key] = split_tokens(key_store.tokens, units, key_store.codec, value_store.codec)
+    return split
 
 
 def _signs(store: PagedStore, heads: int, d: int) -> torch.Tensor:

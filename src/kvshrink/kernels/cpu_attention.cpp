@@ -1545,6 +1545,20 @@ void store_unit(const Problem& P, const Store& ks, const Store& vs, int64_t b, i
   attend_keys(P, b, t_end - t_begin, score, values, key_index, m, l, acc);
 }
 
+// A contiguous float32, float16 or bfloat16 tensor's data as float32: its own pointer when float32, else widened
+// into `buf`.
+const float* exact_as_float(const at::Tensor& t, std::vector<float>& buf) {
+  if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
+  buf.resize(t.numel());
+  if (t.scalar_type() == at::kHalf) {
+    half_to_float(reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()), buf.data(), t.numel());
+  } else {
+    const at::BFloat16* src = t.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < t.numel(); ++i) buf[i] = static_cast<float>(src[i]);
+  }
+  return buf.data();
+}
+
 // The exact (full-precision) tokens of sequence b, KV head h.
 void exact_unit(const Problem& P, int64_t b, int64_t h, float* m, float* l, float* acc) {
   const int64_t R = P.R, D = P.D;
@@ -1574,9 +1588,13 @@ void packed_attention(at::Tensor out, at::Tensor q,
                       double scaling) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [B,HQ,QN,D]");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous(), "out like q");
-  TORCH_CHECK(exact_k.scalar_type() == at::kFloat && exact_k.is_contiguous() && exact_v.is_contiguous() &&
-                  exact_v.scalar_type() == at::kFloat, "exact keys/values: contiguous float32");
-  TORCH_CHECK(exact_index.scalar_type() == at::kLong && exact_index.is_contiguous(), "exact_index: int64");
+  TORCH_CHECK(exact_k.is_contiguous() && exact_v.is_contiguous() && exact_k.scalar_type() == exact_v.scalar_type() &&
+                  (exact_k.scalar_type() == at::kFloat || exact_k.scalar_type() == at::kHalf ||
+                   exact_k.scalar_type() == at::kBFloat16),
+              "exact keys/values: contiguous, both float32, float16 or bfloat16");
+  TORCH_CHECK((exact_index.scalar_type() == at::kLong || exact_index.scalar_type() == at::kInt) &&
+                  exact_index.is_contiguous() && exact_index.numel() == exact_k.size(2),
+              "exact_index: contiguous int64 or int32, one per exact token");
   TORCH_CHECK(!mask.numel() || (mask.scalar_type() == at::kBool), "mask: bool");
   Problem P;
   // the query times the softmax scaling (the float32 product torch's `q * scaling` gives), in a copy
@@ -1598,8 +1616,10 @@ void packed_attention(at::Tensor out, at::Tensor q,
   P.TE = exact_k.size(2);
   P.key0 = key0;
   P.TK = P.T + P.TE;
-  P.exact_k = exact_k.data_ptr<float>();
-  P.exact_v = exact_v.data_ptr<float>();
+  // the exact tokens in float32: a 16-bit window (the layers hold it in `exact_dtype`) is widened here, once per call
+  std::vector<float> ek_f, ev_f;
+  P.exact_k = exact_as_float(exact_k, ek_f);
+  P.exact_v = exact_as_float(exact_v, ev_f);
   // Rotated codes are read in their rotated space: the query rows and the exact keys turn with the keys' rotation
   // (signs [HKV, D]; query head hq has KV head hq / n_rep's), the exact values with the values'; the output turns
   // back below. Empty signs: that side is not rotated.
@@ -1624,7 +1644,12 @@ void packed_attention(at::Tensor out, at::Tensor q,
                 rotation_block);
     P.exact_v = ev_rot.data();
   }
-  P.exact_index = P.TE ? exact_index.data_ptr<int64_t>() : nullptr;
+  std::vector<int64_t> index_64;
+  if (P.TE && exact_index.scalar_type() == at::kInt) {
+    const int32_t* src = exact_index.data_ptr<int32_t>();
+    index_64.assign(src, src + P.TE);
+  }
+  P.exact_index = !P.TE ? nullptr : index_64.empty() ? exact_index.data_ptr<int64_t>() : index_64.data();
   P.mask = mask.numel() ? mask.data_ptr<bool>() : nullptr;
   P.mask_b = mask_b;
   P.mask_q = mask_q;

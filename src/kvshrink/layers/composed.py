@@ -205,6 +205,7 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self.positions = self.scores = self.low_positions = None  # scored layers: held tokens' positions, scores
         # positions="bits", once the prompt is evicted: the kept prompt positions as a bitmask [B, H, ceil(P/8)]
         # (uint8, bit i of byte j: position 8j+i) and P; every position from P on is held (see held_positions)
+        self._index_cache: tuple[int, int, torch.Tensor] | None = None  # see _exact_positions
         self.kept_bits: torch.Tensor | None = None
         self.prompt_end: int | None = None
         self.seen = 0
@@ -354,21 +355,30 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
     def _attend_kernel(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """Attention of this step's queries [B, HQ, Q, D] over everything held, read packed by the kernel."""
         sinks = self.sink_keys.shape[-2]
-        stored = self.key_store.tokens
-        dev = query.device
-        index = torch.cat([torch.arange(sinks, device=dev, dtype=torch.int32),
-                           torch.arange(sinks + stored, sinks + stored + self.keys.shape[-2], device=dev,
-                                        dtype=torch.int32)])
+        index = self._exact_positions(sinks, self.key_store.tokens, self.keys.shape[-2], query.device)
         extra = {"qdot": self.qdot} if self.backend == "cpu" else {}
         attention = cpu_kernel.packed_attention if self.backend == "cpu" else gpu_kernels.packed_attention
-        out = attention(
-            query, self.key_store, self.value_store, torch.cat([self.sink_keys, self.keys], -2),
-            torch.cat([self.sink_values, self.values], -2), index, sinks, mask=attention_mask, scaling=scaling,
-            **extra)
+        keys, values = self.keys, self.values
+        if sinks:
+            keys, values = torch.cat([self.sink_keys, keys], -2), torch.cat([self.sink_values, values], -2)
+        out = attention(query, self.key_store, self.value_store, keys, values, index, sinks, mask=attention_mask,
+                        scaling=scaling, **extra)
         self._flush()  # as on the PyTorch path: this step attended its tokens exactly, now they may be compressed
         if self.sliding_window is not None:
             self._forget_outside_window()
         return out
+
+    def _exact_positions(self, sinks: int, stored: int, window: int, device: torch.device) -> torch.Tensor:
+        """The key positions of the exact tokens [sinks + window] (int32): the sinks', then the window's after the
+        stored tokens. One tensor serves every step until the store changes (a slice of it per step)."""
+        kept = self._index_cache
+        if (kept is None or kept[0] != sinks or kept[1] != stored or kept[2].shape[0] < sinks + window
+                or kept[2].device != device):
+            index = torch.arange(sinks + max(window, self.window + self.block + MAX_QUERY_TOKENS), device=device,
+                                 dtype=torch.int32)
+            index[sinks:] += stored
+            kept = self._index_cache = (sinks, stored, index)
+        return kept[2][:sinks + window]
 
     def _update_rotated(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """A decoding step over rotated codes: what it attends is gathered here, answered by `attend`."""
