@@ -549,8 +549,9 @@ def test_a_rotated_cache_decodes_the_same_tokens_with_the_native_encode():
 
 
 def test_cpu_decode_step_refuses_non_finite_states_and_takes_large_finite_ones():
-    """The CPU path checks a decoding step's states through their sums first: an inf or NaN is refused with the
-    elementwise error before anything is written; finite values whose sum overflows float32 are still taken."""
+    """The CPU path checks a decoding step's states as it joins them to the window (`append_finite`): an inf or NaN
+    is refused with the elementwise error before anything is written; finite values whose sum overflows float32
+    are still taken."""
     model = tiny_llama()
     cache = ks.make_cache(model, "kivi", kernel="cpu", bits=4, group=16, window=4, sinks=0)
     layer = cache.layers[0]
@@ -572,3 +573,29 @@ def test_cpu_decode_step_refuses_non_finite_states_and_takes_large_finite_ones()
     layer.update(big, torch.randn(1, 2, 1, 16))
     layer.attend(q, None, 0.25)
     assert layer.held() == held + 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("states", [torch.float32, torch.bfloat16], ids=["fp32-states", "bf16-states"])
+def test_append_finite_joins_a_step_to_the_window_as_cat_and_to_do(window, states):
+    """The native join gives torch.cat([window, x.to(window's dtype)]) bit for bit (rounding and fp16 overflow
+    included), for keys and values; any inf or NaN gives None and leaves the window as it was."""
+    g = torch.Generator().manual_seed(3)
+    wk, wv = (torch.randn(2, 3, 5, 16, generator=g).to(window) for _ in range(2))
+    k, v = (torch.randn(2, 3, 2, 16, generator=g).mul(3).to(states) for _ in range(2))
+    k[1, 2, 1, 7] = 1e5  # finite; beyond float16's range
+    got = cpu.append_finite(wk, wv, k, v)
+    assert got is not None
+    for joined, w, x in zip(got, (wk, wv), (k, v)):
+        want = torch.cat([w, x.to(w.dtype)], -2)
+        assert joined.dtype == window and joined.shape == want.shape
+        assert torch.equal(joined.view(torch.int16 if window != torch.float32 else torch.int32),
+                           want.view(torch.int16 if window != torch.float32 else torch.int32))
+    before = wk.clone()
+    for bad in (float("nan"), float("inf")):
+        v2 = v.clone()
+        v2[0, 1, 0, 3] = bad
+        assert cpu.append_finite(wk, wv, k, v2) is None
+    assert torch.equal(wk, before)
+    assert cpu.append_finite(wk, wv, k.double(), v) is None  # a dtype the op does not take: the caller joins

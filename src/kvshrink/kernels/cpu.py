@@ -292,6 +292,20 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
     return out if query.dtype == torch.float32 else out.to(query.dtype)
 
 
+def append_finite(keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A decode step's tokens appended to an exact window in one call: ([keys ; key_states], [values ;
+    value_states]) along the tokens in the window's dtype (rounded as `.to` rounds), or None, with nothing written,
+    when a state is not finite or the op cannot take these tensors (no extension, other dtypes or devices): the
+    caller then checks and joins them itself (the same result, and the error naming the first bad value)."""
+    tensors = (keys, values, key_states, value_states)
+    if (any(t.device.type != "cpu" or t.dtype not in _EXACT_DTYPES or t.dim() != 4 for t in tensors)
+            or not (keys.is_contiguous() and values.is_contiguous()) or unavailable() is not None):
+        return None
+    joined = torch.ops.kvshrink_cpu.append_finite(keys, values, key_states, value_states)
+    return (joined[0], joined[1]) if joined else None
+
+
 def _plan(store: PagedStore, head_dim: int, heads: int) -> tuple[tuple, torch.Tensor]:
     """The store checked against the query's head_dim, its `_store_args` and rotation signs (`_signs`), kept with
     the store's page lists until its pages change (every decoding step reads every layer's stores; all of this

@@ -18,6 +18,7 @@
 // the output back. T is a page's fill; the wrapper passes one tensor per page.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -1793,6 +1794,53 @@ void lloydmax_tokens(at::Tensor packed, at::Tensor dec, at::Tensor y, at::Tensor
   }
 }
 
+// One decode step's tokens into a layer's exact window: [window ; x] along the tokens, in the window's dtype
+// (float32, float16 or bfloat16: rounded to nearest even, as torch's `.to`), for keys and values at once, and
+// only if every value of x is finite: an empty list otherwise (nothing is written; the caller finds the first
+// bad value and says where). window [B, H, W, D] contiguous, x [B, H, T, D] of any of those dtypes.
+template <typename Out>
+bool append_rows(const at::Tensor& window, const at::Tensor& x, at::Tensor& out) {
+  const int64_t BH = window.size(0) * window.size(1), W = window.size(2), T = x.size(2), D = window.size(3);
+  const Out* w = window.data_ptr<Out>();
+  Out* o = out.data_ptr<Out>();
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
+  const float* src = xf.data_ptr<float>();
+  bool finite = true;
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    std::memcpy(o + bh * (W + T) * D, w + bh * W * D, sizeof(Out) * W * D);
+    Out* dst = o + (bh * (W + T) + W) * D;
+    const float* row = src + bh * T * D;
+    for (int64_t i = 0; i < T * D; ++i) {
+      finite &= std::isfinite(row[i]);
+      dst[i] = static_cast<Out>(row[i]);
+    }
+  }
+  return finite;
+}
+
+std::vector<at::Tensor> append_finite(at::Tensor keys, at::Tensor values, at::Tensor k, at::Tensor v) {
+  std::vector<at::Tensor> out;
+  for (auto [window, x] : {std::pair<at::Tensor, at::Tensor>{keys, k}, {values, v}}) {
+    TORCH_CHECK(window.dim() == 4 && x.dim() == 4 && window.is_contiguous() && window.size(0) == x.size(0) &&
+                    window.size(1) == x.size(1) && window.size(3) == x.size(3),
+                "append_finite: a contiguous window [B, H, W, D] and states [B, H, T, D] of the same B, H, D");
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                "append_finite: the states must be float32, float16 or bfloat16");
+    at::Tensor joined = at::empty({window.size(0), window.size(1), window.size(2) + x.size(2), window.size(3)},
+                                  window.options());
+    bool finite;
+    switch (window.scalar_type()) {
+      case at::kFloat: finite = append_rows<float>(window, x, joined); break;
+      case at::kHalf: finite = append_rows<at::Half>(window, x, joined); break;
+      case at::kBFloat16: finite = append_rows<at::BFloat16>(window, x, joined); break;
+      default: TORCH_CHECK(false, "append_finite: the window must be float32, float16 or bfloat16");
+    }
+    if (!finite) return {};
+    out.push_back(joined);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kvshrink_cpu, m) {
@@ -1800,4 +1848,5 @@ TORCH_LIBRARY(kvshrink_cpu, m) {
   m.def("int8_modes", &int8_modes);
   m.def("rotate_tokens", &rotate_tokens);
   m.def("lloydmax_tokens", &lloydmax_tokens);
+  m.def("append_finite", &append_finite);
 }

@@ -225,11 +225,15 @@ class ExactWindow:
         """Tokens held between the sinks and the window."""
         raise NotImplementedError
 
-    def _take(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Take this step's tokens into the window (the first ones into the sinks)."""
+    def _take(self, key_states: torch.Tensor, value_states: torch.Tensor,
+              joined: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Take this step's tokens into the window (the first ones into the sinks). joined: the window and this
+        step's tokens already joined (`kernels.cpu.append_finite`), else joined here."""
         t = key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
-        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
+        if joined is None:
+            joined = (torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2),
+                      torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2))
+        self.keys, self.values = joined
         b, h = key_states.shape[:2]
         for name in self._window_extras:
             x = getattr(self, name)

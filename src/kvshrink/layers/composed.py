@@ -278,12 +278,16 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         if self.backend in ("cpu", "triton") and key_states.shape[-2] <= MAX_QUERY_TOKENS:
             # on a GPU no finiteness check here: it would stop the GPU at every layer of every step; `_flush` checks
             # each block before it is compressed (a non-finite value in the exact window harms no stored code). On
-            # the CPU the check is cheap (one sum per tensor first), so bad input is refused before anything is
-            # written.
-            if self.backend == "cpu":
-                self._check_finite(key_states, value_states)
+            # the CPU the check is cheap (made as the step joins the window, or one sum per tensor first), so bad
+            # input is refused before anything is written.
+            joined = None
+            if self.backend == "cpu":  # checked and joined to the window in one native call where it can
+                if self.is_initialized:
+                    joined = cpu_kernel.append_finite(self.keys, self.values, key_states, value_states)
+                if joined is None:
+                    self._check_finite(key_states, value_states)
             self._begin_update(key_states, value_states)
-            self._take(key_states, value_states)
+            self._take(key_states, value_states, joined)
             self._hand_over(self.keys)  # answered by attend(), which then compresses what left the window
             return self.keys, self.values
         if self.backend == "rotated" and self.is_initialized and self.key_store.tokens:
