@@ -599,3 +599,56 @@ def test_append_finite_joins_a_step_to_the_window_as_cat_and_to_do(window, state
         assert cpu.append_finite(wk, wv, k, v2) is None
     assert torch.equal(wk, before)
     assert cpu.append_finite(wk, wv, k.double(), v) is None  # a dtype the op does not take: the caller joins
+
+
+ENCODE_CASES = [  # bits, axis, group, head dim, heads, tokens
+    (2, "channel", 32, 64, 3, 32), (3, "channel", 32, 128, 2, 64), (4, "channel", 16, 64, 3, 32),
+    (8, "channel", 32, 36, 2, 32), (3, "channel", 32, 36, 3, 32),   # 36 channels: 3-bit rows end in a part word
+    (2, "token", 32, 64, 3, 32), (3, "token", 32, 64, 3, 33), (4, "token", 16, 128, 2, 7),
+    (8, "token", 64, 64, 1, 5), (3, "token", 12, 36, 2, 9), (2, "token", 12, 36, 4, 3),  # groups of 12: padding
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,axis,group,d,heads,tokens", ENCODE_CASES)
+@pytest.mark.parametrize("center", ["none", "head", "channel"])
+@pytest.mark.parametrize("kind", ["normal", "ties", "large"])
+def test_native_grouped_encode_gives_the_pytorch_steps_bits(monkeypatch, bits, axis, group, d, heads, tokens,
+                                                            center, kind):
+    """The decode step's flush of grouped codes through the compiled op: the same codes, scales, zero points and
+    head means, bit for bit, as `quantize` and `pack` in PyTorch (ties on .5, constant groups with scale 0 and
+    values near fp16's range included)."""
+    from kvshrink.codecs import quant
+
+    cpu.available()  # loads the extension, which registers the native encoder
+    assert quant._native is not None
+    g = torch.Generator().manual_seed(bits * 31 + d + tokens)
+    x = torch.randn(2, heads, tokens, d, generator=g) * 3
+    if kind == "ties":  # a coarse grid: many codes land on .5; constant groups (scale 0)
+        x = torch.round(x * 2) / 4
+        x[..., : min(8, tokens), :] = 1.25
+    elif kind == "large":
+        x = x * 2000
+    spec = GroupCodec(bits, group, axis, center)
+    cm = x.mean(2, keepdim=True).half() if center == "channel" else None
+    got = quant.encode_block(x, spec, cm)
+    monkeypatch.setattr(quant, "_native", None)
+    want = quant.encode_block(x, spec, cm)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert torch.equal(a.view(torch.int16) if a.dtype == torch.float16 else a,
+                               b.view(torch.int16) if b.dtype == torch.float16 else b)
+
+
+@needs_kernel
+def test_native_grouped_encode_refuses_fp16_overflow_like_the_pytorch_steps():
+    from kvshrink.codecs import quant
+
+    cpu.available()
+    x = torch.full((1, 2, 32, 64), 1e5)
+    x[:, :, :, 0] = -1e5
+    for axis in ("token", "channel"):
+        with pytest.raises(ValueError, match="fp16 range"):
+            quant.encode_block(x, GroupCodec(4, 32, axis))

@@ -29,7 +29,7 @@ import torch
 
 from ..codecs.base import BIT_WIDTHS
 from ..codecs.quant import GroupCodec
-from ..codecs import rotation
+from ..codecs import quant, rotation
 from ..codecs.rotation import RotationCodec, gaussian_codebook, hadamard_block
 from ..codecs.store import PagedStore
 from ..models import cache_dir
@@ -119,6 +119,7 @@ def _load():
     else:
         _build(directory, lib)  # loads it too
     rotation.set_native_ops(torch.ops.kvshrink_cpu)  # the decode step's flush of rotated codes, same bits
+    quant.set_native_ops(torch.ops.kvshrink_cpu)  # and of grouped codes
     return torch.ops.kvshrink_cpu.packed_attention
 
 

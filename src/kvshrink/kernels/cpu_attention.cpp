@@ -1794,6 +1794,114 @@ void lloydmax_tokens(at::Tensor packed, at::Tensor dec, at::Tensor y, at::Tensor
   }
 }
 
+// The fp16 value next to h (bits) towards +inf (up) or -inf, as torch.nextafter gives it for float16.
+inline uint16_t half_next(uint16_t h, bool up) {
+  if ((h & 0x7C00) == 0x7C00 && (h & 0x03FF)) return h;  // NaN
+  if ((h & 0x7FFF) == 0) return up ? 0x0001 : 0x8001;     // +-0: the smallest subnormal of that direction
+  const bool negative = h & 0x8000;
+  if ((h & 0x7FFF) == 0x7C00 && (up != negative)) return h;  // +inf up, -inf down
+  return (up != negative) ? h + 1 : h - 1;  // away from zero: magnitude + 1; towards it: - 1
+}
+
+// `codecs.quant.quantize` of one group of n values read with stride `step`: the fp16 zero (the minimum rounded,
+// then one step down where it came out above) and scale ((max - zero) / levels rounded, one step up where below),
+// then each code round((x - zero) / scale) half to even, clamped, into codes[i * code_step]. False when a scale or
+// zero is not finite in fp16 (or x holds a NaN).
+inline bool quantize_group(const float* x, int64_t n, int64_t step, int levels, uint8_t* codes, int64_t code_step,
+                           uint16_t* scale_out, uint16_t* zero_out) {
+  float lo = x[0], hi = x[0];
+  bool nan = false;  // torch's amin/amax give NaN for a group with one: no finite scale, refused
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i * step];
+    nan |= v != v;
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+  }
+  if (nan) return false;
+  uint16_t z = c10::Half(lo).x;
+  if (static_cast<float>(c10::Half(z, c10::Half::from_bits())) > lo) z = half_next(z, false);
+  const float zf = static_cast<float>(c10::Half(z, c10::Half::from_bits()));
+  const float exact = (hi - zf) / static_cast<float>(levels);
+  uint16_t sc = c10::Half(exact).x;
+  if (static_cast<float>(c10::Half(sc, c10::Half::from_bits())) < exact) sc = half_next(sc, true);
+  *scale_out = sc;
+  *zero_out = z;
+  if ((sc & 0x7C00) == 0x7C00 || (z & 0x7C00) == 0x7C00) return false;
+  const float sf = static_cast<float>(c10::Half(sc, c10::Half::from_bits()));
+  const float inv = sf > 0 ? 1.0f / sf : 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float c = std::nearbyint((x[i * step] - zf) * inv);
+    codes[i * code_step] = static_cast<uint8_t>(std::min(std::max(c, 0.0f), static_cast<float>(levels)));
+  }
+  return true;
+}
+
+// n codes (one byte each) packed `bits` wide into out, as `codecs.packing.pack` lays them: 2/4/8 bits low codes
+// first within a byte; 3 bits 8 codes to a little-endian 3-byte word; the last byte or word zero-padded.
+inline void pack_codes(const uint8_t* code, int64_t n, int64_t bits, uint8_t* out) {
+  if (bits == 8) {
+    std::memcpy(out, code, n);
+  } else if (bits == 3) {
+    for (int64_t w = 0; w < (n + 7) / 8; ++w) {
+      uint32_t word = 0;
+      for (int64_t j = 0; j < 8 && 8 * w + j < n; ++j) word |= uint32_t(code[8 * w + j]) << (3 * j);
+      out[3 * w] = word & 0xFF;
+      out[3 * w + 1] = (word >> 8) & 0xFF;
+      out[3 * w + 2] = (word >> 16) & 0xFF;
+    }
+  } else {
+    const int64_t per = 8 / bits;
+    std::memset(out, 0, (n + per - 1) / per);
+    for (int64_t i = 0; i < n; ++i) out[i / per] |= static_cast<uint8_t>(code[i] << (bits * (i % per)));
+  }
+}
+
+// `codecs.quant.encode_block`'s quantize-and-pack of x [B, H, T, D] (float32, already centred) into the `grouped`
+// layout's fields, preallocated by the caller: per-token groups (axis 0) codes [B, H, T, D/G, bytes(G)] and
+// scale/zero [B, H, T, D/G, 1]; per-channel groups (axis 1) codes [B, H, T/G, G, bytes(D)] and scale/zero
+// [B, H, T/G, 1, D] (fp16). The same bits as the PyTorch steps. False (fields partly written) when a scale or zero
+// overflows fp16.
+bool grouped_encode(at::Tensor codes, at::Tensor scale, at::Tensor zero, at::Tensor x, int64_t bits, int64_t group,
+                    int64_t axis) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [B,H,T,D]");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits 2/3/4/8");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && scale.scalar_type() == at::kHalf &&
+                  scale.is_contiguous() && zero.scalar_type() == at::kHalf && zero.is_contiguous(),
+              "codes: contiguous uint8; scale, zero: contiguous float16");
+  const int64_t T = x.size(2), D = x.size(3), N = x.size(0) * x.size(1) * T;
+  const int levels = (1 << bits) - 1;
+  auto nbytes = [&](int64_t n) { return bits == 3 ? (n + 7) / 8 * 3 : (n * bits + 7) / 8; };
+  const float* xp = x.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  uint16_t* sp = reinterpret_cast<uint16_t*>(scale.data_ptr<at::Half>());
+  uint16_t* zp = reinterpret_cast<uint16_t*>(zero.data_ptr<at::Half>());
+  bool ok = true;
+  if (axis == 0) {
+    TORCH_CHECK(group > 0 && D % group == 0, "per-token groups must divide D");
+    const int64_t groups = N * (D / group), gb = nbytes(group);
+    TORCH_CHECK(codes.numel() == groups * gb && scale.numel() == groups && zero.numel() == groups,
+                "fields: [B, H, T, D/G, bytes] codes and one scale and zero per group");
+    std::vector<uint8_t> code(group);
+    for (int64_t i = 0; i < groups; ++i) {
+      ok &= quantize_group(xp + i * group, group, 1, levels, code.data(), 1, sp + i, zp + i);
+      pack_codes(code.data(), group, bits, cp + i * gb);
+    }
+  } else {
+    TORCH_CHECK(group > 0 && T % group == 0, "per-channel groups must divide the block's tokens");
+    const int64_t blocks = N / group, rb = nbytes(D);
+    TORCH_CHECK(codes.numel() == N * rb && scale.numel() == blocks * D && zero.numel() == blocks * D,
+                "fields: [B, H, T/G, G, bytes] codes and [B, H, T/G, 1, D] scales and zeros");
+    std::vector<uint8_t> code(group * D);
+    for (int64_t k = 0; k < blocks; ++k) {
+      const float* xb = xp + k * group * D;
+      for (int64_t d = 0; d < D; ++d)
+        ok &= quantize_group(xb + d, group, D, levels, code.data() + d, D, sp + k * D + d, zp + k * D + d);
+      for (int64_t g = 0; g < group; ++g) pack_codes(code.data() + g * D, D, bits, cp + (k * group + g) * rb);
+    }
+  }
+  return ok;
+}
+
 // One decode step's tokens into a layer's exact window: [window ; x] along the tokens, in the window's dtype
 // (float32, float16 or bfloat16: rounded to nearest even, as torch's `.to`), for keys and values at once, and
 // only if every value of x is finite: an empty list otherwise (nothing is written; the caller finds the first
@@ -1849,4 +1957,5 @@ TORCH_LIBRARY(kvshrink_cpu, m) {
   m.def("rotate_tokens", &rotate_tokens);
   m.def("lloydmax_tokens", &lloydmax_tokens);
   m.def("append_finite", &append_finite);
+  m.def("grouped_encode", &grouped_encode);
 }

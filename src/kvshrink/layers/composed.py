@@ -44,6 +44,7 @@ the same tokens) averages its scores over every rank's heads, gathered, so all r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -96,6 +97,16 @@ def retention_problem(policy: Policy | None, generated: str, scores: str, positi
         return ("positions=bits packs the kept prompt positions once nothing is evicted again, which scores=free "
                 f"says; got scores={scores}: add scores=free")
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(sinks: int, stored: int, length: int, device: str) -> torch.Tensor:
+    """int32 key positions 0..sinks-1, then sinks + stored onwards, `sinks + length` of them (read-only: kernels
+    read slices of it). Scratch shared by every layer of every cache (all layers store their blocks at the same
+    steps), not a layer's state: a few hundred bytes per entry, at most 64 entries."""
+    index = torch.arange(sinks + length, device=device, dtype=torch.int32)
+    index[sinks:] += stored
+    return index
 
 
 class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
@@ -205,7 +216,6 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
         self.positions = self.scores = self.low_positions = None  # scored layers: held tokens' positions, scores
         # positions="bits", once the prompt is evicted: the kept prompt positions as a bitmask [B, H, ceil(P/8)]
         # (uint8, bit i of byte j: position 8j+i) and P; every position from P on is held (see held_positions)
-        self._index_cache: tuple[int, int, torch.Tensor] | None = None  # see _exact_positions
         self.kept_bits: torch.Tensor | None = None
         self.prompt_end: int | None = None
         self.seen = 0
@@ -374,15 +384,9 @@ class ComposedLayer(ExactWindow, SelfAttending, CompressedLayer):
 
     def _exact_positions(self, sinks: int, stored: int, window: int, device: torch.device) -> torch.Tensor:
         """The key positions of the exact tokens [sinks + window] (int32): the sinks', then the window's after the
-        stored tokens. One tensor serves every step until the store changes (a slice of it per step)."""
-        kept = self._index_cache
-        if (kept is None or kept[0] != sinks or kept[1] != stored or kept[2].shape[0] < sinks + window
-                or kept[2].device != device):
-            index = torch.arange(sinks + max(window, self.window + self.block + MAX_QUERY_TOKENS), device=device,
-                                 dtype=torch.int32)
-            index[sinks:] += stored
-            kept = self._index_cache = (sinks, stored, index)
-        return kept[2][:sinks + window]
+        stored tokens; a slice of a tensor shared by every step and layer with these counts (`_positions`)."""
+        length = max(window, self.window + self.block + MAX_QUERY_TOKENS)
+        return _positions(sinks, stored, length, str(device))[:sinks + window]
 
     def _update_rotated(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """A decoding step over rotated codes: what it attends is gathered here, answered by `attend`."""
