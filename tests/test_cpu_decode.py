@@ -129,6 +129,8 @@ def test_16_bit_exact_tokens_and_int32_positions_give_the_widened_inputs_bits(ks
     got = cpu.packed_attention(q, k, v, ek, ev, index.int(), sinks, block_tokens=64)
     want = cpu.packed_attention(q, k, v, ek.float(), ev.float(), index.long(), sinks, block_tokens=64)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+    mixed = cpu.packed_attention(q, k, v, ek, ev.float(), index.int(), sinks, block_tokens=64)  # both widened
+    torch.testing.assert_close(mixed, want, atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="one per exact token"):
         cpu.packed_attention(q, k, v, ek, ev, index[:-1], sinks, block_tokens=64)
 

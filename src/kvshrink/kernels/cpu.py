@@ -283,11 +283,11 @@ def packed_attention(query: torch.Tensor, key_store: PagedStore, value_store: Pa
     if t_store and (key_store.fills != value_store.fills or key_store.page_tokens != value_store.page_tokens):
         raise ValueError(f"the key and value stores are paged differently ({key_store.fills} vs {value_store.fills})")
     out = torch.empty_like(q)
-    # the op widens 16-bit exact tokens itself and reads int32 or int64 positions
-    exact = lambda t: (t if t.dtype in _EXACT_DTYPES else t.float()).contiguous()  # noqa: E731
+    # the op widens 16-bit exact tokens itself (keys and values of one dtype) and reads int32 or int64 positions
+    same = exact_keys.dtype == exact_values.dtype and exact_keys.dtype in _EXACT_DTYPES
+    exact = lambda t: (t if same else t.float()).contiguous()  # noqa: E731
     op(out, q, *key_args, *value_args, t_store,
-       key_store.page_tokens, key_store.fills, exact(exact_keys),
-       exact(exact_values if exact_values.dtype == exact_keys.dtype else exact_values.to(exact_keys.dtype)),
+       key_store.page_tokens, key_store.fills, exact(exact_keys), exact(exact_values),
        (exact_index if exact_index.dtype in (torch.int32, torch.int64) else exact_index.long()).contiguous(),
        key0, mask, mask_b, mask_q, causal, split, key_signs, value_signs, block, QDOT[qdot], float(scaling))
     return out if query.dtype == torch.float32 else out.to(query.dtype)
