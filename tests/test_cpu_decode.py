@@ -654,3 +654,42 @@ def test_native_grouped_encode_refuses_fp16_overflow_like_the_pytorch_steps():
     for axis in ("token", "channel"):
         with pytest.raises(ValueError, match="fp16 range"):
             quant.encode_block(x, GroupCodec(4, 32, axis))
+
+
+@needs_kernel
+def test_a_cpu_decode_step_joins_and_encodes_natively_and_stores_the_pytorch_steps_bits(monkeypatch):
+    """Decoding through the CPU kernel, each step's tokens join the window through `append_finite` and each block
+    leaving it is encoded by `grouped_encode`; the stores end up holding exactly what the PyTorch steps store."""
+    from kvshrink.codecs import quant
+
+    model = tiny_llama()
+    ids = torch.randint(2, 90, (1, 40), generator=torch.Generator().manual_seed(2))
+    opts = dict(bits=3, group=16, window=8, sinks=2)
+    calls = {"append_finite": 0, "grouped_encode": 0}
+    real_append, native = cpu.append_finite, (cpu.available() and quant._native)
+
+    def counted_append(*a):
+        calls["append_finite"] += 1
+        return real_append(*a)
+
+    class CountedEncode:
+        def grouped_encode(self, *a):
+            calls["grouped_encode"] += 1
+            return native.grouped_encode(*a)
+
+    monkeypatch.setattr(cpu, "append_finite", counted_append)
+    monkeypatch.setattr(quant, "_native", CountedEncode())
+    cache = ks.make_cache(model, "kivi", kernel="cpu", **opts)
+    tokens = greedy(model, ids, cache, n=20)
+    assert calls["append_finite"] >= 19 * len(cache.layers) and calls["grouped_encode"] > 0
+    monkeypatch.setattr(quant, "_native", None)
+    monkeypatch.setattr(cpu, "append_finite", lambda *a: None)
+    plain = ks.make_cache(model, "kivi", kernel="cpu", **opts)
+    assert torch.equal(greedy(model, ids, plain, n=20), tokens)
+    for a, b in zip(cache.layers, plain.layers):
+        assert a.key_store.tokens == b.key_store.tokens > 32
+        for name in ("codes", "scale", "zero"):
+            for x, y in zip(a.key_store.page_list(name) + a.value_store.page_list(name),
+                            b.key_store.page_list(name) + b.value_store.page_list(name)):
+                assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
