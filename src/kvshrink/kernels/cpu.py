@@ -311,28 +311,33 @@ def _plan(store: PagedStore, head_dim: int, heads: int) -> tuple[tuple, torch.Te
     """The store checked against the query's head_dim, its `_store_args` and rotation signs (`_signs`), kept with
     the store's page lists until its pages change (every decoding step reads every layer's stores; all of this
     changes only when tokens are stored or dropped). Raises ValueError for a store the kernel cannot read."""
-    key = ("pages", "cpu kernel plan", head_dim, heads)  # "pages" keys are forgotten whenever the pages change
-    cache = getattr(store, "cache", {})
-    plan = cache.get(key)
-    if plan is None:
+    def make():
         why = unsupported(store.codec, head_dim)
         if why:
             raise ValueError(f"{store.name}: {why}")
         if store.tokens and store.head_dim != head_dim:
             raise ValueError(f"{store.name}: head_dim {store.head_dim} differs from the query's {head_dim}")
-        plan = cache[key] = (_store_args(store, head_dim), _signs(store, heads, head_dim))
-    return plan
+        return _store_args(store, head_dim), _signs(store, heads, head_dim)
+
+    return _kept(store, ("cpu kernel plan", head_dim, heads), make)
 
 
 def _cached_split(key_store: PagedStore, value_store: PagedStore, units: int) -> int:
     """`split_tokens` for the stores' tokens, kept with the key store's pages (and this process's thread count)."""
-    threads = torch.get_num_threads()
-    key = ("pages", "cpu kernel split", units, threads, value_store.codec.tokens_per_unit)
-    cache = getattr(key_store, "cache", {})
-    split = cache.get(key)
-    if split is None:
-        split = cache[key] = split_tokens(key_store.tokens, units, key_store.codec, value_store.codec)
-    return split
+    key = ("cpu kernel split", units, torch.get_num_threads(), value_store.codec.tokens_per_unit)
+    return _kept(key_store, key, lambda: split_tokens(key_store.tokens, units, key_store.codec, value_store.codec))
+
+
+def _kept(store: PagedStore, key: tuple, make):
+    """make(), kept in the store's cache under a "pages" key: forgotten whenever its pages change (a store without
+    a cache computes it every time)."""
+    cache = getattr(store, "cache", None)
+    if cache is None:
+        return make()
+    key = ("pages", *key)
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
 
 
 def _signs(store: PagedStore, heads: int, d: int) -> torch.Tensor:

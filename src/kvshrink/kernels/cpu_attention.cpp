@@ -1741,6 +1741,26 @@ void rotate_tokens(at::Tensor out, at::Tensor x, at::Tensor signs, int64_t block
   rotate_rows(x.data_ptr<float>(), out.data_ptr<float>(), x.numel() / D, D, T, H, signs.data_ptr<float>(), block);
 }
 
+// n codes (one byte each) packed `bits` wide into out, as `codecs.packing.pack` lays them: 2/4/8 bits low codes
+// first within a byte; 3 bits 8 codes to a little-endian 3-byte word; the last byte or word zero-padded.
+inline void pack_codes(const uint8_t* code, int64_t n, int64_t bits, uint8_t* out) {
+  if (bits == 8) {
+    std::memcpy(out, code, n);
+  } else if (bits == 3) {
+    for (int64_t w = 0; w < (n + 7) / 8; ++w) {
+      uint32_t word = 0;
+      for (int64_t j = 0; j < 8 && 8 * w + j < n; ++j) word |= uint32_t(code[8 * w + j]) << (3 * j);
+      out[3 * w] = word & 0xFF;
+      out[3 * w + 1] = (word >> 8) & 0xFF;
+      out[3 * w + 2] = (word >> 16) & 0xFF;
+    }
+  } else {
+    const int64_t per = 8 / bits;
+    std::memset(out, 0, (n + per - 1) / per);
+    for (int64_t i = 0; i < n; ++i) out[i / per] |= static_cast<uint8_t>(code[i] << (bits * (i % per)));
+  }
+}
+
 // y [..., D] float32 rows and their norms n (one per row): the codes of u = y / max(n, 1e-30), z = u * sqrt_d against the
 // ascending edges (the number of edges below z, as torch.bucketize with right=False), packed `bits` wide (low bits
 // first; 3 bits: 8 codes per little-endian 3-byte word) into packed (uint8 [N, D * bits / 8]), and the decoded
@@ -1777,20 +1797,7 @@ void lloydmax_tokens(at::Tensor packed, at::Tensor dec, at::Tensor y, at::Tensor
       code[d] = static_cast<uint8_t>(k);
       dp[i * D + d] = c[k] / sd;
     }
-    uint8_t* o = out + i * nbytes;
-    std::memset(o, 0, nbytes);
-    if (bits == 3) {
-      for (int64_t w = 0; w < D / 8; ++w) {
-        uint32_t word = 0;
-        for (int j = 0; j < 8; ++j) word |= uint32_t(code[8 * w + j]) << (3 * j);
-        o[3 * w] = word & 0xFF;
-        o[3 * w + 1] = (word >> 8) & 0xFF;
-        o[3 * w + 2] = (word >> 16) & 0xFF;
-      }
-    } else {
-      const int per = 8 / static_cast<int>(bits);
-      for (int64_t d = 0; d < D; ++d) o[d / per] |= static_cast<uint8_t>(code[d] << (bits * (d % per)));
-    }
+    pack_codes(code.data(), D, bits, out + i * nbytes);
   }
 }
 
@@ -1819,41 +1826,21 @@ inline bool quantize_group(const float* x, int64_t n, int64_t step, int levels, 
   }
   if (nan) return false;
   uint16_t z = c10::Half(lo).x;
-  if (static_cast<float>(c10::Half(z, c10::Half::from_bits())) > lo) z = half_next(z, false);
-  const float zf = static_cast<float>(c10::Half(z, c10::Half::from_bits()));
+  if (half1(z) > lo) z = half_next(z, false);
+  const float zf = half1(z);
   const float exact = (hi - zf) / static_cast<float>(levels);
   uint16_t sc = c10::Half(exact).x;
-  if (static_cast<float>(c10::Half(sc, c10::Half::from_bits())) < exact) sc = half_next(sc, true);
+  if (half1(sc) < exact) sc = half_next(sc, true);
   *scale_out = sc;
   *zero_out = z;
   if ((sc & 0x7C00) == 0x7C00 || (z & 0x7C00) == 0x7C00) return false;
-  const float sf = static_cast<float>(c10::Half(sc, c10::Half::from_bits()));
+  const float sf = half1(sc);
   const float inv = sf > 0 ? 1.0f / sf : 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     const float c = std::nearbyint((x[i * step] - zf) * inv);
     codes[i * code_step] = static_cast<uint8_t>(std::min(std::max(c, 0.0f), static_cast<float>(levels)));
   }
   return true;
-}
-
-// n codes (one byte each) packed `bits` wide into out, as `codecs.packing.pack` lays them: 2/4/8 bits low codes
-// first within a byte; 3 bits 8 codes to a little-endian 3-byte word; the last byte or word zero-padded.
-inline void pack_codes(const uint8_t* code, int64_t n, int64_t bits, uint8_t* out) {
-  if (bits == 8) {
-    std::memcpy(out, code, n);
-  } else if (bits == 3) {
-    for (int64_t w = 0; w < (n + 7) / 8; ++w) {
-      uint32_t word = 0;
-      for (int64_t j = 0; j < 8 && 8 * w + j < n; ++j) word |= uint32_t(code[8 * w + j]) << (3 * j);
-      out[3 * w] = word & 0xFF;
-      out[3 * w + 1] = (word >> 8) & 0xFF;
-      out[3 * w + 2] = (word >> 16) & 0xFF;
-    }
-  } else {
-    const int64_t per = 8 / bits;
-    std::memset(out, 0, (n + per - 1) / per);
-    for (int64_t i = 0; i < n; ++i) out[i / per] |= static_cast<uint8_t>(code[i] << (bits * (i % per)));
-  }
 }
 
 // `codecs.quant.encode_block`'s quantize-and-pack of x [B, H, T, D] (float32, already centred) into the `grouped`
