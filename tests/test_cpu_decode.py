@@ -608,6 +608,7 @@ ENCODE_CASES = [  # bits, axis, group, head dim, heads, tokens
     (8, "channel", 32, 36, 2, 32), (3, "channel", 32, 36, 3, 32),   # 36 channels: 3-bit rows end in a part word
     (2, "token", 32, 64, 3, 32), (3, "token", 32, 64, 3, 33), (4, "token", 16, 128, 2, 7),
     (8, "token", 64, 64, 1, 5), (3, "token", 12, 36, 2, 9), (2, "token", 12, 36, 4, 3),  # groups of 12: padding
+    (2, "channel", 32, 128, 2, 2048), (4, "token", 32, 128, 2, 2048),  # a prefill's block: split over threads
 ]
 
 

@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1843,11 +1844,60 @@ inline bool quantize_group(const float* x, int64_t n, int64_t step, int levels, 
   return true;
 }
 
+// `quantize_group` for each of the D channels of one block xb [G, D] (a group per channel, along the block's G
+// tokens): the same bits, with the channels as the lanes so the compiler vectorizes the loops (the strided
+// per-channel walk did not). lo, hi: scratch of D floats each. False when a scale or zero is not finite in fp16 or
+// the block holds a NaN (codes then not written).
+inline bool quantize_channels(const float* xb, int64_t G, int64_t D, int levels, uint8_t* code, uint16_t* sc,
+                              uint16_t* zr, float* lo, float* hi) {
+  int nan = 0;
+  for (int64_t d = 0; d < D; ++d) lo[d] = hi[d] = xb[d];
+  for (int64_t g = 0; g < G; ++g) {
+    const float* row = xb + g * D;
+#pragma omp simd reduction(| : nan)
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = row[d];
+      nan |= v != v;
+      lo[d] = v < lo[d] ? v : lo[d];  // std::min(lo, v)
+      hi[d] = hi[d] < v ? v : hi[d];  // std::max(hi, v)
+    }
+  }
+  if (nan) return false;
+  bool ok = true;
+  for (int64_t d = 0; d < D; ++d) {  // the fp16 zero and scale, as quantize_group rounds them
+    uint16_t z = c10::Half(lo[d]).x;
+    if (half1(z) > lo[d]) z = half_next(z, false);
+    const float zf = half1(z);
+    const float exact = (hi[d] - zf) / static_cast<float>(levels);
+    uint16_t s = c10::Half(exact).x;
+    if (half1(s) < exact) s = half_next(s, true);
+    sc[d] = s;
+    zr[d] = z;
+    ok &= (s & 0x7C00) != 0x7C00 && (z & 0x7C00) != 0x7C00;
+    const float sf = half1(s);
+    lo[d] = zf;                          // from here: the zero
+    hi[d] = sf > 0 ? 1.0f / sf : 0.0f;   // and the step's inverse
+  }
+  if (!ok) return false;
+  const float top = static_cast<float>(levels);
+  for (int64_t g = 0; g < G; ++g) {
+    const float* row = xb + g * D;
+    uint8_t* out = code + g * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      const float c = std::nearbyint((row[d] - lo[d]) * hi[d]);
+      out[d] = static_cast<uint8_t>(std::min(std::max(c, 0.0f), top));
+    }
+  }
+  return true;
+}
+
 // `codecs.quant.encode_block`'s quantize-and-pack of x [B, H, T, D] (float32, already centred) into the `grouped`
 // layout's fields, preallocated by the caller: per-token groups (axis 0) codes [B, H, T, D/G, bytes(G)] and
 // scale/zero [B, H, T, D/G, 1]; per-channel groups (axis 1) codes [B, H, T/G, G, bytes(D)] and scale/zero
-// [B, H, T/G, 1, D] (fp16). The same bits as the PyTorch steps. False (fields partly written) when a scale or zero
-// overflows fp16.
+// [B, H, T/G, 1, D] (fp16). The same bits as the PyTorch steps, whatever the thread count (groups are
+// independent; large calls split them over threads). False (fields partly written) when a scale or zero
+// overflows fp16 or x holds a NaN.
 bool grouped_encode(at::Tensor codes, at::Tensor scale, at::Tensor zero, at::Tensor x, int64_t bits, int64_t group,
                     int64_t axis) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [B,H,T,D]");
@@ -1862,31 +1912,39 @@ bool grouped_encode(at::Tensor codes, at::Tensor scale, at::Tensor zero, at::Ten
   uint8_t* cp = codes.data_ptr<uint8_t>();
   uint16_t* sp = reinterpret_cast<uint16_t*>(scale.data_ptr<at::Half>());
   uint16_t* zp = reinterpret_cast<uint16_t*>(zero.data_ptr<at::Half>());
-  bool ok = true;
+  std::atomic<bool> ok{true};
   if (axis == 0) {
     TORCH_CHECK(group > 0 && D % group == 0, "per-token groups must divide D");
     const int64_t groups = N * (D / group), gb = nbytes(group);
     TORCH_CHECK(codes.numel() == groups * gb && scale.numel() == groups && zero.numel() == groups,
                 "fields: [B, H, T, D/G, bytes] codes and one scale and zero per group");
-    std::vector<uint8_t> code(group);
-    for (int64_t i = 0; i < groups; ++i) {
-      ok &= quantize_group(xp + i * group, group, 1, levels, code.data(), 1, sp + i, zp + i);
-      pack_codes(code.data(), group, bits, cp + i * gb);
-    }
+    at::parallel_for(0, groups, std::max<int64_t>(1, 16384 / group), [&](int64_t begin, int64_t end) {
+      std::vector<uint8_t> code(group);
+      bool mine = true;
+      for (int64_t i = begin; i < end; ++i) {
+        mine &= quantize_group(xp + i * group, group, 1, levels, code.data(), 1, sp + i, zp + i);
+        pack_codes(code.data(), group, bits, cp + i * gb);
+      }
+      if (!mine) ok = false;
+    });
   } else {
     TORCH_CHECK(group > 0 && T % group == 0, "per-channel groups must divide the block's tokens");
     const int64_t blocks = N / group, rb = nbytes(D);
     TORCH_CHECK(codes.numel() == N * rb && scale.numel() == blocks * D && zero.numel() == blocks * D,
                 "fields: [B, H, T/G, G, bytes] codes and [B, H, T/G, 1, D] scales and zeros");
-    std::vector<uint8_t> code(group * D);
-    for (int64_t k = 0; k < blocks; ++k) {
-      const float* xb = xp + k * group * D;
-      for (int64_t d = 0; d < D; ++d)
-        ok &= quantize_group(xb + d, group, D, levels, code.data() + d, D, sp + k * D + d, zp + k * D + d);
-      for (int64_t g = 0; g < group; ++g) pack_codes(code.data() + g * D, D, bits, cp + (k * group + g) * rb);
-    }
+    at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / (group * D)), [&](int64_t begin, int64_t end) {
+      std::vector<uint8_t> code(group * D);
+      std::vector<float> lo(D), hi(D);
+      bool mine = true;
+      for (int64_t k = begin; k < end; ++k) {
+        mine &= quantize_channels(xp + k * group * D, group, D, levels, code.data(), sp + k * D, zp + k * D,
+                                  lo.data(), hi.data());
+        for (int64_t g = 0; g < group; ++g) pack_codes(code.data() + g * D, D, bits, cp + (k * group + g) * rb);
+      }
+      if (!mine) ok = false;
+    });
   }
-  return ok;
+  return ok.load();
 }
 
 // One decode step's tokens into a layer's exact window: [window ; x] along the tokens, in the window's dtype
