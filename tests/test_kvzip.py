@@ -232,12 +232,18 @@ def test_a_second_cache_of_the_prompt_reuses_the_pass_and_keeps_what_its_own_wou
     held = check("kvzip:budget=0.3,prompt=none,window=8 + kivi:bits=2,group=16", False)
     check("kvzip:budget=0.6,ratio=0.5,prompt=none,scores=free,positions=bits + kivi:bits=4,group=16", True)
     assert len(record.passes) == 1
+    # the same pass with each KV head stored apart (heads=adaptive): its heads take their layer's scores, and keep
+    # what their own pass keeps, bit for bit (each KV head is scored by its own query heads either way)
+    check("kvzip:budget=0.3,prompt=none,window=8,heads=adaptive + kivi:bits=2,group=16", True)
+    check("kvzip:budget=0.6,ratio=0.5,prompt=none,heads=adaptive,scores=free,positions=bits + kivi:bits=4,group=16",
+          True)
+    assert len(record.passes) == 1
     # the prompt held in another dtype (kvzip alone keeps the 16-bit cache's float16, a codec's window the model's
-    # float32 here: the scores differ in the 4th digit), another pass (chunks), other layers (one per KV head)
+    # float32 here: the scores differ in the 4th digit), another pass (chunks)
     same = check("kvzip:budget=0.5,prompt=none", None) == held
     check("kvzip:budget=0.5,prompt=none,chunk=64", False, forwards=4)
-    check("kvzip:budget=0.5,prompt=none,heads=adaptive", False)
-    assert not same and len(record.passes) == 4  # float16 against float32 on this model: not reused
+    check("kvzip:budget=0.5,prompt=none,heads=adaptive", True)  # the float16 pass above, its heads apart
+    assert not same and len(record.passes) == 3  # float16 against float32 on this model: not reused
 
 
 def test_a_pass_beside_coded_sliding_layers_is_not_reused():

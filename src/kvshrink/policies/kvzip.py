@@ -234,19 +234,26 @@ def _pass_layer(layer: Any, i: int, row: int | None, length: int) -> Any:
     return out
 
 
-def _pass_key(layers: list, probed: list, row_ids: torch.Tensor, policy: Any) -> tuple | None:
+def _pass_key(layers: list, groups: list[list], row_ids: torch.Tensor, policy: Any) -> tuple | None:
     """What a pass's scores depend on, as a key under which another cache's identical pass may reuse them; None
     where they may differ although the key would not (a layer beside kvzip's that is not the prompt's exact states:
-    Gemma 3's coded sliding layers). The scores do not depend on budgets, the byte cap, the codec's codes (the
-    kvzip layers hold the prompt exact until the pass has scored them; the dtype they hold it in is in the key),
-    sinks, window or what is freed afterwards."""
+    Gemma 3's coded sliding layers). `groups`: per waiting layer, what it scores (itself, or its KV heads when split
+    by head). The scores do not depend on budgets, the byte cap, the codec's codes (the kvzip layers hold the prompt
+    exact until the pass has scored them; the dtype they hold it in is in the key), sinks, window, what is freed
+    afterwards, or whether a layer's KV heads are stored apart (`heads=adaptive`): each KV head's scores come from
+    its own query heads either way, so the key names a layer's heads, not how they are split."""
     if any(not awaits_pass(x) and not isinstance(x, DynamicLayer) for x in layers):  # the cache's own layers
         return None
+    per_layer = []
+    for group in groups:
+        held = {(str(x.dtype), str(x.keys.dtype), str(x.sink_keys.dtype), x.low_keys is None) for x in group}
+        if len(held) != 1:  # heads of one layer held alike, or no reuse
+            return None
+        b, _, n = group[0].scores.shape
+        per_layer.append((group[0].layer_idx, b, sum(x.scores.shape[1] for x in group), n, *held.pop()))
     ids = row_ids.detach().cpu()
     return (tuple(ids.shape), ids.numpy().tobytes(), type(policy).__name__, policy.per_layer,
-            tuple(policy.instruction), policy.chunk,
-            tuple((x.layer_idx, tuple(x.scores.shape), str(x.dtype), str(x.keys.dtype), str(x.sink_keys.dtype),
-                   x.low_keys is None) for x in probed))
+            tuple(policy.instruction), policy.chunk, tuple(per_layer))
 
 
 @torch.no_grad()
@@ -255,8 +262,8 @@ def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None,
     """Run the reconstruction pass of a prefilled `cache` whose prompt was `ids` [B, N], then evict to the global
     budgets. Returns (and keeps as `cache.reconstruction`) the seconds spent here, the pass's tokens and forwards,
     and its own seconds (`pass_seconds`). `memo` (a dict the caller keeps, e.g. one per prompt): the scores of
-    every pass run with it, so that a later cache of the same prompt and pass (another budget, byte cap or codec)
-    takes them instead of running the pass again (`reused`: True); the kept tokens are the same as its own pass's."""
+    every pass run with it, so that a later cache of the same prompt and pass (another budget, byte cap, codec, or
+    its layers' KV heads stored apart or together) takes them instead of running the pass again (`reused`: True); the kept tokens are the same as its own pass's."""
     if ids is None or not torch.is_tensor(ids) or ids.dim() != 2:
         raise ValueError("kvzip: the reconstruction pass repeats the prompt's token ids; the prefill gave none "
                          "(inputs_embeds?): prefill with input_ids")
@@ -275,7 +282,8 @@ def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None,
     pass_seconds, reused = 0.0, False
     for view, row_ids in runs:
         waiting = [x for x in view if awaits_pass(x)]
-        probed = [h for x in waiting for h in (x.heads if isinstance(x, HeadSplit) else [x])]
+        groups = [list(x.heads) if isinstance(x, HeadSplit) else [x] for x in waiting]
+        probed = [h for group in groups for h in group]
         policy = probed[0].policy
         if policy.instruction is None:
             raise RuntimeError("kvzip: the repeat instruction was never tokenized (the cache was made from a config, "
@@ -284,11 +292,12 @@ def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None,
             if x.seen != row_ids.shape[1]:
                 raise RuntimeError(f"kvzip: layer {x.layer_idx} holds {x.seen} tokens, the prompt has "
                                    f"{row_ids.shape[1]}: the pass must follow the prefill directly")
-        key = _pass_key(layers, probed, row_ids, policy) if memo is not None else None
+        key = _pass_key(layers, groups, row_ids, policy) if memo is not None else None
         if key is not None and key in memo:
             done = memo[key]
-            for x, scores in zip(probed, done["scores"]):
-                x.scores = scores.clone()
+            for group, scores in zip(groups, done["scores"]):  # a layer's scores, cut into its stored heads
+                for x, part in zip(group, scores.split([x.scores.shape[1] for x in group], 1)):
+                    x.scores = part.clone()
             tokens, forwards = tokens + done["tokens"], forwards + done["forwards"]
             pass_seconds += done["seconds"]
             reused = True
@@ -309,7 +318,8 @@ def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None,
                 run_forwards += 1
             run_seconds = time.perf_counter() - run_start
             if key is not None:
-                memo[key] = {"scores": [x.scores.clone() for x in probed], "seconds": run_seconds,
+                memo[key] = {"scores": [torch.cat([x.scores for x in group], 1) for group in groups],
+                             "seconds": run_seconds,
                              "tokens": run_tokens, "forwards": run_forwards}
             tokens, forwards, pass_seconds = tokens + run_tokens, forwards + run_forwards, pass_seconds + run_seconds
         compress(probed, getattr(policy, "ratio", 0.0))
