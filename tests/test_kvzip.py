@@ -244,6 +244,10 @@ def test_a_second_cache_of_the_prompt_reuses_the_pass_and_keeps_what_its_own_wou
     check("kvzip:budget=0.5,prompt=none,chunk=64", False, forwards=4)
     check("kvzip:budget=0.5,prompt=none,heads=adaptive", True)  # the float16 pass above, its heads apart
     assert not same and len(record.passes) == 3  # float16 against float32 on this model: not reused
+    record = record_prefill(model, ids)  # the other way round: heads apart first, then a layer that holds them
+    check("kvzip:budget=0.3,prompt=none,window=8,heads=adaptive + kivi:bits=2,group=16", False)
+    check("kvzip:budget=0.4,prompt=none + kivi:bits=2,group=16", True)
+    assert len(record.passes) == 1
 
 
 def test_a_pass_beside_coded_sliding_layers_is_not_reused():
