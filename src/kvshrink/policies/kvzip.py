@@ -263,7 +263,8 @@ def reconstruct(model: Any, cache: CompressedCache, ids: torch.Tensor | None,
     budgets. Returns (and keeps as `cache.reconstruction`) the seconds spent here, the pass's tokens and forwards,
     and its own seconds (`pass_seconds`). `memo` (a dict the caller keeps, e.g. one per prompt): the scores of
     every pass run with it, so that a later cache of the same prompt and pass (another budget, byte cap, codec, or
-    its layers' KV heads stored apart or together) takes them instead of running the pass again (`reused`: True); the kept tokens are the same as its own pass's."""
+    its layers' KV heads stored apart or together) takes them instead of running the pass again (`reused`: True);
+    the kept tokens are the same as its own pass's."""
     if ids is None or not torch.is_tensor(ids) or ids.dim() != 2:
         raise ValueError("kvzip: the reconstruction pass repeats the prompt's token ids; the prefill gave none "
                          "(inputs_embeds?): prefill with input_ids")
