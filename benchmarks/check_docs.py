@@ -189,6 +189,12 @@ TABLES: dict[str, dict] = {
                                                                      f"kvzip:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json"),
         "`kvzip:budget=0.6,ratio=0.096,scores=free + tada:profile=<rotation-aware 0.20>`":
             ("benchmarks/results/eval-rotation-qwen.jsonl", KVZIP_010)}},
+    "kvzip-heldout-fp32": {"doc": "docs/kvzip.md", "kind": "heldout", "context": 4096, "rows": {
+        "`full` (float32)": ("benchmarks/results/eval-heldout-qwen-fp32.jsonl", "full"),
+        "the 0.10 pairing profile": ("benchmarks/results/eval-heldout-qwen-fp32.jsonl",
+                                     f"pairing:profile={P}-kvzip-rotate-0.10.json"),
+        "the 0.06 pairing profile": ("benchmarks/results/eval-heldout-qwen-fp32.jsonl",
+                                     f"pairing:profile={P}-kvzip-rotate-0.06.json")}},
 }
 MARK = re.compile(r"<!--\s*check_docs:\s*([\w-]+)\s*-->")
 
