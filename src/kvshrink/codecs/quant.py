@@ -74,8 +74,8 @@ def _native_encode(x: torch.Tensor, groups: torch.Tensor, dim: int, spec: "Group
         return None
     *lead, last = groups.shape
     codes = torch.empty((*lead, packed_size(last, spec.bits)), dtype=torch.uint8)
-    scale = torch.empty(groups.shape[:dim % groups.dim()] + (1,) + groups.shape[dim % groups.dim() + 1:],
-                        dtype=torch.float16)
+    along = dim % groups.dim()  # scale and zero keep that dimension with size 1
+    scale = torch.empty(groups.shape[:along] + (1,) + groups.shape[along + 1:], dtype=torch.float16)
     zero = torch.empty_like(scale)
     if not _native.grouped_encode(codes, scale, zero, x.contiguous(), spec.bits, spec.group,
                                   0 if spec.axis == "token" else 1):

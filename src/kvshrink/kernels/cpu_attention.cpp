@@ -1811,43 +1811,53 @@ inline uint16_t half_next(uint16_t h, bool up) {
   return (up != negative) ? h + 1 : h - 1;  // away from zero: magnitude + 1; towards it: - 1
 }
 
-// `codecs.quant.quantize` of one group of n values read with stride `step`: the fp16 zero (the minimum rounded,
-// then one step down where it came out above) and scale ((max - zero) / levels rounded, one step up where below),
-// then each code round((x - zero) / scale) half to even, clamped, into codes[i * code_step]. False when a scale or
-// zero is not finite in fp16 (or x holds a NaN).
-inline bool quantize_group(const float* x, int64_t n, int64_t step, int levels, uint8_t* codes, int64_t code_step,
-                           uint16_t* scale_out, uint16_t* zero_out) {
+// `codecs.quant.quantize`'s fp16 zero and scale of a group spanning [lo, hi]: the zero is lo rounded, then one step
+// down where it came out above; the scale (hi - zero) / levels rounded, then one step up where below. Returns
+// whether both are finite in fp16, and (zf, inv): the zero as float and the scale's inverse (0 for scale 0).
+inline bool fp16_zero_scale(float lo, float hi, int levels, uint16_t* scale_out, uint16_t* zero_out, float* zf,
+                            float* inv) {
+  uint16_t z = c10::Half(lo).x;
+  if (half1(z) > lo) z = half_next(z, false);
+  *zf = half1(z);
+  const float exact = (hi - *zf) / static_cast<float>(levels);
+  uint16_t sc = c10::Half(exact).x;
+  if (half1(sc) < exact) sc = half_next(sc, true);
+  *scale_out = sc;
+  *zero_out = z;
+  const float sf = half1(sc);
+  *inv = sf > 0 ? 1.0f / sf : 0.0f;
+  return (sc & 0x7C00) != 0x7C00 && (z & 0x7C00) != 0x7C00;
+}
+
+// One code: round((x - zero) / scale) half to even (the default rounding mode), clamped to [0, levels].
+inline uint8_t code_of(float x, float zf, float inv, float top) {
+  return static_cast<uint8_t>(std::min(std::max(std::nearbyint((x - zf) * inv), 0.0f), top));
+}
+
+// `codecs.quant.quantize` of one contiguous group of n values: its fp16 zero and scale (`fp16_zero_scale`), then
+// each value's code. False when a scale or zero is not finite in fp16 (or x holds a NaN).
+inline bool quantize_group(const float* x, int64_t n, int levels, uint8_t* codes, uint16_t* scale_out,
+                           uint16_t* zero_out) {
   float lo = x[0], hi = x[0];
   bool nan = false;  // torch's amin/amax give NaN for a group with one: no finite scale, refused
   for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i * step];
+    const float v = x[i];
     nan |= v != v;
     lo = std::min(lo, v);
     hi = std::max(hi, v);
   }
   if (nan) return false;
-  uint16_t z = c10::Half(lo).x;
-  if (half1(z) > lo) z = half_next(z, false);
-  const float zf = half1(z);
-  const float exact = (hi - zf) / static_cast<float>(levels);
-  uint16_t sc = c10::Half(exact).x;
-  if (half1(sc) < exact) sc = half_next(sc, true);
-  *scale_out = sc;
-  *zero_out = z;
-  if ((sc & 0x7C00) == 0x7C00 || (z & 0x7C00) == 0x7C00) return false;
-  const float sf = half1(sc);
-  const float inv = sf > 0 ? 1.0f / sf : 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float c = std::nearbyint((x[i * step] - zf) * inv);
-    codes[i * code_step] = static_cast<uint8_t>(std::min(std::max(c, 0.0f), static_cast<float>(levels)));
-  }
+  float zf, inv;
+  if (!fp16_zero_scale(lo, hi, levels, scale_out, zero_out, &zf, &inv)) return false;
+  const float top = static_cast<float>(levels);
+  for (int64_t i = 0; i < n; ++i) codes[i] = code_of(x[i], zf, inv, top);
   return true;
 }
 
 // `quantize_group` for each of the D channels of one block xb [G, D] (a group per channel, along the block's G
-// tokens): the same bits, with the channels as the lanes so the compiler vectorizes the loops (the strided
-// per-channel walk did not). lo, hi: scratch of D floats each. False when a scale or zero is not finite in fp16 or
-// the block holds a NaN (codes then not written).
+// tokens): the same bits, with the channels as the lanes so the compiler vectorizes the loops (a strided
+// per-channel walk would not be). lo, hi: scratch of D floats each. False when a scale or zero is not finite in
+// fp16 or the block holds a NaN (codes then not written).
 inline bool quantize_channels(const float* xb, int64_t G, int64_t D, int levels, uint8_t* code, uint16_t* sc,
                               uint16_t* zr, float* lo, float* hi) {
   int nan = 0;
@@ -1864,30 +1874,15 @@ inline bool quantize_channels(const float* xb, int64_t G, int64_t D, int levels,
   }
   if (nan) return false;
   bool ok = true;
-  for (int64_t d = 0; d < D; ++d) {  // the fp16 zero and scale, as quantize_group rounds them
-    uint16_t z = c10::Half(lo[d]).x;
-    if (half1(z) > lo[d]) z = half_next(z, false);
-    const float zf = half1(z);
-    const float exact = (hi[d] - zf) / static_cast<float>(levels);
-    uint16_t s = c10::Half(exact).x;
-    if (half1(s) < exact) s = half_next(s, true);
-    sc[d] = s;
-    zr[d] = z;
-    ok &= (s & 0x7C00) != 0x7C00 && (z & 0x7C00) != 0x7C00;
-    const float sf = half1(s);
-    lo[d] = zf;                          // from here: the zero
-    hi[d] = sf > 0 ? 1.0f / sf : 0.0f;   // and the step's inverse
-  }
+  for (int64_t d = 0; d < D; ++d)  // from here lo holds each channel's zero and hi its scale's inverse
+    ok &= fp16_zero_scale(lo[d], hi[d], levels, sc + d, zr + d, lo + d, hi + d);
   if (!ok) return false;
   const float top = static_cast<float>(levels);
   for (int64_t g = 0; g < G; ++g) {
     const float* row = xb + g * D;
     uint8_t* out = code + g * D;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) {
-      const float c = std::nearbyint((row[d] - lo[d]) * hi[d]);
-      out[d] = static_cast<uint8_t>(std::min(std::max(c, 0.0f), top));
-    }
+    for (int64_t d = 0; d < D; ++d) out[d] = code_of(row[d], lo[d], hi[d], top);
   }
   return true;
 }
@@ -1922,7 +1917,7 @@ bool grouped_encode(at::Tensor codes, at::Tensor scale, at::Tensor zero, at::Ten
       std::vector<uint8_t> code(group);
       bool mine = true;
       for (int64_t i = begin; i < end; ++i) {
-        mine &= quantize_group(xp + i * group, group, 1, levels, code.data(), 1, sp + i, zp + i);
+        mine &= quantize_group(xp + i * group, group, levels, code.data(), sp + i, zp + i);
         pack_codes(code.data(), group, bits, cp + i * gb);
       }
       if (!mine) ok = false;
