@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -25,16 +24,6 @@ SHAPES = [  # (name, [B, H, T, D])
 ]
 
 
-def median_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=21)
@@ -43,6 +32,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.repeat < 1:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
+
+    from cpu_attention import _time  # this folder's kernel benchmark: median seconds per call after a warm-up
 
     from kvshrink.codecs import quant
     from kvshrink.codecs.quant import GroupCodec
@@ -60,9 +51,9 @@ def main() -> None:
         for axis in ("channel", "token"):
             spec = GroupCodec(args.bits, 32, axis, "none")
             quant._native = native
-            n_ms = median_ms(lambda: quant.encode_block(x, spec), args.repeat)
+            n_ms = 1e3 * _time(lambda: quant.encode_block(x, spec), args.repeat)
             quant._native = None
-            t_ms = median_ms(lambda: quant.encode_block(x, spec), args.repeat)
+            t_ms = 1e3 * _time(lambda: quant.encode_block(x, spec), args.repeat)
             quant._native = native
             rows.append({"shape": name, "dims": list(shape), "axis": axis, "bits": args.bits, "group": 32,
                          "native_ms": round(n_ms, 4), "torch_ms": round(t_ms, 4),
