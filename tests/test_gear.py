@@ -83,3 +83,24 @@ def test_gear_as_a_method_and_as_a_composition_codec():
     assert composed.layers[0].key_store.codec.name == "gear" and composed.layers[0].key_store.tokens > 0
     with pytest.raises(ValueError, match="gear: .*outliers must be a share"):
         ks.make_cache(model, "gear:outliers=0.7")
+
+
+def test_value_axis_codes_the_values_per_token_where_one_spec_codes_both():
+    model = tiny_llama(head_dim=32, hidden_size=128)
+    ids = torch.randint(2, 95, (1, 200), generator=torch.Generator().manual_seed(5))
+    cache = ks.make_cache(model, "gear:bits=2,block=64,rank=1,outliers=0.01,value_axis=token,window=16")
+    greedy(model, ids, cache, n=4)
+    layer = cache.layers[0]
+    assert layer.key_store.codec.axis == "channel" and layer.value_store.codec.axis == "token"
+    # each side holds what its own codec stores for the same tokens: the values' scales are per token and group
+    keys, values = layer.key_store, layer.value_store
+    assert values.nbytes() == _stored(GearCodec(2, "token", block=64, rank=1, outliers=0.01),
+                                      values.decode(torch.float32)).nbytes()
+    # a scale pair per token and 32 channels, against one per channel and 64 tokens
+    assert values.nbytes() > keys.nbytes()
+    # the default keeps one axis for both sides, as before the option existed
+    same = ks.make_cache(model, "gear:bits=2,block=64,rank=1,outliers=0.01,window=16")
+    greedy(model, ids, same, n=4)
+    assert same.layers[0].value_store.codec.axis == "channel" and same.layers[0].value_store.nbytes() == keys.nbytes()
+    with pytest.raises(ValueError, match="value_axis must be one of .*'token'.*got 'rows'"):
+        ks.make_cache(model, "gear:value_axis=rows")

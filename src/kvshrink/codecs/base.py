@@ -118,6 +118,11 @@ class Codec:
         """Tokens that must be appended or dropped together."""
         return 1
 
+    def for_values(self) -> "Codec":
+        """The codec for the values where one spec codes both keys and values (a bare codec as a method, a
+        composition's CODEC): this one, unless an option says the values' codes differ (`gear:value_axis=`)."""
+        return self
+
     def layout(self, head_dim: int) -> Layout:
         raise NotImplementedError
 

@@ -8,6 +8,7 @@ scales (with the quantization's), `lowrank` (A and B), `outliers` (values and in
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -39,6 +40,9 @@ class GearCodec(Codec):
 
     bits: int = option(2, f"code width of the quantized bulk: {', '.join(map(str, GEAR_BITS))}")
     axis: str = option("channel", "bulk groups along the block's tokens of one 'channel' (keys) or one 'token'")
+    value_axis: str = option("same", "the values' bulk groups where one spec codes keys and values (the bare `gear` "
+                                     "method, a composition's CODEC): same (as axis), channel, or token (as KIVI and "
+                                     "the GEAR paper)")
     group: int = option(32, "channels per group for axis=token")
     block: int = option(64, "tokens per block (a channel group spans it; the low-rank basis and outliers are per "
                             "block)")
@@ -52,6 +56,8 @@ class GearCodec(Codec):
             raise ValueError(f"bits must be one of {GEAR_BITS}, got {self.bits!r}")
         if self.axis not in AXES:
             raise ValueError(f"axis must be one of {AXES}, got {self.axis!r}")
+        if self.value_axis not in ("same", *AXES):
+            raise ValueError(f"value_axis must be one of {('same', *AXES)}, got {self.value_axis!r}")
         for name, low in (("block", 1), ("group", 1), ("rank", 0), ("iterations", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -63,6 +69,11 @@ class GearCodec(Codec):
     @property
     def tokens_per_unit(self) -> int:
         return self.block
+
+    def for_values(self) -> "GearCodec":
+        if self.value_axis in ("same", self.axis):
+            return self
+        return dataclasses.replace(self, axis=self.value_axis, value_axis="same")
 
     @property
     def bulk(self) -> GroupCodec:

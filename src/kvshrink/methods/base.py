@@ -167,7 +167,7 @@ class CodecRecipe(StoringMethod):
 
     def layer_codecs(self, layer_idx: int) -> tuple[Codec, Codec]:
         c = dataclasses.replace(self.codec, layer=layer_idx) if hasattr(self.codec, "layer") else self.codec
-        return c, c
+        return c, c.for_values()
 
     def exact_torch_dtype(self):
         return EXACT_DTYPES[self.exact_dtype]
