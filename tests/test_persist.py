@@ -11,7 +11,8 @@ SPECS = ["full", "kivi:bits=2,group=8,window=8", "tada:bits=2,group=8,window=8",
          "snapkv:budget=0.4,window=8", "h2o:budget=0.4,window=8,score=normalized", "tova:budget=0.4,window=8",
          "mixed:budget=0.5,codec=rotated,window=8", "turboquant:bits=3,window=8",
          "turboquant:bits=4,quantizer=uniform,group=16,window=8", "kvdirect:window=8",
-         "kvdirect:scheme=token,window=8"]
+         "kvdirect:scheme=token,window=8",
+         "gear:bits=2,group=8,block=16,rank=1,outliers=0.02,value_axis=token,window=8"]
 
 
 def _generate(model, ids, cache, n):
