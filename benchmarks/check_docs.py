@@ -189,6 +189,8 @@ TABLES: dict[str, dict] = {
                                                                      f"kvzip:budget=0.45 + tada:profile={P}-tada-rotate-0.20.json"),
         "`kvzip:budget=0.6,ratio=0.096,scores=free + tada:profile=<rotation-aware 0.20>`":
             ("benchmarks/results/eval-rotation-qwen.jsonl", KVZIP_010)}},
+    "gear-kivi-4k-fp32": {"doc": "docs/low-rank.md", "kind": "ruler",
+                          "records": "benchmarks/results/eval-gear-qwen-fp32.jsonl", "context": 4096},
     "kvzip-heldout-fp32": {"doc": "docs/kvzip.md", "kind": "heldout", "context": 4096, "rows": {
         "`full` (float32)": ("benchmarks/results/eval-heldout-qwen-fp32.jsonl", "full"),
         "the 0.10 pairing profile": ("benchmarks/results/eval-heldout-qwen-fp32.jsonl",
