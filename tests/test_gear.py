@@ -104,3 +104,17 @@ def test_value_axis_codes_the_values_per_token_where_one_spec_codes_both():
     assert same.layers[0].value_store.codec.axis == "channel" and same.layers[0].value_store.nbytes() == keys.nbytes()
     with pytest.raises(ValueError, match="value_axis must be one of .*'token'.*got 'rows'"):
         ks.make_cache(model, "gear:value_axis=rows")
+
+
+def test_value_axis_holds_for_a_layered_profiles_value_codec(tmp_path):
+    from kvshrink.profile import LayerRecipe, Profile, fingerprint
+
+    model = tiny_llama(head_dim=32, hidden_size=128)
+    spec = "gear:bits=2,block=64,rank=1,outliers=0.01,value_axis=token"
+    path = tmp_path / "layered.json"
+    Profile(fingerprint(model), "layered", {"window": 16}, [LayerRecipe(spec, spec, None),
+                                                            LayerRecipe("exact", "exact", None)]).save(path)
+    cache = ks.make_cache(model, profile=str(path))
+    greedy(model, torch.randint(2, 95, (1, 200), generator=torch.Generator().manual_seed(5)), cache, n=4)
+    first = cache.layers[0]
+    assert first.key_store.codec.axis == "channel" and first.value_store.codec.axis == "token"

@@ -158,7 +158,7 @@ def combo_bytes(model, combo: Combo, policy: str, context: int, window: int, sin
     gen = torch.Generator().manual_seed(0)
     k = torch.randn(1, h, context, d, generator=gen)
     v = torch.randn(1, h, context, d, generator=gen)
-    key, value = codec_from_spec(combo.key), codec_from_spec(combo.value)
+    key, value = codec_from_spec(combo.key), codec_from_spec(combo.value).for_values()  # as a profile builds them
     if combo.share >= 1:
         layer = ComposedLayer(key, value, window=window, sinks=sinks, exact_dtype=exact_dtype, layer_idx=0)
         layer.update(k, v)

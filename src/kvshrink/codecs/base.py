@@ -119,8 +119,9 @@ class Codec:
         return 1
 
     def for_values(self) -> "Codec":
-        """The codec for the values where one spec codes both keys and values (a bare codec as a method, a
-        composition's CODEC): this one, unless an option says the values' codes differ (`gear:value_axis=`)."""
+        """The codec that codes values where this one is given for them (a bare codec as a method, a composition's
+        CODEC, a layered profile's value codec): this one, unless an option says values are coded otherwise
+        (`gear:value_axis=`)."""
         return self
 
     def layout(self, head_dim: int) -> Layout:

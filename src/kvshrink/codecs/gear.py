@@ -40,9 +40,8 @@ class GearCodec(Codec):
 
     bits: int = option(2, f"code width of the quantized bulk: {', '.join(map(str, GEAR_BITS))}")
     axis: str = option("channel", "bulk groups along the block's tokens of one 'channel' (keys) or one 'token'")
-    value_axis: str = option("same", "the values' bulk groups where one spec codes keys and values (the bare `gear` "
-                                     "method, a composition's CODEC): same (as axis), channel, or token (as KIVI and "
-                                     "the GEAR paper)")
+    value_axis: str = option("same", "the bulk groups when this codec codes values (keys keep axis): same (as "
+                                     "axis), channel, or token (as KIVI and the GEAR paper)")
     group: int = option(32, "channels per group for axis=token")
     block: int = option(64, "tokens per block (a channel group spans it; the low-rank basis and outliers are per "
                             "block)")

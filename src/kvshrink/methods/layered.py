@@ -95,6 +95,7 @@ class Layered(StoringMethod):
                 codec = codec_from_spec(text)
             except ValueError as e:
                 raise ValueError(f"profile {self.profile}: layer {layer_idx} {what}: {e}") from None
+            codec = codec.for_values() if what == "values" else codec
             return dataclasses.replace(codec, layer=layer_idx) if hasattr(codec, "layer") else codec
 
         return one(entry) if isinstance(entry, str) else PerHead(tuple(one(x) for x in entry))
